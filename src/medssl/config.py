@@ -1,0 +1,233 @@
+"""Typed configuration for every part of medssl, YAML loading and ``a.b=c`` overrides.
+
+Every config is a pydantic model that forbids unknown keys, so a typo fails loudly with the key
+and the file named. Method-specific hyperparameters live in ``MethodConfig.options`` and are
+validated by the method's own ``Params`` model when the method is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medssl.errors import ConfigError
+
+Modality = Literal["ct", "mri"]
+Triple = tuple[float, float, float]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- model
+
+ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(feature_size=12, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    "base": dict(feature_size=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    "smit": dict(feature_size=48, depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16), window_size=4),
+}
+
+
+class EncoderConfig(StrictModel):
+    """The Swin encoder (MONAI ``SwinTransformer`` layout). Preset values fill unset fields."""
+
+    preset: Literal["tiny", "base", "smit"] = "tiny"
+    in_channels: int = Field(1, ge=1)
+    feature_size: int | None = None
+    depths: tuple[int, int, int, int] | None = None
+    num_heads: tuple[int, int, int, int] | None = None
+    window_size: int | None = None
+    patch_size: int = 2
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    use_checkpoint: bool = False
+
+    @model_validator(mode="after")
+    def _fill_from_preset(self) -> EncoderConfig:
+        preset = ENCODER_PRESETS[self.preset]
+        for key, value in preset.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if self.feature_size % 12 != 0:
+            raise ValueError("feature_size must be a multiple of 12 (MONAI SwinUNETR requirement)")
+        return self
+
+
+# --------------------------------------------------------------------------- data
+
+
+class PreprocessConfig(StrictModel):
+    """How raw volumes become training arrays; part of every cache key and checkpoint."""
+
+    spacing: Triple = (1.5, 1.5, 1.5)
+    orientation: str = "RAS"
+    ct_window: tuple[float, float] = (-175.0, 250.0)
+    mri_percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def key(self) -> str:
+        return config_hash(self)
+
+
+class MethodConfig(StrictModel):
+    """An SSL method by registry name, with method-specific options (validated by the method)."""
+
+    name: str = "simmim"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScheduleConfig(StrictModel):
+    """Optimiser and loop settings shared by pretraining and fine-tuning."""
+
+    steps: int = Field(200, ge=0)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    weight_decay_end: float | None = None
+    grad_clip: float | None = 1.0
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    num_workers: int = Field(0, ge=0)
+    compile: bool = False
+    seed: int = 0
+
+
+class PretrainConfig(StrictModel):
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    corpus: Path | None = None
+    crop_size: int = Field(64, ge=32)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(lr=1e-4, weight_decay=0.05))
+
+    @field_validator("crop_size")
+    @classmethod
+    def _divisible(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError("crop_size must be a multiple of 32 (five 2x downsamplings)")
+        return v
+
+
+class FinetuneConfig(StrictModel):
+    task: Path | None = None
+    encoder_checkpoint: Path | None = None  # None = random init (method "none")
+    cache_dir: Path | None = None  # preprocessed volumes; default <run>/cache (shared across a benchmark)
+    splits_path: Path | None = None  # default <run>/splits.json (shared per task across a benchmark)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    budget: int | Literal["all"] = "all"
+    seed: int = 0
+    crop_size: int = Field(64, ge=32)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    val_every: int = Field(25, ge=1)
+    n_test: int = Field(4, ge=1)
+    n_val: int = Field(2, ge=1)
+    sw_batch_size: int = Field(2, ge=1)
+    sw_overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    nsd_tolerance_mm: float = Field(2.0, gt=0)
+    norm: Literal["auto", "instance", "group", "batch"] = "auto"
+    layer_decay: float | None = None
+
+    @field_validator("crop_size")
+    @classmethod
+    def _divisible(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError("crop_size must be a multiple of 32 (five 2x downsamplings)")
+        return v
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def config_hash(model: BaseModel, length: int = 12) -> str:
+    """Stable hash of a config's content (sorted JSON), used for run ids and cache keys."""
+    payload = json.dumps(model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:length]
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def validate_config(model_cls: type[StrictModel], data: dict[str, Any], source: str | Path | None):
+    """Build ``model_cls`` from ``data``; on failure raise ``ConfigError`` naming key and file."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(source or "<config>", _format_validation_error(err)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], value parsed as YAML so numbers, lists and booleans work)."""
+    if "=" not in text:
+        raise ConfigError("<command line>", f"override '{text}' is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError("<command line>", f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides to a nested dict (a copy is returned)."""
+    out = json.loads(json.dumps(data, default=str))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError("<command line>", f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; unreadable or malformed files raise ``ConfigError`` naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(path, f"cannot read config ({err.strerror or err})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(path, f"not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, "top level must be a mapping of keys to values")
+    return data
+
+
+def load_config(model_cls: type[StrictModel], path: str | Path | None, overrides: list[str] | None = None):
+    """Load a config model from an optional YAML file plus command-line overrides."""
+    data = load_yaml(path) if path is not None else {}
+    if overrides:
+        data = apply_overrides(data, overrides)
+    source = path if path is not None else "<command line>"
+    return validate_config(model_cls, data, source)
+
+
+def dump_yaml(model: BaseModel) -> str:
+    return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)

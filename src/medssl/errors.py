@@ -1,0 +1,22 @@
+"""Errors that the CLI turns into exit code 2 with one line naming the file and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MedsslInputError(Exception):
+    """Bad input or config: a user-fixable problem with a named file (or key)."""
+
+    def __init__(self, source: str | Path | None, problem: str) -> None:
+        self.source = str(source) if source is not None else None
+        self.problem = problem
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        text = " ".join(self.problem.split())
+        return f"{self.source}: {text}" if self.source else text
+
+
+class ConfigError(MedsslInputError):
+    """A config file or override is invalid (unknown key, wrong type, bad value)."""

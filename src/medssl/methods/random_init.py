@@ -1,0 +1,13 @@
+"""The random-init baseline: no pretraining, the encoder as initialised from the seed."""
+
+from __future__ import annotations
+
+from medssl.methods.base import SSLMethod, register
+
+
+@register
+class RandomInit(SSLMethod):
+    name = "none"
+    family = "none"
+    description = "Random initialisation (no pretraining): the baseline every table includes."
+    trains = False

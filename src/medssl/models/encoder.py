@@ -1,0 +1,88 @@
+"""The 3D Swin encoder: MONAI's ``SwinTransformer`` plus a mask-token path for masked image modeling.
+
+The module subclasses MONAI's class so its state-dict keys are exactly MONAI's; inside a segmenter
+it sits under ``swinViT.`` and checkpoints interchange with ``monai.networks.nets.SwinUNETR``.
+The only extra tensor is ``mask_token``, which export drops.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets.swin_unetr import SwinTransformer
+from torch import Tensor, nn
+
+from medssl.config import EncoderConfig
+
+MASK_TOKEN_KEY = "mask_token"
+
+
+class SwinEncoder(SwinTransformer):
+    """Swin encoder returning the five multi-scale feature maps of MONAI's ``SwinTransformer``.
+
+    ``forward(x, normalize=True, mask=None)`` (MONAI's argument order): ``mask`` is a boolean ``(B, D', H', W')`` grid over patch tokens
+    (``D' = D / patch_size``); masked patch embeddings are replaced by a learnable token
+    before the first stage, as in SimMIM.
+    """
+
+    def __init__(self, config: EncoderConfig) -> None:
+        dims = 3
+        super().__init__(
+            in_chans=config.in_channels,
+            embed_dim=config.feature_size,
+            window_size=(config.window_size,) * dims,
+            patch_size=(config.patch_size,) * dims,
+            depths=config.depths,
+            num_heads=config.num_heads,
+            drop_path_rate=config.drop_path_rate,
+            use_checkpoint=config.use_checkpoint,
+            spatial_dims=dims,
+        )
+        self.config = config
+        self.mask_token = nn.Parameter(torch.zeros(1, config.feature_size, 1, 1, 1))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    @property
+    def stage_channels(self) -> list[int]:
+        """Channels of the five outputs: patch embedding, then stages 1-4."""
+        f = self.config.feature_size
+        return [f, 2 * f, 4 * f, 8 * f, 16 * f]
+
+    @property
+    def out_channels(self) -> int:
+        return self.stage_channels[-1]
+
+    def token_grid(self, spatial: tuple[int, int, int]) -> tuple[int, int, int]:
+        p = self.config.patch_size
+        return tuple(-(-s // p) for s in spatial)  # type: ignore[return-value]
+
+    def embed(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Patch embedding with masked tokens replaced by the mask token (B, C, D', H', W')."""
+        x0 = self.patch_embed(x)
+        if mask is not None:
+            if mask.shape != (x0.shape[0], *x0.shape[2:]):
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match token grid {tuple(x0.shape)}")
+            w = mask.unsqueeze(1).to(x0.dtype)
+            x0 = x0 * (1.0 - w) + self.mask_token.to(x0.dtype) * w
+        return self.pos_drop(x0)
+
+    def forward(self, x: Tensor, normalize: bool = True, mask: Tensor | None = None) -> list[Tensor]:  # type: ignore[override]
+        x0 = self.embed(x, mask)
+        outs = [self.proj_out(x0, normalize)]
+        h = x0
+        for stage in (self.layers1, self.layers2, self.layers3, self.layers4):
+            h = stage[0](h.contiguous())
+            outs.append(self.proj_out(h, normalize))
+        return outs
+
+    def encoder_state_dict(self) -> dict[str, Tensor]:
+        """The weights that form "the encoder" (everything, the mask token included)."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+
+def build_encoder(config: EncoderConfig) -> SwinEncoder:
+    return SwinEncoder(config)
+
+
+def global_pool(features: Tensor) -> Tensor:
+    """Average a (B, C, D, H, W) map to (B, C)."""
+    return features.flatten(2).mean(dim=2)

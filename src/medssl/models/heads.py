@@ -1,0 +1,87 @@
+"""Heads shared by the SSL methods: MLP projector/predictor and the DINO/iBOT prototype head."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+class MLPHead(nn.Module):
+    """``n_layers`` linear layers with (optional) BatchNorm and ReLU between them.
+
+    SimCLR: 2 layers, 2048 -> 128; MoCo v3 / BYOL: projector and predictor 4096 -> 256, with
+    BatchNorm on hidden layers (MoCo v3 also on the output of the projector).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        n_layers: int = 2,
+        batch_norm: bool = True,
+        last_batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(n_layers - 1):
+            layers.append(nn.Linear(dim, hidden_dim, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.ReLU(inplace=True))
+            dim = hidden_dim
+        layers.append(nn.Linear(dim, out_dim, bias=not last_batch_norm))
+        if last_batch_norm:
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class DINOHead(nn.Module):
+    """DINO head: 3-layer MLP (GELU) to a ``bottleneck_dim`` L2-normalised code, then a
+    weight-normalised linear layer to ``out_dim`` prototypes whose gain is frozen at 1.
+
+    Works on (N, C) global tokens and (N, L, C) patch tokens alike (iBOT, SMIT).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 8192,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        n_layers: int = 3,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(max(n_layers - 1, 0)):
+            layers += [nn.Linear(dim, hidden_dim), nn.GELU()]
+            dim = hidden_dim
+        layers.append(nn.Linear(dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.apply(self._init)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        with torch.no_grad():
+            self.last_layer.parametrizations.weight.original0.fill_(1.0)
+        if norm_last_layer:
+            self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.normalize(self.mlp(x), dim=-1, p=2)
+        return self.last_layer(x)
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.last_layer.parameters() if p.requires_grad]

@@ -1,0 +1,60 @@
+"""SwinUNETR-style segmenter around the medssl Swin encoder.
+
+The network is MONAI's ``SwinUNETR`` (encoder1..4, encoder10, decoder5..1, out) with its
+``swinViT`` replaced by :class:`SwinEncoder`, so every key matches MONAI's and checkpoints move
+both ways. Group norm replaces instance norm for 32^3 crops, where the bottleneck is 1x1x1 and
+instance norm has nothing to normalise over.
+"""
+
+from __future__ import annotations
+
+import math
+
+from monai.networks.nets import SwinUNETR
+from torch import Tensor
+
+from medssl.config import EncoderConfig
+from medssl.models.encoder import SwinEncoder
+
+
+def resolve_norm(norm: str, crop_size: int, feature_size: int) -> tuple | str:
+    """The decoder normalisation: ``auto`` picks group norm for crops of 32^3 or less."""
+    if norm == "auto":
+        norm = "group" if crop_size <= 32 else "instance"
+    if norm == "group":
+        return ("group", {"num_groups": math.gcd(feature_size, 12)})
+    return norm
+
+
+class SwinSegmenter(SwinUNETR):
+    """``SwinUNETR`` whose ``swinViT`` is a :class:`SwinEncoder` (same keys, plus the mask token)."""
+
+    def __init__(
+        self,
+        encoder_config: EncoderConfig,
+        out_channels: int,
+        crop_size: int = 64,
+        norm: str = "auto",
+    ) -> None:
+        super().__init__(
+            in_channels=encoder_config.in_channels,
+            out_channels=out_channels,
+            patch_size=encoder_config.patch_size,
+            depths=encoder_config.depths,
+            num_heads=encoder_config.num_heads,
+            window_size=encoder_config.window_size,
+            feature_size=encoder_config.feature_size,
+            norm_name=resolve_norm(norm, crop_size, encoder_config.feature_size),
+            dropout_path_rate=encoder_config.drop_path_rate,
+            use_checkpoint=encoder_config.use_checkpoint,
+            spatial_dims=3,
+        )
+        self.encoder_config = encoder_config
+        self.swinViT = SwinEncoder(encoder_config)
+
+    @property
+    def encoder(self) -> SwinEncoder:
+        return self.swinViT  # type: ignore[return-value]
+
+    def forward(self, x_in: Tensor) -> Tensor:
+        return super().forward(x_in)
