@@ -231,3 +231,158 @@ def load_config(model_cls: type[StrictModel], path: str | Path | None, overrides
 
 def dump_yaml(model: BaseModel) -> str:
     return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- benchmark
+# A benchmark YAML (``medssl bench``): data, tasks, methods, shared model/preprocessing, the
+# pretrain/finetune recipes, budgets, seeds, CKA and the executor. The bench engine expands it
+# into one PretrainConfig/FinetuneConfig per run (``medssl.bench.plan``).
+
+SYNTH_TASK_PREFIX = "synth:"
+SYNTH_TASK_KINDS = ("ct_organs", "ct_lesions", "mri_organs")
+
+
+def _section_model(name: str, source: type[StrictModel], exclude: set[str], doc: str) -> type[StrictModel]:
+    """A bench section with ``source``'s fields minus those the bench sets per run.
+
+    Derived rather than copied so a field added to PretrainConfig/FinetuneConfig is settable from a
+    benchmark YAML at once; the full per-run config is validated again when the plan is built, so
+    ``source``'s own validators (e.g. crop_size divisible by 32) still apply.
+    """
+    from pydantic import create_model  # kept local: the bench section is appended to this module
+
+    fields = {k: (f.annotation, f) for k, f in source.model_fields.items() if k not in exclude}
+
+    def check_against_source(self: StrictModel) -> StrictModel:
+        try:
+            source.model_validate(self.model_dump())
+        except ValidationError as err:
+            raise ValueError(_format_validation_error(err).replace("Value error, ", "")) from None
+        return self
+
+    validators = {"check_against_source": model_validator(mode="after")(check_against_source)}
+    return create_model(name, __base__=StrictModel, __doc__=doc, __validators__=validators, **fields)
+
+
+BenchPretrainConfig = _section_model(
+    "BenchPretrainConfig", PretrainConfig, {"method", "encoder", "corpus", "preprocess"},
+    "PretrainConfig fields shared by every pretraining run of a benchmark.",
+)
+BenchFinetuneConfig = _section_model(
+    "BenchFinetuneConfig", FinetuneConfig,
+    {"task", "encoder_checkpoint", "cache_dir", "splits_path", "encoder", "budget", "seed", "preprocess"},
+    "FinetuneConfig fields shared by every fine-tuning run of a benchmark.",
+)
+
+
+class SynthDataConfig(StrictModel):
+    """Synthetic phantoms written to ``<out>/data`` (corpus + CT organs, CT lesions, MRI organs)."""
+
+    cases: int = Field(12, ge=2)
+    corpus_cases: int = Field(12, ge=1)
+    shape: tuple[int, int, int] = (64, 64, 64)
+    seed: int = 0
+
+
+class BenchDataConfig(StrictModel):
+    synth: SynthDataConfig | None = None  # None: defaults, used only if a task or the corpus is "synth"
+    corpus: Literal["synth"] | list[Path] = "synth"  # raw scan folders/files, or one ingested corpus dir
+    include_real_ct: bool = False  # add InVesalius' Cranium.inv3 head CT to an ingested corpus when present
+
+
+class BenchTaskConfig(StrictModel):
+    path: str  # "synth:ct_organs" | "synth:ct_lesions" | "synth:mri_organs" | an MSD/nnU-Net folder
+    name: str | None = None  # run ids, splits file; default: the synthetic kind or the folder name
+
+    @field_validator("path")
+    @classmethod
+    def _known_synth(cls, v: str) -> str:
+        if v.startswith(SYNTH_TASK_PREFIX) and v[len(SYNTH_TASK_PREFIX) :] not in SYNTH_TASK_KINDS:
+            raise ValueError(f"unknown synthetic task '{v}' (known: "
+                             + ", ".join(SYNTH_TASK_PREFIX + k for k in SYNTH_TASK_KINDS) + ")")
+        return v
+
+    @property
+    def synth_kind(self) -> str | None:
+        return self.path[len(SYNTH_TASK_PREFIX) :] if self.path.startswith(SYNTH_TASK_PREFIX) else None
+
+
+class BenchCKAConfig(StrictModel):
+    enabled: bool = True
+    n_crops: int = Field(8, ge=2)
+    crop_size: int = Field(32, ge=32)
+    batch_size: int = Field(4, ge=2)  # minibatch CKA's unbiased HSIC needs at least 4 samples per batch
+
+
+class SlurmConfig(StrictModel):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    timeout_min: int = Field(720, ge=1)
+    gpus_per_node: int = Field(1, ge=0)
+    cpus_per_task: int = Field(8, ge=1)
+    mem_gb: float = Field(64, gt=0)
+    folder: Path | None = None  # submitit logs; default <out>/slurm
+
+
+class ExecutorConfig(StrictModel):
+    kind: Literal["local", "torchrun", "slurm"] = "local"
+    workers: int = Field(1, ge=1)  # local: runs in parallel (worker processes)
+    nproc_per_node: int = Field(1, ge=1)  # torchrun/slurm: processes (GPUs) per run
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+
+class BenchConfig(StrictModel):
+    name: str = "bench"
+    data: BenchDataConfig = Field(default_factory=BenchDataConfig)
+    tasks: list[BenchTaskConfig] = Field(min_length=1)
+    methods: Literal["all"] | list[str | MethodConfig] = "all"
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    pretrain: BenchPretrainConfig = Field(default_factory=BenchPretrainConfig)  # type: ignore[valid-type]
+    finetune: BenchFinetuneConfig = Field(default_factory=BenchFinetuneConfig)  # type: ignore[valid-type]
+    budgets: list[int | Literal["all"]] = Field(default_factory=lambda: ["all"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    cka: BenchCKAConfig = Field(default_factory=BenchCKAConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[int | str]) -> list[int | str]:
+        if any(isinstance(b, int) and b < 1 for b in v):
+            raise ValueError("budgets must be positive case counts or 'all'")
+        if len({str(b) for b in v}) != len(v):
+            raise ValueError("budgets are listed twice")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("seeds are listed twice")
+        return v
+
+    def method_configs(self) -> list[MethodConfig]:
+        """The methods as MethodConfig ("all" is expanded by the bench, which knows the registry)."""
+        if self.methods == "all":
+            return []
+        return [MethodConfig(name=m) if isinstance(m, str) else m for m in self.methods]
+
+
+def _resolve_path(value: Path | str, base: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def load_bench_config(path: str | Path | None, overrides: list[str] | None = None) -> BenchConfig:
+    """Load a benchmark YAML plus ``a.b=c`` overrides; relative paths resolve against the YAML's folder."""
+    bench: BenchConfig = load_config(BenchConfig, path, list(overrides or []))
+    base = Path(path).resolve().parent if path is not None else Path.cwd()
+    if isinstance(bench.data.corpus, list):
+        bench.data.corpus = [_resolve_path(p, base) for p in bench.data.corpus]
+    for task in bench.tasks:
+        if task.synth_kind is None:
+            task.path = str(_resolve_path(task.path, base))
+    if bench.executor.slurm.folder is not None:
+        bench.executor.slurm.folder = _resolve_path(bench.executor.slurm.folder, base)
+    return bench

@@ -171,11 +171,13 @@ class EMATeacher(nn.Module):
 
 
 def embedding_std(z: Tensor) -> Tensor:
-    """Collapse watch: mean per-dimension std of L2-normalised embeddings (~1/sqrt(d) when healthy)."""
+    """Collapse watch (SimSiam's diagnostic): per-dimension std of L2-normalised embeddings, times
+    sqrt(d) so a healthy spread reads about 1 whatever the dimension, and collapse reads about 0."""
     z = torch.nn.functional.normalize(z.detach().float().flatten(1), dim=1)
-    return z.std(dim=0).mean()
+    if z.shape[0] < 2:
+        return z.new_tensor(float("nan"))
+    return z.std(dim=0).mean() * math.sqrt(z.shape[1])
 
 
-def collapse_threshold(dim: int) -> float:
-    """An embedding std below this (a tenth of the uniform-sphere value) counts as collapse."""
-    return 0.1 / math.sqrt(max(dim, 1))
+COLLAPSE_THRESHOLD = 0.1
+"""``embedding_std`` below this (a tenth of the uniform-sphere value) counts as collapse."""

@@ -1,0 +1,278 @@
+"""The ``medssl`` command line: parse, call, print. Heavy imports happen inside commands.
+
+Exit codes: 0 success; 2 bad input or config (one line naming the file and the problem);
+1 anything else (one line; ``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from medssl.errors import MedsslInputError
+
+app = typer.Typer(
+    name="medssl",
+    help="Benchmark self-supervised pretraining of 3D Swin encoders for CT/MRI segmentation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Synthesise, ingest and check data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+
+
+def _echo(message: str) -> None:
+    typer.echo(message)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+class Executor(str, Enum):
+    local = "local"
+    torchrun = "torchrun"
+    slurm = "slurm"
+
+
+class Modality(str, Enum):
+    ct = "ct"
+    mri = "mri"
+
+
+class ExportFormat(str, Enum):
+    monai = "monai"
+
+
+OVERRIDES = typer.Argument(None, help="Config overrides, e.g. schedule.steps=100 encoder.preset=base")
+
+
+# --------------------------------------------------------------------------- the study
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("medssl-demo"), "--out", help="Output directory.")) -> None:
+    """Run the embedded demo benchmark (configs/demo.yaml) end to end, report included."""
+    from medssl.bench import demo_config_path, run_bench
+
+    failed = run_bench(demo_config_path(), out)
+    _echo(f"report: {out / 'report' / 'index.html'}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    config: Path = typer.Argument(..., help="Benchmark YAML."),
+    overrides: list[str] = OVERRIDES,
+    out: Path = typer.Option(Path("medssl-bench"), "--out", help="Output directory."),
+    executor: Executor | None = typer.Option(None, "--executor", help="Override the config's executor."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its estimated cost; run nothing."),
+) -> None:
+    """Expand a benchmark YAML into runs, run what is unfinished, and write the report."""
+    from medssl.bench import run_bench
+
+    failed = run_bench(config, out, executor=executor.value if executor else None,
+                       overrides=list(overrides or []), dry_run=dry_run)
+    if not dry_run:
+        _echo(f"report: {out / 'report' / 'index.html'}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def pretrain(
+    method: str = typer.Option(..., "--method", help="Registered method name (see 'medssl methods')."),
+    corpus: Path = typer.Option(..., "--corpus", help="Ingested corpus directory ('medssl data ingest')."),
+    out: Path = typer.Option(..., "--out", help="Run directory."),
+    config: Path | None = typer.Option(None, "--config", help="PretrainConfig YAML (e.g. configs/methods/dino.yaml)."),
+    overrides: list[str] = OVERRIDES,
+) -> None:
+    """Pretrain one encoder with one SSL method."""
+    from medssl.config import PretrainConfig, apply_overrides, load_yaml, validate_config
+    from medssl.train.pretrain import run_pretrain
+
+    data = load_yaml(config) if config else {}
+    data = apply_overrides(data, [f"method.name={method}", f"corpus={corpus}", *(overrides or [])])
+    cfg = validate_config(PretrainConfig, data, config or "<command line>")
+    results = run_pretrain(cfg, out)
+    _echo(f"encoder: {out / results['encoder']}  (final loss {results.get('final_loss')})")
+    if results.get("collapse", {}).get("collapsed"):
+        _echo(f"WARNING: {results['collapse']['reason']}")
+
+
+@app.command()
+def finetune(
+    task: Path = typer.Option(..., "--task", help="MSD / nnU-Net task folder."),
+    encoder: str = typer.Option(..., "--encoder", help="Encoder checkpoint, or 'none' for random init."),
+    budget: str = typer.Option("all", "--budget", help="Number of training cases, or 'all'."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(..., "--out", help="Run directory."),
+    config: Path | None = typer.Option(None, "--config", help="FinetuneConfig YAML."),
+    overrides: list[str] = OVERRIDES,
+) -> None:
+    """Fine-tune an encoder in the SwinUNETR-style segmenter on one task."""
+    from medssl.config import FinetuneConfig, apply_overrides, load_yaml, validate_config
+    from medssl.train.finetune import run_finetune
+
+    data = load_yaml(config) if config else {}
+    data = apply_overrides(data, [f"task={task}", f"budget={budget}", f"seed={seed}", *(overrides or [])])
+    data["encoder_checkpoint"] = None if encoder.lower() == "none" else encoder
+    cfg = validate_config(FinetuneConfig, data, config or "<command line>")
+    results = run_finetune(cfg, out)
+    dice = [r["dice"] for r in results.get("cases", [])]
+    mean = sum(dice) / len(dice) if dice else float("nan")
+    _echo(f"test Dice {mean:.3f} over {len({r['case'] for r in results.get('cases', [])})} cases; "
+          f"results: {out / 'results.json'}")
+
+
+@app.command()
+def report(
+    runs_dir: Path = typer.Argument(..., help="A folder of run directories (e.g. <bench out>/runs)."),
+    out: Path | None = typer.Option(None, "--out", help="Report directory (default: next to RUNS_DIR)."),
+) -> None:
+    """Build the report (index.html, report.md, tables, figures) from run directories alone."""
+    from medssl.report import build_report
+
+    if not runs_dir.is_dir():
+        raise MedsslInputError(runs_dir, "not a directory of runs")
+    index = build_report(runs_dir, out or runs_dir.parent / "report")
+    _echo(f"report: {index}")
+
+
+@app.command()
+def cka(
+    ckpt_a: Path = typer.Argument(..., help="Encoder or fine-tuned checkpoint A."),
+    ckpt_b: Path = typer.Argument(..., help="Encoder or fine-tuned checkpoint B."),
+    task: Path = typer.Option(..., "--task", help="Task folder whose validation crops are used."),
+    out: Path = typer.Option(..., "--out", help="Output directory."),
+) -> None:
+    """Layer-wise CKA between two encoders on fixed crops of a task."""
+    from medssl.analysis.cka import run_cka
+
+    results = run_cka(ckpt_a, ckpt_b, task, out)
+    _echo(f"reuse per stage: {results.get('reuse')}; matrices: {out / 'results.json'}")
+
+
+@app.command()
+def export(
+    ckpt: Path = typer.Argument(..., help="Encoder checkpoint."),
+    format: ExportFormat = typer.Option(ExportFormat.monai, "--format"),
+    out: Path = typer.Option(..., "--out", help="Output .pt file."),
+) -> None:
+    """Export an encoder as a state dict MONAI's SwinUNETR loads (every swinViT.* key present)."""
+    from medssl.models.checkpoint import export_monai
+
+    n = export_monai(ckpt, out)
+    _echo(f"wrote {n} swinViT.* tensors to {out}")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered SSL methods: name, family, description."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medssl.methods import REGISTRY
+
+    table = Table("name", "family", "description")
+    for name, cls in sorted(REGISTRY.items(), key=lambda kv: (kv[1].family, kv[0])):
+        table.add_row(name, cls.family, cls.description)
+    Console(width=140).print(table)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", help="Output directory."),
+    modality: Modality | None = typer.Option(None, "--modality", help="Only CT or only MRI data."),
+    cases: int = typer.Option(16, "--cases", min=4, help="Cases per labeled task (and in the corpus)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Synthesise phantoms: an unlabeled CT corpus and CT/MRI tasks in the MSD layout."""
+    from medssl.data.synth import synth_all
+
+    made = synth_all(out, cases=cases, corpus_cases=cases, seed=seed, modality=modality.value if modality else None)
+    for name, path in made.items():
+        _echo(f"{name}: {path}")
+
+
+@data_app.command("ingest")
+def data_ingest(
+    src: list[Path] = typer.Argument(..., help="Folders or files of scans (NIfTI, NRRD, MHA, DICOM, .inv3)."),
+    out: Path = typer.Option(..., "--out", help="Corpus directory to create or extend."),
+    config: Path | None = typer.Option(None, "--config", help="PreprocessConfig YAML."),
+    overrides: list[str] = typer.Option([], "--set", help="Preprocessing overrides, e.g. --set spacing=[2,2,2]"),
+) -> None:
+    """Preprocess a folder of scans into a pretraining corpus with a manifest."""
+    from medssl.config import PreprocessConfig, load_config
+    from medssl.data.corpus import ingest_corpus
+
+    pre = load_config(PreprocessConfig, config, overrides)
+    corpus = ingest_corpus(list(src), out, pre)
+    skipped = getattr(corpus, "skipped", [])
+    _echo(f"corpus: {out} ({len(corpus)} volumes, {len(skipped)} skipped)")
+    for item in skipped:
+        _echo(f"skipped {item['source']}: {item['problem']}")
+
+
+@data_app.command("check")
+def data_check(path: Path = typer.Argument(..., help="A task folder (dataset.json) or a folder of scans.")) -> None:
+    """List every problem in a task folder or scan folder, one per line."""
+    from medssl.data.tasks import check_corpus_folder, check_task
+
+    if not path.exists():
+        raise MedsslInputError(path, "no such file or directory")
+    problems = check_task(path) if (path / "dataset.json").exists() or (path / "imagesTr").is_dir() \
+        else check_corpus_folder(path)
+    for line in problems:
+        typer.echo(line)
+    if problems:
+        typer.echo(f"{len(problems)} problem(s) found in {path}", err=True)
+        raise typer.Exit(2)
+    _echo(f"ok: {path}")
+
+
+def main() -> None:
+    """Console-script entry: one-line errors, exit 2 for bad input, 1 for anything else."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as ex:
+        sys.exit(ex.exit_code)
+    except MedsslInputError as err:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {err.one_line()}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished runs are kept; run the same command again to resume", err=True)
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - the one place that turns any failure into one line
+        if isinstance(err, typer.Abort):
+            sys.exit(130)
+        if hasattr(err, "format_message") and hasattr(err, "exit_code"):  # click's usage errors
+            typer.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(2)
+        if _state["debug"]:
+            raise
+        text = " ".join(str(err).split())[:400]
+        typer.echo(f"error: {type(err).__name__}: {text} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

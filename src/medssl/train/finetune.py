@@ -1,0 +1,164 @@
+"""Fine-tuning: an encoder inside the SwinUNETR-style segmenter on one task, budget and seed.
+
+The recipe is identical for every encoder (DESIGN §7): DiceCE, AdamW with warm-up + cosine,
+positive/negative crops, validation Dice every ``val_every`` steps with sliding-window inference
+(the convergence curve), and per-case test metrics from the best validation checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.losses import DiceCELoss
+from torch import Tensor, nn
+
+from medssl.config import FinetuneConfig, config_hash, dump_yaml
+from medssl.data.cache import VolumeCache, cache_task
+from medssl.data.datasets import SegmentationCropDataset, load_eval_case
+from medssl.data.splits import load_or_create_splits, train_cases
+from medssl.data.tasks import TaskFolder, load_task
+from medssl.errors import ConfigError
+from medssl.evaluate import case_metrics, mean_dice, predict_volume
+from medssl.models.checkpoint import load_encoder_state, read_encoder_checkpoint, safe_torch_load, save_segmenter
+from medssl.models.segmenter import SwinSegmenter, resolve_norm
+from medssl.runs import RunDir
+from medssl.train.distributed import DistInfo, barrier, init_distributed
+from medssl.train.loop import train
+from medssl.train.session import finish, run_session
+
+
+class SegmentationModule(nn.Module):
+    """Adapts the segmenter to the loop's ``forward(batch, step) -> {"loss": ...}`` interface."""
+
+    def __init__(self, model: SwinSegmenter) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        logits = self.model(batch["image"])
+        loss = self.loss_fn(logits, batch["label"])
+        return {"loss": loss}
+
+
+def _budget_label(budget: int | str) -> str:
+    return str(budget)
+
+
+def resolve_encoder(config: FinetuneConfig) -> tuple[dict[str, Tensor] | None, dict[str, Any]]:
+    """Encoder state and metadata (method, family) for the run; random init when no checkpoint."""
+    if config.encoder_checkpoint is None:
+        return None, {"method": "none", "family": "none", "encoder": config.encoder.model_dump(mode="json")}
+    state, meta = read_encoder_checkpoint(config.encoder_checkpoint)
+    return state, meta
+
+
+def finetune_info(config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any], n_train: int) -> dict[str, Any]:
+    return {
+        "kind": "finetune", "config_hash": config_hash(config), "method": meta["method"],
+        "family": meta["family"], "encoder_checkpoint": str(config.encoder_checkpoint or ""),
+        "task": task.name, "task_path": str(task.root), "modality": task.modality,
+        "budget": _budget_label(config.budget), "n_train": n_train, "seed": config.seed,
+        "preset": meta.get("preset", config.encoder.preset), "crop_size": config.crop_size,
+        "steps": config.schedule.steps,
+    }
+
+
+def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | None = None) -> dict[str, Any]:
+    """Fine-tune into ``run_dir``; resume if interrupted; return stored results when finished."""
+    run = RunDir(run_dir)
+    if run.is_finished():
+        return run.results() or {}
+    if config.task is None:
+        raise ConfigError("task", "fine-tuning needs a task folder (task=PATH)")
+    info = info or init_distributed()
+    task = load_task(config.task)
+    enc_state, enc_meta = resolve_encoder(config)
+    from medssl.config import EncoderConfig
+
+    encoder_config = EncoderConfig.model_validate(enc_meta["encoder"])
+    cache = VolumeCache(config.cache_dir or run.path / "cache")
+    volumes = cache_task(task, cache, config.preprocess)
+    case_ids = sorted(volumes)
+    budgets = [config.budget]
+    split = load_or_create_splits(config.splits_path or run.path / "splits.json", case_ids, config.seed, budgets,
+                                  config.n_test, config.n_val)
+    train_ids = train_cases(split, config.budget)
+    run_info = finetune_info(config, task, enc_meta, len(train_ids))
+    with run_session(run, info, dump_yaml(config), run_info) as started:
+        torch.manual_seed(config.seed)
+        model = SwinSegmenter(encoder_config, task.n_classes, crop_size=config.crop_size, norm=config.norm)
+        if enc_state is not None:
+            report = load_encoder_state(model, enc_state, source=config.encoder_checkpoint, prefix="swinViT.")
+            if info.is_main:
+                run.log(f"encoder {enc_meta['method']}: {report.summary()} from {config.encoder_checkpoint}")
+        elif info.is_main:
+            run.log("encoder: random initialisation (seed %d)" % config.seed)
+        if info.is_main:
+            run.log(f"task {task.name} ({task.modality}): {len(train_ids)} training cases (budget "
+                    f"{config.budget}), {len(split['val'])} validation, {len(split['test'])} test")
+
+        structures = task.structures
+        val_cases = [load_eval_case(volumes[c]) for c in split["val"]]
+        seg_meta = {"encoder": encoder_config.model_dump(mode="json"), "out_channels": task.n_classes,
+                    "crop_size": config.crop_size, "norm": config.norm, "method": enc_meta["method"],
+                    "family": enc_meta["family"], "task": task.name, "labels": task.labels,
+                    "preprocess": config.preprocess.model_dump(mode="json"), "run_id": run.id}
+        best_path = run.checkpoint_dir / "best.pt"
+        prior = [r for r in run.read_metrics() if "val_dice" in r]
+        best = {"dice": max((r["val_dice"] for r in prior), default=-1.0)}
+
+        def validate(module: SegmentationModule, step: int) -> dict[str, Any]:
+            per_structure: dict[str, list[float]] = {}
+            for case in val_cases:
+                pred = predict_volume(module.model, case["image"], config.crop_size, config.sw_batch_size,
+                                      config.sw_overlap, info.device)
+                for name, d in mean_dice(pred, case["label"][0], structures).items():
+                    per_structure.setdefault(name, []).append(d)
+            means = {k: sum(v) / len(v) for k, v in per_structure.items()}
+            score = sum(means.values()) / len(means) if means else 0.0
+            if score > best["dice"]:
+                best["dice"] = score
+                save_segmenter(best_path, module.model, {**seg_meta, "step": step, "val_dice": score})
+            return {"val_dice": score, "val_dice_per_structure": means,
+                    "epoch": step * config.schedule.batch_size / max(len(train_ids), 1)}
+
+        dataset = SegmentationCropDataset([volumes[c] for c in train_ids], config.crop_size, seed=config.seed)
+        module = SegmentationModule(model)
+        result = train(module, dataset, config.schedule, run, info, validate=validate,
+                       val_every=config.val_every, description=f"finetune {task.name} b{config.budget}")
+        barrier(info)
+
+        # Test with the best validation checkpoint (the final weights when validation never ran).
+        if best_path.exists():
+            model.load_state_dict(safe_torch_load(best_path)["model"], strict=True)
+        elif info.is_main:
+            save_segmenter(best_path, model, {**seg_meta, "step": config.schedule.steps})
+        rows: list[dict[str, Any]] = []
+        if info.is_main:
+            for cid in split["test"]:
+                case = load_eval_case(volumes[cid])
+                pred = predict_volume(model, case["image"], config.crop_size, config.sw_batch_size,
+                                      config.sw_overlap, info.device)
+                rows += case_metrics(pred, case["label"][0], structures, case["spacing"],
+                                     config.nsd_tolerance_mm, case_id=cid)
+        curve = [{"step": r["step"], "epoch": r.get("epoch"), "val_dice": r["val_dice"]}
+                 for r in run.read_metrics() if "val_dice" in r]
+        best_rec = max(curve, key=lambda r: r["val_dice"], default=None)
+        results = {
+            **{k: run_info[k] for k in ("method", "family", "task", "modality", "budget", "n_train", "seed")},
+            "kind": "finetune",
+            "labels": {str(k): v for k, v in structures.items()},
+            "cases": rows, "val_curve": curve,
+            "best_step": best_rec["step"] if best_rec else None,
+            "best_val_dice": best_rec["val_dice"] if best_rec else None,
+            "model": str(best_path.relative_to(run.path)),
+            "wall_seconds": time.time() - started, "step_seconds": result.step_seconds,
+            "steps": config.schedule.steps,
+            "norm": str(resolve_norm(config.norm, config.crop_size, encoder_config.feature_size)),
+        }
+        finish(run, info, results)
+    return results

@@ -1,0 +1,53 @@
+"""What every run does around its work: lock, status, timing, and a clean record of failures."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from medssl import __version__
+from medssl.runs import RunDir
+from medssl.train.distributed import DistInfo
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"{type(err).__name__}: {text}"[:500]
+
+
+@contextlib.contextmanager
+def run_session(run: RunDir, info: DistInfo, config_yaml: str, run_info: dict[str, Any]) -> Iterator[float]:
+    """Hold the run's lock (rank 0), mark it running, and record how it ended.
+
+    Yields the start time. The caller writes results and marks the run finished; an exception
+    marks it failed (or pending again when interrupted, so the next start resumes it).
+    """
+    lock = run.lock() if info.is_main else contextlib.nullcontext()
+    with lock:
+        started = time.time()
+        if info.is_main:
+            run.prepare(config_yaml, {"run_id": run.id, "code_version": __version__,
+                                      "created": run.info().get("created", started), **run_info})
+            run.set_status("running")
+            run.log(f"start {run_info.get('kind', 'run')} (pid world size {info.world_size})")
+        try:
+            yield started
+        except KeyboardInterrupt:
+            if info.is_main:
+                run.set_status("pending", error="interrupted; resumes from the last checkpoint")
+                run.log("interrupted")
+            raise
+        except BaseException as err:
+            if info.is_main and not run.is_finished():
+                run.set_status("failed", error=_one_line(err))
+                run.log(f"failed: {_one_line(err)}")
+            raise
+
+
+def finish(run: RunDir, info: DistInfo, results: dict[str, Any]) -> None:
+    if info.is_main:
+        run.write_results(results)
+        run.set_status("finished")
+        run.log("finished")
