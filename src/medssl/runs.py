@@ -167,6 +167,7 @@ class RunDir:
             f.write(f"[{stamp}] {message}\n")
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
 

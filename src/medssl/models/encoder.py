@@ -19,7 +19,8 @@ MASK_TOKEN_KEY = "mask_token"
 class SwinEncoder(SwinTransformer):
     """Swin encoder returning the five multi-scale feature maps of MONAI's ``SwinTransformer``.
 
-    ``forward(x, normalize=True, mask=None)`` (MONAI's argument order): ``mask`` is a boolean ``(B, D', H', W')`` grid over patch tokens
+    ``forward(x, normalize=True, mask=None)`` (MONAI's argument order): ``mask`` is a boolean
+    ``(B, D', H', W')`` grid over patch tokens
     (``D' = D / patch_size``); masked patch embeddings are replaced by a learnable token
     before the first stage, as in SimMIM.
     """

@@ -96,7 +96,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
             if info.is_main:
                 run.log(f"encoder {enc_meta['method']}: {report.summary()} from {config.encoder_checkpoint}")
         elif info.is_main:
-            run.log("encoder: random initialisation (seed %d)" % config.seed)
+            run.log(f"encoder: random initialisation (seed {config.seed})")
         if info.is_main:
             run.log(f"task {task.name} ({task.modality}): {len(train_ids)} training cases (budget "
                     f"{config.budget}), {len(split['val'])} validation, {len(split['test'])} test")

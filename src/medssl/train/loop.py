@@ -15,17 +15,17 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from medssl.config import ScheduleConfig
-from medssl.data.datasets import global_indices
+from medssl.data.datasets import StepSampler
 from medssl.methods.base import cosine_schedule, schedule_at
 from medssl.models.checkpoint import atomic_torch_save, safe_torch_load
 from medssl.runs import RunDir
@@ -45,21 +45,6 @@ class LoopResult:
     step_seconds: float
     last_metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: int = 0
-
-
-class StepBatchSampler(Sampler[list[int]]):
-    """Yields, for each step from ``start_step``, the indices this rank draws of the global batch."""
-
-    def __init__(self, start_step: int, total_steps: int, global_batch: int, info: DistInfo) -> None:
-        self.start_step, self.total_steps = start_step, total_steps
-        self.global_batch, self.info = global_batch, info
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start_step, self.total_steps):
-            yield global_indices(step, self.global_batch, self.info.rank, self.info.world_size)
-
-    def __len__(self) -> int:
-        return max(self.total_steps - self.start_step, 0)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -174,7 +159,7 @@ def train(
 
     loader = DataLoader(
         dataset,
-        batch_sampler=StepBatchSampler(start, total, schedule.batch_size, info),
+        batch_sampler=StepSampler(schedule.batch_size, total, start, info.rank, info.world_size),
         num_workers=schedule.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
@@ -203,7 +188,7 @@ def train(
                 outputs = step_fn(batch, step)
             loss = outputs["loss"]
             if not torch.isfinite(loss.detach()).all():
-                raise NonFiniteLossError(f"loss is {float(loss)} at step {step + 1}")
+                raise NonFiniteLossError(f"loss is {float(loss.detach())} at step {step + 1}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if hasattr(raw, "cancel_gradients"):
@@ -243,7 +228,7 @@ def train(
             if done % schedule.checkpoint_every == 0 or done == total:
                 save_checkpoint(done)
             if bar is not None:
-                bar.update(task, completed=done, info=f"loss {float(loss):.4f}")
+                bar.update(task, completed=done, info=f"loss {float(loss.detach()):.4f}")
     wall = time.perf_counter() - t_start
     steps_done = max(total - start, 0)
     step_seconds = train_time / timed_steps if timed_steps else (wall / steps_done if steps_done else 0.0)

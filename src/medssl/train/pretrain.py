@@ -56,7 +56,8 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
     if run.is_finished():
         return run.results() or {}
     if config.method.name not in REGISTRY:
-        raise ConfigError("method.name", f"unknown method '{config.method.name}' (known: {', '.join(sorted(REGISTRY))})")
+        known = ", ".join(sorted(REGISTRY))
+        raise ConfigError("method.name", f"unknown method '{config.method.name}' (known: {known})")
     cls = REGISTRY[config.method.name]
     info = info or init_distributed()
     with run_session(run, info, dump_yaml(config), pretrain_info(config, cls)) as started:
