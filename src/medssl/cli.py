@@ -144,11 +144,11 @@ def report(
     out: Path | None = typer.Option(None, "--out", help="Report directory (default: next to RUNS_DIR)."),
 ) -> None:
     """Build the report (index.html, report.md, tables, figures) from run directories alone."""
-    from medssl.report import build_report
+    from medssl.report import build_report, default_out_dir
 
     if not runs_dir.is_dir():
         raise MedsslInputError(runs_dir, "not a directory of runs")
-    index = build_report(runs_dir, out or runs_dir.parent / "report")
+    index = build_report(runs_dir, out or default_out_dir(runs_dir))
     _echo(f"report: {index}")
 
 
@@ -231,14 +231,13 @@ def data_ingest(
 
 
 @data_app.command("check")
-def data_check(path: Path = typer.Argument(..., help="A task folder (dataset.json) or a folder of scans.")) -> None:
+def data_check(path: Path = typer.Argument(..., help="A task folder, a folder of scans, or one volume.")) -> None:
     """List every problem in a task folder or scan folder, one per line."""
-    from medssl.data.tasks import check_corpus_folder, check_task
+    from medssl.data.tasks import check_path
 
     if not path.exists():
         raise MedsslInputError(path, "no such file or directory")
-    problems = check_task(path) if (path / "dataset.json").exists() or (path / "imagesTr").is_dir() \
-        else check_corpus_folder(path)
+    problems = check_path(path)
     for line in problems:
         typer.echo(line)
     if problems:

@@ -8,8 +8,6 @@ pretrained model look like random init.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from torch import Tensor, nn
 from medssl import __version__
 from medssl.config import EncoderConfig
 from medssl.errors import MedsslInputError
+from medssl.fileio import atomic_path
 from medssl.models.encoder import MASK_TOKEN_KEY, SwinEncoder
 
 REQUIRED_META = ("method", "family", "encoder")
@@ -41,16 +40,8 @@ class LoadReport:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """Save through a temporary file and rename, so a crash never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def safe_torch_load(path: str | Path) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -10,6 +11,20 @@ from typing import Any
 from medssl import __version__
 from medssl.runs import RunDir
 from medssl.train.distributed import DistInfo
+
+
+def hardware() -> dict[str, Any]:
+    """Where the run ran, for the report's provenance."""
+    import platform
+
+    import torch
+
+    info: dict[str, Any] = {"host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                            "device": "cpu"}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
 
 
 def _one_line(err: BaseException) -> str:
@@ -29,7 +44,8 @@ def run_session(run: RunDir, info: DistInfo, config_yaml: str, run_info: dict[st
         started = time.time()
         if info.is_main:
             run.prepare(config_yaml, {"run_id": run.id, "code_version": __version__,
-                                      "created": run.info().get("created", started), **run_info})
+                                      "created": run.info().get("created", started),
+                                      "hardware": {**hardware(), "world_size": info.world_size}, **run_info})
             run.set_status("running")
             run.log(f"start {run_info.get('kind', 'run')} (pid world size {info.world_size})")
         try:

@@ -1,0 +1,641 @@
+"""``build_report(runs_root, out_dir)``: run directories → tables, figures, report.md and index.html.
+
+Built from run directories alone (never a model). Every section checks what it needs and says what
+is missing (one method, one budget, no MRI task, no pretraining runs, no CKA runs) instead of
+failing; a section that still fails on unexpected data shows the error in its place so the rest of
+the report is written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medssl.analysis.convergence import convergence_table
+from medssl.analysis.gap import budget_key, few_many_gap, gap_ranks, modality_summary, order_budgets
+from medssl.analysis.stats import critical_difference_plot, friedman_ranks, paired_wilcoxon
+from medssl.report import plots
+from medssl.report.html import Alert, Block, Heading, Image, Missing, Paragraph, Section, render_html, render_markdown
+from medssl.report.tables import (
+    RANDOM_INIT,
+    at_largest_budget,
+    budget_summary,
+    budget_table,
+    display_method,
+    family_summary,
+    fmt,
+    fmt_p,
+    frame_table,
+    gap_table,
+    latex_table,
+    leaderboard,
+    method_order,
+    metric_summary,
+    structure_tables,
+)
+from medssl.results import (
+    RunCollection,
+    cka_runs,
+    collect_runs,
+    curves_table,
+    pretrain_curves,
+    pretrain_table,
+    provenance,
+    resolve_roots,
+    results_table,
+    write_tables,
+)
+from medssl.runs import atomic_write_text
+
+SECTIONS = (
+    ("leaderboard", "Leaderboard"),
+    ("families", "Pretext families"),
+    ("budgets", "Label budgets: few-shot vs many-shot"),
+    ("convergence", "Convergence"),
+    ("modality", "CT vs MRI"),
+    ("cka", "Feature reuse (CKA)"),
+    ("structures", "Per-structure results"),
+    ("statistics", "Statistics"),
+    ("pretraining", "Pretraining"),
+    ("provenance", "Provenance"),
+)
+BUILD_FAILED = "This section could not be built"
+
+
+@dataclass
+class ReportContext:
+    """Everything the sections read, loaded once."""
+
+    roots: list[Path]
+    out_dir: Path
+    collection: RunCollection
+    results: pd.DataFrame
+    curves: pd.DataFrame
+    pretrain: pd.DataFrame
+    pretrain_curves: pd.DataFrame
+    cka: list[dict[str, Any]]
+    colors: dict[str, Any]
+    figures: list[Path] = field(default_factory=list)
+    latex: dict[str, str] = field(default_factory=dict)
+    _wilcoxon: pd.DataFrame | None = None
+    _wilcoxon_done: bool = False
+    _provenance: dict[str, Any] | None = None
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        # Built on first use, after the statistics: it imports torch (device info), and a process
+        # holding torch's many objects makes every garbage collection (statsmodels' Holm runs one per
+        # call) several times slower.
+        if self._provenance is None:
+            self._provenance = provenance(self.collection)
+        return self._provenance
+
+    @property
+    def figure_dir(self) -> Path:
+        return self.out_dir / "figures"
+
+    def figure(self, path: Path | None, caption: str) -> Image | None:
+        if path is None:
+            return None
+        self.figures.append(path)
+        return Image(path, caption)
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted(self.results["method"].unique()) if not self.results.empty else []
+
+    def wilcoxon(self) -> pd.DataFrame | None:
+        """Paired Wilcoxon tables (computed once; ``None`` when fewer than two methods)."""
+        if not self._wilcoxon_done:
+            self._wilcoxon_done = True
+            if len(self.methods) >= 2:
+                self._wilcoxon = paired_wilcoxon(self.results, reference=RANDOM_INIT)
+        return self._wilcoxon
+
+
+def _no_finetune(ctx: ReportContext) -> Missing:
+    where = ", ".join(str(r) for r in ctx.roots)
+    return Missing(f"No finished fine-tuning runs under {where}: nothing to show here.")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def section_leaderboard(ctx: ReportContext) -> Section:
+    section = Section("leaderboard", "Leaderboard")
+    if ctx.results.empty:
+        return section.add(_no_finetune(ctx))
+    table, _ = leaderboard(ctx.results, ctx.wilcoxon())
+    ctx.latex["leaderboard"] = latex_table(table, label="tab:leaderboard")
+    section.add(table)
+    if len(ctx.methods) < 2:
+        section.add(Missing(f"Only one method ({display_method(ctx.methods[0])}): nothing to compare."))
+    elif RANDOM_INIT not in ctx.methods:
+        section.add(Missing("No random-init baseline (method 'none') among the runs: no * marks."))
+    collapsed = _collapsed_methods(ctx) & set(ctx.methods)
+    if collapsed:
+        section.add(
+            Alert(
+                f"The pretraining of {', '.join(sorted(collapsed))} collapsed (see Pretraining): "
+                "their scores measure a collapsed encoder.",
+                level="danger",
+            )
+        )
+    seeds = ctx.results.groupby(["task", "method", "budget"])["seed"].nunique()
+    seed_range = str(seeds.min()) if seeds.min() == seeds.max() else f"{seeds.min()}–{seeds.max()}"
+    section.add(
+        Paragraph(
+            f"{ctx.results['run_id'].nunique()} fine-tuning runs; seeds per method × task × budget: {seed_range}. "
+            "Per-case Dice (mean over structures) is averaged over seeds before the CI and the tests."
+        )
+    )
+    return section
+
+
+def section_families(ctx: ReportContext) -> Section:
+    section = Section("families", "Pretext families")
+    if ctx.results.empty:
+        return section.add(_no_finetune(ctx))
+    section.add(family_summary(ctx.results))
+    families = ctx.results["family"].nunique()
+    if families < 2:
+        section.add(Missing(f"Only one family ({ctx.results['family'].iloc[0]}): no comparison between families."))
+    return section
+
+
+def section_budgets(ctx: ReportContext) -> Section:
+    section = Section("budgets", "Label budgets: few-shot vs many-shot")
+    if ctx.results.empty:
+        return section.add(_no_finetune(ctx))
+    summary = budget_summary(ctx.results)
+    section.add(
+        ctx.figure(
+            plots.budget_plot(summary, ctx.figure_dir / "budgets.png", ctx.colors),
+            "Mean test Dice vs number of training cases, per task; one line per method.",
+        )
+    )
+    section.add(budget_table(ctx.results))
+    budgets_per_task = ctx.results.groupby("task")["budget"].nunique()
+    single = sorted(budgets_per_task[budgets_per_task < 2].index)
+    if single:
+        only = {t: order_budgets(ctx.results.loc[ctx.results["task"] == t, "budget"]) for t in single}
+        section.add(
+            Missing(
+                "Only one label budget for "
+                + ", ".join(f"{t} ({only[t][0]})" for t in single)
+                + ": no few-/many-shot gap there."
+            )
+        )
+    if len(single) == len(budgets_per_task):
+        return section
+    gaps = few_many_gap(ctx.results)
+    if gaps.empty:
+        return section.add(Missing("No method has both the smallest and the largest budget of a task."))
+    section.add(Heading("Few-/many-shot gap"))
+    section.add(gap_table(gaps, gap_ranks(gaps)))
+    return section
+
+
+def section_convergence(ctx: ReportContext) -> Section:
+    section = Section("convergence", "Convergence")
+    if ctx.curves.empty:
+        return section.add(Missing("No validation curves in the finished fine-tuning runs."))
+    section.add(
+        ctx.figure(
+            plots.curves_plot(ctx.curves, ctx.figure_dir / "convergence.png", ctx.colors),
+            "Validation Dice during fine-tuning at each task's largest budget (mean over seeds).",
+        )
+    )
+    summary = convergence_table(ctx.curves, aggregate=True)
+    columns = [
+        "method",
+        "task",
+        "budget",
+        "n_runs",
+        "n_converged",
+        "steps_to_95",
+        "epochs_to_95",
+        "auc",
+        "best_val_dice",
+    ]
+    if summary["n_runs"].max() > 1:  # spread over seeds only means something with several seeds
+        columns[6:6] = ["steps_to_95_std"]
+        columns[-1:-1] = ["auc_std"]
+    summary = summary.assign(_order=summary["budget"].map(budget_key))
+    summary = summary.sort_values(["task", "_order", "auc"], ascending=[True, True, False], kind="stable")
+    section.add(
+        frame_table(
+            summary[columns],
+            "Steps (and epochs) until validation Dice first reaches 95% of the run's best (mean over the runs "
+            "that got there: n_converged of n_runs), and the area under the validation curve with steps "
+            "scaled to [0, 1] (AUC: time-averaged Dice, higher = faster and better).",
+        )
+    )
+    if ctx.curves.groupby("run_id")["step"].nunique().max() < 2:
+        section.add(Missing("Every run has a single validation point: convergence speed is not measurable."))
+    return section
+
+
+def section_modality(ctx: ReportContext) -> Section:
+    section = Section("modality", "CT vs MRI")
+    if ctx.results.empty:
+        return section.add(_no_finetune(ctx))
+    section.add(
+        Paragraph(
+            "Every encoder is pretrained on the CT corpus; MRI tasks measure CT→MRI transfer. "
+            "Random init is the reference. Each task weighs the same in a modality's mean."
+        )
+    )
+    modalities = set(ctx.results["modality"].unique())
+    tasks = ctx.results.groupby("modality")["task"].unique()
+    section.add(
+        Paragraph("; ".join(f"{m.upper()} tasks: {', '.join(sorted(tasks[m]))}" for m in sorted(tasks.index)) + ".")
+    )
+    if "mri" not in modalities:
+        section.add(Missing("No MRI task among the finished runs: CT→MRI transfer cannot be assessed."))
+    if "ct" not in modalities:
+        section.add(Missing("No CT task among the finished runs: same-modality transfer cannot be assessed."))
+    # Each task at its own largest budget (budgets differ between tasks): one label for the lot.
+    top = modality_summary(at_largest_budget(ctx.results).assign(budget="all"))
+    columns = ["method", "family", "ct", "mri", "mri_minus_ct", "n_ct_tasks", "n_mri_tasks"]
+    top = top.set_index("method").reindex([m for m in method_order(ctx.results) if m in set(top["method"])])
+    section.add(
+        frame_table(
+            top.reset_index()[columns],
+            "Mean test Dice on CT and on MRI tasks at each task's largest budget, and MRI − CT.",
+            index="method",
+        )
+    )
+    section.add(
+        ctx.figure(
+            plots.modality_plot(top[["ct", "mri"]].dropna(axis=1, how="all"), ctx.figure_dir / "modality.png"),
+            "Mean test Dice on CT vs MRI tasks at each task's largest budget.",
+        )
+    )
+    if ctx.results["budget"].nunique() > 1:
+        by_budget = modality_summary(ctx.results)
+        section.add(
+            frame_table(
+                by_budget[["method", "budget", "ct", "mri", "mri_minus_ct", "n_ct_tasks", "n_mri_tasks"]],
+                "The same per label budget (a budget counts only the tasks that have it).",
+            )
+        )
+    return section
+
+
+def section_cka(ctx: ReportContext) -> Section:
+    section = Section("cka", "Feature reuse (CKA)")
+    if not ctx.cka:
+        return section.add(
+            Missing("No CKA runs: feature reuse was not measured (run `medssl cka` or enable CKA in the benchmark).")
+        )
+    reuse_rows = []
+    for i, run in enumerate(ctx.cka):
+        caption = (
+            f"{display_method(str(run.get('method')))} on {run.get('task')}: {run.get('comparison')} "
+            f"(rows: {Path(str(run.get('model_a'))).name}, columns: {Path(str(run.get('model_b'))).name})."
+        )
+        section.add(ctx.figure(plots.cka_heatmap(run, ctx.figure_dir / f"cka_{i:02d}.png"), caption))
+        reuse = run.get("reuse") or {}
+        if reuse:
+            reuse_rows.append(
+                {"method": run.get("method"), "task": run.get("task"), "comparison": run.get("comparison"), **reuse}
+            )
+    if reuse_rows:
+        section.add(
+            frame_table(
+                pd.DataFrame(reuse_rows),
+                "Feature reuse per stage: linear CKA between the same "
+                "stage of the two models (1 = the representation is kept).",
+                index="method",
+            )
+        )
+    else:
+        section.add(Missing("The CKA runs carry no reuse scores."))
+    return section
+
+
+def section_structures(ctx: ReportContext) -> Section:
+    section = Section("structures", "Per-structure results")
+    if ctx.results.empty:
+        return section.add(_no_finetune(ctx))
+    for table in structure_tables(ctx.results).values():
+        section.add(table)
+    section.add(metric_summary(ctx.results))
+    return section
+
+
+def section_statistics(ctx: ReportContext) -> Section:
+    section = Section("statistics", "Statistics")
+    if ctx.results.empty:
+        return section.add(_no_finetune(ctx))
+    wilcoxon = ctx.wilcoxon()
+    if wilcoxon is None or wilcoxon.empty:
+        section.add(Missing("Fewer than two methods: no paired tests."))
+    else:
+        shown = wilcoxon.copy()
+        shown["comparison"] = shown["comparison"].map({"reference": "vs random init", "best": "vs best"})
+        shown["other"] = shown["other"].map(display_method)
+        for col in ("p", "p_holm"):
+            shown[col] = shown[col].map(fmt_p)
+        section.add(Heading("Paired Wilcoxon signed-rank tests"))
+        section.add(
+            frame_table(
+                shown,
+                "Per task × budget, on per-case Dice (mean over structures, then seeds): each method vs random "
+                "init and vs the best method; Holm correction within each comparison kind of a task × budget. "
+                "mean_diff = method − other.",
+            )
+        )
+        if RANDOM_INIT not in ctx.methods:
+            section.add(Missing("No random-init runs: only the comparisons with the best method are shown."))
+    section.add(Heading("Friedman test and mean ranks across tasks"))
+    friedman = friedman_ranks(ctx.results)
+    for level, result in friedman.items():
+        if level != "largest" and result.get("budgets") == friedman.get("largest", {}).get("budgets"):
+            continue  # one budget per task: the smallest is the largest, already shown
+        name = f"{level} budget per task"
+        ranks = result.get("mean_ranks") or {}
+        if not ranks:
+            section.add(Missing(f"{name}: {result.get('reason') or 'no ranks'}."))
+            continue
+        budgets = ", ".join(f"{t}: {b}" for t, b in sorted(result.get("budgets", {}).items()))
+        p, cd = result.get("p"), result.get("cd")
+        head = f"{name} ({budgets}): "
+        head += f"Friedman p = {fmt_p(p)}" if p is not None else f"no Friedman test — {result.get('reason')}"
+        if cd is not None:
+            head += f"; Nemenyi critical difference = {fmt(cd)}"
+        if result.get("dropped_tasks"):
+            head += f"; left out (a method is missing): {', '.join(result['dropped_tasks'])}"
+        rank_frame = pd.DataFrame({"method": list(ranks), "mean rank": list(ranks.values())})
+        section.add(frame_table(rank_frame, head + ". Rank 1 = best.", index="method"))
+        if p is not None and cd is not None:
+            path = ctx.figure_dir / f"critical_difference_{_slug(level)}.png"
+            labels = {display_method(m): r for m, r in ranks.items()}
+            critical_difference_plot(labels, cd, path, title=f"Critical difference — {name}")
+            section.add(
+                ctx.figure(
+                    path,
+                    f"Critical-difference diagram ({name}): methods joined by a bar are not significantly "
+                    "different (Nemenyi, α = 0.05).",
+                )
+            )
+    return section
+
+
+def section_pretraining(ctx: ReportContext) -> Section:
+    section = Section("pretraining", "Pretraining")
+    if ctx.pretrain.empty:
+        return section.add(
+            Missing(
+                "No finished pretraining runs in this folder (encoders may come from elsewhere): "
+                "no loss curves or collapse checks."
+            )
+        )
+    for alert in _collapse_alerts(ctx.pretrain):
+        section.add(alert)
+    if not ctx.pretrain["collapsed"].any():
+        section.add(Paragraph("No pretraining run collapsed (embedding spread stayed above the threshold)."))
+    collapsed = set(ctx.pretrain.loc[ctx.pretrain["collapsed"], "run_id"])
+    section.add(
+        ctx.figure(
+            plots.pretrain_loss_plot(ctx.pretrain_curves, collapsed, ctx.figure_dir / "pretraining.png", ctx.colors),
+            "Pretraining loss per method (collapsed runs dashed red).",
+        )
+    )
+    if ctx.pretrain_curves.empty:
+        section.add(Missing("The pretraining runs logged no loss curve (metrics.jsonl)."))
+    columns = [
+        "method",
+        "family",
+        "steps",
+        "final_loss",
+        "embedding_std",
+        "collapsed",
+        "wall_seconds",
+        "step_seconds",
+        "run_id",
+    ]
+    section.add(frame_table(ctx.pretrain[columns], "Pretraining runs.", index="method"))
+    return section
+
+
+def section_provenance(ctx: ReportContext) -> Section:
+    section = Section("provenance", "Provenance")
+    prov = ctx.provenance
+    packages = pd.DataFrame(
+        {"package": list(prov["packages"]), "version": [v or "not installed" for v in prov["packages"].values()]}
+    )
+    section.add(frame_table(packages, "Package versions (of the machine that built this report).", index="package"))
+    hardware = dict(prov["hardware"])
+    torch_info = hardware.pop("torch", {})
+    hardware["torch devices"] = ", ".join(torch_info.get("devices", [])) or (
+        "CUDA available" if torch_info.get("cuda_available") else "CPU only"
+    )
+    section.add(
+        frame_table(
+            pd.DataFrame({"item": list(hardware), "value": [str(v) for v in hardware.values()]}),
+            "Report host.",
+            index="item",
+        )
+    )
+    wall = pd.DataFrame(
+        {
+            "stage": list(prov["wall_seconds"]),
+            "runs": [prov["n_runs"][k] for k in prov["wall_seconds"]],
+            "wall seconds": list(prov["wall_seconds"].values()),
+        }
+    )
+    wall["wall time"] = wall["wall seconds"].map(_hms)
+    section.add(frame_table(wall, "Wall time per stage (sum over finished runs).", index="stage"))
+    section.add(Paragraph("Code versions: " + (", ".join(prov["code_versions"]) or "not recorded") + "."))
+    if prov["run_hardware"]:
+        section.add(Paragraph("Hardware recorded by the runs: " + "; ".join(prov["run_hardware"]) + "."))
+    if prov["not_finished"]:
+        section.add(
+            Alert(
+                "Runs left out because they are not finished: "
+                + ", ".join(f"{n} {status}" for status, n in sorted(prov["not_finished"].items()))
+                + "."
+            )
+        )
+    for item in prov["skipped"]:
+        section.add(Alert(f"Run {item['run_id']} skipped: {item['reason']}."))
+    runs = pd.DataFrame(
+        [
+            {"run": run_id, **{k: v for k, v in info.items() if k != "created"}}
+            for run_id, info in sorted(prov["runs"].items())
+        ]
+    )
+    if not runs.empty:
+        section.add(frame_table(runs, "Every run in this report with its config hash.", index="run"))
+    return section
+
+
+SECTION_BUILDERS: dict[str, Callable[[ReportContext], Section]] = {
+    "leaderboard": section_leaderboard,
+    "families": section_families,
+    "budgets": section_budgets,
+    "convergence": section_convergence,
+    "modality": section_modality,
+    "cka": section_cka,
+    "structures": section_structures,
+    "statistics": section_statistics,
+    "pretraining": section_pretraining,
+    "provenance": section_provenance,
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_frame(value: Any) -> pd.DataFrame:
+    """Analysis results come as DataFrames, Series or dicts; show them all as a table."""
+    if isinstance(value, pd.DataFrame):
+        frame = value
+    elif isinstance(value, pd.Series):
+        frame = value.to_frame()
+    elif isinstance(value, dict):
+        frame = (
+            pd.DataFrame(value)
+            if all(isinstance(v, (list, dict, pd.Series)) for v in value.values())
+            else (pd.DataFrame({"key": list(value), "value": list(value.values())}))
+        )
+    else:
+        frame = pd.DataFrame(value)
+    if not isinstance(frame.index, pd.RangeIndex):
+        frame = frame.reset_index()
+    return frame
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _collapsed_methods(ctx: ReportContext) -> set[str]:
+    if ctx.pretrain.empty:
+        return set()
+    return set(ctx.pretrain.loc[ctx.pretrain["collapsed"], "method"])
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_").lower() or "x"
+
+
+def _collapse_alerts(pretrain: pd.DataFrame) -> list[Alert]:
+    alerts = []
+    for row in pretrain[pretrain["collapsed"]].itertuples():
+        detail = row.collapse_reason or "representation collapsed"
+        if row.embedding_std == row.embedding_std and row.collapse_threshold == row.collapse_threshold:
+            detail += f" (embedding std {fmt(row.embedding_std)} < threshold {fmt(row.collapse_threshold)})"
+        alerts.append(
+            Alert(
+                f"COLLAPSE: pretraining of {display_method(row.method)} (run {row.run_id}) collapsed: {detail}. "
+                "Its encoder carries no useful features; fine-tuning results from it measure a collapsed "
+                "representation.",
+                level="danger",
+            )
+        )
+    return alerts
+
+
+def _guarded(section_id: str, title: str, builder: Callable[[ReportContext], Section], ctx: ReportContext) -> Section:
+    """Build one section; unexpected data must not cost the reader the other nine."""
+    try:
+        return builder(ctx)
+    except Exception as err:  # noqa: BLE001 - shown in the report and warned, never swallowed silently
+        last = traceback.extract_tb(err.__traceback__)[-1]
+        message = f"{BUILD_FAILED}: {type(err).__name__}: {err} ({Path(last.filename).name}:{last.lineno})"
+        warnings.warn(f"report section {section_id!r}: {message}", stacklevel=2)
+        return Section(section_id, title).add(Alert(message, level="danger"))
+
+
+def _preamble(ctx: ReportContext) -> list[Block]:
+    n = ctx.provenance["n_runs"]
+    blocks: list[Block] = [
+        Paragraph(
+            f"Built {time.strftime('%Y-%m-%d %H:%M:%S')} from {', '.join(str(r) for r in ctx.roots)}: "
+            f"{n['finetune']} fine-tuning, {n['pretrain']} pretraining and {n['cka']} CKA runs (finished only); "
+            f"{len(ctx.methods)} methods, {ctx.results['task'].nunique() if not ctx.results.empty else 0} tasks."
+        )
+    ]
+    if not ctx.pretrain.empty and ctx.pretrain["collapsed"].any():
+        names = ", ".join(sorted(display_method(m) for m in ctx.pretrain.loc[ctx.pretrain["collapsed"], "method"]))
+        blocks.append(Alert(f"COLLAPSED PRETRAINING: {names} — see Pretraining.", level="danger"))
+    if ctx.provenance["not_finished"]:
+        blocks.append(Alert(f"{sum(ctx.provenance['not_finished'].values())} runs are not finished and are left out."))
+    return blocks
+
+
+def _remove_stale_figures(figure_dir: Path, keep: list[Path]) -> None:
+    """A rebuilt report must not keep figures of runs that are gone (e.g. a CKA run removed)."""
+    kept = {p.resolve() for p in keep}
+    for png in figure_dir.glob("*.png"):
+        if png.resolve() not in kept:
+            png.unlink()
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def default_out_dir(runs_root: str | Path) -> Path:
+    """Where ``medssl report RUNS_DIR`` writes without ``--out``: ``<out>/report`` beside ``<out>/runs``."""
+    root = resolve_roots(runs_root)[0]
+    return root.parent / "report" if root.name == "runs" else root / "report"
+
+
+def build_report(runs_root: str | Path, out_dir: str | Path) -> Path:
+    """Write the report of every finished run under ``runs_root`` into ``out_dir``; return index.html.
+
+    Writes ``index.html`` (self-contained), ``report.md``, ``figures/*.png``, ``leaderboard.tex``,
+    ``results.csv``, ``results.parquet``, ``curves.csv``, ``pretrain.csv`` and ``provenance.json``.
+    """
+    roots = resolve_roots(runs_root)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    collection = collect_runs(roots)
+    results = results_table(collection)
+    ctx = ReportContext(
+        roots=roots,
+        out_dir=out,
+        collection=collection,
+        results=results,
+        curves=curves_table(collection),
+        pretrain=pretrain_table(collection),
+        pretrain_curves=pretrain_curves(collection),
+        cka=cka_runs(collection),
+        colors={},
+    )
+    ctx.colors = plots.method_colors(list(results["method"].unique()) + list(ctx.pretrain["method"].unique()))
+    write_tables(collection, out)
+
+    sections = [_guarded(sid, title, SECTION_BUILDERS[sid], ctx) for sid, title in SECTIONS]
+    atomic_write_text(out / "provenance.json", json.dumps(ctx.provenance, indent=2, default=_json_default) + "\n")
+    if "leaderboard" not in ctx.latex:
+        ctx.latex["leaderboard"] = "% no finished fine-tuning runs: no leaderboard\n"
+    atomic_write_text(out / "leaderboard.tex", ctx.latex["leaderboard"])
+    ctx.figure_dir.mkdir(exist_ok=True)
+    _remove_stale_figures(ctx.figure_dir, ctx.figures)
+
+    title = "medssl benchmark report"
+    preamble = _preamble(ctx)
+    atomic_write_text(out / "report.md", render_markdown(title, sections, out, preamble))
+    index = out / "index.html"
+    atomic_write_text(index, render_html(title, sections, preamble))
+    return index
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    return str(obj)

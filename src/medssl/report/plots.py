@@ -1,0 +1,206 @@
+"""Report figures (PNG, matplotlib's object API with the Agg canvas: no pyplot state, no display).
+
+Each function takes a tidy DataFrame (or a CKA result), writes one PNG and returns its path, or
+returns ``None`` when there is nothing to draw, so the caller can say what is missing instead.
+Legends sit outside the axes so they never cover data; every axis is labelled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from medssl.analysis.gap import budget_key
+from medssl.report.tables import display_method
+
+DPI = 120
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, Any]:
+    """A fixed colour per method (sorted names → tab10/tab20), the same in every figure."""
+    import matplotlib
+
+    names = sorted(set(methods))
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def _figure(n_panels: int, panel_size: tuple[float, float] = (4.2, 3.4), max_cols: int = 3):
+    cols = max(1, min(n_panels, max_cols))
+    rows = max(1, math.ceil(n_panels / cols))
+    # Constrained layout keeps titles, labels and colour bars apart without a tight_layout pass.
+    fig = Figure(figsize=(panel_size[0] * cols, panel_size[1] * rows), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
+    return fig, axes
+
+
+def _legend_outside(fig: Figure, axes: list, title: str = "method") -> None:
+    handles, labels, seen = [], [], set()
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in seen:
+                seen.add(label)
+                handles.append(handle)
+                labels.append(label)
+    if handles:
+        fig.legend(handles, labels, title=title, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", format="png")
+    return path
+
+
+def budget_plot(summary: pd.DataFrame, path: str | Path, colors: dict[str, Any] | None = None) -> Path | None:
+    """Dice vs number of training cases, one panel per task, one line per method.
+
+    ``summary`` has columns task, method, budget, n_train, dice (``tables.budget_summary``).
+    """
+    if summary.empty:
+        return None
+    tasks = sorted(summary["task"].unique())
+    colors = colors or method_colors(summary["method"])
+    fig, axes = _figure(len(tasks))
+    for ax, task in zip(axes, tasks, strict=True):
+        for method, group in summary[summary["task"] == task].groupby("method"):
+            group = group.assign(k=group["budget"].map(budget_key)).sort_values("k")
+            ax.plot(group["n_train"], group["dice"], marker="o", color=colors.get(method), label=display_method(method))
+        n_train = summary.loc[summary["task"] == task, "n_train"].dropna()
+        if len(n_train) and n_train.min() > 0 and n_train.max() / n_train.min() >= 4:
+            # Budgets grow geometrically (5, 10, 20, all): a log axis spaces them evenly.
+            ax.set_xscale("log")
+            ticks = sorted(set(n_train.round().astype(int)))
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
+        ax.set_title(task)
+        ax.set_xlabel("training cases (n_train)")
+        ax.set_ylabel("mean test Dice")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Few-shot vs many-shot: Dice by label budget")
+    _legend_outside(fig, axes)
+    return _save(fig, path)
+
+
+def curves_plot(curves: pd.DataFrame, path: str | Path, colors: dict[str, Any] | None = None) -> Path | None:
+    """Validation Dice vs step, one panel per task (largest budget, mean over seeds), a line per method."""
+    if curves.empty:
+        return None
+    tasks = sorted(curves["task"].unique())
+    colors = colors or method_colors(curves["method"])
+    fig, axes = _figure(len(tasks))
+    for ax, task in zip(axes, tasks, strict=True):
+        group = curves[curves["task"] == task]
+        budget = max(group["budget"].astype(str).unique(), key=budget_key)
+        group = group[group["budget"].astype(str) == budget]
+        for method, runs in group.groupby("method"):
+            mean = runs.groupby("step")["val_dice"].mean()
+            ax.plot(mean.index, mean.values, marker=".", color=colors.get(method), label=display_method(method))
+        ax.set_title(f"{task} (budget {budget})")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("validation Dice")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Validation curves")
+    _legend_outside(fig, axes)
+    return _save(fig, path)
+
+
+def modality_plot(per_modality: pd.DataFrame, path: str | Path) -> Path | None:
+    """Grouped bars: mean Dice on CT tasks and on MRI tasks per method.
+
+    ``per_modality`` is method × modality (columns among "ct", "mri") of mean Dice.
+    """
+    columns = [c for c in ("ct", "mri") if c in per_modality.columns]
+    if per_modality.empty or not columns:
+        return None
+    fig, (ax,) = _figure(1, panel_size=(max(5.0, 1.1 * len(per_modality) + 2), 3.6))
+    x = np.arange(len(per_modality))
+    width = 0.8 / len(columns)
+    palette = {"ct": "#4c72b0", "mri": "#dd8452"}
+    for i, col in enumerate(columns):
+        ax.bar(
+            x + (i - (len(columns) - 1) / 2) * width,
+            per_modality[col].to_numpy(dtype=float),
+            width,
+            label=col.upper(),
+            color=palette[col],
+        )
+    ax.set_xticks(x, [display_method(m) for m in per_modality.index], rotation=30, ha="right")
+    ax.set_ylabel("mean test Dice")
+    ax.set_xlabel("encoder (pretraining method)")
+    ax.set_title("CT vs MRI tasks (CT-pretrained encoders)")
+    ax.grid(axis="y", alpha=0.3)
+    _legend_outside(fig, [ax], title="task modality")
+    return _save(fig, path)
+
+
+def cka_heatmap(run: dict[str, Any], path: str | Path) -> Path | None:
+    """The layer × layer CKA matrices of one CKA run (linear and, if present, minibatch), annotated."""
+    panels = [(key, np.asarray(run[key], dtype=float)) for key in ("linear_cka", "minibatch_cka") if run.get(key)]
+    panels = [(key, m) for key, m in panels if m.ndim == 2 and m.size]
+    if not panels:
+        return None
+    layers = list(run.get("layers") or [f"layer {i}" for i in range(panels[0][1].shape[0])])
+    fig, axes = _figure(len(panels), panel_size=(4.8, 4.2), max_cols=2)
+    image = None
+    for i, (ax, (key, matrix)) in enumerate(zip(axes, panels, strict=True)):
+        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", origin="upper")
+        ax.set_xticks(range(matrix.shape[1]), layers[: matrix.shape[1]], rotation=45, ha="right")
+        # Both panels share the rows: label them once, on the left.
+        ax.set_yticks(range(matrix.shape[0]), layers[: matrix.shape[0]] if i == 0 else [])
+        ax.set_xlabel(f"model B: {Path(str(run.get('model_b', 'B'))).name}")
+        if i == 0:
+            ax.set_ylabel(f"model A: {Path(str(run.get('model_a', 'A'))).name}")
+        ax.set_title(key.replace("_cka", " CKA"))
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(
+                j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if value < 0.6 else "black"
+            )
+    fig.colorbar(image, ax=axes, label="CKA", shrink=0.85)
+    title = f"CKA — {display_method(str(run.get('method', '?')))}, {run.get('task', '?')}, {run.get('comparison', '')}"
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def pretrain_loss_plot(
+    curves: pd.DataFrame, collapsed_runs: set[str], path: str | Path, colors: dict[str, Any] | None = None
+) -> Path | None:
+    """Pretraining loss vs step, one line per run; collapsed runs dashed and labelled as such.
+
+    Methods' losses have different scales, so each method gets its own panel.
+    """
+    if curves.empty:
+        return None
+    methods = sorted(curves["method"].unique())
+    colors = colors or method_colors(methods)
+    fig, axes = _figure(len(methods), panel_size=(3.8, 3.0), max_cols=4)
+    for ax, method in zip(axes, methods, strict=True):
+        for run_id, run in curves[curves["method"] == method].groupby("run_id"):
+            collapsed = run_id in collapsed_runs
+            label = f"{display_method(method)} (COLLAPSED)" if collapsed else display_method(method)
+            ax.plot(
+                run["step"],
+                run["loss"],
+                color="red" if collapsed else colors.get(method),
+                linestyle="--" if collapsed else "-",
+                label=label,
+            )
+        positive = (curves.loc[curves["method"] == method, "loss"] > 0).all()
+        if positive:
+            ax.set_yscale("log")
+        ax.set_title(display_method(method))
+        ax.set_xlabel("pretraining step")
+        ax.set_ylabel("training loss" + (" (log)" if positive else ""))
+        ax.grid(alpha=0.3)
+    fig.suptitle("Pretraining loss")
+    _legend_outside(fig, axes, title="run")
+    return _save(fig, path)

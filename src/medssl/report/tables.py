@@ -1,0 +1,425 @@
+"""Report tables: summaries of the tidy results table and their Markdown, HTML and LaTeX forms.
+
+A ``Table`` holds display strings (already formatted) and an optional mask of cells to set in bold,
+so the three renderings agree cell for cell. The builders here work on the DataFrames of
+``medssl.results``; statistics come from ``medssl.analysis``.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medssl.analysis.gap import budget_key, order_budgets
+from medssl.analysis.stats import bootstrap_ci, per_case_scores
+
+RANDOM_INIT = "none"
+NOT_SIGNIFICANT_FROM_BEST = "†"
+SIGNIFICANT_VS_RANDOM = "*"
+MISSING = "–"
+
+
+@dataclass
+class Table:
+    """Display strings plus the cells to emphasise; ``frame.index`` is shown as the first column."""
+
+    frame: pd.DataFrame
+    caption: str = ""
+    bold: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+    index_name: str | None = None
+    show_index: bool = True
+
+    def is_bold(self, row: int, col: int) -> bool:
+        return bool(self.bold is not None and self.bold.iat[row, col])
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt(value: Any, digits: int = 3, scientific: bool = True) -> str:
+    """A number for a table cell: fixed digits, a dash for missing values; tiny or huge magnitudes in
+    scientific notation unless ``scientific`` is False (differences, where "0.000" is the message)."""
+    if value is None:
+        return MISSING
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(number):
+        return MISSING
+    if number != 0 and (abs(number) < 10**-digits or abs(number) >= 1e6):
+        return f"{number:.2e}"
+    return f"{number:.{digits}f}"
+
+
+def fmt_p(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    value = float(value)
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def display_method(name: str) -> str:
+    return "random init" if name == RANDOM_INIT else str(name)
+
+
+def largest_budget(results: pd.DataFrame, task: str | None = None) -> str | None:
+    frame = results if task is None else results[results["task"] == task]
+    budgets = order_budgets(frame["budget"].dropna())
+    return budgets[-1] if budgets else None
+
+
+def at_largest_budget(results: pd.DataFrame) -> pd.DataFrame:
+    """Rows at each task's largest label budget ("all" when present)."""
+    if results.empty:
+        return results
+    largest = {task: largest_budget(results, task) for task in results["task"].unique()}
+    return results[results["budget"] == results["task"].map(largest)]
+
+
+def method_order(results: pd.DataFrame) -> list[str]:
+    """Methods by mean Dice at the largest budgets, best first (the order of every table)."""
+    if results.empty:
+        return []
+    means = at_largest_budget(results).groupby("method")["dice"].mean()
+    return list(means.sort_values(ascending=False, kind="stable").index)
+
+
+# --------------------------------------------------------------------------- renderers
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _header(table: Table) -> list[str]:
+    columns = [str(c) for c in table.frame.columns]
+    return [table.index_name or table.frame.index.name or "", *columns] if table.show_index else columns
+
+
+def markdown_table(table: Table) -> str:
+    frame = table.frame
+    header = _header(table)
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    for r, (index, row) in enumerate(frame.iterrows()):
+        cells = [_md_cell(index)] if table.show_index else []
+        for c, value in enumerate(row):
+            text = _md_cell(value)
+            cells.append(f"**{text}**" if table.is_bold(r, c) and text != MISSING else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    out = []
+    if table.caption:
+        out.append(f"*{table.caption}*\n")
+    out.append("\n".join(lines))
+    out.extend(f"\n{note}" for note in table.notes)
+    return "\n".join(out) + "\n"
+
+
+def html_table(table: Table) -> str:
+    frame = table.frame
+    header = _header(table)
+    parts = ["<table>"]
+    if table.caption:
+        parts.append(f"<caption>{html.escape(table.caption)}</caption>")
+    parts.append("<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead><tbody>")
+    for r, (index, row) in enumerate(frame.iterrows()):
+        cells = [f'<th scope="row">{html.escape(str(index))}</th>'] if table.show_index else []
+        for c, value in enumerate(row):
+            text = html.escape(str(value))
+            cells.append(f"<td><b>{text}</b></td>" if table.is_bold(r, c) else f"<td>{text}</td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</tbody></table>")
+    parts.extend(f'<p class="note">{html.escape(note)}</p>' for note in table.notes)
+    return "\n".join(parts)
+
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "–": "--",
+    "†": r"$^{\dagger}$",
+    "*": r"$^{*}$",
+    "±": r"$\pm$",
+    "<": r"$<$",
+    ">": r"$>$",
+}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def latex_table(table: Table, label: str = "") -> str:
+    """A booktabs table (pandas ``to_latex``) with bold cells as ``\\textbf``."""
+    frame = table.frame.copy()
+    for r in range(frame.shape[0]):
+        for c in range(frame.shape[1]):
+            text = latex_escape(frame.iat[r, c])
+            frame.iat[r, c] = rf"\textbf{{{text}}}" if table.is_bold(r, c) and text != "--" else text
+    frame.columns = [latex_escape(c) for c in frame.columns]
+    if table.show_index:
+        # The row labels as an ordinary first column: one header row, not pandas' two.
+        frame.insert(
+            0, latex_escape(table.index_name or table.frame.index.name or ""), [latex_escape(i) for i in frame.index]
+        )
+    return frame.to_latex(
+        escape=False,
+        index=False,
+        caption=latex_escape(table.caption) if table.caption else None,
+        label=label or None,
+        column_format="l" + "c" * (frame.shape[1] - 1),
+        position="t",
+    )
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _best_mask(values: pd.DataFrame, higher_is_better: bool = True) -> pd.DataFrame:
+    """True at each column's best value (ties all bold; NaN never)."""
+    best = values.max() if higher_is_better else values.min()
+    return values.eq(best, axis=1) & values.notna()
+
+
+def _wilcoxon_lookup(wilcoxon: pd.DataFrame | None, task: str, budget: str) -> dict[tuple[str, str], bool]:
+    """(method, "reference" | "best") → significant, for one task and budget."""
+    if wilcoxon is None or wilcoxon.empty:
+        return {}
+    rows = wilcoxon[(wilcoxon["task"] == task) & (wilcoxon["budget"].astype(str) == str(budget))]
+    return {(row.method, str(row.comparison)): bool(row.significant) for row in rows.itertuples()}
+
+
+def leaderboard(results: pd.DataFrame, wilcoxon: pd.DataFrame | None = None) -> tuple[Table, pd.DataFrame]:
+    """Method × task mean Dice [95% CI] at each task's largest budget, with significance marks.
+
+    Returns the display table and the numeric means (method × task). The CI is a bootstrap over test
+    cases of the per-case Dice (mean over structures and seeds), the unit the Wilcoxon test pairs.
+    """
+    top = at_largest_budget(results)
+    cases = per_case_scores(top)
+    tasks = sorted(cases["task"].unique())
+    methods = method_order(results)
+    means = pd.DataFrame(np.nan, index=methods, columns=tasks)
+    cells = pd.DataFrame(MISSING, index=methods, columns=tasks)
+    for (method, task), group in cases.groupby(["method", "task"]):
+        mean, lo, hi = bootstrap_ci(group["score"].to_numpy(dtype=float))
+        means.loc[method, task] = mean
+        cells.loc[method, task] = f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
+    for task in tasks:
+        column = means[task].dropna()
+        if column.empty:
+            continue
+        best = column.idxmax()
+        budget = largest_budget(results, task)
+        significance = _wilcoxon_lookup(wilcoxon, task, budget)
+        for method in column.index:
+            marks = ""
+            if method != RANDOM_INIT and significance.get((method, "reference")):
+                marks += SIGNIFICANT_VS_RANDOM
+            if method != best and (method, "best") in significance and not significance[(method, "best")]:
+                marks += NOT_SIGNIFICANT_FROM_BEST
+            cells.loc[method, task] += marks
+    if len(tasks) > 1:
+        # Over tasks only where a method has every task, so a missing task does not flatter it.
+        means["mean"] = means[tasks].mean(axis=1, skipna=False)
+        cells["mean"] = means["mean"].map(fmt)
+    budgets = {task: largest_budget(results, task) for task in tasks}
+    column_labels = {task: f"{task} ({budgets[task]})" for task in tasks}
+    display = cells.rename(columns=column_labels, index=display_method)
+    bold = _best_mask(means).rename(columns=column_labels, index=display_method)
+    table = Table(
+        display,
+        caption="Mean test Dice [bootstrap 95% CI over cases] at each task's largest label budget (in brackets).",
+        bold=bold,
+        index_name="method",
+        notes=[
+            f"Bold: best per column. {SIGNIFICANT_VS_RANDOM} significantly different from random init "
+            f"(paired Wilcoxon over cases, Holm-corrected, p < 0.05); {NOT_SIGNIFICANT_FROM_BEST} not "
+            "significantly different from the best method of the column."
+        ],
+    )
+    return table, means
+
+
+def family_summary(results: pd.DataFrame) -> Table:
+    """Per pretext family: mean Dice per task at the largest budget (mean of its methods) and its best."""
+    top = at_largest_budget(results)
+    per_method = top.groupby(["family", "method", "task"])["dice"].mean().reset_index()
+    per_family = per_method.groupby(["family", "task"])["dice"].mean().unstack("task")
+    overall = per_method.groupby(["family", "method"])["dice"].mean().reset_index()
+    frame = per_family.copy()
+    if per_family.shape[1] > 1:
+        frame["mean"] = per_family.mean(axis=1, skipna=False)
+    frame = frame.sort_values(frame.columns[-1], ascending=False)
+    display = frame.map(fmt)
+    display["methods"] = [
+        ", ".join(display_method(m) for m in overall[overall["family"] == fam]["method"]) for fam in frame.index
+    ]
+    display["best method"] = [
+        display_method(overall[overall["family"] == fam].sort_values("dice").iloc[-1]["method"]) for fam in frame.index
+    ]
+    bold = pd.concat(
+        [_best_mask(frame), pd.DataFrame(False, index=frame.index, columns=["methods", "best method"])], axis=1
+    )
+    return Table(
+        display,
+        caption="Mean test Dice per pretext family (mean of its methods) at the largest budget.",
+        bold=bold,
+        index_name="family",
+    )
+
+
+def budget_summary(results: pd.DataFrame) -> pd.DataFrame:
+    """Per task × method × budget: mean Dice over cases, structures and seeds, and mean ``n_train``."""
+    grouped = results.groupby(["task", "method", "budget"])
+    summary = grouped.agg(dice=("dice", "mean"), n_train=("n_train", "mean")).reset_index()
+    summary["budget_order"] = summary["budget"].map(budget_key)
+    return summary.sort_values(["task", "method", "budget_order"]).drop(columns="budget_order")
+
+
+def budget_table(results: pd.DataFrame) -> Table:
+    """Method × (task, budget) mean Dice."""
+    summary = budget_summary(results)
+    summary["column"] = summary["task"] + " / " + summary["budget"].astype(str)
+    order = (
+        summary.assign(k=summary["budget"].map(budget_key))
+        .sort_values(["task", "k"])["column"]
+        .drop_duplicates()
+        .tolist()
+    )
+    values = summary.pivot(index="method", columns="column", values="dice").reindex(columns=order)
+    values = values.reindex([m for m in method_order(results) if m in values.index])
+    return Table(
+        values.map(fmt).rename(index=display_method),
+        caption="Mean test Dice per task / label budget.",
+        bold=_best_mask(values).rename(index=display_method),
+        index_name="method",
+    )
+
+
+def gap_table(gaps: pd.DataFrame, ranks: pd.DataFrame) -> Table:
+    """Method × task: mean few-/many-shot gap over seeds with its rank per task, and the mean rank.
+
+    ``gaps`` and ``ranks`` come from ``medssl.analysis.gap.few_many_gap`` / ``gap_ranks``.
+    """
+    cells = ranks.assign(cell=[f"{fmt(g)} ({r:g})" for g, r in zip(ranks["gap"], ranks["rank"], strict=True)])
+    display = cells.pivot(index="method", columns="task", values="cell").fillna(MISSING)
+    best = cells.pivot(index="method", columns="task", values="rank").eq(1.0)
+    mean_rank = ranks.groupby("method")["mean_rank"].first()
+    display["mean rank"] = mean_rank.map(lambda r: f"{r:.2f}")
+    best["mean rank"] = mean_rank.eq(mean_rank.min())
+    order = list(mean_rank.sort_values(kind="stable").index)
+    pairs = gaps.drop_duplicates("task").set_index("task")
+    budgets = "; ".join(
+        f"{t}: {pairs.loc[t, 'many_budget']} (n={pairs.loc[t, 'many_n_train']}) − "
+        f"{pairs.loc[t, 'few_budget']} (n={pairs.loc[t, 'few_n_train']})"
+        for t in sorted(pairs.index)
+    )
+    return Table(
+        display.reindex(order).rename(index=display_method),
+        caption="Few-/many-shot gap: Dice at the largest budget minus Dice at the smallest (mean over seeds), "
+        "with its rank per task (1 = smallest gap = most data-efficient).",
+        bold=best.reindex(order).fillna(False).rename(index=display_method),
+        index_name="method",
+        notes=[f"Budgets compared — {budgets}."],
+    )
+
+
+def structure_tables(results: pd.DataFrame) -> dict[str, Table]:
+    """Per task: method × structure mean Dice at the largest budget."""
+    tables = {}
+    top = at_largest_budget(results)
+    for task, group in top.groupby("task"):
+        values = group.groupby(["method", "structure"])["dice"].mean().unstack("structure")
+        values = values.reindex([m for m in method_order(results) if m in values.index])
+        budget = largest_budget(results, task)
+        tables[task] = Table(
+            values.map(fmt).rename(index=display_method),
+            caption=f"{task}: mean test Dice per structure (budget {budget}).",
+            bold=_best_mask(values).rename(index=display_method),
+            index_name="method",
+        )
+    return tables
+
+
+def metric_summary(results: pd.DataFrame) -> Table:
+    """Method × task: Dice, HD95 (mm) and NSD at the largest budget."""
+    top = at_largest_budget(results)
+    agg = top.groupby(["method", "task"]).agg(dice=("dice", "mean"), hd95=("hd95", "mean"), nsd=("nsd", "mean"))
+    agg = agg.unstack("task")
+    agg.columns = [f"{task} {metric.upper() if metric != 'dice' else 'Dice'}" for metric, task in agg.columns]
+    agg = agg[
+        sorted(agg.columns, key=lambda c: (c.rsplit(" ", 1)[0], ["Dice", "HD95", "NSD"].index(c.rsplit(" ", 1)[1])))
+    ]
+    agg = agg.reindex([m for m in method_order(results) if m in agg.index])
+    bold = pd.DataFrame(False, index=agg.index, columns=agg.columns)
+    for col in agg.columns:
+        bold[col] = _best_mask(agg[[col]], higher_is_better=not col.endswith("HD95"))[col]
+    return Table(
+        agg.map(fmt).rename(index=display_method),
+        caption="Mean Dice, HD95 (mm, lower is better) and NSD at the largest budget; HD95/NSD skip cases "
+        "where the structure is missing in prediction or truth.",
+        bold=bold.rename(index=display_method),
+        index_name="method",
+    )
+
+
+def _is_missing(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # lists, arrays: present
+        return False
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+_DIFFERENCE_COLUMN = re.compile(r"minus|diff|gap|delta")
+_COUNT_COLUMN = re.compile(r"(^|_| )(n|n_train|seed|seeds|runs|steps?|cases|budget|best_step)($|_| )")
+
+
+def _column_formatter(values: pd.Series, name: str, digits: int) -> Callable[[Any], str]:
+    """Counts and steps print as integers (even when a missing value made the column float)."""
+    present = [v for v in values if not _is_missing(v)]
+    integral = bool(present) and all(_is_number(v) and float(v).is_integer() for v in present)
+    if integral and (pd.api.types.is_integer_dtype(values) or _COUNT_COLUMN.search(str(name).lower())):
+        return lambda v: MISSING if _is_missing(v) else str(int(v))
+    scientific = not _DIFFERENCE_COLUMN.search(str(name).lower())
+    return lambda v: MISSING if _is_missing(v) else fmt(v, digits, scientific)
+
+
+def frame_table(frame: pd.DataFrame, caption: str = "", index: str | None = None, digits: int = 3) -> Table:
+    """Any DataFrame as a Table: numbers formatted per column (integers stay integers); the ``index``
+    column, when named, becomes the row labels."""
+    frame = frame.copy()
+    if "method" in frame.columns:
+        frame["method"] = frame["method"].map(display_method)
+    if index is not None:
+        frame = frame.set_index(index)
+    display = pd.DataFrame(
+        {col: frame[col].map(_column_formatter(frame[col], col, digits)) for col in frame.columns}, index=frame.index
+    )
+    return Table(display, caption=caption, index_name=index, show_index=index is not None)

@@ -1,0 +1,418 @@
+"""Finished run directories → tidy tables (results, curves, pretraining) and provenance.
+
+Everything here is read from run directories alone (``run.json``, ``results.json``,
+``metrics.jsonl``, ``status.json``); no model is ever loaded and torch is not imported at module
+import. Only finished runs count, so copying run directories from several machines into one folder
+and reading that folder gives the combined result. A ``runs_root`` may be the ``runs/`` folder of a
+benchmark, the benchmark output folder that holds it, or a list of such folders (their union).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medssl.errors import MedsslInputError
+from medssl.runs import RunDir, atomic_write_text, list_runs
+
+RunsRoot = str | Path | Iterable[str | Path]
+
+RESULT_COLUMNS = [
+    "method",
+    "family",
+    "task",
+    "modality",
+    "budget",
+    "n_train",
+    "seed",
+    "case",
+    "label",
+    "structure",
+    "dice",
+    "hd95",
+    "nsd",
+    "run_id",
+]
+CURVE_COLUMNS = [
+    "method",
+    "family",
+    "task",
+    "modality",
+    "budget",
+    "n_train",
+    "seed",
+    "run_id",
+    "step",
+    "epoch",
+    "val_dice",
+]
+PRETRAIN_COLUMNS = [
+    "method",
+    "family",
+    "preset",
+    "crop_size",
+    "steps",
+    "final_loss",
+    "wall_seconds",
+    "step_seconds",
+    "collapsed",
+    "collapse_reason",
+    "embedding_std",
+    "collapse_threshold",
+    "run_id",
+]
+PRETRAIN_CURVE_COLUMNS = [
+    "method",
+    "family",
+    "run_id",
+    "step",
+    "loss",
+    "lr",
+    "embedding_std",
+    "teacher_entropy",
+]
+
+KINDS = ("pretrain", "finetune", "cka")
+
+
+@dataclass
+class FinishedRun:
+    """One finished run: its directory, ``run.json`` and ``results.json``."""
+
+    run: RunDir
+    info: dict[str, Any]
+    results: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return str(self.info.get("run_id") or self.run.id)
+
+    @property
+    def kind(self) -> str:
+        return str(self.results.get("kind") or self.info.get("kind") or "")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field from results.json, else run.json (results are written last, so they win)."""
+        value = self.results.get(key)
+        if value is None:
+            value = self.info.get(key)
+        return default if value is None else value
+
+
+@dataclass
+class RunCollection:
+    """Every run under one or more roots, split by kind; plus what was left out and why."""
+
+    runs: dict[str, list[FinishedRun]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    not_finished: Counter = field(default_factory=Counter)  # status -> count
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (run id, reason)
+
+    @property
+    def finetune(self) -> list[FinishedRun]:
+        return self.runs["finetune"]
+
+    @property
+    def pretrain(self) -> list[FinishedRun]:
+        return self.runs["pretrain"]
+
+    @property
+    def cka(self) -> list[FinishedRun]:
+        return self.runs["cka"]
+
+    def all_runs(self) -> list[FinishedRun]:
+        return [r for kind in KINDS for r in self.runs[kind]]
+
+
+def resolve_roots(runs_root: RunsRoot) -> list[Path]:
+    """The folders that hold run directories (``<out>`` is taken to mean ``<out>/runs``)."""
+    roots = [runs_root] if isinstance(runs_root, (str, Path)) else list(runs_root)
+    resolved = []
+    for root in roots:
+        path = Path(root)
+        if not path.is_dir():
+            raise MedsslInputError(path, "runs folder does not exist or is not a directory")
+        if (path / "runs").is_dir() and not (path / "run.json").exists():
+            path = path / "runs"
+        resolved.append(path)
+    return resolved
+
+
+def collect_runs(runs_root: RunsRoot) -> RunCollection:
+    """Read every run directory once; keep finished runs with readable results, by kind."""
+    collection = RunCollection()
+    seen: set[str] = set()
+    for root in resolve_roots(runs_root):
+        for run in list_runs(root):
+            if not run.is_finished():
+                collection.not_finished[run.status()] += 1
+                continue
+            info, results = run.info(), run.results()
+            if not isinstance(results, dict):
+                collection.skipped.append((run.id, "results.json is not a JSON object"))
+                continue
+            finished = FinishedRun(run, info, results)
+            if finished.kind not in KINDS:
+                collection.skipped.append((run.id, f"unknown run kind {finished.kind!r}"))
+                continue
+            if finished.kind == "finetune":
+                try:
+                    _budget_label(finished.get("budget", "all"))
+                except (TypeError, ValueError):
+                    budget = finished.get("budget")
+                    collection.skipped.append((run.id, f"label budget {budget!r} is neither an integer nor 'all'"))
+                    continue
+            # The same run id in two copied folders is the same config: count it once.
+            if finished.run_id in seen:
+                continue
+            seen.add(finished.run_id)
+            collection.runs[finished.kind].append(finished)
+    for run_id, reason in collection.skipped:
+        warnings.warn(f"run {run_id} skipped: {reason}", stacklevel=2)
+    return collection
+
+
+def _as_collection(runs: RunsRoot | RunCollection) -> RunCollection:
+    return runs if isinstance(runs, RunCollection) else collect_runs(runs)
+
+
+def _budget_label(value: Any) -> str:
+    return "all" if value is None or str(value) == "all" else str(int(value))
+
+
+def _float_or_nan(value: Any) -> float:
+    try:
+        return float(value) if value is not None else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _typed(frame: pd.DataFrame, columns: list[str], ints: tuple[str, ...] = (), floats: tuple[str, ...] = ()):
+    """Fixed columns and dtypes (nullable ints) so an empty table and a full one look alike."""
+    frame = frame.reindex(columns=columns)
+    for col in ints:
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
+    for col in floats:
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
+    return frame
+
+
+def _finetune_keys(run: FinishedRun) -> dict[str, Any]:
+    return {
+        "method": str(run.get("method", "unknown")),
+        "family": str(run.get("family", "unknown")),
+        "task": str(run.get("task", "unknown")),
+        "modality": str(run.get("modality", "unknown")).lower(),
+        "budget": _budget_label(run.get("budget", "all")),
+        "n_train": run.get("n_train"),
+        "seed": run.get("seed", 0),
+    }
+
+
+def results_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
+    """One row per finished fine-tune run × test case × structure (columns ``RESULT_COLUMNS``)."""
+    rows = []
+    for run in _as_collection(runs_root).finetune:
+        keys = _finetune_keys(run)
+        labels = run.results.get("labels") or {}
+        for case in run.results.get("cases") or []:
+            label = case.get("label")
+            rows.append(
+                {
+                    **keys,
+                    "case": str(case.get("case")),
+                    "label": label,
+                    "structure": str(case.get("structure") or labels.get(str(label), label)),
+                    "dice": _float_or_nan(case.get("dice")),
+                    "hd95": _float_or_nan(case.get("hd95")),
+                    "nsd": _float_or_nan(case.get("nsd")),
+                    "run_id": run.run_id,
+                }
+            )
+    frame = _typed(
+        pd.DataFrame(rows), RESULT_COLUMNS, ints=("n_train", "seed", "label"), floats=("dice", "hd95", "nsd")
+    )
+    return frame.sort_values(["task", "method", "budget", "seed", "case", "label"], kind="stable", ignore_index=True)
+
+
+def curves_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
+    """Validation curves of finished fine-tune runs, one row per validation (``CURVE_COLUMNS``).
+
+    From ``results.json``'s ``val_curve``; a run without one falls back to the validation records of
+    its ``metrics.jsonl``.
+    """
+    rows = []
+    for run in _as_collection(runs_root).finetune:
+        keys = _finetune_keys(run)
+        curve = run.results.get("val_curve")
+        if not curve:
+            curve = [r for r in run.run.read_metrics() if r.get("val_dice") is not None]
+        for point in curve:
+            rows.append(
+                {
+                    **keys,
+                    "run_id": run.run_id,
+                    "step": point.get("step"),
+                    "epoch": _float_or_nan(point.get("epoch")),
+                    "val_dice": _float_or_nan(point.get("val_dice")),
+                }
+            )
+    frame = _typed(pd.DataFrame(rows), CURVE_COLUMNS, ints=("n_train", "seed", "step"), floats=("epoch", "val_dice"))
+    return frame.sort_values(["task", "method", "budget", "seed", "step"], kind="stable", ignore_index=True)
+
+
+def pretrain_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
+    """One row per finished pretraining run (``PRETRAIN_COLUMNS``), collapse verdict included."""
+    rows = []
+    for run in _as_collection(runs_root).pretrain:
+        collapse = run.results.get("collapse") or {}
+        rows.append(
+            {
+                "method": str(run.get("method", "unknown")),
+                "family": str(run.get("family", "unknown")),
+                "preset": run.info.get("preset"),
+                "crop_size": run.info.get("crop_size"),
+                "steps": run.get("steps"),
+                "final_loss": _float_or_nan(run.results.get("final_loss")),
+                "wall_seconds": _float_or_nan(run.results.get("wall_seconds")),
+                "step_seconds": _float_or_nan(run.results.get("step_seconds")),
+                "collapsed": bool(collapse.get("collapsed", False)),
+                "collapse_reason": collapse.get("reason"),
+                "embedding_std": _float_or_nan(collapse.get("embedding_std")),
+                "collapse_threshold": _float_or_nan(collapse.get("threshold")),
+                "run_id": run.run_id,
+            }
+        )
+    frame = _typed(
+        pd.DataFrame(rows),
+        PRETRAIN_COLUMNS,
+        ints=("crop_size", "steps"),
+        floats=("final_loss", "wall_seconds", "step_seconds", "embedding_std", "collapse_threshold"),
+    )
+    frame["collapsed"] = frame["collapsed"].astype(bool)
+    return frame.sort_values(["method", "run_id"], kind="stable", ignore_index=True)
+
+
+def pretrain_curves(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
+    """Training-loss curves of finished pretraining runs from ``metrics.jsonl``."""
+    rows = []
+    for run in _as_collection(runs_root).pretrain:
+        method, family = str(run.get("method", "unknown")), str(run.get("family", "unknown"))
+        for record in run.run.read_metrics():
+            if record.get("loss") is None or record.get("step") is None:
+                continue
+            rows.append(
+                {
+                    "method": method,
+                    "family": family,
+                    "run_id": run.run_id,
+                    "step": record["step"],
+                    **{k: _float_or_nan(record.get(k)) for k in ("loss", "lr", "embedding_std", "teacher_entropy")},
+                }
+            )
+    frame = _typed(
+        pd.DataFrame(rows),
+        PRETRAIN_CURVE_COLUMNS,
+        ints=("step",),
+        floats=("loss", "lr", "embedding_std", "teacher_entropy"),
+    )
+    return frame.sort_values(["method", "run_id", "step"], kind="stable", ignore_index=True)
+
+
+def cka_runs(runs_root: RunsRoot | RunCollection) -> list[dict[str, Any]]:
+    """The results of finished CKA runs (5×5 matrices, reuse scores), each with its ``run_id``."""
+    out = []
+    for run in _as_collection(runs_root).cka:
+        record = {k: v for k, v in run.info.items() if k not in run.results}
+        record.update(run.results)
+        record["run_id"] = run.run_id
+        out.append(record)
+    return sorted(out, key=lambda r: (str(r.get("task")), str(r.get("method")), str(r.get("comparison")), r["run_id"]))
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _torch_device_info() -> dict[str, Any]:
+    # Imported here, not at module import, so reading tables stays fast.
+    try:
+        import torch
+    except ImportError:
+        return {"available": False}
+    info: dict[str, Any] = {"cuda_available": torch.cuda.is_available(), "cuda_version": torch.version.cuda}
+    if torch.cuda.is_available():
+        info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def provenance(runs_root: RunsRoot | RunCollection) -> dict[str, Any]:
+    """Versions, hardware, per-run config hashes and code versions, wall time per stage."""
+    collection = _as_collection(runs_root)
+    runs = {}
+    wall: dict[str, float] = {kind: 0.0 for kind in KINDS}
+    for run in collection.all_runs():
+        runs[run.run_id] = {
+            "kind": run.kind,
+            "method": run.get("method"),
+            "config_hash": run.info.get("config_hash"),
+            "code_version": run.info.get("code_version"),
+            "created": run.info.get("created"),
+            "wall_seconds": run.results.get("wall_seconds"),
+        }
+        seconds = _float_or_nan(run.results.get("wall_seconds"))
+        if seconds == seconds:  # not NaN
+            wall[run.kind] += seconds
+    return {
+        "packages": {name: _package_version(name) for name in ("medssl", "torch", "monai", "numpy")},
+        "hardware": {
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "torch": _torch_device_info(),
+        },
+        "code_versions": sorted({str(r["code_version"]) for r in runs.values() if r["code_version"]}),
+        # What the runs themselves recorded about their machines, when they did.
+        "run_hardware": sorted(
+            {str(run.info.get(k)) for run in collection.all_runs() for k in ("hardware", "device") if run.info.get(k)}
+        ),
+        "runs": runs,
+        "n_runs": {kind: len(collection.runs[kind]) for kind in KINDS},
+        "wall_seconds": wall,
+        "not_finished": dict(collection.not_finished),
+        "skipped": [{"run_id": run_id, "reason": reason} for run_id, reason in collection.skipped],
+    }
+
+
+def write_tables(runs_root: RunsRoot | RunCollection, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``results.csv``, ``results.parquet``, ``curves.csv`` and ``pretrain.csv`` into ``out_dir``."""
+    collection = _as_collection(runs_root)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = results_table(collection)
+    paths = {
+        "results.csv": out / "results.csv",
+        "results.parquet": out / "results.parquet",
+        "curves.csv": out / "curves.csv",
+        "pretrain.csv": out / "pretrain.csv",
+    }
+    atomic_write_text(paths["results.csv"], results.to_csv(index=False))
+    # Parquet is binary: write beside and rename so a reader never sees half a file.
+    tmp = paths["results.parquet"].with_name(".results.parquet.tmp")
+    results.to_parquet(tmp, index=False)
+    os.replace(tmp, paths["results.parquet"])
+    atomic_write_text(paths["curves.csv"], curves_table(collection).to_csv(index=False))
+    atomic_write_text(paths["pretrain.csv"], pretrain_table(collection).to_csv(index=False))
+    return paths
