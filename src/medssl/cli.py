@@ -249,7 +249,8 @@ def data_check(path: Path = typer.Argument(..., help="A task folder, a folder of
 def main() -> None:
     """Console-script entry: one-line errors, exit 2 for bad input, 1 for anything else."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the code of a typer.Exit raised by a command
+        sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as ex:
         sys.exit(ex.exit_code)
     except MedsslInputError as err:

@@ -8,6 +8,7 @@ Conventions (the same for every method so the comparison is fair):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,10 +39,14 @@ def case_metrics(
     predicted = {c for c in present if bool(pred_oh[0, c].any())}
     hd95 = nsd = None
     if predicted:
-        hd95 = compute_hausdorff_distance(pred_oh, true_oh, include_background=True, percentile=95,
-                                          spacing=spacing)[0]
-        nsd = compute_surface_dice(pred_oh, true_oh, class_thresholds=[nsd_tolerance_mm] * n_classes,
-                                   include_background=True, spacing=spacing)[0]
+        # MONAI warns for every class missing from the prediction; those are handled below (None / 0).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            hd95 = compute_hausdorff_distance(pred_oh, true_oh, include_background=True, percentile=95,
+                                              spacing=spacing)[0]
+            nsd = compute_surface_dice(pred_oh, true_oh, class_thresholds=[nsd_tolerance_mm] * n_classes,
+                                       include_background=True, spacing=spacing)[0]
     for c in present:
         row: dict[str, Any] = {"case": case_id, "label": c, "structure": structures[c], "dice": float(dice[c])}
         if c in predicted:
