@@ -250,7 +250,10 @@ def main() -> None:
     """Console-script entry: one-line errors, exit 2 for bad input, 1 for anything else."""
     try:
         code = app(standalone_mode=False)  # returns the code of a typer.Exit raised by a command
-        sys.exit(code if isinstance(code, int) else 0)
+        code = code if isinstance(code, int) else 0
+        if code == 130:  # typer turns Ctrl-C into Exit(130)
+            typer.echo("interrupted: finished runs are kept; run the same command again to resume", err=True)
+        sys.exit(code)
     except typer.Exit as ex:
         sys.exit(ex.exit_code)
     except MedsslInputError as err:
@@ -262,8 +265,6 @@ def main() -> None:
         typer.echo("interrupted: finished runs are kept; run the same command again to resume", err=True)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - the one place that turns any failure into one line
-        if isinstance(err, typer.Abort):
-            sys.exit(130)
         if hasattr(err, "format_message") and hasattr(err, "exit_code"):  # click's usage errors
             typer.echo(f"error: {err.format_message()}", err=True)
             sys.exit(2)

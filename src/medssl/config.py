@@ -204,7 +204,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; unreadable or malformed files raise ``ConfigError`` naming the file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(path, f"cannot read config ({err.strerror or err})") from None
     try:
@@ -311,7 +311,7 @@ class BenchCKAConfig(StrictModel):
     enabled: bool = True
     n_crops: int = Field(8, ge=2)
     crop_size: int = Field(32, ge=32)
-    batch_size: int = Field(4, ge=2)  # minibatch CKA's unbiased HSIC needs at least 4 samples per batch
+    batch_size: int = Field(4, ge=1)  # crops per minibatch-CKA batch (and per forward pass)
 
 
 class SlurmConfig(StrictModel):
@@ -374,10 +374,9 @@ def _resolve_path(value: Path | str, base: Path) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
-def load_bench_config(path: str | Path | None, overrides: list[str] | None = None) -> BenchConfig:
-    """Load a benchmark YAML plus ``a.b=c`` overrides; relative paths resolve against the YAML's folder."""
-    bench: BenchConfig = load_config(BenchConfig, path, list(overrides or []))
-    base = Path(path).resolve().parent if path is not None else Path.cwd()
+def resolve_bench_paths(bench: BenchConfig, base: str | Path) -> BenchConfig:
+    """Make the benchmark's relative paths absolute against ``base`` (in place; returned)."""
+    base = Path(base).resolve()
     if isinstance(bench.data.corpus, list):
         bench.data.corpus = [_resolve_path(p, base) for p in bench.data.corpus]
     for task in bench.tasks:
@@ -386,3 +385,9 @@ def load_bench_config(path: str | Path | None, overrides: list[str] | None = Non
     if bench.executor.slurm.folder is not None:
         bench.executor.slurm.folder = _resolve_path(bench.executor.slurm.folder, base)
     return bench
+
+
+def load_bench_config(path: str | Path | None, overrides: list[str] | None = None) -> BenchConfig:
+    """Load a benchmark YAML plus ``a.b=c`` overrides; relative paths resolve against the YAML's folder."""
+    bench: BenchConfig = load_config(BenchConfig, path, list(overrides or []))
+    return resolve_bench_paths(bench, Path(path).resolve().parent if path is not None else Path.cwd())

@@ -35,7 +35,7 @@ STATUSES = ("pending", "running", "finished", "failed")
 
 def read_json(path: str | Path, default: Any = None) -> Any:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return default
 
@@ -137,19 +137,19 @@ class RunDir:
     def log(self, message: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        with open(self.log_path, "a") as f:
+        with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(f"[{stamp}] {message}\n")
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a") as f:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
             return []
         records = []
-        for line in self.metrics_path.read_text().splitlines():
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:

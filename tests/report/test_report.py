@@ -75,7 +75,7 @@ class ReportParser(HTMLParser):
 
 def parse(index: Path) -> ReportParser:
     parser = ReportParser()
-    parser.feed(index.read_text())
+    parser.feed(index.read_text(encoding="utf-8"))
     return parser
 
 
@@ -103,7 +103,7 @@ def test_build_report_writes_every_section(full_report: tuple[Path, Path]) -> No
     parser = parse(index)
     assert parser.h2_ids == SECTION_IDS == [sid for sid, _ in SECTIONS]
     assert not parser.external
-    assert BUILD_FAILED not in index.read_text()
+    assert BUILD_FAILED not in index.read_text(encoding="utf-8")
     # budgets, convergence, modality, CKA heat map, CD plot(s), pretraining loss
     assert len(parser.images) >= 6
     assert_images_are_embedded_pngs(parser)
@@ -124,7 +124,7 @@ def test_collapse_warning_names_the_collapsed_method(full_report: tuple[Path, Pa
     # Also at the top of the page, before any section, and beside its leaderboard scores.
     assert any(section == "leaderboard" and "dino" in text for section, text in parser.alerts)
     assert any(section == "" and "dino" in text for section, text in parser.alerts)
-    assert "COLLAPSE" in (index.parent / "report.md").read_text()
+    assert "COLLAPSE" in (index.parent / "report.md").read_text(encoding="utf-8")
 
 
 def test_sections_carry_the_expected_content(full_report: tuple[Path, Path]) -> None:
@@ -141,12 +141,12 @@ def test_sections_carry_the_expected_content(full_report: tuple[Path, Path]) -> 
     assert "pretrained_vs_finetuned" in text["cka"] and "stage4" in text["cka"]
     assert "Friedman" in text["statistics"]
     assert "torch" in text["provenance"] and "finetune" in text["provenance"]
-    markdown = (index.parent / "report.md").read_text()
+    markdown = (index.parent / "report.md").read_text(encoding="utf-8")
     for sid, title in SECTIONS:
         assert f'<a id="{sid}"></a>' in markdown and f"## {title}" in markdown
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
         assert (index.parent / link).exists(), link
-    latex = (index.parent / "leaderboard.tex").read_text()
+    latex = (index.parent / "leaderboard.tex").read_text(encoding="utf-8")
     assert r"\toprule" in latex and r"\textbf{" in latex and r"ct\_organs" in latex
 
 
@@ -158,7 +158,7 @@ def test_leaderboard_significance_marks(fake, tmp_path: Path) -> None:
     index = build_report(runs, tmp_path / "report")
     parser = parse(index)
     rows = {}
-    for line in (index.parent / "report.md").read_text().split("## Pretext families")[0].splitlines():
+    for line in (index.parent / "report.md").read_text(encoding="utf-8").split("## Pretext families")[0].splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) >= 2 and cells[0] in ("simmim", "dino", "moco", "random init"):
             rows[cells[0]] = cells[1]
@@ -168,7 +168,7 @@ def test_leaderboard_significance_marks(fake, tmp_path: Path) -> None:
     best = "simmim" if rows["simmim"].startswith("**") else "moco"
     other = "moco" if best == "simmim" else "simmim"
     assert "†" in rows[other] and "†" not in rows[best]
-    assert BUILD_FAILED not in index.read_text()
+    assert BUILD_FAILED not in index.read_text(encoding="utf-8")
     assert_images_are_embedded_pngs(parser)
 
 
@@ -183,7 +183,7 @@ def test_report_degrades_gracefully(fake, tmp_path: Path) -> None:
         index = build_report(tmp_path, tmp_path / "report")  # the benchmark folder holding runs/
     parser = parse(index)
     assert parser.h2_ids == SECTION_IDS
-    assert BUILD_FAILED not in index.read_text()
+    assert BUILD_FAILED not in index.read_text(encoding="utf-8")
     text = parser.section_text
     assert "Only one method" in text["leaderboard"]
     assert "Only one label budget" in text["budgets"]
@@ -203,7 +203,7 @@ def test_report_of_an_empty_folder(tmp_path: Path) -> None:
     parser = parse(index)
     assert default_out_dir(tmp_path / "runs") == default_out_dir(tmp_path) == tmp_path / "report"
     assert parser.h2_ids == SECTION_IDS and not parser.images
-    assert BUILD_FAILED not in index.read_text()
+    assert BUILD_FAILED not in index.read_text(encoding="utf-8")
     assert "No finished fine-tuning runs" in parser.section_text["leaderboard"]
     assert pd.read_csv(tmp_path / "report" / "results.csv").empty
 

@@ -113,7 +113,7 @@ class CachedVolume:
     @cached_property
     def meta(self) -> dict[str, Any]:
         try:
-            data = json.loads((self.path / "meta.json").read_text())
+            data = json.loads((self.path / "meta.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise MedsslInputError(self.path / "meta.json", f"unreadable cache metadata ({err})") from None
         if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
@@ -322,7 +322,7 @@ class VolumeCache:
                 rng = np.random.default_rng(int(final.name[:16], 16))
                 rows = sample_foreground(label, rng)
             np.save(tmp / "fg.npy", rows)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             try:
                 os.replace(tmp, final)
             except OSError:

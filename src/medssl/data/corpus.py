@@ -260,7 +260,7 @@ class Corpus:
 
 def _read_manifest(manifest_path: Path) -> Any:
     try:
-        return json.loads(manifest_path.read_text())
+        return json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MedsslInputError(manifest_path, f"unreadable manifest ({err})") from None
 

@@ -99,7 +99,7 @@ def _read_splits_file(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise MedsslInputError(path, f"unreadable splits file ({err})") from None
     if (

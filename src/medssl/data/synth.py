@@ -558,7 +558,7 @@ def _is_complete(folder: Path, params: dict[str, object]) -> bool:
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()) == params
+        return json.loads(marker.read_text(encoding="utf-8")) == params
     except (OSError, json.JSONDecodeError):
         return False
 

@@ -347,7 +347,7 @@ def _scan_task(root: Path, problems: _Problems) -> TaskFolder | None:
         problems.add(dataset_json, "resolves outside the task folder (a symlink pointing out)")
         return None
     try:
-        data = json.loads(dataset_json.read_text())
+        data = json.loads(dataset_json.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         problems.add(dataset_json, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
         return None

@@ -51,6 +51,8 @@ class SwinSegmenter(SwinUNETR):
         )
         self.encoder_config = encoder_config
         self.swinViT = SwinEncoder(encoder_config)
+        # The mask token only serves masked pretraining; frozen here so DDP sees no unused parameter.
+        self.swinViT.mask_token.requires_grad_(False)
 
     @property
     def encoder(self) -> SwinEncoder:

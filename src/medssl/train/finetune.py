@@ -27,7 +27,7 @@ from medssl.models.segmenter import SwinSegmenter, resolve_norm
 from medssl.runs import RunDir
 from medssl.train.distributed import DistInfo, barrier, init_distributed
 from medssl.train.loop import train
-from medssl.train.session import finish, run_session
+from medssl.train.session import AlreadyFinished, finish, run_session
 
 
 class SegmentationModule(nn.Module):
@@ -88,77 +88,80 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                                   config.n_test, config.n_val)
     train_ids = train_cases(split, config.budget)
     run_info = finetune_info(config, task, enc_meta, len(train_ids))
-    with run_session(run, info, dump_yaml(config), run_info) as started:
-        torch.manual_seed(config.seed)
-        model = SwinSegmenter(encoder_config, task.n_classes, crop_size=config.crop_size, norm=config.norm)
-        if enc_state is not None:
-            report = load_encoder_state(model, enc_state, source=config.encoder_checkpoint, prefix="swinViT.")
+    try:
+        with run_session(run, info, dump_yaml(config), run_info) as started:
+            torch.manual_seed(config.seed)
+            model = SwinSegmenter(encoder_config, task.n_classes, crop_size=config.crop_size, norm=config.norm)
+            if enc_state is not None:
+                report = load_encoder_state(model, enc_state, source=config.encoder_checkpoint, prefix="swinViT.")
+                if info.is_main:
+                    run.log(f"encoder {enc_meta['method']}: {report.summary()} from {config.encoder_checkpoint}")
+            elif info.is_main:
+                run.log(f"encoder: random initialisation (seed {config.seed})")
             if info.is_main:
-                run.log(f"encoder {enc_meta['method']}: {report.summary()} from {config.encoder_checkpoint}")
-        elif info.is_main:
-            run.log(f"encoder: random initialisation (seed {config.seed})")
-        if info.is_main:
-            run.log(f"task {task.name} ({task.modality}): {len(train_ids)} training cases (budget "
-                    f"{config.budget}), {len(split['val'])} validation, {len(split['test'])} test")
+                run.log(f"task {task.name} ({task.modality}): {len(train_ids)} training cases (budget "
+                        f"{config.budget}), {len(split['val'])} validation, {len(split['test'])} test")
 
-        structures = task.structures
-        val_cases = [load_eval_case(volumes[c]) for c in split["val"]]
-        seg_meta = {"encoder": encoder_config.model_dump(mode="json"), "out_channels": task.n_classes,
-                    "crop_size": config.crop_size, "norm": config.norm, "method": enc_meta["method"],
-                    "family": enc_meta["family"], "task": task.name, "labels": task.labels,
-                    "preprocess": config.preprocess.model_dump(mode="json"), "run_id": run.id}
-        best_path = run.checkpoint_dir / "best.pt"
-        prior = [r for r in run.read_metrics() if "val_dice" in r]
-        best = {"dice": max((r["val_dice"] for r in prior), default=-1.0)}
+            structures = task.structures
+            val_cases = [load_eval_case(volumes[c]) for c in split["val"]]
+            seg_meta = {"encoder": encoder_config.model_dump(mode="json"), "out_channels": task.n_classes,
+                        "crop_size": config.crop_size, "norm": config.norm, "method": enc_meta["method"],
+                        "family": enc_meta["family"], "task": task.name, "labels": task.labels,
+                        "preprocess": config.preprocess.model_dump(mode="json"), "run_id": run.id}
+            best_path = run.checkpoint_dir / "best.pt"
+            prior = [r for r in run.read_metrics() if "val_dice" in r]
+            best = {"dice": max((r["val_dice"] for r in prior), default=-1.0)}
 
-        def validate(module: SegmentationModule, step: int) -> dict[str, Any]:
-            per_structure: dict[str, list[float]] = {}
-            for case in val_cases:
-                pred = predict_volume(module.model, case["image"], config.crop_size, config.sw_batch_size,
-                                      config.sw_overlap, info.device)
-                for name, d in mean_dice(pred, case["label"][0], structures).items():
-                    per_structure.setdefault(name, []).append(d)
-            means = {k: sum(v) / len(v) for k, v in per_structure.items()}
-            score = sum(means.values()) / len(means) if means else 0.0
-            if score > best["dice"]:
-                best["dice"] = score
-                save_segmenter(best_path, module.model, {**seg_meta, "step": step, "val_dice": score})
-            return {"val_dice": score, "val_dice_per_structure": means,
-                    "epoch": step * config.schedule.batch_size / max(len(train_ids), 1)}
+            def validate(module: SegmentationModule, step: int) -> dict[str, Any]:
+                per_structure: dict[str, list[float]] = {}
+                for case in val_cases:
+                    pred = predict_volume(module.model, case["image"], config.crop_size, config.sw_batch_size,
+                                          config.sw_overlap, info.device)
+                    for name, d in mean_dice(pred, case["label"][0], structures).items():
+                        per_structure.setdefault(name, []).append(d)
+                means = {k: sum(v) / len(v) for k, v in per_structure.items()}
+                score = sum(means.values()) / len(means) if means else 0.0
+                if score > best["dice"]:
+                    best["dice"] = score
+                    save_segmenter(best_path, module.model, {**seg_meta, "step": step, "val_dice": score})
+                return {"val_dice": score, "val_dice_per_structure": means,
+                        "epoch": step * config.schedule.batch_size / max(len(train_ids), 1)}
 
-        dataset = SegmentationCropDataset([volumes[c] for c in train_ids], config.crop_size, seed=config.seed)
-        module = SegmentationModule(model)
-        result = train(module, dataset, config.schedule, run, info, validate=validate,
-                       val_every=config.val_every, description=f"finetune {task.name} b{config.budget}")
-        barrier(info)
+            dataset = SegmentationCropDataset([volumes[c] for c in train_ids], config.crop_size, seed=config.seed)
+            module = SegmentationModule(model)
+            result = train(module, dataset, config.schedule, run, info, validate=validate,
+                           val_every=config.val_every, description=f"finetune {task.name} b{config.budget}")
+            barrier(info)
 
-        # Test with the best validation checkpoint (the final weights when validation never ran).
-        if best_path.exists():
-            model.load_state_dict(safe_torch_load(best_path)["model"], strict=True)
-        elif info.is_main:
-            save_segmenter(best_path, model, {**seg_meta, "step": config.schedule.steps})
-        rows: list[dict[str, Any]] = []
-        if info.is_main:
-            for cid in split["test"]:
-                case = load_eval_case(volumes[cid])
-                pred = predict_volume(model, case["image"], config.crop_size, config.sw_batch_size,
-                                      config.sw_overlap, info.device)
-                rows += case_metrics(pred, case["label"][0], structures, case["spacing"],
-                                     config.nsd_tolerance_mm, case_id=cid)
-        curve = [{"step": r["step"], "epoch": r.get("epoch"), "val_dice": r["val_dice"]}
-                 for r in run.read_metrics() if "val_dice" in r]
-        best_rec = max(curve, key=lambda r: r["val_dice"], default=None)
-        results = {
-            **{k: run_info[k] for k in ("method", "family", "task", "modality", "budget", "n_train", "seed")},
-            "kind": "finetune",
-            "labels": {str(k): v for k, v in structures.items()},
-            "cases": rows, "val_curve": curve,
-            "best_step": best_rec["step"] if best_rec else None,
-            "best_val_dice": best_rec["val_dice"] if best_rec else None,
-            "model": str(best_path.relative_to(run.path)),
-            "wall_seconds": time.time() - started, "step_seconds": result.step_seconds,
-            "steps": config.schedule.steps,
-            "norm": str(resolve_norm(config.norm, config.crop_size, encoder_config.feature_size)),
-        }
-        finish(run, info, results)
+            # Test with the best validation checkpoint (the final weights when validation never ran).
+            if best_path.exists():
+                model.load_state_dict(safe_torch_load(best_path)["model"], strict=True)
+            elif info.is_main:
+                save_segmenter(best_path, model, {**seg_meta, "step": config.schedule.steps})
+            rows: list[dict[str, Any]] = []
+            if info.is_main:
+                for cid in split["test"]:
+                    case = load_eval_case(volumes[cid])
+                    pred = predict_volume(model, case["image"], config.crop_size, config.sw_batch_size,
+                                          config.sw_overlap, info.device)
+                    rows += case_metrics(pred, case["label"][0], structures, case["spacing"],
+                                         config.nsd_tolerance_mm, case_id=cid)
+            curve = [{"step": r["step"], "epoch": r.get("epoch"), "val_dice": r["val_dice"]}
+                     for r in run.read_metrics() if "val_dice" in r]
+            best_rec = max(curve, key=lambda r: r["val_dice"], default=None)
+            results = {
+                **{k: run_info[k] for k in ("method", "family", "task", "modality", "budget", "n_train", "seed")},
+                "kind": "finetune",
+                "labels": {str(k): v for k, v in structures.items()},
+                "cases": rows, "val_curve": curve,
+                "best_step": best_rec["step"] if best_rec else None,
+                "best_val_dice": best_rec["val_dice"] if best_rec else None,
+                "model": str(best_path.relative_to(run.path)),
+                "wall_seconds": time.time() - started, "step_seconds": result.step_seconds,
+                "steps": config.schedule.steps,
+                "norm": str(resolve_norm(config.norm, config.crop_size, encoder_config.feature_size)),
+            }
+            finish(run, info, results)
+    except AlreadyFinished:
+        return run.results() or {}
     return results

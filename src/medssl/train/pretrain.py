@@ -20,7 +20,7 @@ from medssl.models.encoder import SwinEncoder
 from medssl.runs import RunDir
 from medssl.train.distributed import DistInfo, barrier, init_distributed
 from medssl.train.loop import train
-from medssl.train.session import finish, run_session
+from medssl.train.session import AlreadyFinished, finish, run_session
 
 
 def collapse_verdict(records: list[dict[str, Any]], tail: int = 3) -> dict[str, Any]:
@@ -60,42 +60,45 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
         raise ConfigError("method.name", f"unknown method '{config.method.name}' (known: {known})")
     cls = REGISTRY[config.method.name]
     info = info or init_distributed()
-    with run_session(run, info, dump_yaml(config), pretrain_info(config, cls)) as started:
-        torch.manual_seed(config.schedule.seed)
-        encoder = SwinEncoder(config.encoder)
-        method = build_method(config.method, encoder, config.crop_size, config.schedule.steps)
-        preprocess = config.preprocess.model_dump(mode="json")
-        result = None
-        if method.trains and config.schedule.steps > 0:
-            if config.corpus is None:
-                raise ConfigError("corpus", f"method '{cls.name}' needs a corpus to pretrain on")
-            corpus = Corpus.open(config.corpus)
-            preprocess = corpus.preprocess.model_dump(mode="json")
-            dataset = PretrainRegionDataset(corpus, method.region_size(config.crop_size), method.make_views,
-                                            seed=config.schedule.seed)
+    try:
+        with run_session(run, info, dump_yaml(config), pretrain_info(config, cls)) as started:
+            torch.manual_seed(config.schedule.seed)
+            encoder = SwinEncoder(config.encoder)
+            method = build_method(config.method, encoder, config.crop_size, config.schedule.steps)
+            preprocess = config.preprocess.model_dump(mode="json")
+            result = None
+            if method.trains and config.schedule.steps > 0:
+                if config.corpus is None:
+                    raise ConfigError("corpus", f"method '{cls.name}' needs a corpus to pretrain on")
+                corpus = Corpus.open(config.corpus)
+                preprocess = corpus.preprocess.model_dump(mode="json")
+                dataset = PretrainRegionDataset(corpus, method.region_size(config.crop_size), method.make_views,
+                                                seed=config.schedule.seed)
+                if info.is_main:
+                    n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
+                    run.log(f"{cls.name}: {len(corpus)} volumes, crop {config.crop_size}, {n_params / 1e6:.2f} M "
+                            f"trainable parameters, {config.schedule.steps} steps")
+                result = train(method, dataset, config.schedule, run, info, description=f"pretrain {cls.name}")
+            steps = config.schedule.steps if method.trains else 0
+            meta = encoder_meta(method=cls.name, family=cls.family, encoder=config.encoder, preprocess=preprocess,
+                                crop_size=config.crop_size, steps=steps, config_hash=config_hash(config),
+                                extra={"run_id": run.id})
             if info.is_main:
-                n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
-                run.log(f"{cls.name}: {len(corpus)} volumes, crop {config.crop_size}, {n_params / 1e6:.2f} M "
-                        f"trainable parameters, {config.schedule.steps} steps")
-            result = train(method, dataset, config.schedule, run, info, description=f"pretrain {cls.name}")
-        steps = config.schedule.steps if method.trains else 0
-        meta = encoder_meta(method=cls.name, family=cls.family, encoder=config.encoder, preprocess=preprocess,
-                            crop_size=config.crop_size, steps=steps, config_hash=config_hash(config),
-                            extra={"run_id": run.id})
-        if info.is_main:
-            save_encoder(run.encoder_path, method.encoder, meta)
-        barrier(info)
-        records = run.read_metrics()
-        losses = [r["loss"] for r in records if "loss" in r]
-        results = {
-            "kind": "pretrain", "method": cls.name, "family": cls.family,
-            "encoder": str(run.encoder_path.relative_to(run.path)), "steps": steps,
-            "final_loss": losses[-1] if losses else None,
-            "wall_seconds": time.time() - started,
-            "step_seconds": result.step_seconds if result else None,
-            "collapse": collapse_verdict(records),
-        }
-        if results["collapse"]["collapsed"] and info.is_main:
-            run.log(f"WARNING collapse: {results['collapse']['reason']}")
-        finish(run, info, results)
+                save_encoder(run.encoder_path, method.encoder, meta)
+            barrier(info)
+            records = run.read_metrics()
+            losses = [r["loss"] for r in records if "loss" in r]
+            results = {
+                "kind": "pretrain", "method": cls.name, "family": cls.family,
+                "encoder": str(run.encoder_path.relative_to(run.path)), "steps": steps,
+                "final_loss": losses[-1] if losses else None,
+                "wall_seconds": time.time() - started,
+                "step_seconds": result.step_seconds if result else None,
+                "collapse": collapse_verdict(records),
+            }
+            if results["collapse"]["collapsed"] and info.is_main:
+                run.log(f"WARNING collapse: {results['collapse']['reason']}")
+            finish(run, info, results)
+    except AlreadyFinished:
+        return run.results() or {}
     return results

@@ -27,6 +27,10 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+class AlreadyFinished(Exception):
+    """Another process finished the run while this one waited for its lock."""
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return f"{type(err).__name__}: {text}"[:500]
@@ -42,6 +46,8 @@ def run_session(run: RunDir, info: DistInfo, config_yaml: str, run_info: dict[st
     lock = run.lock() if info.is_main else contextlib.nullcontext()
     with lock:
         started = time.time()
+        if run.is_finished():  # checked again under the lock: the holder may have just finished it
+            raise AlreadyFinished(run.id)
         if info.is_main:
             run.prepare(config_yaml, {"run_id": run.id, "code_version": __version__,
                                       "created": run.info().get("created", started),

@@ -1,0 +1,232 @@
+"""``medssl bench``: load the benchmark, prepare its data, expand the plan, run what is not
+finished, write the report. Re-running skips finished runs and resumes interrupted ones."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from medssl.config import (
+    BenchConfig,
+    SynthDataConfig,
+    apply_overrides,
+    resolve_bench_paths,
+    validate_config,
+)
+from medssl.errors import ConfigError
+from medssl.runs import RunDir
+
+from .estimate import TOO_LARGE_FOR_CPU, RunEstimate, estimate_plan
+from .executors import ExecutionSummary, make_executor
+from .plan import (
+    RANDOM_INIT,
+    STAGES,
+    Plan,
+    corpus_dir,
+    expand_plan,
+    is_ingested_corpus,
+    resolve_methods,
+    resolve_tasks,
+    runs_root,
+    synth_data_dir,
+)
+
+REAL_CT_PATH = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
+EXECUTOR_KINDS = ("local", "torchrun", "slurm")
+
+
+def demo_config_path() -> Path:
+    """The packaged ``configs/demo.yaml``."""
+    return Path(str(resources.files("medssl").joinpath("configs", "demo.yaml")))
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def prepare_data(bench: BenchConfig, out: Path, source: str | Path | None = None) -> None:
+    """Synthesise what the benchmark asks for into ``<out>/data`` and ingest the corpus into
+    ``<out>/corpus`` (both skip work already done), at the paths the plan expects."""
+    out = Path(out).resolve()
+    where = source or "<bench config>"
+    tasks = resolve_tasks(bench, out, source)
+    pretraining = any(m.name != RANDOM_INIT for m in resolve_methods(bench, source))
+    synth_corpus = pretraining and bench.data.corpus == "synth"
+    made: dict[str, Path] = {}
+    if synth_corpus or any(t.synth_kind for t in tasks):
+        from medssl.data.synth import synth_all
+
+        s = bench.data.synth or SynthDataConfig()
+        _console(stderr=True).print(f"synthetic data: {s.cases} cases per task, {s.corpus_cases} corpus scans "
+                                    f"of {tuple(s.shape)} in {synth_data_dir(out)}")
+        made = synth_all(synth_data_dir(out), cases=s.cases, corpus_cases=s.corpus_cases, seed=s.seed,
+                         shape=tuple(s.shape))
+        for task in tasks:
+            if task.synth_kind and Path(made[task.synth_kind]).resolve() != task.path:
+                raise RuntimeError(f"synthetic task {task.synth_kind} written to {made[task.synth_kind]}, "
+                                   f"the plan expects {task.path}")
+    if not pretraining:
+        return
+    target = corpus_dir(bench, out)
+    if target != out / "corpus":
+        return  # an ingested corpus given as is
+    sources = [Path(made["corpus"])] if synth_corpus else [Path(p) for p in bench.data.corpus]
+    for path in sources:
+        if is_ingested_corpus(path):
+            raise ConfigError(where, f"data.corpus: {path} is an ingested corpus; give it alone, "
+                              "not mixed with raw scan folders")
+    if bench.data.include_real_ct and REAL_CT_PATH.is_file():
+        sources.append(REAL_CT_PATH)
+    from medssl.data.corpus import ingest_corpus
+
+    corpus = ingest_corpus(sources, target, bench.preprocess)
+    _console(stderr=True).print(f"corpus: {len(corpus)} volumes in {target}")
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def print_plan(plan: Plan, out: Path, estimates: list[RunEstimate], parallel: int = 1, max_rows: int = 80) -> None:
+    """The dry run: per stage, how many runs, how many finished, estimated cost; then each run."""
+    from rich.table import Table
+
+    console = _console()
+    by_id = {e.run_id: e for e in estimates}
+    status = {r.run_id: RunDir(r.run_dir(out)).status() for r in plan.runs}
+    table = Table(title=f"benchmark '{plan.name}' -> {out}")
+    for column in ("stage", "runs", "finished", "to run", "estimated", "step time from"):
+        table.add_column(column, justify="right" if column in ("runs", "finished", "to run", "estimated") else "left")
+    total, unknown = 0.0, 0
+    for kind in STAGES:
+        runs = plan.stage(kind)
+        if not runs:
+            continue
+        finished = sum(status[r.run_id] == "finished" for r in runs)
+        seconds = [by_id[r.run_id].seconds for r in runs]
+        known = [s for s in seconds if s is not None]
+        unknown += len(seconds) - len(known)
+        total += sum(known)
+        sources = sorted({by_id[r.run_id].source for r in runs if by_id[r.run_id].source != "finished"})
+        table.add_row(kind, str(len(runs)), str(finished), str(len(runs) - finished),
+                      format_seconds(sum(known)) if known else "?", "; ".join(sources) or "-")
+    console.print(table)
+    unfinished = sum(e.source != "finished" for e in estimates)
+    if unfinished and unknown == unfinished:
+        console.print("estimated cost of the unfinished runs: unknown")
+    else:
+        note = f", ~{format_seconds(total / parallel)} wall with {parallel} workers" if parallel > 1 else ""
+        console.print(f"estimated cost of the unfinished runs: {format_seconds(total)}{note} (training steps x "
+                      "step time; validation, testing and data preparation not included"
+                      + (f"; {unknown} runs not estimated)" if unknown else ")"))
+    if any(e.source.endswith(TOO_LARGE_FOR_CPU) for e in estimates):
+        console.print("step times of large configurations come from finished runs: run one pretraining and one "
+                      "fine-tuning run on the target machine, then dry runs estimate the rest from them")
+    if len(plan.runs) > max_rows:
+        console.print(f"{len(plan.runs)} runs: see {out / 'plan.json'} for each one")
+        return
+    runs_table = Table(title="runs")
+    runs_table.add_column("what")
+    runs_table.add_column("status")
+    runs_table.add_column("estimated", justify="right")
+    runs_table.add_column("run id (after: dependencies)", overflow="fold")
+    for run in plan.runs:
+        est = by_id[run.run_id]
+        deps = f" (after: {len(run.depends_on)})" if run.depends_on else ""
+        runs_table.add_row(run.describe(), status[run.run_id],
+                           "-" if est.source == "finished" else format_seconds(est.seconds), run.run_id + deps)
+    console.print(runs_table)
+
+
+def print_summary(summary: ExecutionSummary, plan: Plan) -> None:
+    console = _console(stderr=True)
+    counts = {s: len(summary.with_status(s)) for s in ("finished", "already_finished", "failed", "skipped")}
+    console.print(f"benchmark '{plan.name}': {counts['finished']} runs executed, {counts['already_finished']} "
+                  f"already finished, {counts['failed']} failed, {counts['skipped']} skipped")
+    by_id = plan.by_id()
+    for outcome in summary.failed + summary.skipped:
+        console.print(f"  {outcome.status}: {by_id[outcome.run_id].describe()} ({outcome.run_id}): {outcome.error}")
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def load_bench(config_path: str | Path | None, overrides: Sequence[str] = (), bench: BenchConfig | None = None
+               ) -> BenchConfig:
+    """The benchmark from a YAML (or a given model) with ``a.b=c`` overrides applied."""
+    from medssl.config import load_bench_config
+
+    if bench is None:
+        if config_path is None:
+            raise ConfigError("<command line>", "no benchmark config given")
+        return load_bench_config(config_path, list(overrides))
+    if overrides:
+        data = apply_overrides(bench.model_dump(mode="json"), list(overrides))
+        bench = validate_config(BenchConfig, data, config_path or "<command line>")
+    return resolve_bench_paths(bench.model_copy(deep=True), Path.cwd())
+
+
+def run_bench(
+    config_path: str | Path | None,
+    out: str | Path,
+    executor: str | None = None,
+    overrides: Sequence[str] = (),
+    dry_run: bool = False,
+    bench: BenchConfig | None = None,
+    cluster: str | None = None,
+) -> int:
+    """Run a benchmark into ``out``; returns the number of failed runs (0 = all finished), plus
+    one when the report could not be written (what finished is reported even when runs failed).
+
+    ``cluster`` is submitit's cluster for the SLURM executor (None: detect; "local" for tests).
+    """
+    out = Path(out).resolve()
+    source = config_path or "<bench config>"
+    bench = load_bench(config_path, overrides, bench)
+    kind = executor or bench.executor.kind
+    if kind not in EXECUTOR_KINDS:
+        raise ConfigError("--executor", f"unknown executor '{kind}' (known: {', '.join(EXECUTOR_KINDS)})")
+
+    if dry_run:
+        plan = expand_plan(bench, out, source)
+        parallel = bench.executor.workers if kind == "local" else 1
+        print_plan(plan, out, estimate_plan(plan, out), parallel=parallel)
+        return 0
+
+    prepare_data(bench, out, source)
+    plan = expand_plan(bench, out, source)
+    finished = sum(RunDir(r.run_dir(out)).is_finished() for r in plan.runs)
+    _console(stderr=True).print(
+        f"benchmark '{plan.name}': {len(plan.runs)} runs ("
+        + ", ".join(f"{len(plan.stage(k))} {k}" for k in STAGES) + f"), {finished} already finished; "
+        f"executor {kind}")
+    runner = make_executor(kind, workers=bench.executor.workers, nproc_per_node=bench.executor.nproc_per_node,
+                           slurm=bench.executor.slurm, cluster=cluster)
+    summary = runner.run(plan, out)
+    print_summary(summary, plan)
+
+    failures = len(summary.failed)
+    try:
+        from medssl.report import build_report
+
+        build_report(runs_root(out), out / "report")
+    except Exception as err:  # noqa: BLE001 - runs are done and kept; say why the report is missing
+        _console(stderr=True).print(f"[red]report failed[/]: {type(err).__name__}: {err}")
+        failures += 1
+    return failures

@@ -1,0 +1,208 @@
+"""Cost of a plan before running it, from step times: measured by finished runs of the same kind,
+preset and crop size in ``<out>/runs`` when there are any, else timed now on random input."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medssl.config import EncoderConfig, FinetuneConfig, MethodConfig, PretrainConfig
+from medssl.runs import RunDir, list_runs
+
+from .plan import Plan, PlannedRun, runs_root
+
+StepKey = tuple[Any, ...]
+
+
+@dataclass
+class RunEstimate:
+    run_id: str
+    kind: str
+    steps: int | None
+    step_seconds: float | None
+    source: str  # "finished" | "from N finished runs" | "measured now (cpu)" | "not estimated: ..."
+
+    @property
+    def seconds(self) -> float | None:
+        if self.source == "finished":
+            return 0.0
+        if self.steps is None or self.step_seconds is None:
+            return None
+        return self.steps * self.step_seconds
+
+
+def step_key(kind: str, method: str | None, preset: str, crop_size: int) -> StepKey:
+    """Runs that cost the same per step: pretraining differs by method, fine-tuning does not."""
+    return (kind, method if kind == "pretrain" else None, preset, int(crop_size))
+
+
+def planned_step_key(run: PlannedRun) -> StepKey | None:
+    config = run.config
+    if isinstance(config, PretrainConfig):
+        return step_key("pretrain", config.method.name, config.encoder.preset, config.crop_size)
+    if isinstance(config, FinetuneConfig):
+        return step_key("finetune", None, config.encoder.preset, config.crop_size)
+    return None
+
+
+def finished_step_times(root: str | Path) -> dict[StepKey, list[float]]:
+    """``step_seconds`` of every finished run under ``root``, grouped by :func:`step_key`."""
+    times: dict[StepKey, list[float]] = defaultdict(list)
+    for run in list_runs(root):
+        if not run.is_finished():
+            continue
+        info, results = run.info(), run.results() or {}
+        seconds = results.get("step_seconds")
+        if info.get("kind") not in ("pretrain", "finetune") or not isinstance(seconds, int | float):
+            continue
+        if info.get("preset") is None or info.get("crop_size") is None:
+            continue
+        times[step_key(info["kind"], info.get("method"), info["preset"], info["crop_size"])].append(float(seconds))
+    return dict(times)
+
+
+def _device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _time_steps(step: Any, steps: int, device: Any) -> float:
+    import torch
+
+    step(0)  # warm-up: allocation, kernel selection
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for i in range(1, steps + 1):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / steps
+
+
+def time_pretrain_step(method: MethodConfig, encoder: EncoderConfig, crop_size: int, batch_size: int,
+                       steps: int = 2, device: Any = None) -> float:
+    """Seconds per optimiser step of ``method`` on random regions (views built outside the timing)."""
+    import numpy as np
+    import torch
+    from torch.utils.data import default_collate
+
+    from medssl.methods import build_method
+    from medssl.models.encoder import SwinEncoder
+
+    device = device or _device()
+    torch.manual_seed(0)
+    model = build_method(method, SwinEncoder(encoder), crop_size, total_steps=100).to(device)
+    rng = np.random.default_rng(0)
+    side = model.region_size(crop_size)
+    samples = [model.make_views(torch.rand(encoder.in_channels, side, side, side), rng) for _ in range(batch_size)]
+    batch = {k: v.to(device) for k, v in default_collate(samples).items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step(i: int) -> None:
+        loss = model(batch, i)["loss"]
+        if optimizer is not None and loss.requires_grad:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        model.on_after_step(i)
+
+    model.train()
+    return _time_steps(step, steps, device)
+
+
+def time_finetune_step(encoder: EncoderConfig, crop_size: int, batch_size: int, out_channels: int = 2,
+                       steps: int = 2, device: Any = None) -> float:
+    """Seconds per optimiser step of the segmenter (DiceCE) on random crops."""
+    import torch
+    from monai.losses import DiceCELoss
+
+    from medssl.models.segmenter import SwinSegmenter
+
+    device = device or _device()
+    torch.manual_seed(0)
+    model = SwinSegmenter(encoder, out_channels, crop_size=crop_size).to(device)
+    image = torch.rand(batch_size, encoder.in_channels, crop_size, crop_size, crop_size, device=device)
+    label = torch.randint(0, out_channels, (batch_size, 1, crop_size, crop_size, crop_size), device=device)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(i: int) -> None:
+        loss_fn(model(image), label).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    return _time_steps(step, steps, device)
+
+
+def _n_classes(task: Path | None) -> int:
+    if task is None or not Path(task).exists():
+        return 2
+    try:
+        from medssl.data.tasks import load_task
+
+        return load_task(task).n_classes
+    except Exception:  # noqa: BLE001 - only an estimate: a broken task fails properly when it runs
+        return 2
+
+
+def estimate_plan(plan: Plan, out: str | Path, measure: bool = True, measure_steps: int = 1) -> list[RunEstimate]:
+    """Per run: steps x seconds per step, with where the step time came from."""
+    known = finished_step_times(runs_root(out))
+    measured: dict[StepKey, float | str] = {}
+    device = _device() if measure else None
+    estimates = []
+    for run in plan.runs:
+        key = planned_step_key(run)
+        steps = run.config.schedule.steps if key is not None else None  # type: ignore[attr-defined]
+        if RunDir(run.run_dir(out)).is_finished():
+            estimates.append(RunEstimate(run.run_id, run.kind, steps, None, "finished"))
+        elif key is None:
+            estimates.append(RunEstimate(run.run_id, run.kind, None, None, "not estimated: analysis run (short)"))
+        elif key in known:
+            seconds = sum(known[key]) / len(known[key])
+            estimates.append(RunEstimate(run.run_id, run.kind, steps, seconds, f"from {len(known[key])} finished runs"))
+        elif not measure:
+            estimates.append(RunEstimate(run.run_id, run.kind, steps, None, "not estimated"))
+        else:
+            if key not in measured:
+                measured[key] = _measure(run, measure_steps)
+            value = measured[key]
+            if isinstance(value, str):
+                estimates.append(RunEstimate(run.run_id, run.kind, steps, None, f"not estimated: {value}"))
+            else:
+                estimates.append(RunEstimate(run.run_id, run.kind, steps, value, f"measured now ({device.type})"))
+    return estimates
+
+
+# On a CPU, time only configurations up to the tiny preset at 64^3, batch 2 (seconds per step):
+# a paper-scale step (smit, 96^3, batch 8) takes minutes and tens of GB there, and says nothing
+# about the GPUs it will run on.
+CPU_TIMING_LIMIT = 12 * 2 * 64**3  # feature_size x batch x crop voxels
+TOO_LARGE_FOR_CPU = "too large to time on this CPU"
+
+
+def _too_large_for_cpu(config: PretrainConfig | FinetuneConfig) -> bool:
+    return config.encoder.feature_size * config.schedule.batch_size * config.crop_size**3 > CPU_TIMING_LIMIT
+
+
+def _measure(run: PlannedRun, steps: int) -> float | str:
+    """Step time of a run's configuration, or the reason it could not be measured."""
+    config = run.config
+    assert isinstance(config, PretrainConfig | FinetuneConfig)
+    if _device().type == "cpu" and _too_large_for_cpu(config):
+        return TOO_LARGE_FOR_CPU
+    try:
+        if isinstance(config, PretrainConfig):
+            return time_pretrain_step(config.method, config.encoder, config.crop_size, config.schedule.batch_size,
+                                      steps=steps)
+        return time_finetune_step(config.encoder, config.crop_size, config.schedule.batch_size,
+                                  out_channels=_n_classes(config.task), steps=steps)
+    except Exception as err:  # noqa: BLE001 - an estimate must not stop the dry run
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"

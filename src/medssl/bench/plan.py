@@ -1,0 +1,306 @@
+"""Expand a benchmark config into a plan of runs: pretrain -> finetune -> cka.
+
+Every run is a fully resolved config (a pydantic model with absolute paths) and its run id is
+``<kind>-<slug>-<config_hash12>``. A fine-tune config holds the path of its encoder checkpoint,
+which lies in the pretrain run's directory, so a change to a pretraining recipe changes the ids
+of every run downstream of it and nothing is mistaken for finished.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from medssl.config import (
+    BenchConfig,
+    FinetuneConfig,
+    MethodConfig,
+    PretrainConfig,
+    config_hash,
+    validate_config,
+)
+from medssl.errors import ConfigError
+from medssl.runs import RunDir, atomic_write_json
+
+STAGES = ("pretrain", "finetune", "cka")
+RANDOM_INIT = "none"
+COMPARISONS = ("pretrained_vs_finetuned", "fewshot_vs_manyshot")
+_COMPARISON_SLUGS = {"pretrained_vs_finetuned": "pvf", "fewshot_vs_manyshot": "fvm"}
+
+Budget = int | Literal["all"]
+
+
+@dataclass
+class PlannedRun:
+    kind: str  # "pretrain" | "finetune" | "cka"
+    run_id: str
+    config: BaseModel  # PretrainConfig | FinetuneConfig | medssl.analysis.cka.CKAConfig
+    depends_on: list[str] = field(default_factory=list)
+    labels: dict[str, Any] = field(default_factory=dict)
+
+    def run_dir(self, out: str | Path) -> Path:
+        return runs_root(out) / self.run_id
+
+    def describe(self) -> str:
+        """A short human label: ``finetune simmim ct_organs budget 5 seed 0``."""
+        parts = [str(self.labels.get(k)) for k in ("method", "task") if self.labels.get(k) is not None]
+        if "budget" in self.labels:
+            parts.append(f"budget {self.labels['budget']}")
+        if "seed" in self.labels:
+            parts.append(f"seed {self.labels['seed']}")
+        if "comparison" in self.labels:
+            parts.append(self.labels["comparison"])
+        return f"{self.kind} " + " ".join(parts)
+
+
+@dataclass
+class Plan:
+    name: str
+    out: Path
+    runs: list[PlannedRun]
+
+    def by_id(self) -> dict[str, PlannedRun]:
+        return {r.run_id: r for r in self.runs}
+
+    def stage(self, kind: str) -> list[PlannedRun]:
+        return [r for r in self.runs if r.kind == kind]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "name": self.name,
+            "out": str(self.out),
+            "stages": {kind: len(self.stage(kind)) for kind in STAGES},
+            "runs": [
+                {"run_id": r.run_id, "kind": r.kind, "depends_on": r.depends_on, "labels": r.labels,
+                 "config": r.config.model_dump(mode="json")}
+                for r in self.runs
+            ],
+        }
+
+
+@dataclass
+class ResolvedTask:
+    name: str
+    path: Path
+    synth_kind: str | None
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def runs_root(out: str | Path) -> Path:
+    return Path(out).resolve() / "runs"
+
+
+def synth_data_dir(out: str | Path) -> Path:
+    return Path(out).resolve() / "data"
+
+
+def is_ingested_corpus(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+def corpus_dir(bench: BenchConfig, out: str | Path) -> Path:
+    """Where the pretraining corpus lives: a given ingested corpus, else ``<out>/corpus``."""
+    corpus = bench.data.corpus
+    if isinstance(corpus, list) and len(corpus) == 1 and is_ingested_corpus(Path(corpus[0])):
+        return Path(corpus[0]).resolve()
+    return Path(out).resolve() / "corpus"
+
+
+def resolve_tasks(bench: BenchConfig, out: str | Path, source: str | Path | None = None) -> list[ResolvedTask]:
+    tasks = []
+    for entry in bench.tasks:
+        kind = entry.synth_kind
+        path = synth_data_dir(out) / kind if kind else Path(entry.path).resolve()
+        name = entry.name or kind or path.name
+        tasks.append(ResolvedTask(name=name, path=path, synth_kind=kind))
+    names = [t.name for t in tasks]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ConfigError(source or "<bench config>", f"tasks: name '{duplicated[0]}' is used twice; "
+                          "give the tasks distinct 'name' fields")
+    return tasks
+
+
+def resolve_methods(bench: BenchConfig, source: str | Path | None = None) -> list[MethodConfig]:
+    """The configured methods, validated against the registry ("all" = every registered one)."""
+    from medssl.methods import REGISTRY
+
+    where = source or "<bench config>"
+    methods = [MethodConfig(name=name) for name in REGISTRY] if bench.methods == "all" else bench.method_configs()
+    seen: set[str] = set()
+    for method in methods:
+        if method.name not in REGISTRY:
+            raise ConfigError(where, f"methods: unknown method '{method.name}' (known: {', '.join(sorted(REGISTRY))})")
+        if method.name in seen:
+            raise ConfigError(where, f"methods: '{method.name}' is listed twice")
+        seen.add(method.name)
+        try:
+            REGISTRY[method.name].parse_params(method.options)
+        except ConfigError as err:
+            raise ConfigError(where, f"methods: {err.one_line()}") from None
+    return methods
+
+
+def budget_order(budgets: list[Budget]) -> list[Budget]:
+    """Smallest to largest, ``all`` last."""
+    return sorted(budgets, key=lambda b: (b == "all", b if isinstance(b, int) else 0))
+
+
+def check_budgets(task: ResolvedTask, bench: BenchConfig, source: str | Path | None = None) -> int | None:
+    """The task's training pool size, after checking every budget fits in it (None: task absent)."""
+    where = source or "<bench config>"
+    n_test, n_val = bench.finetune.n_test, bench.finetune.n_val
+    if task.path.exists():
+        from medssl.data.tasks import load_task
+
+        n_cases = len(load_task(task.path).cases)
+    elif task.synth_kind is not None:
+        n_cases = bench.data.synth.cases if bench.data.synth is not None else _default_synth_cases()
+    else:
+        return None  # a user task not present yet (e.g. a dry run of a cluster config): checked when it runs
+    pool = n_cases - n_test - n_val
+    if pool < 1:
+        raise ConfigError(where, f"task '{task.name}' has {n_cases} cases: not enough for n_test={n_test}, "
+                          f"n_val={n_val} and at least one training case")
+    too_large = [b for b in bench.budgets if isinstance(b, int) and b > pool]
+    if too_large:
+        raise ConfigError(where, f"budget {too_large[0]} exceeds the training pool of task '{task.name}' "
+                          f"({pool} cases = {n_cases} - {n_test} test - {n_val} validation)")
+    return pool
+
+
+def _default_synth_cases() -> int:
+    from medssl.config import SynthDataConfig
+
+    return SynthDataConfig().cases
+
+
+# --------------------------------------------------------------------------- run ids
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_-") or "run"
+
+
+def make_run_id(kind: str, slug: str, config: BaseModel) -> str:
+    return f"{kind}-{slugify(slug)}-{config_hash(config)}"
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None = None) -> Plan:
+    """Every run of the benchmark, in stage order, with dependencies; writes ``<out>/plan.json``."""
+    from medssl.methods import REGISTRY
+
+    out = Path(out).resolve()
+    where = source or "<bench config>"
+    methods = resolve_methods(bench, source)
+    tasks = resolve_tasks(bench, out, source)
+    for task in tasks:
+        check_budgets(task, bench, source)
+    corpus = corpus_dir(bench, out)
+    budgets = budget_order(list(bench.budgets))
+    cache_dir = out / "cache"
+
+    runs: list[PlannedRun] = []
+    encoders: dict[str, tuple[Path | None, str | None]] = {}  # method -> (encoder.pt, pretrain run id)
+    for method in methods:
+        family = REGISTRY[method.name].family
+        if method.name == RANDOM_INIT:
+            encoders[method.name] = (None, None)
+            continue
+        data = {**bench.pretrain.model_dump(mode="json"), "method": method.model_dump(mode="json"),
+                "encoder": bench.encoder.model_dump(mode="json"), "corpus": str(corpus),
+                "preprocess": bench.preprocess.model_dump(mode="json")}
+        config = validate_config(PretrainConfig, data, where)
+        run_id = make_run_id("pretrain", method.name, config)
+        runs.append(PlannedRun("pretrain", run_id, config, [], {"method": method.name, "family": family}))
+        encoders[method.name] = (RunDir(runs_root(out) / run_id).encoder_path, run_id)
+
+    finetunes: dict[tuple[str, str, str, int], PlannedRun] = {}
+    for method in methods:
+        family = REGISTRY[method.name].family
+        checkpoint, pretrain_id = encoders[method.name]
+        for task in tasks:
+            for budget in budgets:
+                for seed in bench.seeds:
+                    section = bench.finetune.model_dump(mode="json")
+                    section["schedule"] = {**section["schedule"], "seed": seed}  # a seed varies init and data order
+                    data = {**section, "task": str(task.path), "cache_dir": str(cache_dir),
+                            "splits_path": str(out / "splits" / f"{task.name}.json"),
+                            "encoder_checkpoint": str(checkpoint) if checkpoint else None,
+                            "encoder": bench.encoder.model_dump(mode="json"), "budget": budget, "seed": seed,
+                            "preprocess": bench.preprocess.model_dump(mode="json")}
+                    config = validate_config(FinetuneConfig, data, where)
+                    slug = f"{method.name}-{task.name}-b{budget}-s{seed}"
+                    run = PlannedRun("finetune", make_run_id("finetune", slug, config), config,
+                                     [pretrain_id] if pretrain_id else [],
+                                     {"method": method.name, "family": family, "task": task.name,
+                                      "budget": str(budget), "seed": seed})
+                    runs.append(run)
+                    finetunes[(method.name, task.name, str(budget), seed)] = run
+
+    if bench.cka.enabled:
+        runs += _cka_runs(bench, out, methods, tasks, budgets, finetunes, encoders, where)
+
+    plan = Plan(name=bench.name, out=out, runs=runs)
+    write_plan(plan, out / "plan.json")
+    return plan
+
+
+def _cka_runs(
+    bench: BenchConfig,
+    out: Path,
+    methods: list[MethodConfig],
+    tasks: list[ResolvedTask],
+    budgets: list[Budget],
+    finetunes: dict[tuple[str, str, str, int], PlannedRun],
+    encoders: dict[str, tuple[Path | None, str | None]],
+    where: str | Path,
+) -> list[PlannedRun]:
+    """Per method (not random init) x task, first seed: pretrained <-> fine-tuned at the largest
+    budget, and fine-tuned at the smallest <-> the largest budget (when they differ). The config
+    is the CKA run's own (its hash is the run's ``config_hash``); the volume cache is the
+    benchmark's ``<out>/cache``, shared with the fine-tuning runs."""
+    from medssl.analysis.cka import CKAConfig
+
+    seed = bench.seeds[0]
+    smallest, largest = str(budgets[0]), str(budgets[-1])
+    runs = []
+    for method in methods:
+        if method.name == RANDOM_INIT:
+            continue
+        encoder_path, pretrain_id = encoders[method.name]
+        for task in tasks:
+            many = finetunes[(method.name, task.name, largest, seed)]
+            pairs = [("pretrained_vs_finetuned", encoder_path, [pretrain_id], many)]
+            if smallest != largest:
+                few = finetunes[(method.name, task.name, smallest, seed)]
+                pairs.append(("fewshot_vs_manyshot", _best_model(few, out), [few.run_id], many))
+            for comparison, model_a, deps, run_b in pairs:
+                config = validate_config(CKAConfig, {
+                    "model_a": str(model_a), "model_b": str(_best_model(run_b, out)), "task": str(task.path),
+                    "comparison": comparison, "method": method.name, "n_crops": bench.cka.n_crops,
+                    "crop_size": bench.cka.crop_size, "batch_size": bench.cka.batch_size, "seed": seed}, where)
+                slug = f"{method.name}-{task.name}-{_COMPARISON_SLUGS[comparison]}"
+                runs.append(PlannedRun("cka", make_run_id("cka", slug, config), config,
+                                       [d for d in deps if d] + [run_b.run_id],
+                                       {"method": method.name, "task": task.name, "comparison": comparison}))
+    return runs
+
+
+def _best_model(run: PlannedRun, out: Path) -> Path:
+    """The fine-tuned model a finished fine-tune run leaves (its results.json ``model``)."""
+    return RunDir(run.run_dir(out)).checkpoint_dir / "best.pt"
+
+
+def write_plan(plan: Plan, path: str | Path) -> None:
+    atomic_write_json(path, plan.to_json())

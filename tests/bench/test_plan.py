@@ -1,0 +1,206 @@
+"""Benchmark config loading and plan expansion: run counts, ids that chain, dependencies, budget checks."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medssl.analysis.cka import CKAConfig
+from medssl.bench.engine import demo_config_path
+from medssl.bench.plan import corpus_dir, expand_plan
+from medssl.config import BenchConfig, FinetuneConfig, PretrainConfig, load_bench_config
+from medssl.errors import ConfigError
+from medssl.methods import REGISTRY
+
+RUN_ID = re.compile(r"^(pretrain|finetune|cka)-[A-Za-z0-9_.-]+-[0-9a-f]{12}$")
+PAPER = demo_config_path().parent / "paper.yaml"
+
+
+def bench_dict(**changes) -> dict:
+    base = {
+        "name": "t",
+        "tasks": [{"path": "synth:ct_organs"}],
+        "methods": ["none", "simmim"],
+        "encoder": {"preset": "tiny", "window_size": 4},
+        "pretrain": {"crop_size": 32, "schedule": {"steps": 3}},
+        "finetune": {"crop_size": 32, "schedule": {"steps": 3}, "n_test": 3, "n_val": 2},
+        "budgets": [2, "all"],
+        "seeds": [0, 1],
+    }
+    base.update(changes)
+    return base
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_plan_counts_stages_and_dependencies(tmp_path: Path) -> None:
+    plan = expand_plan(BenchConfig.model_validate(bench_dict()), tmp_path)
+    assert [len(plan.stage(k)) for k in ("pretrain", "finetune", "cka")] == [1, 2 * 2 * 2, 2]
+    assert [r.kind for r in plan.runs] == sorted((r.kind for r in plan.runs), key=["pretrain", "finetune", "cka"].index)
+    ids = [r.run_id for r in plan.runs]
+    assert len(set(ids)) == len(ids) and all(RUN_ID.match(i) for i in ids)
+
+    (pretrain,) = plan.stage("pretrain")
+    assert isinstance(pretrain.config, PretrainConfig) and pretrain.config.method.name == "simmim"
+    assert pretrain.config.corpus == tmp_path.resolve() / "corpus"
+    for run in plan.stage("finetune"):
+        assert isinstance(run.config, FinetuneConfig)
+        assert run.config.task == tmp_path.resolve() / "data" / "ct_organs"
+        assert run.config.splits_path == tmp_path.resolve() / "splits" / "ct_organs.json"
+        assert run.config.cache_dir == tmp_path.resolve() / "cache"
+        assert run.config.schedule.seed == run.config.seed
+        if run.labels["method"] == "none":  # random init: no pretraining, no dependency
+            assert run.config.encoder_checkpoint is None and run.depends_on == []
+        else:  # the checkpoint path holds the pretrain run id: ids chain
+            assert pretrain.run_id in str(run.config.encoder_checkpoint)
+            assert run.depends_on == [pretrain.run_id]
+
+    by_id = plan.by_id()
+    cka = {r.labels["comparison"]: r for r in plan.stage("cka")}
+    pvf, fvm = cka["pretrained_vs_finetuned"], cka["fewshot_vs_manyshot"]
+    assert isinstance(pvf.config, CKAConfig)
+    assert str(pvf.config.model_a).endswith(f"{pretrain.run_id}/checkpoints/encoder.pt")
+    assert pvf.depends_on[0] == pretrain.run_id
+    many = by_id[pvf.depends_on[1]]
+    assert (many.labels["method"], many.labels["budget"], many.labels["seed"]) == ("simmim", "all", 0)
+    few, many2 = (by_id[d] for d in fvm.depends_on)
+    assert (few.labels["budget"], many2.labels["budget"], few.labels["seed"]) == ("2", "all", 0)
+    assert str(fvm.config.model_a).endswith(f"{few.run_id}/checkpoints/best.pt")
+    assert str(fvm.config.model_b).endswith(f"{many.run_id}/checkpoints/best.pt")
+
+
+def test_plan_json_written_and_ids_stable(tmp_path: Path) -> None:
+    bench = BenchConfig.model_validate(bench_dict())
+    first = expand_plan(bench, tmp_path)
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert [r["run_id"] for r in data["runs"]] == [r.run_id for r in first.runs]
+    assert data["stages"] == {"pretrain": 1, "finetune": 8, "cka": 2}
+    assert [r.run_id for r in expand_plan(bench, tmp_path).runs] == [r.run_id for r in first.runs]
+
+
+def test_changing_pretraining_changes_downstream_ids_only(tmp_path: Path) -> None:
+    before = expand_plan(BenchConfig.model_validate(bench_dict()), tmp_path)
+    after = expand_plan(BenchConfig.model_validate(bench_dict(pretrain={"crop_size": 32, "schedule": {"steps": 5}})),
+                        tmp_path)
+    changed = {r.labels.get("method"): set() for r in before.runs}
+    for a, b in zip(before.runs, after.runs, strict=True):
+        changed[a.labels["method"]].add(a.run_id != b.run_id)
+    assert changed["simmim"] == {True}  # pretrain, its fine-tunes and CKA runs are new runs
+    assert changed["none"] == {False}  # random init does not depend on pretraining
+
+
+def test_cka_disabled_and_single_budget(tmp_path: Path) -> None:
+    plan = expand_plan(BenchConfig.model_validate(bench_dict(cka={"enabled": False})), tmp_path)
+    assert plan.stage("cka") == []
+    plan = expand_plan(BenchConfig.model_validate(bench_dict(budgets=["all"], seeds=[3])), tmp_path)
+    assert [r.labels["comparison"] for r in plan.stage("cka")] == ["pretrained_vs_finetuned"]
+    assert plan.stage("cka")[0].config.seed == 3
+
+
+def test_methods_all_includes_random_init(tmp_path: Path) -> None:
+    plan = expand_plan(BenchConfig.model_validate(bench_dict(methods="all", seeds=[0], budgets=["all"])), tmp_path)
+    assert {r.labels["method"] for r in plan.stage("finetune")} == set(REGISTRY)
+    assert {r.labels["method"] for r in plan.stage("pretrain")} == set(REGISTRY) - {"none"}
+
+
+def test_budget_larger_than_pool_is_a_config_error(tmp_path: Path) -> None:
+    # synthetic task not created yet: its pool is cases - n_test - n_val = 12 - 3 - 2 = 7
+    with pytest.raises(ConfigError, match=r"budget 8 exceeds the training pool of task 'ct_organs' \(7 cases"):
+        expand_plan(BenchConfig.model_validate(bench_dict(budgets=[8])), tmp_path, source="b.yaml")
+    # an existing task folder is counted with load_task
+    from medssl.data.synth import synth_task
+
+    task = synth_task(tmp_path / "organs", "ct_organs", 6, seed=0, shape=(32, 32, 32))
+    data = bench_dict(tasks=[{"path": str(task), "name": "organs"}], budgets=[2])
+    data["finetune"] = {"crop_size": 32, "n_test": 2, "n_val": 1}
+    expand_plan(BenchConfig.model_validate(data), tmp_path)
+    data["budgets"] = [4]
+    with pytest.raises(ConfigError, match=r"b\.yaml: budget 4 exceeds the training pool of task 'organs' \(3 cases"):
+        expand_plan(BenchConfig.model_validate(data), tmp_path, source="b.yaml")
+
+
+def test_unknown_method_and_duplicates_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown method 'simclear'"):
+        expand_plan(BenchConfig.model_validate(bench_dict(methods=["simclear"])), tmp_path)
+    with pytest.raises(ConfigError, match="'simmim' is listed twice"):
+        expand_plan(BenchConfig.model_validate(bench_dict(methods=["simmim", {"name": "simmim"}])), tmp_path)
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        bad = bench_dict(methods=[{"name": "simmim", "options": {"mask_ratio": 3}}])
+        expand_plan(BenchConfig.model_validate(bad), tmp_path)
+    with pytest.raises(ConfigError, match="name 'x' is used twice"):
+        tasks = [{"path": "synth:ct_organs", "name": "x"}, {"path": "synth:mri_organs", "name": "x"}]
+        expand_plan(BenchConfig.model_validate(bench_dict(tasks=tasks)), tmp_path)
+
+
+def test_load_config_errors_name_key_and_file(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "b.yaml", bench_dict(finetune={"crop_size": 32, "bogus": 1}))
+    with pytest.raises(ConfigError, match=r"b\.yaml: finetune\.bogus: unknown key"):
+        load_bench_config(path)
+    path = write_yaml(tmp_path / "b.yaml", bench_dict(pretrain={"crop_size": 40}))
+    with pytest.raises(ConfigError, match=r"b\.yaml: pretrain: .*crop_size must be a multiple of 32"):
+        load_bench_config(path)
+    path = write_yaml(tmp_path / "b.yaml", bench_dict(budgets=[0]))
+    with pytest.raises(ConfigError, match="budgets"):
+        load_bench_config(path)
+    path = write_yaml(tmp_path / "b.yaml", bench_dict(tasks=[{"path": "synth:lungs"}]))
+    with pytest.raises(ConfigError, match="unknown synthetic task 'synth:lungs'"):
+        load_bench_config(path)
+
+
+def test_relative_paths_and_overrides(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    data = bench_dict(tasks=[{"path": "../tasks/liver"}], data={"corpus": ["scans"]})
+    path = write_yaml(tmp_path / "conf" / "b.yaml", data)
+    bench = load_bench_config(path, ["budgets=[1,all]", "finetune.schedule.steps=7"])
+    assert bench.tasks[0].path == str(tmp_path.resolve() / "tasks" / "liver")
+    assert bench.data.corpus == [tmp_path.resolve() / "conf" / "scans"]
+    assert bench.budgets == [1, "all"] and bench.finetune.schedule.steps == 7
+    # a task folder absent at planning time is planned (checked when its runs start), named by its folder
+    plan = expand_plan(bench, tmp_path / "out")
+    assert {r.labels["task"] for r in plan.stage("finetune")} == {"liver"}
+
+
+def test_ingested_corpus_is_used_in_place(tmp_path: Path) -> None:
+    corpus = tmp_path / "ingested"
+    corpus.mkdir()
+    (corpus / "manifest.json").write_text("{}")
+    bench = BenchConfig.model_validate(bench_dict(data={"corpus": [str(corpus)]}))
+    assert corpus_dir(bench, tmp_path / "out") == corpus.resolve()
+    bench = BenchConfig.model_validate(bench_dict(data={"corpus": [str(tmp_path / "raw")]}))
+    assert corpus_dir(bench, tmp_path / "out") == (tmp_path / "out").resolve() / "corpus"
+
+
+def test_packaged_configs_load_and_expand(tmp_path: Path) -> None:
+    demo = load_bench_config(demo_config_path())
+    plan = expand_plan(demo, tmp_path / "demo")
+    n_methods, n_trained = len(REGISTRY), len(REGISTRY) - 1
+    assert len(plan.stage("pretrain")) == n_trained
+    assert len(plan.stage("finetune")) == n_methods * 3 * 2  # three synthetic tasks, two budgets, one seed
+    assert len(plan.stage("cka")) == n_trained * 3 * 2
+    assert demo.encoder.preset == "tiny" and demo.executor.kind == "local"
+
+    paper = load_bench_config(PAPER)
+    plan = expand_plan(paper, tmp_path / "paper")
+    assert paper.encoder.preset == "smit" and paper.pretrain.crop_size == 96 and paper.preprocess.spacing == (1.5,) * 3
+    assert len(paper.tasks) == 9 and len(paper.seeds) == 3 and paper.executor.kind in ("torchrun", "slurm")
+    assert len(plan.stage("finetune")) == n_methods * 9 * len(paper.budgets) * 3
+
+
+def test_bench_model_with_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medssl.bench.engine import load_bench
+
+    monkeypatch.chdir(tmp_path)
+    given = BenchConfig.model_validate(bench_dict(tasks=[{"path": "tasks/liver"}]))
+    bench = load_bench(None, ["seeds=[4]", "executor.kind=torchrun"], bench=given)
+    assert bench.seeds == [4] and bench.executor.kind == "torchrun"
+    assert bench.tasks[0].path == str(tmp_path.resolve() / "tasks" / "liver")  # relative to the working dir
+    assert given.tasks[0].path == "tasks/liver" and given.seeds == [0, 1]  # the caller's model is untouched
+    with pytest.raises(ConfigError, match="no benchmark config"):
+        load_bench(None)
