@@ -115,6 +115,16 @@ class PretrainConfig(StrictModel):
         return v
 
 
+class AugmentConfig(StrictModel):
+    """Fine-tuning augmentation; defaults follow MONAI research-contributions' SwinUNETR recipe."""
+
+    flip_prob: float = Field(0.1, ge=0.0, le=1.0)  # per axis
+    rot90_prob: float = Field(0.1, ge=0.0, le=1.0)  # k*90 degrees in a random plane
+    intensity_prob: float = Field(0.5, ge=0.0, le=1.0)  # scale and shift, each
+    intensity_scale: float = Field(0.1, ge=0.0)  # x (1 + u), u ~ U(-s, s)
+    intensity_shift: float = Field(0.1, ge=0.0)  # + u, u ~ U(-s, s) on [0, 1] data
+
+
 class FinetuneConfig(StrictModel):
     task: Path | None = None
     encoder_checkpoint: Path | None = None  # None = random init (method "none")
@@ -133,7 +143,7 @@ class FinetuneConfig(StrictModel):
     sw_overlap: float = Field(0.5, ge=0.0, lt=1.0)
     nsd_tolerance_mm: float = Field(2.0, gt=0)
     norm: Literal["auto", "instance", "group", "batch"] = "auto"
-    layer_decay: float | None = None
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @field_validator("crop_size")
     @classmethod
@@ -281,6 +291,7 @@ class SynthDataConfig(StrictModel):
     cases: int = Field(12, ge=2)
     corpus_cases: int = Field(12, ge=1)
     shape: tuple[int, int, int] = (64, 64, 64)
+    spacing: Triple = (3.0, 3.0, 3.0)  # voxel size in mm (jittered a little per case)
     seed: int = 0
 
 
@@ -312,6 +323,7 @@ class BenchCKAConfig(StrictModel):
     n_crops: int = Field(8, ge=2)
     crop_size: int = Field(32, ge=32)
     batch_size: int = Field(4, ge=1)  # crops per minibatch-CKA batch (and per forward pass)
+    tasks: list[str] | None = None  # task names to analyse (None: every task)
 
 
 class SlurmConfig(StrictModel):

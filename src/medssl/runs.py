@@ -163,10 +163,13 @@ class RunDir:
 
     # locking -------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Exclusive, non-blocking lock on the run (an OS lock: released if the process dies)."""
+    def lock(self, name: str = ".lock") -> Iterator[None]:
+        """Exclusive, non-blocking lock on the run (an OS lock: released if the process dies).
+
+        ``name`` selects the lock file, so a scheduler can hold its own claim on a run while the
+        run's entry point takes the run lock inside it."""
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

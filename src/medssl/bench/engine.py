@@ -67,7 +67,7 @@ def prepare_data(bench: BenchConfig, out: Path, source: str | Path | None = None
         _console(stderr=True).print(f"synthetic data: {s.cases} cases per task, {s.corpus_cases} corpus scans "
                                     f"of {tuple(s.shape)} in {synth_data_dir(out)}")
         made = synth_all(synth_data_dir(out), cases=s.cases, corpus_cases=s.corpus_cases, seed=s.seed,
-                         shape=tuple(s.shape))
+                         shape=tuple(s.shape), spacing=tuple(s.spacing))
         for task in tasks:
             if task.synth_kind and Path(made[task.synth_kind]).resolve() != task.path:
                 raise RuntimeError(f"synthetic task {task.synth_kind} written to {made[task.synth_kind]}, "

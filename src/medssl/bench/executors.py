@@ -13,8 +13,6 @@ started outside the bench; meeting it (``RunLockedError``) is treated the same w
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import multiprocessing
 import os
 import queue
@@ -22,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -140,21 +138,9 @@ def _status_error(run: RunDir, since: float) -> str | None:
     return data.get("error")
 
 
-@contextlib.contextmanager
-def claim_run(run: RunDir) -> Iterator[None]:
+def claim_run(run: RunDir) -> contextlib.AbstractContextManager[None]:
     """Non-blocking exclusive OS lock on the run for the bench; ``RunLockedError`` when held."""
-    run.path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run.path / CLAIM_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise RunLockedError(f"run {run.id} is being executed by another process") from None
-            raise
-        yield
-    finally:
-        os.close(fd)
+    return run.lock(CLAIM_FILE)
 
 
 def execute_run(run: PlannedRun, out: str | Path, runner: Runner | None = None) -> RunOutcome | None:

@@ -272,6 +272,10 @@ def _cka_runs(
     benchmark's ``<out>/cache``, shared with the fine-tuning runs."""
     from medssl.analysis.cka import CKAConfig
 
+    unknown = sorted(set(bench.cka.tasks or []) - {t.name for t in tasks})
+    if unknown:
+        raise ConfigError(where, f"cka.tasks: unknown task(s) {', '.join(unknown)} "
+                                 f"(tasks: {', '.join(t.name for t in tasks)})")
     seed = bench.seeds[0]
     smallest, largest = str(budgets[0]), str(budgets[-1])
     runs = []
@@ -280,6 +284,8 @@ def _cka_runs(
             continue
         encoder_path, pretrain_id = encoders[method.name]
         for task in tasks:
+            if bench.cka.tasks is not None and task.name not in bench.cka.tasks:
+                continue
             many = finetunes[(method.name, task.name, largest, seed)]
             pairs = [("pretrained_vs_finetuned", encoder_path, [pretrain_id], many)]
             if smallest != largest:

@@ -28,6 +28,7 @@ from monai.utils import convert_to_tensor
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from medssl.config import AugmentConfig
 from medssl.data.cache import CachedVolume
 
 if TYPE_CHECKING:
@@ -36,12 +37,6 @@ if TYPE_CHECKING:
 # Effectively infinite: the training loop decides how many samples it draws.
 EPOCHLESS_LENGTH = 2**31 - 1
 
-# Fine-tuning augmentation (DESIGN §7: flips/rot90 and small intensity shifts).
-FLIP_PROB = 0.5
-ROT90_PROB = 0.5
-INTENSITY_PROB = 0.5
-INTENSITY_SCALE = 0.1  # x (1 + u), u ~ U(-0.1, 0.1)
-INTENSITY_SHIFT = 0.1  # + u, u ~ U(-0.1, 0.1) on [0, 1] data
 
 
 def _axis_start(centre: int, dim: int, size: int) -> int:
@@ -96,6 +91,7 @@ class SegmentationCropDataset(Dataset):
         seed: int,
         augment: bool = True,
         pos_fraction: float = 0.5,
+        augmentation: AugmentConfig | None = None,
     ) -> None:
         if not volumes:
             raise ValueError("SegmentationCropDataset needs at least one volume")
@@ -108,7 +104,7 @@ class SegmentationCropDataset(Dataset):
         self.seed = int(seed)
         self.augment = augment
         self.pos_fraction = float(pos_fraction)
-        self._augmentation = _segmentation_augmentation() if augment else None
+        self._augmentation = _segmentation_augmentation(augmentation or AugmentConfig()) if augment else None
 
     def __len__(self) -> int:
         return EPOCHLESS_LENGTH
@@ -154,17 +150,18 @@ class SegmentationCropDataset(Dataset):
         }
 
 
-def _segmentation_augmentation() -> Compose:
+def _segmentation_augmentation(cfg: AugmentConfig) -> Compose:
+    """DESIGN §7: flips, rot90 and small intensity shifts, with the configured probabilities."""
     keys = ["image", "label"]
-    rotations = [RandRotate90d(keys, prob=ROT90_PROB, max_k=3, spatial_axes=p) for p in ((0, 1), (0, 2), (1, 2))]
+    rotations = [RandRotate90d(keys, prob=cfg.rot90_prob, max_k=3, spatial_axes=p) for p in ((0, 1), (0, 2), (1, 2))]
     return Compose(
         [
-            RandFlipd(keys, prob=FLIP_PROB, spatial_axis=0),
-            RandFlipd(keys, prob=FLIP_PROB, spatial_axis=1),
-            RandFlipd(keys, prob=FLIP_PROB, spatial_axis=2),
+            RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=0),
+            RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=1),
+            RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=2),
             OneOf(rotations),  # rot90 in a random plane
-            RandScaleIntensityd("image", factors=INTENSITY_SCALE, prob=INTENSITY_PROB),
-            RandShiftIntensityd("image", offsets=INTENSITY_SHIFT, prob=INTENSITY_PROB),
+            RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=cfg.intensity_prob),
+            RandShiftIntensityd("image", offsets=cfg.intensity_shift, prob=cfg.intensity_prob),
         ]
     )
 

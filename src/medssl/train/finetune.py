@@ -127,7 +127,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 return {"val_dice": score, "val_dice_per_structure": means,
                         "epoch": step * config.schedule.batch_size / max(len(train_ids), 1)}
 
-            dataset = SegmentationCropDataset([volumes[c] for c in train_ids], config.crop_size, seed=config.seed)
+            dataset = SegmentationCropDataset([volumes[c] for c in train_ids], config.crop_size, seed=config.seed,
+                                              augmentation=config.augment)
             module = SegmentationModule(model)
             result = train(module, dataset, config.schedule, run, info, validate=validate,
                            val_every=config.val_every, description=f"finetune {task.name} b{config.budget}")
