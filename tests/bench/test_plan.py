@@ -183,7 +183,8 @@ def test_packaged_configs_load_and_expand(tmp_path: Path) -> None:
     n_methods, n_trained = len(REGISTRY), len(REGISTRY) - 1
     assert len(plan.stage("pretrain")) == n_trained
     assert len(plan.stage("finetune")) == n_methods * 3 * 2  # three synthetic tasks, two budgets, one seed
-    assert len(plan.stage("cka")) == n_trained * 3 * 2
+    assert len(plan.stage("cka")) == n_trained * len(demo.cka.tasks) * 2  # CKA on the listed tasks only
+    assert {m.name for m in demo.method_configs()} == set(REGISTRY)  # every registered method
     assert demo.encoder.preset == "tiny" and demo.executor.kind == "local"
 
     paper = load_bench_config(PAPER)
