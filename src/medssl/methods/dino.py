@@ -70,18 +70,14 @@ def view_major(x: Tensor) -> Tensor:
     return x.transpose(0, 1).reshape(-1, *x.shape[2:])
 
 
-class DINOParams(StrictModel):
+class DistillationParams(StrictModel):
+    """Head, temperatures and EMA of self-distillation (DINO, iBOT and SMIT's distillation)."""
+
     out_dim: int = Field(8192, ge=2, description="K, number of prototypes")
     hidden_dim: int = Field(2048, ge=1)
     bottleneck_dim: int = Field(256, ge=1)
     head_layers: int = Field(3, ge=1)
     norm_last_layer: bool = True
-    n_local_crops: int = Field(8, ge=0)
-    local_size: int | None = Field(None, description="None: crop_size // 2 rounded down to a multiple of 32")
-    global_crop_scale: tuple[float, float] = (0.4, 1.0)
-    local_crop_scale: tuple[float, float] = (0.05, 0.4)
-    global_blur_prob: tuple[float, float] = (1.0, 0.1)
-    local_blur_prob: float = Field(0.5, ge=0.0, le=1.0)
     intensity_prob: float = Field(0.8, ge=0.0, le=1.0)
     student_temp: float = Field(0.1, gt=0)
     teacher_temp_start: float = Field(0.04, gt=0)
@@ -90,6 +86,15 @@ class DINOParams(StrictModel):
     centre_momentum: float = Field(0.9, ge=0.0, le=1.0)
     teacher_momentum: float = Field(0.996, ge=0.0, le=1.0)
     freeze_last_layer_steps: int | None = Field(None, ge=0, description="None: 1% of the run")
+
+
+class DINOParams(DistillationParams):
+    n_local_crops: int = Field(8, ge=0)
+    local_size: int | None = Field(None, description="None: crop_size // 2 rounded down to a multiple of 32")
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    global_blur_prob: tuple[float, float] = (1.0, 0.1)
+    local_blur_prob: float = Field(0.5, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> DINOParams:

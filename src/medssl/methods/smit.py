@@ -24,7 +24,6 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from medssl.config import StrictModel
 from medssl.data.multicrop import region_crops
 from medssl.data.views import block_mask, upsample_mask
 from medssl.methods.base import (
@@ -35,7 +34,7 @@ from medssl.methods.base import (
     register,
     schedule_at,
 )
-from medssl.methods.dino import Centering, default_steps, view_major
+from medssl.methods.dino import Centering, DistillationParams, default_steps, view_major
 from medssl.methods.ibot import bottleneck_tokens, token_mask_weight
 from medssl.methods.losses import (
     dino_cross_entropy,
@@ -54,24 +53,11 @@ def smit_region_size(crop_size: int, factor: float = 128 / 96) -> int:
     return max(int(round(crop_size * factor / 16)) * 16, crop_size)
 
 
-class SMITParams(StrictModel):
+class SMITParams(DistillationParams):
     region_factor: float = Field(128 / 96, ge=1.0, description="region side / crop side")
     mask_ratio: float = Field(0.7, ge=0.0, le=1.0)
     mask_block: int = Field(16, ge=2, description="side of a masked cube, in voxels")
-    out_dim: int = Field(8192, ge=2, description="prototypes of each head")
-    hidden_dim: int = Field(2048, ge=1)
-    bottleneck_dim: int = Field(256, ge=1)
-    head_layers: int = Field(3, ge=1)
-    norm_last_layer: bool = True
     blur_prob: float = Field(0.0, ge=0.0, le=1.0)
-    intensity_prob: float = Field(0.8, ge=0.0, le=1.0)
-    student_temp: float = Field(0.1, gt=0)
-    teacher_temp_start: float = Field(0.04, gt=0)
-    teacher_temp: float = Field(0.07, gt=0)
-    teacher_temp_warmup_steps: int | None = Field(None, ge=0, description="None: 30% of the run")
-    centre_momentum: float = Field(0.9, ge=0.0, le=1.0)
-    teacher_momentum: float = Field(0.996, ge=0.0, le=1.0)
-    freeze_last_layer_steps: int | None = Field(None, ge=0, description="None: 1% of the run")
     patch_weight: float = Field(0.1, ge=0.0)
     global_weight: float = Field(0.1, ge=0.0)
     reconstruction_weight: float = Field(1.0, ge=0.0)
