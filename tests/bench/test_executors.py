@@ -4,6 +4,7 @@ processes, worker processes, torchrun command. (Real training runs: test_engine.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -266,3 +267,14 @@ def test_slurm_jobs_are_chained_with_afterok(tmp_path: Path, monkeypatch: pytest
     assert [o.run_id.split("-")[1] for o in summary.skipped] == ["y"]
     assert sorted(o.run_id.split("-")[1] for o in summary.executed) == ["a", "b", "c"]
     assert run_dir(tmp_path, "x").status() == "failed"
+
+
+def test_idle_worker_exits_when_its_bench_process_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bench killed by a signal never sends the workers their stop message: they must notice.
+    import medssl.bench.executors as executors
+
+    monkeypatch.setattr(executors, "WORKER_PARENT_CHECK_SECONDS", 0.05)
+    tasks = multiprocessing.get_context("spawn").Queue()
+    started = time.time()
+    executors._worker_main(0, tasks, None, "/nonexistent", None, 1, parent=os.getppid() + 10**6)
+    assert time.time() - started < 5

@@ -304,7 +304,8 @@ class LocalExecutor:
 
         def start(index: int) -> _Worker:
             tasks = ctx.Queue()
-            proc = ctx.Process(target=_worker_main, args=(index, tasks, results, str(out), self.runner, threads),
+            proc = ctx.Process(target=_worker_main,
+                               args=(index, tasks, results, str(out), self.runner, threads, os.getpid()),
                                daemon=False, name=f"medssl-bench-worker-{index}")
             proc.start()
             return _Worker(proc, tasks)
@@ -355,6 +356,9 @@ class LocalExecutor:
                     worker.proc.join(timeout=5)
 
 
+WORKER_PARENT_CHECK_SECONDS = 2.0
+
+
 @dataclass
 class _Worker:
     proc: Any
@@ -370,12 +374,19 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _worker_main(index: int, tasks: Any, results: Any, out: str, runner: Runner | None, threads: int) -> None:
+def _worker_main(
+    index: int, tasks: Any, results: Any, out: str, runner: Runner | None, threads: int, parent: int
+) -> None:
     import torch
 
     torch.set_num_threads(threads)  # N workers share the machine's cores instead of each taking all
     while True:
-        run = tasks.get()
+        try:
+            run = tasks.get(timeout=WORKER_PARENT_CHECK_SECONDS)
+        except queue.Empty:
+            if os.getppid() != parent:  # the bench was killed: do not linger as an orphan
+                return
+            continue
         if run is None:
             return
         try:

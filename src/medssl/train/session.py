@@ -53,7 +53,7 @@ def run_session(run: RunDir, info: DistInfo, config_yaml: str, run_info: dict[st
                                       "created": run.info().get("created", started),
                                       "hardware": {**hardware(), "world_size": info.world_size}, **run_info})
             run.set_status("running")
-            run.log(f"start {run_info.get('kind', 'run')} (pid world size {info.world_size})")
+            run.log(f"start {run_info.get('kind', 'run')} (pid {os.getpid()}, world size {info.world_size})")
         try:
             yield started
         except KeyboardInterrupt:
