@@ -20,3 +20,11 @@ class MedsslInputError(Exception):
 
 class ConfigError(MedsslInputError):
     """A config file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+def describe_error(err: BaseException, limit: int = 500) -> str:
+    """One line for a run's status and log: the input error as the CLI prints it, else "Type: message"."""
+    if isinstance(err, MedsslInputError):
+        return err.one_line()[:limit]
+    text = " ".join(str(err).split())
+    return (f"{type(err).__name__}: {text}" if text else type(err).__name__)[:limit]

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from medssl import __version__
 from medssl.config import PreprocessConfig, StrictModel, config_hash, dump_yaml, validate_config
-from medssl.errors import MedsslInputError
+from medssl.errors import MedsslInputError, describe_error
 from medssl.models.checkpoint import load_encoder, load_segmenter, safe_torch_load
 from medssl.runs import RunDir
 
@@ -439,11 +439,6 @@ class CKAConfig(StrictModel):
         return v
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return f"{type(err).__name__}: {text}"[:500]
-
-
 def run_cka(
     model_a: str | Path,
     model_b: str | Path,
@@ -503,8 +498,8 @@ def run_cka(
             run.log("interrupted")
             raise
         except BaseException as err:
-            run.set_status("failed", error=_one_line(err))
-            run.log(f"failed: {_one_line(err)}")
+            run.set_status("failed", error=describe_error(err))
+            run.log(f"failed: {describe_error(err)}")
             raise
         run.write_results(results)
         run.set_status("finished")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medssl.config import SlurmConfig, dump_yaml
-from medssl.errors import MedsslInputError
+from medssl.errors import describe_error
 from medssl.runs import RunDir, RunLockedError
 
 from .plan import Plan, PlannedRun
@@ -73,11 +73,7 @@ class RunFailed(RuntimeError):
     """A run ended without finishing; the message is the run's one-line error."""
 
 
-def one_line(err: BaseException) -> str:
-    if isinstance(err, MedsslInputError):
-        return err.one_line()[:500]
-    text = " ".join(str(err).split())
-    return (f"{type(err).__name__}: {text}" if text else type(err).__name__)[:500]
+one_line = describe_error  # the name the executors and their tests use
 
 
 # --------------------------------------------------------------------------- running one run

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from medssl import __version__
+from medssl.errors import describe_error
 from medssl.runs import RunDir
 from medssl.train.distributed import DistInfo
 
@@ -29,11 +30,6 @@ def hardware() -> dict[str, Any]:
 
 class AlreadyFinished(Exception):
     """Another process finished the run while this one waited for its lock."""
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return f"{type(err).__name__}: {text}"[:500]
 
 
 @contextlib.contextmanager
@@ -63,8 +59,8 @@ def run_session(run: RunDir, info: DistInfo, config_yaml: str, run_info: dict[st
             raise
         except BaseException as err:
             if info.is_main and not run.is_finished():
-                run.set_status("failed", error=_one_line(err))
-                run.log(f"failed: {_one_line(err)}")
+                run.set_status("failed", error=describe_error(err))
+                run.log(f"failed: {describe_error(err)}")
             raise
 
 
