@@ -22,7 +22,8 @@ from typing import Any
 import pandas as pd
 
 from medssl.errors import MedsslInputError
-from medssl.runs import RunDir, atomic_write_text, list_runs
+from medssl.fileio import atomic_path, atomic_write_text
+from medssl.runs import RunDir, list_runs
 
 RunsRoot = str | Path | Iterable[str | Path]
 
@@ -409,10 +410,8 @@ def write_tables(runs_root: RunsRoot | RunCollection, out_dir: str | Path) -> di
         "pretrain.csv": out / "pretrain.csv",
     }
     atomic_write_text(paths["results.csv"], results.to_csv(index=False))
-    # Parquet is binary: write beside and rename so a reader never sees half a file.
-    tmp = paths["results.parquet"].with_name(".results.parquet.tmp")
-    results.to_parquet(tmp, index=False)
-    os.replace(tmp, paths["results.parquet"])
+    with atomic_path(paths["results.parquet"]) as tmp:
+        results.to_parquet(tmp, index=False)
     atomic_write_text(paths["curves.csv"], curves_table(collection).to_csv(index=False))
     atomic_write_text(paths["pretrain.csv"], pretrain_table(collection).to_csv(index=False))
     return paths

@@ -47,8 +47,14 @@ def write_bench(folder: Path, data: Path, **changes: object) -> Path:
         # 3.5 mm voxels: each ~30^3 phantom fits one 32^3 window, so inference is a single forward pass
         "preprocess": {"spacing": [3.5, 3.5, 3.5]},
         "pretrain": {"crop_size": 32, "schedule": schedule},
-        "finetune": {"crop_size": 32, "schedule": schedule, "val_every": 2, "n_test": 1, "n_val": 1,
-                     "sw_batch_size": 1},
+        "finetune": {
+            "crop_size": 32,
+            "schedule": schedule,
+            "val_every": 2,
+            "n_test": 1,
+            "n_val": 1,
+            "sw_batch_size": 1,
+        },
         "budgets": ["all"],
         "seeds": [0],
         "cka": {"enabled": True, "n_crops": 2, "crop_size": 32, "batch_size": 2},
@@ -75,9 +81,12 @@ def start_cli(config: Path, out: Path, log_name: str) -> subprocess.Popen:
     log = open(out.parent / f"{log_name}.log", "w")  # noqa: SIM115 - closed with the process
     # A shell's background jobs inherit SIGINT ignored, and Python then never raises KeyboardInterrupt:
     # restore the default so Ctrl-C behaves as in a terminal.
-    return subprocess.Popen([sys.executable, "-m", "medssl.cli", "bench", str(config), "--out", str(out)],
-                            stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "medssl.cli", "bench", str(config), "--out", str(out)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def wait_until(condition, proc: subprocess.Popen, timeout: float = 240.0) -> None:
@@ -141,6 +150,19 @@ def test_second_run_executes_nothing(shared_out: tuple[Path, Path, list[int]], m
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/status.json")} == status_mtimes
 
 
+def test_concurrent_reports_on_one_folder_both_succeed(shared_out: tuple[Path, Path, list[int]]) -> None:
+    """Both bench processes end by writing the report into the same folder: they must take turns."""
+    _, out, _ = shared_out
+    cmd = [sys.executable, "-m", "medssl.cli", "report", str(out / "runs")]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    pngs = list((out / "report" / "figures").glob("*.png"))
+    assert pngs and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
+    assert not [p for p in (out / "report").rglob(".*.tmp")], "temporary files left behind"
+    assert "<img" in (out / "report" / "index.html").read_text()
+
+
 # --------------------------------------------------------------------------- interrupts
 
 
@@ -177,17 +199,22 @@ def test_interrupted_bench_resumes_and_never_rewrites_finished_runs(tiny_data: P
     assert {k: final[k] for k in after_sigkill} == after_sigkill
     assert_complete_and_executed_once(out)
     killed = [rid for rid in planned_ids(out) if rid not in after_sigkill]
-    assert any("bench: started" in (out / "runs" / rid / "log.txt").read_text().split("bench: completed")[0]
-               for rid in killed)
+    assert any(
+        "bench: started" in (out / "runs" / rid / "log.txt").read_text().split("bench: completed")[0] for rid in killed
+    )
 
 
 # --------------------------------------------------------------------------- SLURM via submitit's local cluster
 
 
 def test_slurm_local_cluster_runs_a_plan_with_a_dependency(tiny_data: Path, tmp_path: Path) -> None:
-    config = write_bench(tmp_path, tiny_data, methods=["simmim"], cka={"enabled": False},
-                         executor={"kind": "slurm", "slurm": {"timeout_min": 10, "gpus_per_node": 0,
-                                                              "cpus_per_task": 1, "mem_gb": 2}})
+    config = write_bench(
+        tmp_path,
+        tiny_data,
+        methods=["simmim"],
+        cka={"enabled": False},
+        executor={"kind": "slurm", "slurm": {"timeout_min": 10, "gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 2}},
+    )
     out = tmp_path / "out"
     assert run_bench(config, out, cluster="local") == 0
     pretrain_id, finetune_id = planned_ids(out)
@@ -214,8 +241,10 @@ def test_dry_run_estimates_from_finished_runs_and_measures_the_rest(
 
     config, out, _ = shared_out
     bench = load_bench_config(config, ["finetune.schedule.steps=3"])  # new fine-tune runs, same pretraining
-    estimates = {e.run_id.split("-")[0] + "-" + e.run_id.split("-")[1]: e for e in
-                 estimate_plan(expand_plan(bench, tmp_path / "copy"), out)}
+    estimates = {
+        e.run_id.split("-")[0] + "-" + e.run_id.split("-")[1]: e
+        for e in estimate_plan(expand_plan(bench, tmp_path / "copy"), out)
+    }
     assert estimates["finetune-none"].source == "from 2 finished runs"  # same preset and crop: same step cost
     assert estimates["finetune-none"].seconds == pytest.approx(3 * estimates["finetune-none"].step_seconds)
     assert estimates["pretrain-simmim"].source == "from 1 finished runs"
@@ -240,18 +269,26 @@ def test_prepare_data_synthesises_and_ingests_where_the_plan_expects(tmp_path: P
     from medssl.bench.plan import expand_plan
     from medssl.config import BenchConfig
 
-    bench = BenchConfig.model_validate({
-        "data": {"synth": {"cases": 5, "corpus_cases": 2, "shape": [32, 32, 32]}, "corpus": "synth",
-                 "include_real_ct": True},
-        "tasks": [{"path": "synth:ct_organs"}, {"path": "synth:mri_organs"}],
-        "methods": ["none", "simmim"], "preprocess": {"spacing": [3.5, 3.5, 3.5]},
-        "finetune": {"crop_size": 32, "n_test": 2, "n_val": 1}, "budgets": [2],
-    })
+    bench = BenchConfig.model_validate(
+        {
+            "data": {
+                "synth": {"cases": 5, "corpus_cases": 2, "shape": [32, 32, 32]},
+                "corpus": "synth",
+                "include_real_ct": True,
+            },
+            "tasks": [{"path": "synth:ct_organs"}, {"path": "synth:mri_organs"}],
+            "methods": ["none", "simmim"],
+            "preprocess": {"spacing": [3.5, 3.5, 3.5]},
+            "finetune": {"crop_size": 32, "n_test": 2, "n_val": 1},
+            "budgets": [2],
+        }
+    )
     out = tmp_path / "out"
     prepare_data(bench, out)
     plan = expand_plan(bench, out)  # the tasks now exist: budgets are checked against the folders
-    assert {str(r.config.task) for r in plan.stage("finetune")} == {str(out.resolve() / "data" / k)
-                                                                    for k in ("ct_organs", "mri_organs")}
+    assert {str(r.config.task) for r in plan.stage("finetune")} == {
+        str(out.resolve() / "data" / k) for k in ("ct_organs", "mri_organs")
+    }
     manifest = json.loads((out / "corpus" / "manifest.json").read_text())
     sources = [v["source"] for v in manifest["volumes"]]
     assert len(sources) == 2 + REAL_CT_PATH.is_file()

@@ -12,18 +12,15 @@ written atomically, so concurrent runs of a benchmark agree on one split.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from medssl.errors import MedsslInputError
-from medssl.runs import atomic_write_json
+from medssl.fileio import atomic_write_json, file_lock
 
 SPLITS_VERSION = 1
 Budget = int | Literal["all"]
@@ -35,9 +32,7 @@ def _check_budget(budget: Budget, pool_size: int, source: str | Path) -> None:
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
         raise MedsslInputError(source, f"label budget {budget!r} must be a positive integer or 'all'")
     if budget > pool_size:
-        raise MedsslInputError(
-            source, f"label budget {budget} exceeds the training pool of {pool_size} cases"
-        )
+        raise MedsslInputError(source, f"label budget {budget} exceeds the training pool of {pool_size} cases")
 
 
 def _with_budgets(split: dict[str, Any], budgets: Sequence[Budget], source: str | Path) -> dict[str, Any]:
@@ -83,18 +78,6 @@ def train_cases(split: dict[str, Any], budget: Budget) -> list[str]:
     return pool if budget == "all" else pool[: int(budget)]
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 def _read_splits_file(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
@@ -123,7 +106,7 @@ def load_or_create_splits(
     """The split of ``seed`` from ``path``, created (and added to the file) on first use."""
     path = Path(path)
     ids = sorted(str(c) for c in case_ids)
-    with _file_lock(path):
+    with file_lock(path.with_name(path.name + ".lock")):
         data = _read_splits_file(path) or {"version": SPLITS_VERSION, "case_ids": ids, "seeds": {}}
         if data["case_ids"] != ids:
             added = sorted(set(ids) - set(data["case_ids"]))

@@ -23,6 +23,7 @@ import pandas as pd
 from medssl.analysis.convergence import convergence_table
 from medssl.analysis.gap import budget_key, few_many_gap, gap_ranks, modality_summary, order_budgets
 from medssl.analysis.stats import critical_difference_plot, friedman_ranks, paired_wilcoxon
+from medssl.fileio import atomic_write_text, file_lock
 from medssl.report import plots
 from medssl.report.html import Alert, Block, Heading, Image, Missing, Paragraph, Section, render_html, render_markdown
 from medssl.report.tables import (
@@ -54,7 +55,6 @@ from medssl.results import (
     results_table,
     write_tables,
 )
-from medssl.runs import atomic_write_text
 
 SECTIONS = (
     ("leaderboard", "Leaderboard"),
@@ -603,6 +603,13 @@ def build_report(runs_root: str | Path, out_dir: str | Path) -> Path:
     roots = resolve_roots(runs_root)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # two bench processes sharing an output folder both end with a report: they take turns, so
+    # neither reads (or prunes) a figure while the other writes it
+    with file_lock(out / ".report.lock"):
+        return _write_report(roots, out)
+
+
+def _write_report(roots: list[Path], out: Path) -> Path:
     collection = collect_runs(roots)
     results = results_table(collection)
     ctx = ReportContext(

@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from medssl.analysis.gap import budget_key
+from medssl.fileio import atomic_path
 from medssl.report.tables import display_method
 
 DPI = 120
@@ -56,8 +57,8 @@ def _legend_outside(fig: Figure, axes: list, title: str = "method") -> None:
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
     return path
 
 
