@@ -160,7 +160,7 @@ def test_concurrent_reports_on_one_folder_both_succeed(shared_out: tuple[Path, P
     pngs = list((out / "report" / "figures").glob("*.png"))
     assert pngs and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
     assert not [p for p in (out / "report").rglob(".*.tmp")], "temporary files left behind"
-    assert "<img" in (out / "report" / "index.html").read_text()
+    assert "<img" in (out / "report" / "index.html").read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- interrupts

@@ -139,6 +139,25 @@ def test_unknown_method_and_duplicates_are_config_errors(tmp_path: Path) -> None
         expand_plan(BenchConfig.model_validate(bench_dict(tasks=tasks)), tmp_path)
 
 
+def test_per_task_finetune_settings_apply_to_that_task_only(tmp_path: Path) -> None:
+    tasks = [{"path": "synth:ct_organs", "finetune": {"schedule": {"steps": 7}, "nsd_tolerance_mm": 1.0}},
+             {"path": "synth:mri_organs"}]
+    plan = expand_plan(BenchConfig.model_validate(bench_dict(tasks=tasks)), tmp_path)
+    for run in plan.stage("finetune"):
+        organs = run.labels["task"] == "ct_organs"
+        assert run.config.schedule.steps == (7 if organs else 3)
+        assert run.config.schedule.batch_size == 2  # the rest of the section is kept
+        assert run.config.schedule.seed == run.config.seed
+        assert run.config.nsd_tolerance_mm == (1.0 if organs else 2.0)
+
+    bad = [{"path": "synth:ct_organs", "finetune": {"schedule": {"stepz": 7}}}]
+    with pytest.raises(ConfigError, match=r"'ct_organs' .*schedule\.stepz: unknown key"):
+        expand_plan(BenchConfig.model_validate(bench_dict(tasks=bad)), tmp_path)
+    bad = [{"path": "synth:ct_organs", "finetune": {"budget": 2}}]
+    with pytest.raises(ConfigError, match=r"'ct_organs' finetune\.budget is set by the benchmark"):
+        expand_plan(BenchConfig.model_validate(bench_dict(tasks=bad)), tmp_path)
+
+
 def test_load_config_errors_name_key_and_file(tmp_path: Path) -> None:
     path = write_yaml(tmp_path / "b.yaml", bench_dict(finetune={"crop_size": 32, "bogus": 1}))
     with pytest.raises(ConfigError, match=r"b\.yaml: finetune\.bogus: unknown key"):

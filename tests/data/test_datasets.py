@@ -68,6 +68,24 @@ def test_positive_fraction_and_labels_inside_positive_crops(volumes) -> None:
     assert any(int(dataset[i]["label"].max()) == 0 for i in negatives)
 
 
+def test_class_balanced_centres_reach_small_structures_as_often_as_large_ones(tmp_path: Path) -> None:
+    label = np.zeros((64, 64, 64), np.uint8)
+    label[:24, :24, :24] = 1  # 13,824 voxels
+    label[56:59, 56:59, 56:59] = 2  # 27 voxels, 40+ voxels away: a 16^3 crop never holds both
+    image = np.where(label > 0, 200.0, -100.0).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / "c_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "c.nii.gz"))
+    volume = VolumeCache(tmp_path / "cache").get(tmp_path / "c_0000.nii.gz", tmp_path / "c.nii.gz", "ct", CONFIG)
+
+    def small_share(class_balanced: bool) -> float:
+        dataset = SegmentationCropDataset([volume], 16, seed=0, augment=False, pos_fraction=1.0,
+                                          class_balanced=class_balanced)
+        return float(np.mean([int(dataset[i]["label"].max()) == 2 for i in range(200)]))
+
+    assert small_share(False) < 0.03  # voxel-uniform centres (RandCropByPosNegLabeld): 27 / 13,851
+    assert 0.4 < small_share(True) < 0.6  # class first, then a voxel (RandCropByLabelClassesd)
+
+
 def test_small_volume_is_padded_with_image_minimum_and_background(volumes) -> None:
     dataset = SegmentationCropDataset([volumes[1]], crop_size=32, seed=0, augment=False)
     sample = dataset[0]

@@ -78,3 +78,19 @@ def test_finetune_writes_results_and_is_not_rerun(corpus, tmp_path):
     mtime = (tmp_path / "ft" / "results.json").stat().st_mtime_ns
     assert run_finetune(cfg, tmp_path / "ft") == results
     assert (tmp_path / "ft" / "results.json").stat().st_mtime_ns == mtime
+
+
+def test_segmentation_losses_are_monais() -> None:
+    from monai.losses import DiceCELoss, DiceLoss
+
+    from medssl.train.finetune import SegmentationModule
+
+    model = SwinSegmenter(TINY, out_channels=3, crop_size=32)
+    batch = {"image": torch.randn(1, 1, 32, 32, 32), "label": torch.randint(0, 3, (1, 1, 32, 32, 32))}
+    with torch.no_grad():
+        logits = model(batch["image"])
+        for name, reference in (("dice_ce", DiceCELoss), ("dice", DiceLoss)):
+            got = SegmentationModule(model, name)(batch, step=0)["loss"]
+            assert torch.allclose(got, reference(to_onehot_y=True, softmax=True)(logits, batch["label"]))
+    with pytest.raises(ValueError, match="unknown segmentation loss 'focal'"):
+        SegmentationModule(model, "focal")

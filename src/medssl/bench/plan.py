@@ -16,11 +16,13 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from medssl.config import (
+    FINETUNE_PLANNED_FIELDS,
     BenchConfig,
     FinetuneConfig,
     MethodConfig,
     PretrainConfig,
     config_hash,
+    deep_merge,
     validate_config,
 )
 from medssl.errors import ConfigError
@@ -88,6 +90,7 @@ class ResolvedTask:
     name: str
     path: Path
     synth_kind: str | None
+    finetune: dict[str, Any] = field(default_factory=dict)  # this task's fine-tuning settings
 
 
 # --------------------------------------------------------------------------- layout
@@ -119,7 +122,7 @@ def resolve_tasks(bench: BenchConfig, out: str | Path, source: str | Path | None
         kind = entry.synth_kind
         path = synth_data_dir(out) / kind if kind else Path(entry.path).resolve()
         name = entry.name or kind or path.name
-        tasks.append(ResolvedTask(name=name, path=path, synth_kind=kind))
+        tasks.append(ResolvedTask(name=name, path=path, synth_kind=kind, finetune=entry.finetune))
     names = [t.name for t in tasks]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
@@ -232,14 +235,14 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
         for task in tasks:
             for budget in budgets:
                 for seed in bench.seeds:
-                    section = bench.finetune.model_dump(mode="json")
+                    section = deep_merge(bench.finetune.model_dump(mode="json"), task.finetune)
                     section["schedule"] = {**section["schedule"], "seed": seed}  # a seed varies init and data order
                     data = {**section, "task": str(task.path), "cache_dir": str(cache_dir),
                             "splits_path": str(out / "splits" / f"{task.name}.json"),
                             "encoder_checkpoint": str(checkpoint) if checkpoint else None,
                             "encoder": bench.encoder.model_dump(mode="json"), "budget": budget, "seed": seed,
                             "preprocess": bench.preprocess.model_dump(mode="json")}
-                    config = validate_config(FinetuneConfig, data, where)
+                    config = _task_finetune_config(data, task, where)
                     slug = f"{method.name}-{task.name}-b{budget}-s{seed}"
                     run = PlannedRun("finetune", make_run_id("finetune", slug, config), config,
                                      [pretrain_id] if pretrain_id else [],
@@ -254,6 +257,18 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
     plan = Plan(name=bench.name, out=out, runs=runs)
     write_plan(plan, out / "plan.json")
     return plan
+
+
+def _task_finetune_config(data: dict[str, Any], task: ResolvedTask, where: str | Path) -> FinetuneConfig:
+    planned = sorted(FINETUNE_PLANNED_FIELDS & set(task.finetune))
+    if planned:
+        raise ConfigError(where, f"tasks: '{task.name}' finetune.{planned[0]} is set by the benchmark, not per task")
+    try:
+        return validate_config(FinetuneConfig, data, where)
+    except ConfigError as err:
+        if not task.finetune:
+            raise
+        raise ConfigError(where, f"tasks: '{task.name}' (with its finetune settings): {err.problem}") from None
 
 
 def _cka_runs(

@@ -81,6 +81,10 @@ def _with_channel(array: np.ndarray) -> np.ndarray:
 class SegmentationCropDataset(Dataset):
     """Random labelled crops with positive/negative centres (1:1 by default) and augmentation.
 
+    A positive centre is a foreground voxel drawn uniformly (MONAI's ``RandCropByPosNegLabeld``), so
+    large organs dominate; with ``class_balanced`` the class is drawn uniformly first and then a voxel
+    of it (``RandCropByLabelClassesd`` with equal ratios), so small structures are seen as often.
+
     ``__getitem__(i)`` returns ``{"image": float32 (C, S, S, S), "label": int64 (1, S, S, S)}``.
     """
 
@@ -92,6 +96,7 @@ class SegmentationCropDataset(Dataset):
         augment: bool = True,
         pos_fraction: float = 0.5,
         augmentation: AugmentConfig | None = None,
+        class_balanced: bool = False,
     ) -> None:
         if not volumes:
             raise ValueError("SegmentationCropDataset needs at least one volume")
@@ -104,6 +109,7 @@ class SegmentationCropDataset(Dataset):
         self.seed = int(seed)
         self.augment = augment
         self.pos_fraction = float(pos_fraction)
+        self.class_balanced = class_balanced
         self._augmentation = _segmentation_augmentation(augmentation or AugmentConfig()) if augment else None
 
     def __len__(self) -> int:
@@ -117,11 +123,14 @@ class SegmentationCropDataset(Dataset):
         foreground = volume.foreground() if positive else {}
         if foreground:
             classes = sorted(foreground)
-            # Weighted by true voxel counts: a uniformly drawn foreground voxel, as in
-            # RandCropByPosNegLabel, although only a sample of each class is stored.
-            counts = volume.class_voxels
-            weights = np.array([counts.get(c, len(foreground[c])) for c in classes], dtype=np.float64)
-            chosen = classes[int(rng.choice(len(classes), p=weights / weights.sum()))]
+            if self.class_balanced:
+                chosen = classes[int(rng.integers(len(classes)))]
+            else:
+                # Weighted by true voxel counts: a uniformly drawn foreground voxel, as in
+                # RandCropByPosNegLabel, although only a sample of each class is stored.
+                counts = volume.class_voxels
+                weights = np.array([counts.get(c, len(foreground[c])) for c in classes], dtype=np.float64)
+                chosen = classes[int(rng.choice(len(classes), p=weights / weights.sum()))]
             coords = foreground[chosen]
             centre = coords[int(rng.integers(len(coords)))]
         else:

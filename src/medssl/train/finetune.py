@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from torch import Tensor, nn
 
 from medssl.config import FinetuneConfig, config_hash, dump_yaml
@@ -33,10 +33,15 @@ from medssl.train.session import AlreadyFinished, finish, run_session
 class SegmentationModule(nn.Module):
     """Adapts the segmenter to the loop's ``forward(batch, step) -> {"loss": ...}`` interface."""
 
-    def __init__(self, model: SwinSegmenter) -> None:
+    def __init__(self, model: SwinSegmenter, loss: str = "dice_ce") -> None:
         super().__init__()
         self.model = model
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        if loss == "dice_ce":
+            self.loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
+        elif loss == "dice":
+            self.loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
+        else:
+            raise ValueError(f"unknown segmentation loss '{loss}' (known: dice_ce, dice)")
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         logits = self.model(batch["image"])
@@ -128,8 +133,9 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                         "epoch": step * config.schedule.batch_size / max(len(train_ids), 1)}
 
             dataset = SegmentationCropDataset([volumes[c] for c in train_ids], config.crop_size, seed=config.seed,
-                                              augmentation=config.augment)
-            module = SegmentationModule(model)
+                                              augmentation=config.augment,
+                                              class_balanced=config.crop_sampling == "class_balanced")
+            module = SegmentationModule(model, config.loss)
             result = train(module, dataset, config.schedule, run, info, validate=validate,
                            val_every=config.val_every, description=f"finetune {task.name} b{config.budget}")
             barrier(info)
