@@ -10,15 +10,25 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medssl.errors import ConfigError
 
 Modality = Literal["ct", "mri"]
 Triple = tuple[float, float, float]
+
+
+def _multiple_of_32(v: int) -> int:
+    if v % 32:
+        raise ValueError("crop_size must be a multiple of 32 (five 2x downsamplings)")
+    return v
+
+
+CropSize = Annotated[int, Field(ge=32), AfterValidator(_multiple_of_32)]
+"""A cubic crop's edge in voxels: the encoder halves it five times."""
 
 
 class StrictModel(BaseModel):
@@ -103,16 +113,9 @@ class PretrainConfig(StrictModel):
     method: MethodConfig = Field(default_factory=MethodConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     corpus: Path | None = None
-    crop_size: int = Field(64, ge=32)
+    crop_size: CropSize = 64
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(lr=1e-4, weight_decay=0.05))
-
-    @field_validator("crop_size")
-    @classmethod
-    def _divisible(cls, v: int) -> int:
-        if v % 32:
-            raise ValueError("crop_size must be a multiple of 32 (five 2x downsamplings)")
-        return v
 
 
 class AugmentConfig(StrictModel):
@@ -133,7 +136,7 @@ class FinetuneConfig(StrictModel):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     budget: int | Literal["all"] = "all"
     seed: int = 0
-    crop_size: int = Field(64, ge=32)
+    crop_size: CropSize = 64
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     val_every: int = Field(25, ge=1)
@@ -149,13 +152,6 @@ class FinetuneConfig(StrictModel):
     # RandCropByLabelClassesd with equal ratios) learn small structures in far fewer steps.
     loss: Literal["dice_ce", "dice"] = "dice_ce"
     crop_sampling: Literal["pos_neg", "class_balanced"] = "pos_neg"
-
-    @field_validator("crop_size")
-    @classmethod
-    def _divisible(cls, v: int) -> int:
-        if v % 32:
-            raise ValueError("crop_size must be a multiple of 32 (five 2x downsamplings)")
-        return v
 
 
 # --------------------------------------------------------------------------- helpers
@@ -273,7 +269,7 @@ def _section_model(name: str, source: type[StrictModel], exclude: set[str], doc:
 
     Derived rather than copied so a field added to PretrainConfig/FinetuneConfig is settable from a
     benchmark YAML at once; the full per-run config is validated again when the plan is built, so
-    ``source``'s own validators (e.g. crop_size divisible by 32) still apply.
+    ``source``'s validators that span several fields still apply.
     """
     from pydantic import create_model  # kept local: the bench section is appended to this module
 
@@ -343,7 +339,7 @@ class BenchTaskConfig(StrictModel):
 class BenchCKAConfig(StrictModel):
     enabled: bool = True
     n_crops: int = Field(8, ge=2)
-    crop_size: int = Field(32, ge=32)
+    crop_size: CropSize = 32
     batch_size: int = Field(4, ge=1)  # crops per minibatch-CKA batch (and per forward pass)
     tasks: list[str] | None = None  # task names to analyse (None: every task)
 

@@ -26,11 +26,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from medssl import __version__
-from medssl.config import PreprocessConfig, StrictModel, config_hash, dump_yaml, validate_config
+from medssl.config import CropSize, PreprocessConfig, StrictModel, config_hash, dump_yaml, validate_config
 from medssl.errors import MedsslInputError, describe_error
 from medssl.models.checkpoint import load_encoder, load_segmenter, safe_torch_load
 from medssl.runs import RunDir
@@ -423,20 +423,13 @@ class CKAConfig(StrictModel):
     model_b: Path
     task: Path
     n_crops: int = Field(16, ge=1)
-    crop_size: int = Field(32, ge=32)
+    crop_size: CropSize = 32
     batch_size: int = Field(4, ge=1)
     max_tokens: int = Field(64, ge=1)
     seed: int = 0
     comparison: Literal["pretrained_vs_finetuned", "fewshot_vs_manyshot", "custom"] = "custom"
     method: str | None = None
     cases: list[str] | None = None
-
-    @field_validator("crop_size")
-    @classmethod
-    def _divisible(cls, v: int) -> int:
-        if v % 32:
-            raise ValueError("crop_size must be a multiple of 32 (five 2x downsamplings)")
-        return v
 
 
 def run_cka(
