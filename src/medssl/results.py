@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from medssl.errors import MedsslInputError
 from medssl.fileio import atomic_path, atomic_write_text
@@ -270,6 +271,51 @@ def curves_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
     return frame.sort_values(["task", "method", "budget", "seed", "step"], kind="stable", ignore_index=True)
 
 
+RECIPE_FIELDS = {  # column -> path in a fine-tuning run's config.yaml
+    "steps": ("schedule", "steps"),
+    "batch_size": ("schedule", "batch_size"),
+    "lr": ("schedule", "lr"),
+    "min_lr": ("schedule", "min_lr"),
+    "warmup_steps": ("schedule", "warmup_steps"),
+    "loss": ("loss",),
+    "crop_sampling": ("crop_sampling",),
+    "crop_size": ("crop_size",),
+    "flip_prob": ("augment", "flip_prob"),
+    "rot90_prob": ("augment", "rot90_prob"),
+    "val_every": ("val_every",),
+    "sw_overlap": ("sw_overlap",),
+}
+
+
+def _config_value(config: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = config
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def finetune_recipes(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
+    """The fine-tuning recipes in use, per task, read from each run's ``config.yaml``: one row per
+    distinct (task, recipe) with the number of runs, so a reader sees what every encoder was given."""
+    rows = []
+    for run in _as_collection(runs_root).finetune:
+        try:
+            config = yaml.safe_load(run.run.config_path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            config = None
+        config = config if isinstance(config, dict) else {}
+        row = {"task": str(run.get("task", "unknown"))}
+        row.update({column: _config_value(config, path) for column, path in RECIPE_FIELDS.items()})
+        rows.append({k: ("not recorded" if v is None else str(v)) for k, v in row.items()})
+    columns = ["task", *RECIPE_FIELDS]
+    if not rows:
+        return pd.DataFrame(columns=[*columns, "runs"])
+    frame = pd.DataFrame(rows, columns=columns)
+    return frame.groupby(columns, sort=True).size().reset_index(name="runs")
+
+
 def pretrain_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
     """One row per finished pretraining run (``PRETRAIN_COLUMNS``), collapse verdict included."""
     rows = []
@@ -390,6 +436,7 @@ def provenance(runs_root: RunsRoot | RunCollection) -> dict[str, Any]:
             {str(run.info.get(k)) for run in collection.all_runs() for k in ("hardware", "device") if run.info.get(k)}
         ),
         "runs": runs,
+        "finetune_recipes": finetune_recipes(collection).to_dict(orient="records"),
         "n_runs": {kind: len(collection.runs[kind]) for kind in KINDS},
         "wall_seconds": wall,
         "not_finished": dict(collection.not_finished),

@@ -13,6 +13,7 @@ from medssl.results import (
     RESULT_COLUMNS,
     cka_runs,
     curves_table,
+    finetune_recipes,
     pretrain_curves,
     pretrain_table,
     provenance,
@@ -132,6 +133,25 @@ def test_provenance(fake_runs: Path) -> None:
     assert len(prov["runs"]) == 15
     assert all(len(r["config_hash"]) == 12 for r in prov["runs"].values())
     assert prov["code_versions"] == ["0.1.0"]
+
+
+def test_finetune_recipes_come_from_each_runs_config(fake, tmp_path: Path) -> None:
+    from medssl.config import FinetuneConfig, dump_yaml
+
+    runs = tmp_path / "runs"
+    organs = FinetuneConfig(crop_size=32, loss="dice", crop_sampling="class_balanced")
+    organs.schedule.steps = 96
+    for method in ("none", "simmim"):
+        run = fake.write_finetune_run(runs, method, "ct_organs", "all")
+        atomic_write_text(run.config_path, dump_yaml(organs))
+    fake.write_finetune_run(runs, "none", "mri_organs", "all")  # its config.yaml records no recipe
+
+    recipes = finetune_recipes(runs).set_index("task")
+    assert recipes.loc["ct_organs", "runs"] == 2  # both encoders share one recipe row
+    assert recipes.loc["ct_organs", ["steps", "loss", "crop_sampling", "crop_size"]].tolist() == [
+        "96", "dice", "class_balanced", "32"]
+    assert recipes.loc["mri_organs", "steps"] == "not recorded"
+    assert provenance(runs)["finetune_recipes"] == finetune_recipes(runs).to_dict(orient="records")
 
 
 def test_write_tables(fake_runs: Path, tmp_path: Path) -> None:

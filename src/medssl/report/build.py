@@ -457,6 +457,12 @@ def section_provenance(ctx: ReportContext) -> Section:
     )
     wall["wall time"] = wall["wall seconds"].map(_hms)
     section.add(frame_table(wall, "Wall time per stage (sum over finished runs).", index="stage"))
+    recipes = pd.DataFrame(prov["finetune_recipes"])
+    if not recipes.empty:
+        section.add(
+            frame_table(recipes, "Fine-tuning recipe per task, from each run's config.yaml (every encoder "
+                        "of a task should share one row).", index="task")
+        )
     section.add(Paragraph("Code versions: " + (", ".join(prov["code_versions"]) or "not recorded") + "."))
     if prov["run_hardware"]:
         section.add(Paragraph("Hardware recorded by the runs: " + "; ".join(prov["run_hardware"]) + "."))
