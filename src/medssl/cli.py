@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from medssl.errors import MedsslInputError
+from medssl.errors import MedsslInputError, describe_error
 
 app = typer.Typer(
     name="medssl",
@@ -270,8 +270,7 @@ def main() -> None:
             sys.exit(2)
         if _state["debug"]:
             raise
-        text = " ".join(str(err).split())[:400]
-        typer.echo(f"error: {type(err).__name__}: {text} (run with --debug for the traceback)", err=True)
+        typer.echo(f"error: {describe_error(err, limit=450)} (run with --debug for the traceback)", err=True)
         sys.exit(1)
 
 

@@ -23,7 +23,7 @@ Triple = tuple[float, float, float]
 
 def _multiple_of_32(v: int) -> int:
     if v % 32:
-        raise ValueError("crop_size must be a multiple of 32 (five 2x downsamplings)")
+        raise ValueError("must be a multiple of 32 (the encoder downsamples 32x)")
     return v
 
 

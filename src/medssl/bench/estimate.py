@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from medssl.config import EncoderConfig, FinetuneConfig, MethodConfig, PretrainConfig
+from medssl.errors import describe_error
 from medssl.runs import RunDir, list_runs
 
 from .plan import Plan, PlannedRun, runs_root
@@ -117,27 +118,28 @@ def time_pretrain_step(method: MethodConfig, encoder: EncoderConfig, crop_size: 
 
 
 def time_finetune_step(encoder: EncoderConfig, crop_size: int, batch_size: int, out_channels: int = 2,
-                       steps: int = 2, device: Any = None) -> float:
-    """Seconds per optimiser step of the segmenter (DiceCE) on random crops."""
+                       steps: int = 2, device: Any = None, loss: str = "dice_ce") -> float:
+    """Seconds per optimiser step of the fine-tuning module (segmenter + ``loss``) on random crops."""
     import torch
-    from monai.losses import DiceCELoss
 
     from medssl.models.segmenter import SwinSegmenter
+    from medssl.train.finetune import SegmentationModule
 
     device = device or _device()
     torch.manual_seed(0)
-    model = SwinSegmenter(encoder, out_channels, crop_size=crop_size).to(device)
-    image = torch.rand(batch_size, encoder.in_channels, crop_size, crop_size, crop_size, device=device)
-    label = torch.randint(0, out_channels, (batch_size, 1, crop_size, crop_size, crop_size), device=device)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    module = SegmentationModule(SwinSegmenter(encoder, out_channels, crop_size=crop_size), loss).to(device)
+    batch = {
+        "image": torch.rand(batch_size, encoder.in_channels, crop_size, crop_size, crop_size, device=device),
+        "label": torch.randint(0, out_channels, (batch_size, 1, crop_size, crop_size, crop_size), device=device),
+    }
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
 
     def step(i: int) -> None:
-        loss_fn(model(image), label).backward()
+        module(batch, i)["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    model.train()
+    module.train()
     return _time_steps(step, steps, device)
 
 
@@ -203,6 +205,6 @@ def _measure(run: PlannedRun, steps: int) -> float | str:
             return time_pretrain_step(config.method, config.encoder, config.crop_size, config.schedule.batch_size,
                                       steps=steps)
         return time_finetune_step(config.encoder, config.crop_size, config.schedule.batch_size,
-                                  out_channels=_n_classes(config.task), steps=steps)
+                                  out_channels=_n_classes(config.task), steps=steps, loss=config.loss)
     except Exception as err:  # noqa: BLE001 - an estimate must not stop the dry run
-        return f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
+        return describe_error(err, limit=160)

@@ -73,9 +73,6 @@ class RunFailed(RuntimeError):
     """A run ended without finishing; the message is the run's one-line error."""
 
 
-one_line = describe_error  # the name the executors and their tests use
-
-
 # --------------------------------------------------------------------------- running one run
 
 
@@ -162,7 +159,7 @@ def execute_run(run: PlannedRun, out: str | Path, runner: Runner | None = None) 
             except RunLockedError:
                 return None
             except Exception as err:  # noqa: BLE001 - any failure of one run is recorded, others go on
-                return _failed(run, rd, one_line(err), started)
+                return _failed(run, rd, describe_error(err), started)
             if not rd.is_finished():
                 return _failed(run, rd, "run returned without writing results", started)
             seconds = time.time() - started
@@ -226,6 +223,11 @@ class Schedule:
                         break
         return skipped
 
+    def settle(self, log: Callable[[str], None]) -> None:
+        """Skip the runs a failure blocks and say so."""
+        for outcome in self.skip_blocked():
+            _report(outcome, self.by_id[outcome.run_id], log)
+
     def ready(self, exclude: set[str] | None = None) -> list[PlannedRun]:
         exclude = exclude or set()
         return [r for r in self.open_runs() if r.run_id not in exclude
@@ -268,15 +270,10 @@ class LocalExecutor:
             self._run_workers(schedule, Path(out))
         return schedule.summary
 
-    def _settle(self, schedule: Schedule) -> None:
-        by_id = schedule.plan.by_id()
-        for outcome in schedule.skip_blocked():
-            _report(outcome, by_id[outcome.run_id], self.log)
-
     def _run_serial(self, schedule: Schedule, out: Path) -> None:
-        by_id = schedule.plan.by_id()
+        by_id = schedule.by_id
         while True:
-            self._settle(schedule)
+            schedule.settle(self.log)
             if schedule.done():
                 return
             progressed = False
@@ -292,7 +289,7 @@ class LocalExecutor:
                 time.sleep(self.poll_seconds)
 
     def _run_workers(self, schedule: Schedule, out: Path) -> None:
-        by_id = schedule.plan.by_id()
+        by_id = schedule.by_id
         ctx = multiprocessing.get_context("spawn")
         results: Any = ctx.Queue()
         threads = max(1, _cpu_count() // self.workers)
@@ -310,7 +307,7 @@ class LocalExecutor:
             workers = [start(i) for i in range(self.workers)]
             retry_after: dict[str, float] = {}
             while True:
-                self._settle(schedule)
+                schedule.settle(self.log)
                 if schedule.done():
                     return
                 inflight = {w.run_id for w in workers if w.run_id}
@@ -390,7 +387,7 @@ def _worker_main(
         except KeyboardInterrupt:
             return
         except Exception as err:  # noqa: BLE001 - report, never die silently
-            outcome = RunOutcome(run.run_id, run.kind, "failed", error=one_line(err))
+            outcome = RunOutcome(run.run_id, run.kind, "failed", error=describe_error(err))
         results.put((index, run.run_id, outcome))
 
 
@@ -485,10 +482,10 @@ class SlurmExecutor:
         return jobs
 
     def _wait(self, executor: Any, schedule: Schedule, out: Path, jobs: dict[str, Any]) -> None:
-        by_id = schedule.plan.by_id()
+        by_id = schedule.by_id
         submit_when_ready = not jobs  # the local cluster: submit what is ready, wait, repeat
         while True:
-            self._settle_skips(schedule)
+            schedule.settle(self.log)
             if schedule.done():
                 return
             if submit_when_ready:
@@ -499,7 +496,7 @@ class SlurmExecutor:
                 time.sleep(self.poll_seconds)
                 continue
             for run_id, job in pending.items():
-                self._settle_skips(schedule)
+                schedule.settle(self.log)
                 if run_id in schedule.summary.outcomes:
                     continue  # a dependency failed: SLURM cancels this job (kill-on-invalid-dep)
                 if job.done():
@@ -507,10 +504,6 @@ class SlurmExecutor:
                     schedule.record(outcome)
                     _report(outcome, by_id[run_id], self.log)
             time.sleep(self.poll_seconds)
-
-    def _settle_skips(self, schedule: Schedule) -> None:
-        for outcome in schedule.skip_blocked():
-            _report(outcome, schedule.by_id[outcome.run_id], self.log)
 
     def _collect(self, run: PlannedRun, job: Any, out: Path) -> RunOutcome:
         try:

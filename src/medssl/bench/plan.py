@@ -30,7 +30,6 @@ from medssl.runs import RunDir, atomic_write_json
 
 STAGES = ("pretrain", "finetune", "cka")
 RANDOM_INIT = "none"
-COMPARISONS = ("pretrained_vs_finetuned", "fewshot_vs_manyshot")
 _COMPARISON_SLUGS = {"pretrained_vs_finetuned": "pvf", "fewshot_vs_manyshot": "fvm"}
 
 Budget = int | Literal["all"]

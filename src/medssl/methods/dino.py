@@ -19,7 +19,7 @@ import torch.distributed as dist
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from medssl.config import StrictModel
+from medssl.config import CropSize, StrictModel
 from medssl.data.multicrop import local_crop_size, multicrop_views
 from medssl.methods.base import (
     EMATeacher,
@@ -90,7 +90,7 @@ class DistillationParams(StrictModel):
 
 class DINOParams(DistillationParams):
     n_local_crops: int = Field(8, ge=0)
-    local_size: int | None = Field(None, description="None: crop_size // 2 rounded down to a multiple of 32")
+    local_size: CropSize | None = Field(None, description="None: crop_size // 2 rounded down to a multiple of 32")
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     global_blur_prob: tuple[float, float] = (1.0, 0.1)
@@ -98,8 +98,6 @@ class DINOParams(DistillationParams):
 
     @model_validator(mode="after")
     def _check(self) -> DINOParams:
-        if self.local_size is not None and (self.local_size < 32 or self.local_size % 32):
-            raise ValueError("local_size must be a multiple of 32 (the encoder downsamples 32x)")
         for name in ("global_crop_scale", "local_crop_scale"):
             lo, hi = getattr(self, name)
             if not 0.0 < lo <= hi <= 1.0:
