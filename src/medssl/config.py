@@ -152,6 +152,19 @@ class FinetuneConfig(StrictModel):
     # RandCropByLabelClassesd with equal ratios) learn small structures in far fewer steps.
     loss: Literal["dice_ce", "dice"] = "dice_ce"
     crop_sampling: Literal["pos_neg", "class_balanced"] = "pos_neg"
+    # Options for fine-tuning pretrained transformers (DESIGN §7), off by default, the same for every
+    # encoder of a benchmark. The encoder (``swinViT.*``) learns at ``encoder_lr_scale`` x the scheduled lr;
+    # ``layer_decay`` < 1 scales it further per Swin block as SimMIM's fine-tuning does
+    # (microsoft/SimMIM ``optimizer.py``: ``get_swin_layer`` / ``build_finetune_optimizer``: block b of
+    # L gets decay**(L + 1 - b), the patch embedding decay**(L + 1), the decoder 1).
+    encoder_lr_scale: float = Field(1.0, gt=0, le=10.0)
+    layer_decay: float = Field(1.0, gt=0, le=1.0)
+    # Decoder first: the encoder's weights are held (no gradient, no optimiser update) for this many steps.
+    freeze_encoder_steps: int = Field(0, ge=0)
+    # Stop when validation Dice has not improved by ``early_stop_min_delta`` for this many validations
+    # (None: never); the run records where it stopped, and its curve ends there.
+    early_stop_patience: int | None = Field(None, ge=1)
+    early_stop_min_delta: float = Field(0.0, ge=0.0)
 
 
 # --------------------------------------------------------------------------- helpers

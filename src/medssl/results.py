@@ -284,16 +284,21 @@ RECIPE_FIELDS = {  # column -> path in a fine-tuning run's config.yaml
     "rot90_prob": ("augment", "rot90_prob"),
     "val_every": ("val_every",),
     "sw_overlap": ("sw_overlap",),
+    "encoder_lr_scale": ("encoder_lr_scale",),
+    "layer_decay": ("layer_decay",),
+    "freeze_encoder_steps": ("freeze_encoder_steps",),
+    "early_stop_patience": ("early_stop_patience",),
 }
 
 
 def _config_value(config: dict[str, Any], path: tuple[str, ...]) -> Any:
+    """The value at ``path`` ("off" for a recorded null), or None when the config does not record it."""
     node: Any = config
     for key in path:
         if not isinstance(node, dict) or key not in node:
             return None
         node = node[key]
-    return node
+    return "off" if node is None else node
 
 
 def finetune_recipes(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:

@@ -26,16 +26,55 @@ from medssl.models.checkpoint import load_encoder_state, read_encoder_checkpoint
 from medssl.models.segmenter import SwinSegmenter, resolve_norm
 from medssl.runs import RunDir
 from medssl.train.distributed import DistInfo, barrier, init_distributed
-from medssl.train.loop import train
+from medssl.train.loop import param_groups, train
 from medssl.train.session import AlreadyFinished, finish, run_session
+
+ENCODER_PREFIX = "model.swinViT."
+
+
+def swin_layer_id(name: str, depths: list[int] | tuple[int, ...]) -> int:
+    """Layer index of an encoder parameter for layer-wise lr decay, as SimMIM's ``get_swin_layer``
+    (microsoft/SimMIM ``optimizer.py``) on MONAI's key names: the patch embedding and mask token are
+    layer 0, block ``j`` of stage ``s`` (1-based ``layers{s}.0.blocks.{j}``) is ``sum(depths[:s-1]) + j + 1``,
+    a stage's patch merging belongs to its last block, anything else (final norms) to the top layer."""
+    parts = name.split(".")
+    if parts[0] in ("patch_embed", "mask_token", "pos_drop"):
+        return 0
+    if parts[0].startswith("layers") and parts[0][6:].isdigit() and len(parts) > 3:
+        stage = int(parts[0][6:]) - 1
+        if parts[2] == "blocks":
+            return sum(depths[:stage]) + int(parts[3]) + 1
+        return sum(depths[: stage + 1])  # downsample (patch merging) of the stage
+    return sum(depths) + 1
+
+
+def plateau_reached(curve: list[float], patience: int, min_delta: float = 0.0) -> bool:
+    """True when the last ``patience`` validations did not beat the best before them by ``min_delta``."""
+    best, since = float("-inf"), 0
+    for value in curve:
+        if value > best + min_delta:
+            best, since = value, 0
+        else:
+            since += 1
+    return since >= patience
 
 
 class SegmentationModule(nn.Module):
-    """Adapts the segmenter to the loop's ``forward(batch, step) -> {"loss": ...}`` interface."""
+    """Adapts the segmenter to the loop's ``forward(batch, step) -> {"loss": ...}`` interface.
 
-    def __init__(self, model: SwinSegmenter, loss: str = "dice_ce") -> None:
+    It also carries the fine-tuning options for pretrained transformers: per-parameter learning-rate
+    multipliers (``encoder_lr_scale`` times SimMIM-style layer decay) through the loop's
+    ``param_groups`` hook, and a frozen-encoder warm phase through ``cancel_gradients``: during the
+    first ``freeze_encoder_steps`` steps the encoder's gradients are dropped, so AdamW neither moves
+    its weights nor accumulates moments for them (decoder first, then everything)."""
+
+    def __init__(self, model: SwinSegmenter, loss: str = "dice_ce", encoder_lr_scale: float = 1.0,
+                 layer_decay: float = 1.0, freeze_encoder_steps: int = 0) -> None:
         super().__init__()
         self.model = model
+        self.encoder_lr_scale = encoder_lr_scale
+        self.layer_decay = layer_decay
+        self.freeze_encoder_steps = freeze_encoder_steps
         if loss == "dice_ce":
             self.loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
         elif loss == "dice":
@@ -47,6 +86,22 @@ class SegmentationModule(nn.Module):
         logits = self.model(batch["image"])
         loss = self.loss_fn(logits, batch["label"])
         return {"loss": loss}
+
+    def lr_scale(self, name: str) -> float:
+        """Learning-rate multiplier of parameter ``name`` (1 for the decoder)."""
+        if not name.startswith(ENCODER_PREFIX):
+            return 1.0
+        depths = self.model.encoder_config.depths
+        top = sum(depths) + 1
+        return self.encoder_lr_scale * self.layer_decay ** (top - swin_layer_id(name[len(ENCODER_PREFIX):], depths))
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        return param_groups(self, weight_decay, lr_scale=self.lr_scale)
+
+    def cancel_gradients(self, step: int) -> None:
+        if step < self.freeze_encoder_steps:
+            for p in self.model.swinViT.parameters():
+                p.grad = None
 
 
 def _budget_label(budget: int | str) -> str:
@@ -116,6 +171,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
             best_path = run.checkpoint_dir / "best.pt"
             prior = [r for r in run.read_metrics() if "val_dice" in r]
             best = {"dice": max((r["val_dice"] for r in prior), default=-1.0)}
+            val_history = [r["val_dice"] for r in prior]
 
             def validate(module: SegmentationModule, step: int) -> dict[str, Any]:
                 per_structure: dict[str, list[float]] = {}
@@ -129,13 +185,20 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 if score > best["dice"]:
                     best["dice"] = score
                     save_segmenter(best_path, module.model, {**seg_meta, "step": step, "val_dice": score})
-                return {"val_dice": score, "val_dice_per_structure": means,
-                        "epoch": step * config.schedule.batch_size / max(len(train_ids), 1)}
+                val_history.append(score)
+                record: dict[str, Any] = {"val_dice": score, "val_dice_per_structure": means,
+                                          "epoch": step * config.schedule.batch_size / max(len(train_ids), 1)}
+                if config.early_stop_patience is not None and plateau_reached(
+                        val_history, config.early_stop_patience, config.early_stop_min_delta):
+                    record["stop"] = True
+                return record
 
             dataset = SegmentationCropDataset([volumes[c] for c in train_ids], config.crop_size, seed=config.seed,
                                               augmentation=config.augment,
                                               class_balanced=config.crop_sampling == "class_balanced")
-            module = SegmentationModule(model, config.loss)
+            module = SegmentationModule(model, config.loss, encoder_lr_scale=config.encoder_lr_scale,
+                                        layer_decay=config.layer_decay,
+                                        freeze_encoder_steps=config.freeze_encoder_steps)
             result = train(module, dataset, config.schedule, run, info, validate=validate,
                            val_every=config.val_every, description=f"finetune {task.name} b{config.budget}")
             barrier(info)
@@ -165,7 +228,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 "best_val_dice": best_rec["val_dice"] if best_rec else None,
                 "model": str(best_path.relative_to(run.path)),
                 "wall_seconds": time.time() - started, "step_seconds": result.step_seconds,
-                "steps": config.schedule.steps,
+                "steps": config.schedule.steps, "steps_run": result.steps,
+                "stopped_early_at": result.stopped_at, "early_stop_patience": config.early_stop_patience,
                 "norm": str(resolve_norm(config.norm, config.crop_size, encoder_config.feature_size)),
             }
             finish(run, info, results)

@@ -29,7 +29,7 @@ from medssl.data.datasets import StepSampler
 from medssl.methods.base import cosine_schedule, schedule_at
 from medssl.models.checkpoint import atomic_torch_save, safe_torch_load
 from medssl.runs import RunDir
-from medssl.train.distributed import DistInfo, all_reduce_mean, barrier
+from medssl.train.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object
 
 Validator = Callable[[nn.Module, int], dict[str, Any]]
 
@@ -45,22 +45,30 @@ class LoopResult:
     step_seconds: float
     last_metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: int = 0
+    stopped_at: int | None = None  # the step after which an early stop ended the run
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms, tokens and position tables (standard for ViT/Swin)."""
-    decay, no_decay = [], []
+def param_groups(
+    module: nn.Module, weight_decay: float, lr_scale: Callable[[str], float] | None = None
+) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms, tokens and position tables (standard for ViT/Swin).
+
+    ``lr_scale(name)`` gives a parameter's learning-rate multiplier (layer-wise decay, a slower
+    encoder); parameters are grouped by (decay, multiplier) and each group carries ``lr_scale``,
+    which the loop applies to the scheduled learning rate at every step."""
+    groups: dict[tuple[bool, float], dict[str, Any]] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or "token" in name or "position" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "apply_wd": True},
-        {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
-    ]
+        apply_wd = not (p.ndim <= 1 or name.endswith(".bias") or "token" in name or "position" in name)
+        scale = float(lr_scale(name)) if lr_scale is not None else 1.0
+        group = groups.setdefault((apply_wd, scale), {
+            "params": [], "weight_decay": weight_decay if apply_wd else 0.0, "apply_wd": apply_wd, "lr_scale": scale,
+        })
+        group["params"].append(p)
+    if not groups:  # keep the optimiser constructible for a module without trainable parameters
+        return [{"params": [], "weight_decay": weight_decay, "apply_wd": True, "lr_scale": 1.0}]
+    return [groups[key] for key in sorted(groups, key=lambda k: (not k[0], -k[1]))]
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -128,7 +136,8 @@ def train(
             ddp_kwargs["device_ids"] = [device.index]
         module = nn.parallel.DistributedDataParallel(module, **ddp_kwargs)
 
-    groups = param_groups(raw, schedule.weight_decay)
+    groups = raw.param_groups(schedule.weight_decay) if hasattr(raw, "param_groups") else param_groups(
+        raw, schedule.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay)
     lr_at = cosine_schedule(schedule.lr, schedule.min_lr, total, schedule.warmup_steps)
     wd_end = schedule.weight_decay if schedule.weight_decay_end is None else schedule.weight_decay_end
@@ -137,25 +146,31 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     start = 0
+    stopped_at: int | None = None
     if run.last_checkpoint.exists():
         state = safe_torch_load(run.last_checkpoint)
         raw.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start = int(state["step"])
+        stopped_at = state.get("stopped_at")
         if info.is_main:
             run.truncate_metrics_after(start)
             run.log(f"resumed from step {start}")
     barrier(info)
 
-    def save_checkpoint(step: int) -> None:
+    def save_checkpoint(step: int, stopped: bool = False) -> None:
         if info.is_main:
             atomic_torch_save(
                 {"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "step": step},
+                 "scaler": scaler.state_dict(), "step": step, "stopped_at": step if stopped else None},
                 run.last_checkpoint,
             )
         barrier(info)
+
+    if stopped_at is not None:  # an early stop already ended this run; it is not trained further
+        return LoopResult(steps=int(stopped_at), wall_seconds=0.0, step_seconds=0.0, resumed_from=start,
+                          stopped_at=int(stopped_at))
 
     loader = DataLoader(
         dataset,
@@ -180,7 +195,7 @@ def train(
             # Per-step seed: any randomness inside forward (dropout, drop path) replays after resume.
             torch.manual_seed(int(np.random.SeedSequence([schedule.seed, step, info.rank]).generate_state(1)[0]))
             for group in optimizer.param_groups:
-                group["lr"] = schedule_at(lr_at, step)
+                group["lr"] = schedule_at(lr_at, step) * group.get("lr_scale", 1.0)
                 if group.get("apply_wd"):
                     group["weight_decay"] = schedule_at(wd_at, step)
             batch = _to_device(batch, device)
@@ -222,15 +237,23 @@ def train(
                 module.eval()
                 val = validate(raw, done) if info.is_main else {}
                 module.train()
+                stop = bool(val.pop("stop", False)) if info.is_main else False
                 if info.is_main and val:
                     run.append_metrics({"step": done, **val})
+                if broadcast_object(stop, info) and done < total:
+                    stopped_at = done
+                    save_checkpoint(done, stopped=True)
+                    if info.is_main:
+                        run.log(f"early stop after step {done}: validation plateau")
+                    break
                 barrier(info)
             if done % schedule.checkpoint_every == 0 or done == total:
                 save_checkpoint(done)
             if bar is not None:
                 bar.update(task, completed=done, info=f"loss {float(loss.detach()):.4f}")
     wall = time.perf_counter() - t_start
-    steps_done = max(total - start, 0)
+    end = total if stopped_at is None else stopped_at
+    steps_done = max(end - start, 0)
     step_seconds = train_time / timed_steps if timed_steps else (wall / steps_done if steps_done else 0.0)
-    return LoopResult(steps=total, wall_seconds=wall, step_seconds=step_seconds, last_metrics=last,
-                      resumed_from=start)
+    return LoopResult(steps=end, wall_seconds=wall, step_seconds=step_seconds, last_metrics=last,
+                      resumed_from=start, stopped_at=stopped_at)
