@@ -217,13 +217,16 @@ def data_ingest(
     out: Path = typer.Option(..., "--out", help="Corpus directory to create or extend."),
     config: Path | None = typer.Option(None, "--config", help="PreprocessConfig YAML."),
     overrides: list[str] = typer.Option([], "--set", help="Preprocessing overrides, e.g. --set spacing=[2,2,2]"),
+    workers: int = typer.Option(1, "--workers", min=1, max=256,
+                                help="Scans decoded in parallel (processes). A killed ingest resumes: cached "
+                                     "scans are not decoded again."),
 ) -> None:
     """Preprocess a folder of scans into a pretraining corpus with a manifest."""
     from medssl.config import PreprocessConfig, load_config
     from medssl.data.corpus import ingest_corpus
 
     pre = load_config(PreprocessConfig, config, overrides)
-    corpus = ingest_corpus(list(src), out, pre)
+    corpus = ingest_corpus(list(src), out, pre, workers=workers)
     skipped = getattr(corpus, "skipped", [])
     _echo(f"corpus: {out} ({len(corpus)} volumes, {len(skipped)} skipped)")
     for item in skipped:
