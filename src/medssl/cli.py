@@ -256,7 +256,8 @@ def data_convert(
     """Convert a public dataset's own layout into the nnU-Net v2 raw layout (resumable)."""
     from medssl.data.convert import convert_dataset
 
-    summary = convert_dataset(kind, src, out, modality=modality.value if modality else None)
+    summary = convert_dataset(kind, src, out, modality=modality.value if modality else None,
+                              progress=lambda case: _echo(f"converted {case}"))
     for line in summary.skipped:
         _echo(f"skipped {line}")
     _echo(f"{out}: {summary.n_training} cases ({len(summary.converted)} converted, "

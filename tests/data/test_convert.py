@@ -345,3 +345,15 @@ def test_msd_4d_images_split_into_channels(tmp_path, capsys, monkeypatch):
     nib.save(nib.Nifti1Image(images["BRATS_002"][..., 0], AFFINE), str(root / "imagesTr/BRATS_002.nii.gz"))
     code, _, err = run_cli(["data", "convert", "msd", root, "--out", tmp_path / "o"], capsys, monkeypatch)
     assert code == 2 and "BRATS_002.nii.gz" in one_error_line(err)
+
+
+def test_a_symlink_out_of_the_dataset_is_refused(tmp_path, capsys, monkeypatch):
+    make_btcv(tmp_path / "btcv", n=1)
+    outside = tmp_path / "elsewhere.nii.gz"
+    write_nifti(outside, blocks([1]), AFFINE)
+    link = tmp_path / "btcv/RawData/Training/img/img0002.nii.gz"
+    link.symlink_to(outside)
+    write_nifti(tmp_path / "btcv/RawData/Training/label/label0002.nii.gz", blocks([1]), AFFINE)
+    code, _, err = run_cli(["data", "convert", "btcv", tmp_path / "btcv", "--out", tmp_path / "o"], capsys,
+                           monkeypatch)
+    assert code == 2 and str(link) in one_error_line(err) and "outside the dataset folder" in err

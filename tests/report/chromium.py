@@ -55,6 +55,10 @@ LAYOUT_SCRIPT = """
 
 
 def find_chromium() -> str | None:
+    """The browser binary: ``$MEDSSL_CHROMIUM`` when set (a path; empty means none), else the first found."""
+    if "MEDSSL_CHROMIUM" in os.environ:
+        chosen = os.environ["MEDSSL_CHROMIUM"]
+        return chosen if chosen and shutil.which(chosen) else None
     for candidate in CHROMIUM_CANDIDATES:
         path = shutil.which(candidate)
         if path:
