@@ -88,6 +88,8 @@ def test_btcv_converts_with_swinunetr_label_names(tmp_path, capsys, monkeypatch)
     printed = convert(["btcv", tmp_path / "btcv", "--out", out], capsys, monkeypatch)
     assert "2 cases (2 converted, 0 already done)" in printed
     dataset = converted(out)
+    code, printed, _ = run_cli(["data", "check", out], capsys, monkeypatch)
+    assert code == 0 and printed.strip() == f"ok: {out}"
     assert dataset["labels"] == btcv.LABELS and dataset["labels"]["IVC"] == 9 and dataset["labels"]["lad"] == 13
     assert dataset["channel_names"] == {"0": "CT"} and dataset["numTraining"] == 2
     assert dataset["file_ending"] == ".nii.gz"
