@@ -249,6 +249,24 @@ def data_check(path: Path = typer.Argument(..., help="A task folder, a folder of
     _echo(f"ok: {path}")
 
 
+@data_app.command("convert")
+def data_convert(
+    kind: str = typer.Argument(..., help="btcv, amos, kits, brats, hanseg or msd (see the README's table)."),
+    src: Path = typer.Argument(..., help="The dataset folder as it ships."),
+    out: Path = typer.Option(..., "--out", help="nnU-Net v2 raw folder to write (or resume)."),
+    modality: Modality | None = typer.Option(None, "--modality", help="AMOS: convert its CT or its MRI cases."),
+) -> None:
+    """Convert a public dataset's own layout into the nnU-Net v2 raw layout (resumable)."""
+    from medssl.data.convert import convert_dataset
+
+    summary = convert_dataset(kind, src, out, modality=modality.value if modality else None,
+                              progress=lambda case: _echo(f"converted {case}"))
+    for line in summary.skipped:
+        _echo(f"skipped {line}")
+    _echo(f"{out}: {summary.n_training} cases ({len(summary.converted)} converted, "
+          f"{len(summary.resumed)} already done); check with 'medssl data check {out}'")
+
+
 def main() -> None:
     """Console-script entry: one-line errors, exit 2 for bad input, 1 for anything else."""
     try:
