@@ -54,6 +54,7 @@ class Modality(str, Enum):
 
 class ExportFormat(str, Enum):
     monai = "monai"
+    monai_bundle = "monai-bundle"
 
 
 OVERRIDES = typer.Argument(None, help="Config overrides, e.g. schedule.steps=100 encoder.preset=base")
@@ -168,13 +169,21 @@ def cka(
 
 @app.command()
 def export(
-    ckpt: Path = typer.Argument(..., help="Encoder checkpoint."),
+    ckpt: Path = typer.Argument(..., help="Encoder checkpoint (or, for monai-bundle, a fine-tuned best.pt)."),
     format: ExportFormat = typer.Option(ExportFormat.monai, "--format"),
-    out: Path = typer.Option(..., "--out", help="Output .pt file."),
+    out: Path = typer.Option(..., "--out", help="Output .pt file (monai) or bundle directory (monai-bundle)."),
 ) -> None:
-    """Export an encoder as a state dict MONAI's SwinUNETR loads (every swinViT.* key present)."""
+    """Export an encoder as a state dict MONAI's SwinUNETR loads (every swinViT.* key present), or an
+    encoder or fine-tuned segmenter as a MONAI bundle (configs/, models/model.pt, README.md)."""
     from medssl.models.checkpoint import export_monai
 
+    if format is ExportFormat.monai_bundle:
+        from medssl.models.bundle import export_bundle
+
+        bundle, kind = export_bundle(ckpt, out)
+        _echo(f"wrote a MONAI bundle ({kind}) to {bundle}: python -m monai.bundle run --config_file "
+              f"{bundle / 'configs' / 'inference.json'} --dataset_dir SCANS")
+        return
     n = export_monai(ckpt, out)
     _echo(f"wrote {n} swinViT.* tensors to {out}")
 

@@ -375,6 +375,14 @@ class ExecutorConfig(StrictModel):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
 
+class ExternalEncoderConfig(StrictModel):
+    """An encoder pretrained elsewhere (MONAI SwinUNETR state dict, research-contributions'
+    model_swinvit.pt) fine-tuned beside the methods as row ``external:<name>``."""
+
+    name: str = Field(min_length=1)
+    path: Path
+
+
 class BenchConfig(StrictModel):
     name: str = "bench"
     data: BenchDataConfig = Field(default_factory=BenchDataConfig)
@@ -387,6 +395,7 @@ class BenchConfig(StrictModel):
     budgets: list[int | Literal["all"]] = Field(default_factory=lambda: ["all"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     cka: BenchCKAConfig = Field(default_factory=BenchCKAConfig)
+    external_encoders: list[ExternalEncoderConfig] = Field(default_factory=list)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     @field_validator("budgets")
@@ -425,6 +434,8 @@ def resolve_bench_paths(bench: BenchConfig, base: str | Path) -> BenchConfig:
     for task in bench.tasks:
         if task.synth_kind is None:
             task.path = str(_resolve_path(task.path, base))
+    for external in bench.external_encoders:
+        external.path = _resolve_path(external.path, base)
     if bench.executor.slurm.folder is not None:
         bench.executor.slurm.folder = _resolve_path(bench.executor.slurm.folder, base)
     return bench

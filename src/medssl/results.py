@@ -70,8 +70,17 @@ PRETRAIN_COLUMNS = [
     "collapse_reason",
     "embedding_std",
     "collapse_threshold",
+    "flops_per_step",
+    "total_flops",
+    "device_hours",
+    "devices",
+    "device_kind",
+    "peak_memory_bytes",
+    "peak_memory_kind",
     "run_id",
 ]
+COST_FIELDS = ("flops_per_step", "total_flops", "device_hours", "devices", "device_kind", "peak_memory_bytes",
+               "peak_memory_kind")  # a pretraining run's measured cost (results.json "cost", train/cost.py)
 PRETRAIN_CURVE_COLUMNS = [
     "method",
     "family",
@@ -326,6 +335,7 @@ def pretrain_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
     rows = []
     for run in _as_collection(runs_root).pretrain:
         collapse = run.results.get("collapse") or {}
+        cost = run.results.get("cost") or {}
         rows.append(
             {
                 "method": str(run.get("method", "unknown")),
@@ -340,14 +350,16 @@ def pretrain_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
                 "collapse_reason": collapse.get("reason"),
                 "embedding_std": _float_or_nan(collapse.get("embedding_std")),
                 "collapse_threshold": _float_or_nan(collapse.get("threshold")),
+                **{k: cost.get(k) for k in COST_FIELDS},
                 "run_id": run.run_id,
             }
         )
     frame = _typed(
         pd.DataFrame(rows),
         PRETRAIN_COLUMNS,
-        ints=("crop_size", "steps"),
-        floats=("final_loss", "wall_seconds", "step_seconds", "embedding_std", "collapse_threshold"),
+        ints=("crop_size", "steps", "devices"),
+        floats=("final_loss", "wall_seconds", "step_seconds", "embedding_std", "collapse_threshold", "flops_per_step",
+                "total_flops", "device_hours", "peak_memory_bytes"),
     )
     frame["collapsed"] = frame["collapsed"].astype(bool)
     return frame.sort_values(["method", "run_id"], kind="stable", ignore_index=True)

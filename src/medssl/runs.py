@@ -7,6 +7,7 @@ Layout of ``<out>/runs/<run-id>/``::
     status.json        {"status": pending|running|finished|failed, "error": ..., "updated": ...}
     log.txt            human-readable log
     metrics.jsonl      one JSON object per logged step (train losses, validation Dice, ...)
+    tensorboard/       the same scalars as TensorBoard event files (``tensorboard --logdir <out>/runs``)
     results.json       final results (finetune: per-case test metrics; pretrain: encoder path, ...)
     checkpoints/       last.pt (resume state), best.pt, encoder.pt
 
@@ -20,8 +21,10 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,12 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._tensorboard: Any = None  # SummaryWriter, created on the first metrics record
+        self._purge_step: int | None = None
+        self._last_train: tuple[int, float] | None = None  # (step, time) of the last loss record
+
+    def __getstate__(self) -> dict[str, Any]:  # a writer holds a thread and a file: never pickled
+        return {**self.__dict__, "_tensorboard": None}
 
     # paths ---------------------------------------------------------------------------------
     @property
@@ -80,6 +89,10 @@ class RunDir:
         return self.path / "results.json"
 
     @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoints"
 
@@ -104,6 +117,8 @@ class RunDir:
             raise ValueError(status)
         if self.is_finished() and status != "finished":
             raise RuntimeError(f"run {self.id} is finished and is never rewritten")
+        if status != "running":
+            self.close_tensorboard()
         payload = {"status": status, "updated": time.time(), "pid": os.getpid()}
         if error:
             payload["error"] = error
@@ -144,6 +159,40 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
+        self._write_tensorboard(record)
+
+    def _write_tensorboard(self, record: dict[str, Any]) -> None:
+        """Mirror a metrics record as TensorBoard scalars (nested dicts as ``a/b`` tags, non-finite
+        values left out) plus ``throughput/steps_per_second`` between training records."""
+        step = record.get("step")
+        if not isinstance(step, int):
+            return
+        scalars = dict(flatten_scalars({k: v for k, v in record.items() if k != "step"}))
+        now = time.perf_counter()
+        if "loss" in record:
+            if self._last_train is not None and step > self._last_train[0] and now > self._last_train[1]:
+                scalars["throughput/steps_per_second"] = (step - self._last_train[0]) / (now - self._last_train[1])
+            self._last_train = (step, now)
+        if not scalars:
+            return
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:  # the JSON lines stay the record; TensorBoard is a view of them
+                warnings.warn(f"no TensorBoard events for run {self.id}: {err}", stacklevel=3)
+                self._tensorboard = False
+                return
+            self._tensorboard = SummaryWriter(str(self.tensorboard_dir), purge_step=self._purge_step)
+        if self._tensorboard is False:
+            return
+        for tag, value in scalars.items():
+            self._tensorboard.add_scalar(tag, value, global_step=step)
+        self._tensorboard.flush()
+
+    def close_tensorboard(self) -> None:
+        if self._tensorboard:
+            self._tensorboard.close()
+        self._tensorboard = None
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
@@ -159,6 +208,8 @@ class RunDir:
     def truncate_metrics_after(self, step: int) -> None:
         """On resume, drop records logged after the checkpoint so the curve is not duplicated."""
         kept = [r for r in self.read_metrics() if r.get("step", -1) <= step]
+        self.close_tensorboard()
+        self._purge_step = step + 1  # TensorBoard drops its events after the checkpoint as well
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     # locking -------------------------------------------------------------------------------
@@ -180,6 +231,16 @@ class RunDir:
             yield
         finally:
             os.close(fd)
+
+
+def flatten_scalars(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """``(tag, value)`` for every finite number in a nested record; booleans and text are skipped."""
+    for key, value in record.items():
+        tag = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from flatten_scalars(value, f"{tag}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            yield tag, float(value)
 
 
 def list_runs(runs_root: str | Path) -> list[RunDir]:

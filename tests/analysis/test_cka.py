@@ -349,7 +349,7 @@ def test_run_cka_rejects_a_file_that_is_no_model_and_records_the_failure(tmp_pat
     _save_tiny_encoder(tmp_path / "a.pt", seed=0)
     torch.save({"something": torch.zeros(1)}, tmp_path / "junk.pt")
     out = tmp_path / "runs" / "cka-bad"
-    with pytest.raises(MedsslInputError, match="neither an encoder checkpoint"):
+    with pytest.raises(MedsslInputError, match="not an encoder checkpoint: no Swin encoder"):
         run_cka(tmp_path / "a.pt", tmp_path / "junk.pt", task, out, n_crops=2, max_tokens=8, cache_dir=tmp_path / "c")
     assert RunDir(out).status() == "failed"
     with pytest.raises(MedsslInputError, match="cases not in the task: nope"):

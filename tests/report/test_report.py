@@ -24,6 +24,7 @@ SECTION_IDS = [
     "structures",
     "statistics",
     "pretraining",
+    "cost",
     "provenance",
 ]
 

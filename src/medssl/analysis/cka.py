@@ -326,12 +326,11 @@ def load_model_encoder(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if isinstance(payload, dict) and "encoder" in payload:
         encoder, meta = load_encoder(path)
         return encoder, {**meta, "source_kind": "encoder"}
-    if isinstance(payload, dict) and "model" in payload:
+    if isinstance(payload, dict) and "model" in payload and "meta" in payload:
         model, meta = load_segmenter(path)
         return model.swinViT, {**meta, "source_kind": "segmenter"}
-    raise MedsslInputError(
-        path, "neither an encoder checkpoint ('encoder' entry) nor a fine-tuned segmenter ('model' entry)"
-    )
+    encoder, meta = load_encoder(path)  # a MONAI SwinUNETR / research-contributions state dict, or a clear error
+    return encoder, {**meta, "source_kind": "external"}
 
 
 def preprocess_from_meta(meta: dict[str, Any], source: str | Path) -> PreprocessConfig:

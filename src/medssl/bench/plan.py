@@ -227,9 +227,12 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
         runs.append(PlannedRun("pretrain", run_id, config, [], {"method": method.name, "family": family}))
         encoders[method.name] = (RunDir(runs_root(out) / run_id).encoder_path, run_id)
 
+    families = {method.name: REGISTRY[method.name].family for method in methods}
+    methods = methods + _external_encoders(bench, out, encoders, families, where)
+
     finetunes: dict[tuple[str, str, str, int], PlannedRun] = {}
     for method in methods:
-        family = REGISTRY[method.name].family
+        family = families[method.name]
         checkpoint, pretrain_id = encoders[method.name]
         for task in tasks:
             for budget in budgets:
@@ -256,6 +259,23 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
     plan = Plan(name=bench.name, out=out, runs=runs)
     write_plan(plan, out / "plan.json")
     return plan
+
+
+def _external_encoders(bench: BenchConfig, out: Path, encoders: dict[str, tuple[Path | None, str | None]],
+                       families: dict[str, str], where: str | Path) -> list[MethodConfig]:
+    """Encoders pretrained elsewhere, each converted once into ``<out>/external/`` and fine-tuned as
+    its own row ``external:<name>`` (``medssl.models.foreign``); no pretraining run."""
+    from medssl.models.foreign import EXTERNAL_FAMILY, external_method, import_external_encoder
+
+    added = []
+    for external in bench.external_encoders:
+        label = external_method(external.name)
+        if label in encoders:
+            raise ConfigError(where, f"external_encoders: name '{external.name}' is used twice")
+        encoders[label] = (import_external_encoder(external.path, external.name, out / "external"), None)
+        families[label] = EXTERNAL_FAMILY
+        added.append(MethodConfig(name=label))
+    return added
 
 
 def _task_finetune_config(data: dict[str, Any], task: ResolvedTask, where: str | Path) -> FinetuneConfig:

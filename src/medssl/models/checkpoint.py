@@ -100,7 +100,9 @@ def read_encoder_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[s
     """Read and validate the two parts of an encoder checkpoint."""
     payload = safe_torch_load(path)
     if not isinstance(payload, dict) or "encoder" not in payload or "meta" not in payload:
-        raise MedsslInputError(path, "not a medssl encoder checkpoint (needs 'encoder' and 'meta' entries)")
+        from medssl.models.foreign import read_foreign_encoder  # MONAI SwinUNETR, research-contributions
+
+        return read_foreign_encoder(payload, path)
     state, meta = payload["encoder"], payload["meta"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise MedsslInputError(path, "'encoder' entry is not a state dict of tensors")

@@ -31,6 +31,7 @@ from medssl.report.tables import (
     at_largest_budget,
     budget_summary,
     budget_table,
+    cost_summary,
     display_method,
     family_summary,
     fmt,
@@ -66,6 +67,7 @@ SECTIONS = (
     ("structures", "Per-structure results"),
     ("statistics", "Statistics"),
     ("pretraining", "Pretraining"),
+    ("cost", "Cost beside accuracy"),
     ("provenance", "Provenance"),
 )
 BUILD_FAILED = "This section could not be built"
@@ -429,6 +431,39 @@ def section_pretraining(ctx: ReportContext) -> Section:
     return section
 
 
+def section_cost(ctx: ReportContext) -> Section:
+    section = Section("cost", "Cost beside accuracy")
+    summary = cost_summary(ctx.results, ctx.pretrain)
+    if summary.empty:
+        return section.add(Missing("No finished fine-tuning or pretraining runs: no cost to set beside accuracy."))
+    section.add(
+        frame_table(
+            summary,
+            "Measured pretraining cost per method (mean over its pretraining runs): FLOPs of one training step "
+            "(forward + backward, torch.utils.flop_counter, matrix products and convolutions), total FLOPs = "
+            "FLOPs/step × steps, wall time, device-hours (wall time × devices), peak memory (CUDA max allocated, "
+            "or the process's peak RSS on CPU); beside the mean test Dice over every task × budget.",
+            index="method",
+        )
+    )
+    section.add(
+        ctx.figure(
+            plots.cost_plot(summary, ctx.figure_dir / "cost.png", ctx.colors),
+            "Mean test Dice against pretraining compute; dashed: random init (no pretraining).",
+        )
+    )
+    unmeasured = summary[summary["total_flops"].isna()]
+    if not unmeasured.empty:
+        section.add(
+            Missing(
+                "No measured pretraining cost for "
+                + ", ".join(display_method(m) for m in unmeasured["method"])
+                + " (pretrained elsewhere, or by a version of medssl that did not record it)."
+            )
+        )
+    return section
+
+
 def section_provenance(ctx: ReportContext) -> Section:
     section = Section("provenance", "Provenance")
     prov = ctx.provenance
@@ -497,6 +532,7 @@ SECTION_BUILDERS: dict[str, Callable[[ReportContext], Section]] = {
     "structures": section_structures,
     "statistics": section_statistics,
     "pretraining": section_pretraining,
+    "cost": section_cost,
     "provenance": section_provenance,
 }
 

@@ -205,3 +205,27 @@ def pretrain_loss_plot(
     fig.suptitle("Pretraining loss")
     _legend_outside(fig, axes, title="run")
     return _save(fig, path)
+
+
+def cost_plot(summary: pd.DataFrame, path: str | Path, colors: dict[str, Any] | None = None) -> Path | None:
+    """Mean test Dice against total pretraining FLOPs (log scale), one point per method; random init
+    (no pretraining) as a dashed horizontal reference line."""
+    measured = summary[(summary["total_flops"] > 0) & summary["mean_dice"].notna()]
+    if measured.empty:
+        return None
+    colors = colors or method_colors(list(summary["method"]))
+    fig, (ax,) = _figure(1, panel_size=(5.6, 4.0))
+    for row in measured.itertuples():
+        ax.scatter(row.total_flops, row.mean_dice, color=colors.get(row.method), s=40, label=display_method(row.method))
+        ax.annotate(display_method(row.method), (row.total_flops, row.mean_dice), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    baseline = summary[(summary["method"] == "none") & summary["mean_dice"].notna()]
+    if not baseline.empty:
+        ax.axhline(float(baseline["mean_dice"].iloc[0]), color="grey", linestyle="--", label="random init")
+    ax.set_xscale("log")
+    ax.set_xlabel("pretraining compute (total FLOPs = FLOPs/step × steps, log)")
+    ax.set_ylabel("mean test Dice (over tasks × budgets)")
+    ax.grid(alpha=0.3)
+    ax.set_title("Accuracy vs pretraining compute")
+    _legend_outside(fig, [ax])
+    return _save(fig, path)

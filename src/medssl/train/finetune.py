@@ -124,6 +124,7 @@ def finetune_info(config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any]
         "budget": _budget_label(config.budget), "n_train": n_train, "seed": config.seed,
         "preset": meta.get("preset", config.encoder.preset), "crop_size": config.crop_size,
         "steps": config.schedule.steps,
+        **({"encoder_source": meta["source"]} if "source" in meta else {}),  # an external encoder's file
     }
 
 
@@ -156,6 +157,9 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 report = load_encoder_state(model, enc_state, source=config.encoder_checkpoint, prefix="swinViT.")
                 if info.is_main:
                     run.log(f"encoder {enc_meta['method']}: {report.summary()} from {config.encoder_checkpoint}")
+                    if "source" in enc_meta:
+                        run.log(f"external encoder {enc_meta['source']['path']} ({enc_meta['source']['layout']}): "
+                                f"{enc_meta['source']['coverage']}, sha256 {enc_meta['source']['sha256'][:12]}")
             elif info.is_main:
                 run.log(f"encoder: random initialisation (seed {config.seed})")
             if info.is_main:
@@ -230,6 +234,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 "wall_seconds": time.time() - started, "step_seconds": result.step_seconds,
                 "steps": config.schedule.steps, "steps_run": result.steps,
                 "stopped_early_at": result.stopped_at, "early_stop_patience": config.early_stop_patience,
+                **({"encoder_source": run_info["encoder_source"]} if "encoder_source" in run_info else {}),
                 "norm": str(resolve_norm(config.norm, config.crop_size, encoder_config.feature_size)),
             }
             finish(run, info, results)

@@ -18,6 +18,7 @@ from medssl.methods.base import COLLAPSE_THRESHOLD
 from medssl.models.checkpoint import encoder_meta, save_encoder
 from medssl.models.encoder import SwinEncoder
 from medssl.runs import RunDir
+from medssl.train.cost import reset_peak_memory, run_cost, step_flops
 from medssl.train.distributed import DistInfo, barrier, init_distributed
 from medssl.train.loop import train
 from medssl.train.session import AlreadyFinished, finish, run_session
@@ -66,7 +67,7 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
             encoder = SwinEncoder(config.encoder)
             method = build_method(config.method, encoder, config.crop_size, config.schedule.steps)
             preprocess = config.preprocess.model_dump(mode="json")
-            result = None
+            result, flops = None, None
             if method.trains and config.schedule.steps > 0:
                 if config.corpus is None:
                     raise ConfigError("corpus", f"method '{cls.name}' needs a corpus to pretrain on")
@@ -78,6 +79,8 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
                     n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
                     run.log(f"{cls.name}: {len(corpus)} volumes, crop {config.crop_size}, {n_params / 1e6:.2f} M "
                             f"trainable parameters, {config.schedule.steps} steps")
+                reset_peak_memory(info)
+                flops = step_flops(method, dataset, config.schedule.batch_size, info)  # once, leaves no trace
                 result = train(method, dataset, config.schedule, run, info, description=f"pretrain {cls.name}")
             steps = config.schedule.steps if method.trains else 0
             meta = encoder_meta(method=cls.name, family=cls.family, encoder=config.encoder, preprocess=preprocess,
@@ -95,6 +98,7 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
                 "wall_seconds": time.time() - started,
                 "step_seconds": result.step_seconds if result else None,
                 "collapse": collapse_verdict(records),
+                "cost": run_cost(flops, steps, time.time() - started, info),
             }
             if results["collapse"]["collapsed"] and info.is_main:
                 run.log(f"WARNING collapse: {results['collapse']['reason']}")

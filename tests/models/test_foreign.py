@@ -1,0 +1,157 @@
+"""External encoders in: MONAI SwinUNETR state dicts and research-contributions' model_swinvit.pt layout,
+with the encoder config rebuilt from the shapes, full coverage or exit 2, and a row of their own."""
+
+import hashlib
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+from monai.networks.nets import SwinUNETR
+
+from medssl import cli
+from medssl.analysis.cka import run_cka
+from medssl.bench.plan import expand_plan
+from medssl.config import EncoderConfig, load_bench_config
+from medssl.data.synth import synth_task
+from medssl.errors import MedsslInputError
+from medssl.models import load_encoder
+from medssl.models.checkpoint import read_encoder_checkpoint
+from medssl.models.encoder import MASK_TOKEN_KEY, SwinEncoder
+from medssl.models.foreign import import_external_encoder
+
+TINY = EncoderConfig(preset="tiny", window_size=4)
+
+
+def _monai_state(feature_size=12, **kwargs) -> dict:
+    torch.manual_seed(0)
+    net = SwinUNETR(in_channels=1, out_channels=3, feature_size=feature_size, spatial_dims=3, **kwargs)
+    return net.state_dict()
+
+
+def _research_contributions_layout(encoder: SwinEncoder) -> dict:
+    """model_swinvit.pt as SwinUNETR/BTCV/main.py and MONAI's load_from read it: ``module.`` keys, MLPs
+    named fc1/fc2, under ``state_dict`` beside the training state, plus the SSL heads."""
+    state = {}
+    for key, value in encoder.state_dict().items():
+        if key == MASK_TOKEN_KEY:
+            continue
+        state["module." + key.replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2.")] = value
+    state["module.rotation_head.weight"] = torch.zeros(4, 16 * encoder.config.feature_size)
+    state["module.contrastive_head.weight"] = torch.zeros(512, 16 * encoder.config.feature_size)
+    return {"epoch": 100, "state_dict": state}
+
+
+def run_cli(args, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["medssl", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+@pytest.mark.parametrize(("wrap", "feature_size"), [("plain", 48), ("module", 12), ("state_dict", 12), ("net", 12)])
+def test_a_monai_swinunetr_state_dict_is_read_with_its_config_from_the_shapes(tmp_path, wrap, feature_size):
+    state = _monai_state(feature_size)
+    payload = {"plain": state, "module": {"module." + k: v for k, v in state.items()},
+               "state_dict": {"state_dict": state, "epoch": 3}, "net": {"net": state}}[wrap]
+    path = tmp_path / "swin_unetr.pt"
+    torch.save(payload, path)
+    encoder, meta = load_encoder(path)
+    config = encoder.config
+    assert (config.feature_size, config.depths, config.num_heads, config.window_size) == (
+        feature_size, (2,) * 4, (3, 6, 12, 24), 7)
+    assert config.preset == ("base" if feature_size == 48 else "tiny")
+    assert config.in_channels == 1 and config.patch_size == 2
+    assert meta["method"] == "external:swin_unetr" and meta["family"] == "external"
+    source = meta["source"]
+    n = len([k for k in state if k.startswith("swinViT.")])
+    assert source["coverage"] == f"{n}/{n} encoder tensors" and source["layout"] == "MONAI SwinUNETR"
+    assert source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert source["ignored_tensors"] == len(state) - n  # the decoder
+    for key, value in encoder.state_dict().items():
+        if key != MASK_TOKEN_KEY:
+            assert torch.equal(value, state["swinViT." + key]), key
+
+
+def test_research_contributions_model_swinvit_layout_is_read_and_renamed(tmp_path):
+    torch.manual_seed(1)
+    source = SwinEncoder(TINY)
+    path = tmp_path / "model_swinvit.pt"
+    torch.save(_research_contributions_layout(source), path)
+    encoder, meta = load_encoder(path)
+    assert encoder.config.window_size == 4 and encoder.config.preset == "tiny"
+    assert meta["source"]["layout"] == "research-contributions model_swinvit"
+    assert meta["source"]["ignored_tensors"] == 2  # rotation and contrastive heads
+    assert meta["method"] == "external:model_swinvit"
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(encoder(x)[-1], source(x)[-1])
+
+
+def test_missing_or_misshaped_tensors_and_v2_encoders_fail_with_one_line(tmp_path):
+    state = _monai_state(12)
+    missing = {k: v for k, v in state.items() if k != "swinViT.layers2.0.blocks.1.attn.qkv.weight"}
+    torch.save(missing, tmp_path / "missing.pt")
+    with pytest.raises(MedsslInputError, match=r"missing 1 encoder tensors \(125/126 encoder tensors present\): lay"):
+        read_encoder_checkpoint(tmp_path / "missing.pt")
+    bad = dict(state)
+    bad["swinViT.layers3.0.blocks.0.mlp.linear1.weight"] = torch.zeros(3, 3)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(MedsslInputError, match="layers3.0.blocks.0.mlp.linear1.weight' has shape"):
+        read_encoder_checkpoint(tmp_path / "bad.pt")
+    torch.save(_monai_state(12, use_v2=True), tmp_path / "v2.pt")
+    with pytest.raises(MedsslInputError, match="SwinUNETR v2"):
+        read_encoder_checkpoint(tmp_path / "v2.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "junk.pt")
+    with pytest.raises(MedsslInputError, match="no Swin encoder"):
+        read_encoder_checkpoint(tmp_path / "junk.pt")
+
+
+def test_finetune_cli_takes_a_monai_state_dict_and_exits_2_when_a_tensor_is_missing(tmp_path, capsys, monkeypatch):
+    task = synth_task(tmp_path / "task", "ct_organs", 4, seed=2, shape=(32, 32, 32))
+    state = _monai_state(12)
+    torch.save(state, tmp_path / "monai.pt")
+    common = ["--task", task, "--budget", "1", "crop_size=32", "n_test=1", "n_val=1", "val_every=1",
+              "schedule.steps=1", "schedule.warmup_steps=0", "preprocess.spacing=[4,4,4]"]
+    code, out, err = run_cli(["finetune", "--encoder", tmp_path / "monai.pt", "--out", tmp_path / "ft", *common],
+                             capsys, monkeypatch)
+    assert code == 0, err
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    info = json.loads((tmp_path / "ft" / "run.json").read_text())
+    assert results["method"] == "external:monai" and results["family"] == "external"
+    assert results["encoder_source"]["sha256"] == info["encoder_source"]["sha256"]
+    n = len([k for k in state if k.startswith("swinViT.")])
+    assert f"{n}/{n} encoder tensors" in (tmp_path / "ft" / "log.txt").read_text()
+
+    torch.save({k: v for k, v in state.items() if "patch_embed.proj.bias" not in k}, tmp_path / "broken.pt")
+    code, out, err = run_cli(["finetune", "--encoder", tmp_path / "broken.pt", "--out", tmp_path / "ft2", *common],
+                             capsys, monkeypatch)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "broken.pt" in err and "patch_embed.proj.bias" in err
+
+
+def test_cka_accepts_an_external_encoder(tmp_path):
+    task = synth_task(tmp_path / "task", "ct_organs", 2, seed=2, shape=(32, 32, 32))
+    torch.save({"state_dict": _monai_state(12)}, tmp_path / "monai.pt")
+    results = run_cka(tmp_path / "monai.pt", tmp_path / "monai.pt", task, tmp_path / "cka", n_crops=2, max_tokens=8)
+    assert results["model_a_kind"] == "external" and results["method"] == "external:monai"
+    assert all(v == pytest.approx(1.0) for v in results["reuse"].values())
+
+
+def test_bench_external_encoders_become_their_own_rows(tmp_path):
+    torch.save(_monai_state(12), tmp_path / "published.pt")
+    bench = {"name": "t", "tasks": [{"path": "synth:ct_organs"}], "methods": ["none"],
+             "encoder": {"preset": "tiny"}, "finetune": {"crop_size": 32, "n_test": 3, "n_val": 2},
+             "external_encoders": [{"name": "swinunetr_btcv", "path": "published.pt"}]}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench))
+    plan = expand_plan(load_bench_config(tmp_path / "bench.yaml"), tmp_path / "out")
+    external = [r for r in plan.stage("finetune") if r.labels["method"] == "external:swinunetr_btcv"]
+    assert len(external) == 1 and external[0].labels["family"] == "external" and external[0].depends_on == []
+    checkpoint = external[0].config.encoder_checkpoint
+    assert checkpoint.parent == tmp_path / "out" / "external"
+    assert read_encoder_checkpoint(checkpoint)[1]["method"] == "external:swinunetr_btcv"
+    assert [r.labels["comparison"] for r in plan.stage("cka")] == ["pretrained_vs_finetuned"]
+    assert import_external_encoder(tmp_path / "published.pt", "swinunetr_btcv", tmp_path / "out" / "external") \
+        == checkpoint  # converted once, named by the source's hash
