@@ -26,6 +26,7 @@ SMALL_HEADS = {
     "dino": {"out_dim": 512, "hidden_dim": 256, "bottleneck_dim": 64},
     "ibot": {"out_dim": 512, "hidden_dim": 256, "bottleneck_dim": 64},
     "smit": {"out_dim": 512, "hidden_dim": 256, "bottleneck_dim": 64},
+    "swinunetr_ssl": {"head_input": "pooled"},  # 32^3 crops have one bottleneck token (no tokens 0 and 1)
 }
 
 
