@@ -26,6 +26,7 @@ as rows of its last dimension (tokens of a patch head count as samples).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,3 +115,108 @@ def health_metrics(
                 "health/teacher_batch_entropy_ratio": batch_mean / log_k,
             })
     return out
+
+
+# --------------------------------------------------------------------------- verdict
+# What flags a run, and why (measured with ``benchmarks/health_calibration.py``: tiny preset, 32^3 crops,
+# global batch 2, the phantom corpus; values at step 1 are the randomly initialised networks).
+
+HEALTH_WINDOW = 3
+"""The verdict reads the mean of the last this-many logged values of each key (one noisy step is no verdict)."""
+
+EMBEDDING_STD_FLOOR = 1e-5
+"""``health/embedding_std_scaled`` below this flags collapse onto one point. Constant embeddings read 0 (to
+float precision). Measured at batch 2 (tiny preset, 32^3, lr 5e-4): random init 0.10 (RotNet's 4-way logits)
+to 1.4 (MoCo v3); after 20 steps SimCLR 0.59, MoCo v3 1.41, BYOL 0.82, SwinUNETR-SSL 0.028, RotNet 0.059,
+while the teacher-student heads shrink fast at this scale: DINO 0.0021, iBOT 0.0034, SMIT 0.0030 (single
+steps down to 6e-4). The floor lies about two orders of magnitude under the lowest healthy value."""
+
+TEACHER_BATCH_ENTROPY_FLOOR = 0.01
+"""``health/teacher_batch_entropy_ratio`` (entropy of the batch-mean teacher distribution / log K) below this
+flags DINO's collapse onto one prototype, where it reads 0 (DINO without centring driven with tau_t 0.02 and
+lr 5e-3: 0.0 from the third step). At random init it is 0.29-0.31 for DINO, iBOT and SMIT at the published
+tau_t 0.04 (0.05 at tau_t 0.02: a randomly initialised encoder gives near-identical outputs, so the sharpened
+teacher is already peaked), and 0.98-0.99 after 20 centred steps. Caveat measured: at the published lr 5e-4,
+DINO without centring had not collapsed after 20 steps (0.39, against 0.98 centred); that collapse takes
+longer than a short run and is flagged when it happens."""
+
+TEACHER_UNIFORM_CEIL = 0.99
+"""``health/teacher_entropy_ratio`` above this (every sample's teacher near uniform) is reported as a warning,
+not a collapse: short healthy runs of DINO, iBOT and SMIT reach 0.987-0.989 after 20 steps while the centre
+absorbs the near-identical outputs of a young encoder, so flagging it would flag them."""
+
+FEATURE_STD_NOTE = 1e-3
+"""``health/feature_std_scaled`` (pooled encoder features) is reported, never flagged: a randomly initialised
+tiny Swin gives near-identical pooled features for different crops (0.11-0.54 at batch 2, where a spread-out
+embedding reads about 1), and healthy 20-step runs went down to 0.010 (RotNet, DINO), so no floor separates
+random init or healthy runs from collapse. Below this value the verdict adds a note."""
+
+THRESHOLDS: dict[str, dict[str, Any]] = {
+    "embedding_std_floor": {
+        "key": "health/embedding_std_scaled", "flags": "below", "value": EMBEDDING_STD_FLOOR,
+        "why": "constant embeddings read 0; the lowest healthy value measured (random init and 20-step runs of "
+               "every method, tiny preset, 32^3, batch 2) was 6e-4 (DINO's head output)",
+    },
+    "teacher_batch_entropy_floor": {
+        "key": "health/teacher_batch_entropy_ratio", "flags": "below", "value": TEACHER_BATCH_ENTROPY_FLOOR,
+        "why": "the batch-mean teacher distribution on one prototype (DINO without centring) reads 0; random "
+               "init reads 0.29-0.31 at tau_t 0.04 (0.05 at 0.02), healthy 20-step runs 0.98",
+    },
+    "teacher_uniform_warning": {
+        "key": "health/teacher_entropy_ratio", "flags": "above (warning only)", "value": TEACHER_UNIFORM_CEIL,
+        "why": "a uniform teacher carries no target; short healthy runs pass through it, so it only warns",
+    },
+    "feature_std_note": {
+        "key": "health/feature_std_scaled", "flags": "below (note only)", "value": FEATURE_STD_NOTE,
+        "why": "random-init pooled Swin features are near-identical across crops, so this cannot flag",
+    },
+}
+
+
+def _tail_mean(records: list[dict[str, Any]], key: str, window: int) -> float | None:
+    values = [float(r[key]) for r in records if isinstance(r.get(key), int | float)]
+    if not values:
+        return None
+    recent = values[-window:]
+    return sum(recent) / len(recent)
+
+
+def health_verdict(records: list[dict[str, Any]], window: int = HEALTH_WINDOW) -> dict[str, Any]:
+    """The ``health`` block of a pretraining run's results from its logged metrics (``metrics.jsonl`` rows).
+
+    ``collapsed`` is True when the embedding spread fell under ``EMBEDDING_STD_FLOOR`` or the batch-mean
+    teacher entropy under ``TEACHER_BATCH_ENTROPY_FLOOR`` (each the mean of the last ``window`` logs), or a
+    health value became non-finite. ``final`` holds every ``health/...`` key's tail mean; ``reasons`` why it
+    is flagged, ``warnings`` what is worth a look but is seen in healthy short runs too; ``thresholds`` the
+    constants and their justification. A run that logged no health (random init, zero steps) is not assessed.
+    """
+    keys = sorted({k for r in records for k in r if k.startswith("health/")})
+    final = {k: _tail_mean(records, k, window) for k in keys}
+    reasons: list[str] = []
+    warnings: list[str] = []
+    spread = final.get("health/embedding_std_scaled")
+    if spread is not None and (not math.isfinite(spread) or spread < EMBEDDING_STD_FLOOR):
+        reasons.append(f"embedding spread (std of L2-normalised embeddings x sqrt(d)) {spread:.2e} < "
+                       f"{EMBEDDING_STD_FLOOR:g}: the embeddings collapsed onto one point")
+    batch_entropy = final.get("health/teacher_batch_entropy_ratio")
+    if batch_entropy is not None and (not math.isfinite(batch_entropy) or batch_entropy < TEACHER_BATCH_ENTROPY_FLOOR):
+        reasons.append(f"batch-mean teacher entropy {batch_entropy:.3f} log K < {TEACHER_BATCH_ENTROPY_FLOOR:g} log K: "
+                       "the teacher puts every sample on the same prototype")
+    uniform = final.get("health/teacher_entropy_ratio")
+    if uniform is not None and uniform > TEACHER_UNIFORM_CEIL:
+        warnings.append(f"per-sample teacher entropy {uniform:.3f} log K > {TEACHER_UNIFORM_CEIL:g} log K: the "
+                        "teacher is near uniform (common early in a run; a collapse if it persists)")
+    features = final.get("health/feature_std_scaled")
+    if features is not None and features < FEATURE_STD_NOTE:
+        warnings.append(f"pooled encoder features spread {features:.3f} < {FEATURE_STD_NOTE:g}: near-identical "
+                        "for different crops (as at random init)")
+    return {
+        "assessed": bool(keys),
+        "collapsed": bool(reasons),
+        "reason": "; ".join(reasons) or None,
+        "reasons": reasons,
+        "warnings": warnings,
+        "final": final,
+        "window": window,
+        "thresholds": THRESHOLDS,
+    }
