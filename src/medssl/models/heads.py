@@ -46,6 +46,18 @@ class MLPHead(nn.Module):
         return self.net(x)
 
 
+def prototype_layer(bottleneck_dim: int, out_dim: int, norm_last_layer: bool = True) -> nn.Module:
+    """DINO's last layer: a weight-normalised linear map to ``out_dim`` prototypes, gain 1, the gain
+    frozen when ``norm_last_layer`` (``dino/vision_transformer.py`` ``DINOHead``; iBOT's
+    ``last_layer2`` is a second one)."""
+    layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+    with torch.no_grad():
+        layer.parametrizations.weight.original0.fill_(1.0)
+    if norm_last_layer:
+        layer.parametrizations.weight.original0.requires_grad_(False)
+    return layer
+
+
 class DINOHead(nn.Module):
     """DINO head: 3-layer MLP (GELU) to a ``bottleneck_dim`` L2-normalised code, then a
     weight-normalised linear layer to ``out_dim`` prototypes whose gain is frozen at 1.
@@ -71,11 +83,7 @@ class DINOHead(nn.Module):
         layers.append(nn.Linear(dim, bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
         self.apply(self._init)
-        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        with torch.no_grad():
-            self.last_layer.parametrizations.weight.original0.fill_(1.0)
-        if norm_last_layer:
-            self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+        self.last_layer = prototype_layer(bottleneck_dim, out_dim, norm_last_layer)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -84,9 +92,12 @@ class DINOHead(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    def code(self, x: Tensor) -> Tensor:
+        """The L2-normalised ``bottleneck_dim`` code the prototypes score."""
+        return nn.functional.normalize(self.mlp(x), dim=-1, p=2)
+
     def forward(self, x: Tensor) -> Tensor:
-        x = nn.functional.normalize(self.mlp(x), dim=-1, p=2)
-        return self.last_layer(x)
+        return self.last_layer(self.code(x))
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.last_layer.parameters() if p.requires_grad]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -71,13 +72,16 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
         with run_session(run, info, dump_yaml(config), pretrain_info(config, cls)) as started:
             torch.manual_seed(config.schedule.seed)
             encoder = SwinEncoder(config.encoder)
-            method = build_method(config.method, encoder, config.crop_size, config.schedule.steps)
+            trains = cls.trains and config.schedule.steps > 0
+            if trains and config.corpus is None:
+                raise ConfigError("corpus", f"method '{cls.name}' needs a corpus to pretrain on")
+            corpus = Corpus.open(config.corpus) if trains else None
+            # One epoch = one region of every corpus volume at the global batch (epoch-counted recipes).
+            epoch = math.ceil(len(corpus) / config.schedule.batch_size) if corpus is not None else None
+            method = build_method(config.method, encoder, config.crop_size, config.schedule.steps, epoch)
             preprocess = config.preprocess.model_dump(mode="json")
             result = None
-            if method.trains and config.schedule.steps > 0:
-                if config.corpus is None:
-                    raise ConfigError("corpus", f"method '{cls.name}' needs a corpus to pretrain on")
-                corpus = Corpus.open(config.corpus)
+            if corpus is not None:
                 preprocess = corpus.preprocess.model_dump(mode="json")
                 dataset = PretrainRegionDataset(corpus, method.region_size(config.crop_size), method.make_views,
                                                 seed=config.schedule.seed)
@@ -89,9 +93,9 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
             steps = config.schedule.steps if method.trains else 0
             meta = encoder_meta(method=cls.name, family=cls.family, encoder=config.encoder, preprocess=preprocess,
                                 crop_size=config.crop_size, steps=steps, config_hash=config_hash(config),
-                                extra={"run_id": run.id})
+                                exported_network=method.exported_network(), extra={"run_id": run.id})
             if info.is_main:
-                save_encoder(run.encoder_path, method.encoder, meta)
+                save_encoder(run.encoder_path, method.encoder_for_export(), meta)
             barrier(info)
             records = run.read_metrics()
             losses = [r["loss"] for r in records if "loss" in r]
