@@ -110,8 +110,8 @@ def pretrain(
     cfg = validate_config(PretrainConfig, data, config or "<command line>")
     results = run_pretrain(cfg, out)
     _echo(f"encoder: {out / results['encoder']}  (final loss {results.get('final_loss')})")
-    if results.get("collapse", {}).get("collapsed"):
-        _echo(f"WARNING: {results['collapse']['reason']}")
+    if results.get("health", {}).get("collapsed"):
+        _echo(f"WARNING: collapse: {results['health']['reason']}")
 
 
 @app.command()

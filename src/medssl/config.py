@@ -101,12 +101,64 @@ class ScheduleConfig(StrictModel):
     weight_decay: float = Field(1e-5, ge=0)
     weight_decay_end: float | None = None
     grad_clip: float | None = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW (beta1, beta2)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
     compile: bool = False
     seed: int = 0
+
+
+class OptimiserRecipe(StrictModel):
+    """A method's published optimiser recipe (``configs/methods/<name>.yaml``, ``published_recipe``).
+
+    The published batch sizes (256-4096 images) do not fit 3D crops, so a run keeps its own batch and
+    derives the learning rate by the recipe's own scaling rule: ``lr = base_lr * batch / lr_batch`` (linear),
+    ``base_lr * sqrt(batch / lr_batch)`` (sqrt) or ``base_lr`` (none); ``min_lr`` scales alike. Warm-up is the
+    published fraction of the run (recipes count epochs). ``sources`` cites the reference per field.
+    """
+
+    optimizer: Literal["adamw"] = "adamw"
+    published_optimizer: str = "AdamW"  # what the reference used (LARS, SGD): a departure when not AdamW
+    base_lr: float = Field(gt=0)
+    lr_batch: int = Field(256, ge=1)
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    base_min_lr: float = Field(0.0, ge=0)
+    scale_min_lr: bool = True  # False: min_lr is used as published (DINO, iBOT), not batch-scaled
+    weight_decay: float = Field(ge=0)
+    weight_decay_end: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_fraction: float = Field(ge=0, lt=1)
+    grad_clip: float | None = None
+    published_batch_size: int = Field(ge=1)
+    sources: dict[str, str] = Field(default_factory=dict)
+
+    def scaled(self, value: float, batch_size: int) -> float:
+        ratio = batch_size / self.lr_batch
+        return value * {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[self.lr_scaling]
+
+    def schedule_fields(self, batch_size: int, steps: int) -> dict[str, Any]:
+        """The ScheduleConfig fields this recipe sets for a run of ``steps`` steps at ``batch_size``."""
+        return {
+            "lr": self.scaled(self.base_lr, batch_size),
+            "min_lr": self.scaled(self.base_min_lr, batch_size) if self.scale_min_lr else self.base_min_lr,
+            "weight_decay": self.weight_decay, "weight_decay_end": self.weight_decay_end,
+            "betas": self.betas, "grad_clip": self.grad_clip,
+            "warmup_steps": int(round(self.warmup_fraction * steps)),
+        }
+
+
+METHOD_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "methods"
+
+
+def published_recipe(method: str) -> OptimiserRecipe | None:
+    """The ``published_recipe`` block of ``configs/methods/<method>.yaml`` (None: the method has none)."""
+    path = METHOD_CONFIG_DIR / f"{method}.yaml"
+    if not path.is_file():
+        return None
+    block = load_yaml(path).get("published_recipe")
+    return None if block is None else validate_config(OptimiserRecipe, block, path)
 
 
 class PretrainConfig(StrictModel):
@@ -116,6 +168,29 @@ class PretrainConfig(StrictModel):
     crop_size: CropSize = 64
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(lr=1e-4, weight_decay=0.05))
+    # "shared": the schedule as given (one for every method: a controlled comparison); "published": the
+    # optimiser fields of the schedule come from ``published_recipe`` (the method's own, scaled to the batch)
+    recipe: Literal["published", "shared"] = "shared"
+    published_recipe: OptimiserRecipe | None = None
+
+    @model_validator(mode="after")
+    def _apply_recipe(self) -> PretrainConfig:
+        if self.recipe == "shared":
+            if self.published_recipe is not None:  # unused: kept out of the config and its hash
+                self.published_recipe = None
+            return self
+        if self.published_recipe is None:  # the method's own, from configs/methods/<name>.yaml
+            recipe = published_recipe(self.method.name)
+            if recipe is None:
+                raise ValueError(f"recipe 'published': method '{self.method.name}' has no published_recipe "
+                                 f"(configs/methods/{self.method.name}.yaml); use recipe 'shared'")
+            self.published_recipe = recipe
+        # The optimiser fields of the schedule are the recipe's (scaled to this run's batch), whatever the
+        # schedule said: what ran is what the config records.
+        # A copy, set without re-running this validator: the given schedule may be shared with other configs.
+        fields = self.published_recipe.schedule_fields(self.schedule.batch_size, self.schedule.steps)
+        self.__dict__["schedule"] = self.schedule.model_copy(update=fields)
+        return self
 
 
 class AugmentConfig(StrictModel):
@@ -300,7 +375,7 @@ def _section_model(name: str, source: type[StrictModel], exclude: set[str], doc:
 
 
 BenchPretrainConfig = _section_model(
-    "BenchPretrainConfig", PretrainConfig, {"method", "encoder", "corpus", "preprocess"},
+    "BenchPretrainConfig", PretrainConfig, {"method", "encoder", "corpus", "preprocess", "published_recipe"},
     "PretrainConfig fields shared by every pretraining run of a benchmark.",
 )
 # FinetuneConfig fields the bench sets for each run (the rest come from the `finetune` section)

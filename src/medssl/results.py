@@ -57,6 +57,31 @@ CURVE_COLUMNS = [
     "epoch",
     "val_dice",
 ]
+# The health values of a pretraining run (``health/<name>`` in metrics.jsonl, methods/health.py)
+HEALTH_COLUMNS = [
+    "embedding_rank",
+    "embedding_std_scaled",
+    "feature_rank",
+    "feature_std_scaled",
+    "teacher_entropy",
+    "teacher_batch_entropy",
+    "teacher_entropy_ratio",
+    "teacher_batch_entropy_ratio",
+]
+# What each pretraining run's optimiser got (results.json ``optimiser``, train/pretrain.py)
+OPTIMISER_COLUMNS = [
+    "recipe",
+    "lr",
+    "weight_decay",
+    "weight_decay_end",
+    "grad_clip",
+    "warmup_steps",
+    "batch_size",
+    "negatives_per_step",
+    "few_negatives",
+    "published_optimizer",
+    "lr_rule",
+]
 PRETRAIN_COLUMNS = [
     "method",
     "family",
@@ -68,8 +93,6 @@ PRETRAIN_COLUMNS = [
     "step_seconds",
     "collapsed",
     "collapse_reason",
-    "embedding_std",
-    "collapse_threshold",
     "flops_per_step",
     "total_flops",
     "device_hours",
@@ -77,6 +100,9 @@ PRETRAIN_COLUMNS = [
     "device_kind",
     "peak_memory_bytes",
     "peak_memory_kind",
+    "health_warnings",
+    *HEALTH_COLUMNS,
+    *OPTIMISER_COLUMNS,
     "run_id",
 ]
 COST_FIELDS = ("flops_per_step", "total_flops", "device_hours", "devices", "device_kind", "peak_memory_bytes",
@@ -88,8 +114,7 @@ PRETRAIN_CURVE_COLUMNS = [
     "step",
     "loss",
     "lr",
-    "embedding_std",
-    "teacher_entropy",
+    *HEALTH_COLUMNS,
 ]
 
 KINDS = ("pretrain", "finetune", "cka")
@@ -331,11 +356,15 @@ def finetune_recipes(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
 
 
 def pretrain_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
-    """One row per finished pretraining run (``PRETRAIN_COLUMNS``), collapse verdict included."""
+    """One row per finished pretraining run (``PRETRAIN_COLUMNS``): the health verdict and final health
+    values, and what its optimiser got. Runs written before the health verdict carry their ``collapse``
+    block's verdict and no health values."""
     rows = []
     for run in _as_collection(runs_root).pretrain:
-        collapse = run.results.get("collapse") or {}
         cost = run.results.get("cost") or {}
+        health = run.results.get("health") or run.results.get("collapse") or {}
+        final = health.get("final") or {}
+        optimiser = run.results.get("optimiser") or {}
         rows.append(
             {
                 "method": str(run.get("method", "unknown")),
@@ -346,10 +375,11 @@ def pretrain_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
                 "final_loss": _float_or_nan(run.results.get("final_loss")),
                 "wall_seconds": _float_or_nan(run.results.get("wall_seconds")),
                 "step_seconds": _float_or_nan(run.results.get("step_seconds")),
-                "collapsed": bool(collapse.get("collapsed", False)),
-                "collapse_reason": collapse.get("reason"),
-                "embedding_std": _float_or_nan(collapse.get("embedding_std")),
-                "collapse_threshold": _float_or_nan(collapse.get("threshold")),
+                "collapsed": bool(health.get("collapsed", False)),
+                "collapse_reason": health.get("reason"),
+                "health_warnings": "; ".join(health.get("warnings") or []) or None,
+                **{k: _float_or_nan(final.get(f"health/{k}")) for k in HEALTH_COLUMNS},
+                **{k: optimiser.get(k) for k in OPTIMISER_COLUMNS},
                 **{k: cost.get(k) for k in COST_FIELDS},
                 "run_id": run.run_id,
             }
@@ -358,15 +388,15 @@ def pretrain_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
         pd.DataFrame(rows),
         PRETRAIN_COLUMNS,
         ints=("crop_size", "steps", "devices"),
-        floats=("final_loss", "wall_seconds", "step_seconds", "embedding_std", "collapse_threshold", "flops_per_step",
-                "total_flops", "device_hours", "peak_memory_bytes"),
+        floats=("final_loss", "wall_seconds", "step_seconds", *HEALTH_COLUMNS, "flops_per_step", "total_flops",
+                "device_hours", "peak_memory_bytes"),
     )
     frame["collapsed"] = frame["collapsed"].astype(bool)
     return frame.sort_values(["method", "run_id"], kind="stable", ignore_index=True)
 
 
 def pretrain_curves(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
-    """Training-loss curves of finished pretraining runs from ``metrics.jsonl``."""
+    """Training-loss and health curves of finished pretraining runs from ``metrics.jsonl``."""
     rows = []
     for run in _as_collection(runs_root).pretrain:
         method, family = str(run.get("method", "unknown")), str(run.get("family", "unknown"))
@@ -379,14 +409,16 @@ def pretrain_curves(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
                     "family": family,
                     "run_id": run.run_id,
                     "step": record["step"],
-                    **{k: _float_or_nan(record.get(k)) for k in ("loss", "lr", "embedding_std", "teacher_entropy")},
+                    "loss": _float_or_nan(record.get("loss")),
+                    "lr": _float_or_nan(record.get("lr")),
+                    **{k: _float_or_nan(record.get(f"health/{k}")) for k in HEALTH_COLUMNS},
                 }
             )
     frame = _typed(
         pd.DataFrame(rows),
         PRETRAIN_CURVE_COLUMNS,
         ints=("step",),
-        floats=("loss", "lr", "embedding_std", "teacher_entropy"),
+        floats=("loss", "lr", *HEALTH_COLUMNS),
     )
     return frame.sort_values(["method", "run_id", "step"], kind="stable", ignore_index=True)
 

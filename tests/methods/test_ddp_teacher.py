@@ -23,7 +23,7 @@ from medssl.train.loop import train
 
 STEPS = 3
 OPTIONS = {"out_dim": 64, "hidden_dim": 256, "bottleneck_dim": 64, "n_local_crops": 1,
-           "freeze_last_layer_steps": 1, "teacher_temp_warmup_steps": 2}
+           "freeze_last_layer_epochs": 1, "teacher_temp_warmup_epochs": 2, "steps_per_epoch": 1}
 
 
 class Regions(torch.utils.data.Dataset):

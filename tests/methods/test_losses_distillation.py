@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from medssl.methods.dino import Centering
+from medssl.methods.distillation import Centering
 from medssl.methods.losses import (
     dino_cross_entropy,
     masked_patch_ce,

@@ -1,10 +1,11 @@
-"""SimCLR, MoCo v3, BYOL, RotNet and SwinUNETR-SSL: views, training steps, EMA teachers, encoder export."""
+"""SimCLR, MoCo v3, BYOL, RotNet and SwinUNETR-SSL: views, recipes, training steps, EMA teachers, export."""
 
 from __future__ import annotations
 
 import math
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,20 +14,24 @@ import torch.multiprocessing as mp
 
 from medssl.config import EncoderConfig, PretrainConfig, load_yaml
 from medssl.data.views import (
+    SWINUNETR_ROTATION_AXIS,
     cutout,
     enlarged_region_side,
     intensity_augment,
+    random_box_sides,
     random_resized_crop_3d,
     random_rotation_label,
     rotate90_view,
     rotation_classes,
     rotation_from_label,
+    solarize,
     two_crops,
 )
 from medssl.errors import ConfigError
 from medssl.methods import byol, mocov3, rotnet, simclr, swinunetr_ssl
 from medssl.methods.base import REGISTRY, build_method
 from medssl.methods.losses import moco_v3_infonce, nt_xent
+from medssl.methods.swinunetr_ssl import fill_from_batch
 from medssl.models.checkpoint import load_encoder_state
 from medssl.models.encoder import SwinEncoder
 from medssl.models.segmenter import SwinSegmenter
@@ -39,19 +44,17 @@ SMALL_HEADS = {
     "mocov3": {"proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64},
     "byol": {"proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64},
     "rotnet": {},
-    "swinunetr_ssl": {"contrastive_dim": 32},
+    # a 32^3 crop has one bottleneck token: the reference's tokens 0 / 1 do not exist (tested below)
+    "swinunetr_ssl": {"contrastive_dim": 32, "head_input": "pooled"},
 }
 VIEW_SHAPES = {
     "simclr": {"view1": (1, CROP, CROP, CROP), "view2": (1, CROP, CROP, CROP)},
     "mocov3": {"view1": (1, CROP, CROP, CROP), "view2": (1, CROP, CROP, CROP)},
     "byol": {"view1": (1, CROP, CROP, CROP), "view2": (1, CROP, CROP, CROP)},
-    "rotnet": {"image": (1, CROP, CROP, CROP), "rotation": ()},
+    "rotnet": {"image": (4, 1, CROP, CROP, CROP), "rotation": (4,)},  # all four rotations of one crop
     "swinunetr_ssl": {
-        **{f"{k}{i}": (1, CROP, CROP, CROP) for k in ("view", "target") for i in (1, 2)},
-        "rotation1": (),
-        "rotation2": (),
-        "cut_fraction1": (),
-        "cut_fraction2": (),
+        **{f"{k}{i}": (1, CROP, CROP, CROP) for k in ("view", "target", "donor_mask") for i in (1, 2)},
+        **{f"{k}{i}": () for k in ("rotation", "cut_fraction", "donor_draw") for i in (1, 2)},
     },
 }
 COMPONENTS = {
@@ -108,6 +111,27 @@ def test_random_resized_crop_shape_scale_and_determinism():
         random_resized_crop_3d(region, 32, (0.0, 1.0), np.random.default_rng(0))
 
 
+def test_random_resized_crop_with_aspect_ratio_stays_in_scale_and_ratio_bounds():
+    """SimMIM's RandomResizedCrop(scale=(0.67, 1), ratio=(3/4, 4/3)) in 3D: volume fraction and the
+    side ratios Y/X, Z/X within bounds (up to rounding of the sides), and boxes that fit the region."""
+    spatial, scale, ratio = (48, 48, 48), (0.67, 1.0), (3 / 4, 4 / 3)
+    shapes = set()
+    for seed in range(200):
+        sides = random_box_sides(spatial, scale, ratio, np.random.default_rng(seed))
+        assert all(1 <= side <= 48 for side in sides)
+        fraction = np.prod(sides) / 48**3
+        assert scale[0] - 0.05 <= fraction <= scale[1] + 1e-9, (sides, fraction)
+        for other in sides[1:]:
+            assert ratio[0] - 0.05 <= other / sides[0] <= ratio[1] + 0.05, sides
+        shapes.add(tuple(sides))
+    assert len(shapes) > 20  # shapes vary: not the proportional fallback every time
+    assert any(len(set(shape)) > 1 for shape in shapes)  # some non-cubic boxes
+    crop = random_resized_crop_3d(synthetic_region(48), 32, scale, np.random.default_rng(0), ratio)
+    assert crop.shape == (1, 32, 32, 32)
+    with pytest.raises(ValueError):
+        random_resized_crop_3d(synthetic_region(48), 32, scale, np.random.default_rng(0), (2.0, 1.0))
+
+
 def test_enlarged_region_side_rounds_up_to_16():
     assert enlarged_region_side(32, 1.25) == 48
     assert enlarged_region_side(64, 1.25) == 80
@@ -147,15 +171,18 @@ def test_rotations_labels_and_inverse():
         rotation_classes(2)
 
 
-def test_cutout_respects_the_cap_and_reports_its_mask():
+def test_cutout_respects_the_budget_and_reports_its_mask():
     x = synthetic_region(32)
+    # patch_rand_drop stops once the summed box volume reaches a budget of U(0, 0.3): the union may pass
+    # 0.3 by at most the last box (sides < 0.25 of the crop), where the old cap stopped before it.
+    last_box = 0.25**3
     for seed in range(10):
         out, mask = cutout(x, np.random.default_rng(seed), max_fraction=0.3)
         assert mask.shape == (1, 32, 32, 32) and mask.dtype == torch.bool
-        assert 0.0 < mask.float().mean().item() <= 0.3
+        assert 0.0 < mask.float().mean().item() <= 0.3 + last_box
         assert torch.equal(out[~mask], x[~mask])  # untouched outside the mask
         assert not torch.equal(out[mask], x[mask])
-        assert out.min() >= x.min() - 1e-6 and out.max() <= x.max() + 1e-6  # noise within the image range
+        assert out[mask].min() >= 0.0 and out[mask].max() <= 1.0  # the reference's noise, min-max scaled to [0, 1]
     donor = torch.full_like(x, 7.0)
     out, mask = cutout(x, np.random.default_rng(0), max_fraction=0.3, fill=donor)
     assert torch.all(out[mask] == 7.0)
@@ -185,7 +212,7 @@ def test_registered_with_family_and_config_file(name):
 def test_make_views_shapes_and_determinism(name):
     method = build(name)
     side = method.region_size(CROP)
-    assert side == (CROP if name == "rotnet" else 48)
+    assert side == (CROP if name in ("rotnet", "swinunetr_ssl") else 48)
     region = synthetic_region(side)
     views = method.make_views(region, np.random.default_rng(11))
     assert {k: tuple(v.shape) for k, v in views.items()} == VIEW_SHAPES[name]
@@ -194,16 +221,65 @@ def test_make_views_shapes_and_determinism(name):
     assert all(type(v) is torch.Tensor for v in views.values())
 
 
-def test_swinunetr_ssl_views_rotate_then_cut():
+def test_swinunetr_ssl_views_are_one_crop_rotated_as_the_reference_then_cut():
+    """main.py: x1, x2 = rot_rand(x), rot_rand(x) of the SAME crop x; rot_rand turns dims (2, 3) of a
+    (C, H, W, D) sample, i.e. our (C, X, Y, Z) dims (2, 3): the (Y, Z) plane about axis 0."""
+    assert SWINUNETR_ROTATION_AXIS == 0
     method = build("swinunetr_ssl")
-    for seed in range(4):
-        v = method.make_views(synthetic_region(48, seed), np.random.default_rng(seed))
+    rotations = set()
+    for seed in range(8):
+        region = synthetic_region(CROP, seed)
+        v = method.make_views(region, np.random.default_rng(seed))
         for i in (1, 2):
-            assert 0 <= int(v[f"rotation{i}"]) < 4
+            k = int(v[f"rotation{i}"])
+            rotations.add(k)
+            assert torch.equal(v[f"target{i}"], torch.rot90(region, k, dims=(2, 3)))
+            # the same voxels before rotation: rotating back gives the one crop, for both views
+            assert torch.equal(rotate90_view(v[f"target{i}"], 4 - k, 0), region)
             fraction = float(v[f"cut_fraction{i}"])
-            assert 0.0 < fraction <= 0.3 + 1e-6
-            changed = (v[f"view{i}"] != v[f"target{i}"]).float().mean().item()
-            assert 0.0 < changed <= fraction + 1e-6
+            assert 0.0 < fraction <= 0.3 + 0.25**3
+            changed = v[f"view{i}"] != v[f"target{i}"]
+            assert 0.0 < changed.float().mean().item() <= fraction + 1e-6
+            assert 0.0 < float(v[f"donor_mask{i}"].float().mean()) <= 0.3 + 0.25**3
+            assert 0.0 <= float(v[f"donor_draw{i}"]) < 1.0
+        assert v["cut_fraction1"] != v["cut_fraction2"] or not torch.equal(v["view1"], v["view2"])  # own cut-outs
+    assert rotations == {0, 1, 2, 3}
+
+
+def test_swinunetr_ssl_cutout_donor_is_another_sample_of_the_batch():
+    """aug_rand: sample i takes voxels from sample randint(0, B) when that is another sample; its in-place
+    loop makes an earlier donor give its corrupted view, a later one its clean rotated crop."""
+    n, shape = 3, (1, 4, 4, 4)
+    clean = torch.stack([torch.full(shape, 10.0 * (j + 1)) for j in range(n)])
+    views = clean + 1.0  # "corrupted" views, told apart from the clean crops
+    masks = torch.zeros(n, *shape, dtype=torch.bool)
+    masks[:, :, :2] = True
+    # sample 0 -> donor 2 (later: clean), sample 1 -> itself (no donor), sample 2 -> donor 0 (earlier: final view)
+    draws = torch.tensor([0.9, 0.5, 0.1])
+    out = fill_from_batch(views, clean, masks, draws)
+    assert torch.equal(out[0][masks[0]], clean[2][masks[0]])
+    assert torch.equal(out[0][~masks[0]], views[0][~masks[0]])
+    assert torch.equal(out[1], views[1])
+    assert torch.equal(out[2][masks[2]], out[0][masks[2]])  # sample 0's view after its own fill
+    assert torch.equal(out[2][~masks[2]], views[2][~masks[2]])
+    # in the method's forward, a batch of one never takes a donor: nothing outside the noise boxes changes
+    method = build("swinunetr_ssl")
+    batch = make_batch(method, n=1)
+    alone = fill_from_batch(batch["view1"], batch["target1"], batch["donor_mask1"], batch["donor_draw1"])
+    assert torch.equal(alone, batch["view1"])
+
+
+def test_swinunetr_ssl_heads_read_tokens_0_and_1_as_released():
+    method = build("swinunetr_ssl")
+    assert method.rotation_head.out_features == 4 and method.contrastive_head.out_features == 32
+    assert type(method.decoder.net[1]) is torch.nn.GroupNorm  # 32^3: 1^3 bottleneck
+    with pytest.raises(ConfigError, match="head_input"):
+        build("swinunetr_ssl", head_input="tokens")  # one bottleneck token at 32^3
+    released = REGISTRY["swinunetr_ssl"].Params()
+    assert (released.head_input, released.contrastive_dim, released.temperature) == ("tokens", 512, 0.5)
+    bottleneck = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2, 3, 2, 2, 2)
+    tokens = REGISTRY["swinunetr_ssl"]._head_inputs(SimpleNamespace(params=released), bottleneck)
+    assert torch.equal(tokens[0], bottleneck[:, :, 0, 0, 0]) and torch.equal(tokens[1], bottleneck[:, :, 0, 0, 1])
 
 
 @pytest.mark.parametrize("name", sorted(METHOD_MODULES))
@@ -213,13 +289,15 @@ def test_training_steps_lower_the_loss_and_export_the_encoder(name):
     method.train()
     # MoCo v3's projector ends in a BatchNorm without affine: over 2 samples it maps every feature to
     # +-1 and the loss only jitters, so it gets 4 samples; the others train on 2.
-    batch = make_batch(method, n=4 if name == "mocov3" else 2)
+    batch = make_batch(method, n={"mocov3": 4, "rotnet": 1}.get(name, 2))  # rotnet: 1 sample = 4 rotated crops
     optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
     teacher = getattr(method, "teacher", None)
     losses = []
     for step in range(6):
         out = method(batch, step)
-        assert {"loss", "embedding_std"} | COMPONENTS[name] <= set(out)
+        health = {f"health/{k}" for k in ("embedding_rank", "embedding_std", "feature_rank", "feature_std")}
+        assert {"loss"} | health | COMPONENTS[name] <= set(out)
+        assert "embedding_std" not in out  # replaced by the health metrics
         assert all(torch.isfinite(v).all() for v in out.values())
         optimizer.zero_grad()
         out["loss"].backward()
@@ -248,11 +326,75 @@ def test_build_method_from_config_options():
     assert method.projector.net[-1].num_features == 256  # last BatchNorm of the MoCo v3 projector
 
 
+def test_mocov3_projector_and_predictor_end_in_batch_norm_as_the_vit_variant():
+    """moco/builder.py MoCo_ViT: _build_mlp(3, ...) and _build_mlp(2, ...), both with last_bn=True:
+    Linear(bias=False) -> BatchNorm1d(affine=False) at the end of each."""
+    method = build("mocov3")
+    for mlp in (method.projector, method.predictor):
+        last_linear, last_bn = mlp.net[-2], mlp.net[-1]
+        assert isinstance(last_linear, torch.nn.Linear) and last_linear.bias is None
+        assert isinstance(last_bn, torch.nn.BatchNorm1d) and not last_bn.affine
+    assert sum(isinstance(m, torch.nn.Linear) for m in method.projector.net) == 3
+    assert sum(isinstance(m, torch.nn.Linear) for m in method.predictor.net) == 2
+    resnet_style = build("mocov3", pred_last_batch_norm=False)
+    assert isinstance(resnet_style.predictor.net[-1], torch.nn.Linear)
+
+
+@pytest.mark.parametrize("name", ["byol", "mocov3"])
+def test_byol_and_mocov3_augmentations_are_asymmetric(name):
+    """BYOL augment_config / MoCo v3 augmentation1, 2: blur p 1.0 / 0.1, solarise p 0.0 / 0.2."""
+    first, second = REGISTRY[name].Params().augment
+    assert (first.blur_prob, first.solarize_prob) == (1.0, 0.0)
+    assert (second.blur_prob, second.solarize_prob) == (0.1, 0.2)
+    symmetric = REGISTRY["simclr"].Params().augment
+    assert symmetric[0] == symmetric[1] and symmetric[0].solarize_prob == 0.0
+    # The views follow their own options: only view 2 is ever solarised, view 1 is always blurred.
+    method = build(name, augment=[
+        {"blur_prob": 1.0, "solarize_prob": 0.0, "scale_prob": 0, "shift_prob": 0, "noise_prob": 0},
+        {"blur_prob": 0.0, "solarize_prob": 1.0, "scale_prob": 0, "shift_prob": 0, "noise_prob": 0},
+    ], crop_scale=(1.0, 1.0), crop_ratio=None, flip_prob=0.0)
+    region = synthetic_region(method.region_size(CROP)).clamp(0, 1)
+    views = method.make_views(region, np.random.default_rng(0))
+    crop = random_resized_crop_3d(region, CROP, (1.0, 1.0), np.random.default_rng(0))
+    assert torch.allclose(views["view2"], solarize(crop))
+    assert (views["view2"] <= 0.5 + 1e-6).all()
+    smooth = float((views["view1"][:, 1:] - views["view1"][:, :-1]).abs().mean())
+    assert smooth < float((crop[:, 1:] - crop[:, :-1]).abs().mean())  # blurred
+
+
+def test_solarize_inverts_intensities_above_half():
+    x = torch.tensor([0.0, 0.2, 0.49, 0.5, 0.8, 1.0])
+    assert torch.allclose(solarize(x), torch.tensor([0.0, 0.2, 0.49, 0.5, 0.2, 0.0]))
+    a = intensity_augment(x.reshape(1, 1, 1, 6), np.random.default_rng(0), scale_prob=0, shift_prob=0,
+                          noise_prob=0, blur_prob=0, solarize_prob=1.0)
+    assert torch.allclose(a.flatten(), solarize(x))
+
+
 def test_rotnet_three_axes_has_ten_classes():
-    method = build("rotnet", axes=3)
+    method = build("rotnet", axes=3, all_rotations=False)
     assert method.head.out_features == 10
     labels = {int(method.make_views(synthetic_region(CROP), np.random.default_rng(s))["rotation"]) for s in range(24)}
     assert labels <= set(range(10)) and len(labels) > 4
+
+
+@pytest.mark.parametrize("axes", [1, 3])
+def test_rotnet_presents_every_rotation_of_a_sample_in_one_batch(axes):
+    """FeatureLearningRotNet dataloader.py: one augmented image, all its rotations, labels 0..n-1."""
+    assert REGISTRY["rotnet"].Params().all_rotations  # the reference's default
+    method = build("rotnet", axes=axes, augment={"scale_prob": 0, "shift_prob": 0, "noise_prob": 0, "blur_prob": 0})
+    region = synthetic_region(CROP)
+    views = method.make_views(region, np.random.default_rng(0))
+    n = rotation_classes(axes)
+    assert views["image"].shape == (n, 1, CROP, CROP, CROP)
+    assert views["rotation"].tolist() == list(range(n))
+    for label in range(n):
+        k, axis = rotation_from_label(label, axes, method.params.rotation_axis)
+        assert torch.allclose(views["image"][label], rotate90_view(region, k, axis))
+    batch = make_batch(method, n=2)
+    out = method(batch, 0)
+    assert out["rotation_ce"].shape == () and torch.isfinite(out["loss"])
+    single = build("rotnet", all_rotations=False).make_views(region, np.random.default_rng(0))
+    assert single["image"].shape == (1, 1, CROP, CROP, CROP) and single["rotation"].shape == (1,)
 
 
 @pytest.mark.parametrize(("name", "base"), [("mocov3", 0.99), ("byol", 0.996)])
@@ -260,10 +402,13 @@ def test_ema_momentum_schedule_and_update(name, base):
     total = 11
     method = build(name, total_steps=total)
     teacher = method.teacher
-    assert teacher.momentum(0) == pytest.approx(base)
-    assert teacher.momentum(total // 2) == pytest.approx((base + 1) / 2)  # cosine midpoint
-    assert teacher.momentum(total - 1) == pytest.approx(1.0)
-    assert teacher.momentum(10 * total) == pytest.approx(1.0)  # held past the plan
+    assert method.momentum(0) == pytest.approx(base)
+    assert method.momentum(total // 2) == pytest.approx((base + 1) / 2)  # cosine midpoint
+    assert method.momentum(total - 1) == pytest.approx(1.0)
+    assert method.momentum(10 * total) == pytest.approx(1.0)  # held past the plan
+    # One declared pair: the online encoder + projector and its EMA copy.
+    [(online, paired)] = method.momentum_pairs()
+    assert paired is teacher and online.encoder is method.encoder and online.projector is method.projector
     # The teacher starts as a copy of the online encoder + projector ...
     student_w = method.encoder.patch_embed.proj.weight
     teacher_w = teacher.module.encoder.patch_embed.proj.weight
@@ -275,12 +420,16 @@ def test_ema_momentum_schedule_and_update(name, base):
     old_t = teacher_w.detach().clone()
     old_proj = teacher.module.projector.net[0].weight.detach().clone()
     step = 3
-    m = teacher.momentum(step)
+    m = method.momentum(step)
     method.on_after_step(step)
     assert torch.allclose(teacher_w, m * old_t + (1 - m) * student_w.detach())
     assert torch.allclose(
         teacher.module.projector.net[0].weight, m * old_proj + (1 - m) * method.projector.net[0].weight.detach()
     )
+    # The key / target branch's BatchNorm uses batch statistics in training, as the references run it.
+    method.train()
+    assert not teacher.module.encoder.training
+    assert all(bn.training for bn in teacher.modules() if isinstance(bn, torch.nn.BatchNorm1d))
     # The encoder is stored once: no duplicate copy of it outside the teacher.
     keys = method.state_dict().keys()
     assert sum(k.endswith("patch_embed.proj.weight") for k in keys) == 2  # encoder. and teacher.module.encoder.
@@ -292,7 +441,7 @@ def test_ema_momentum_schedule_and_update(name, base):
 def _gather_worker(rank: int, world: int, init_file: str, x: torch.Tensor, y: torch.Tensor, out: dict) -> None:
     import torch.distributed as dist
 
-    from medssl.methods.simclr import gather_no_grad, gather_with_grad, rank_and_world
+    from medssl.methods.distributed import gather_no_grad, gather_with_grad, rank_and_world
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

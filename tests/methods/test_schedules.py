@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from medssl.methods.base import EMATeacher, cosine_schedule, linear_warmup_then_constant, schedule_at
+from medssl.methods.base import (
+    EMATeacher,
+    NoParams,
+    SSLMethod,
+    cosine_schedule,
+    linear_warmup_then_constant,
+    schedule_at,
+)
 
 
 def test_cosine_schedule_first_middle_last() -> None:
@@ -44,26 +51,44 @@ def test_schedule_at_holds_the_ends() -> None:
     assert schedule_at(values, 100) == pytest.approx(1.0)
 
 
+class OnePair(SSLMethod):
+    """The smallest method with one momentum pair (a linear layer and its EMA teacher)."""
+
+    name = "one-pair"
+    family = "none"
+    description = "test only"
+
+    def __init__(self, base_momentum: float, total_steps: int) -> None:
+        super().__init__(nn.Linear(3, 2), NoParams(), crop_size=1, total_steps=total_steps)  # type: ignore[arg-type]
+        self.teacher = EMATeacher(self.encoder)
+        self.init_momentum(base_momentum)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, EMATeacher]]:
+        return [(self.encoder, self.teacher)]
+
+
 def test_ema_teacher_momentum_first_middle_last_step() -> None:
-    teacher = EMATeacher(nn.Linear(2, 2), base_momentum=0.996, total_steps=101)
-    assert teacher.momentum(0) == pytest.approx(0.996)
-    assert teacher.momentum(50) == pytest.approx(0.998)
-    assert teacher.momentum(100) == pytest.approx(1.0)
-    assert teacher.momentum(1000) == pytest.approx(1.0)  # past the plan: held at the end
+    method = OnePair(0.996, total_steps=101)
+    assert method.momentum(0) == pytest.approx(0.996)
+    assert method.momentum(50) == pytest.approx(0.998)
+    assert method.momentum(100) == pytest.approx(1.0)
+    assert method.momentum(1000) == pytest.approx(1.0)  # past the plan: held at the end
     # Global step, not step within an epoch: steps 10 and 60 differ.
-    assert teacher.momentum(10) > 0.996 and teacher.momentum(60) > teacher.momentum(10)
+    assert method.momentum(10) > 0.996 and method.momentum(60) > method.momentum(10)
 
 
 def test_ema_teacher_update_formula_and_frozen_copy() -> None:
     torch.manual_seed(0)
-    student = nn.Linear(3, 2)
-    teacher = EMATeacher(student, base_momentum=0.9, total_steps=11)
+    method = OnePair(0.9, total_steps=11)
+    student, teacher = method.encoder, method.teacher
     assert all(not p.requires_grad for p in teacher.parameters())
     before = teacher.module.weight.clone()
     with torch.no_grad():
         student.weight.add_(1.0)
-    m = teacher.update(student, step=0)
-    assert m == pytest.approx(0.9)
+    method.on_after_step(0)  # the base class updates every declared pair
+    assert method.momentum(0) == pytest.approx(0.9)
     assert torch.allclose(teacher.module.weight, 0.9 * before + 0.1 * student.weight)
+    method.train()
+    assert not teacher.training  # a teacher stays in eval mode
     out = teacher(torch.randn(4, 3))
     assert not out.requires_grad

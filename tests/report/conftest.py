@@ -10,7 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medssl.config import MethodConfig, PretrainConfig, ScheduleConfig
+from medssl.methods.health import health_verdict
 from medssl.runs import RunDir
+from medssl.train.pretrain import optimiser_provenance
 
 METHODS = {"none": "none", "simmim": "mim", "dino": "self_distillation"}
 # Method effect on Dice, so the ranking is known: simmim > dino > none.
@@ -113,9 +116,12 @@ def write_finetune_run(
 
 
 def write_pretrain_run(runs: Path, method: str, collapsed: bool = False) -> RunDir:
+    """A finished pretraining run whose results come from the real health verdict and optimiser record
+    (published recipe at batch 8); a collapsed run logs constant embeddings (spread 0)."""
     run_id = f"pretrain-{method}-000000000000"
     run = RunDir(runs / run_id)
-    std = 0.0001 if collapsed else 0.5
+    spread = 0.0 if collapsed else 0.5
+    family = {**METHODS, "simclr": "contrastive"}[method]
     info = {
         "kind": "pretrain",
         "run_id": run_id,
@@ -123,27 +129,29 @@ def write_pretrain_run(runs: Path, method: str, collapsed: bool = False) -> RunD
         "created": time.time(),
         "code_version": "0.1.0",
         "method": method,
-        "family": METHODS[method],
+        "family": family,
         "preset": "tiny",
         "crop_size": 32,
         "steps": 40,
     }
-    metrics = [{"step": s, "loss": 2.0 / s, "lr": 1e-4, "embedding_std": std} for s in range(1, 41, 5)]
+    metrics = [
+        {"step": s, "loss": 2.0 / s, "lr": 1e-4, "health/embedding_std_scaled": spread,
+         "health/embedding_rank": 1.0 if collapsed else 3.0, "health/feature_std_scaled": 0.1}
+        for s in range(1, 41, 5)
+    ]
+    config = PretrainConfig(method=MethodConfig(name=method), recipe="published",
+                            schedule=ScheduleConfig(steps=40, batch_size=8))
     results = {
         "kind": "pretrain",
         "method": method,
-        "family": METHODS[method],
+        "family": family,
         "encoder": "checkpoints/encoder.pt",
         "steps": 40,
         "final_loss": metrics[-1]["loss"],
         "wall_seconds": 20.0,
         "step_seconds": 0.5,
-        "collapse": {
-            "collapsed": collapsed,
-            "reason": "embedding std below threshold" if collapsed else None,
-            "embedding_std": std,
-            "threshold": 0.1,
-        },
+        "health": health_verdict(metrics),
+        "optimiser": optimiser_provenance(config),
         "cost": {"flops_per_step": 1e9 * (2 if method == "dino" else 1), "total_flops": 40e9 * (2 if method == "dino"
                  else 1), "steps": 40, "wall_seconds": 20.0, "devices": 1, "device_kind": "cpu",
                  "device_hours": 20.0 / 3600, "peak_memory_bytes": 2**30, "peak_memory_kind": "cpu_peak_rss"},

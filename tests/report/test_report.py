@@ -230,3 +230,23 @@ def test_table_renderers_escape_and_bold() -> None:
     assert "| method | ct_organs | a\\|b |" in md and "**0.900**" in md and "**50%**" in md
     tex = latex_table(table)
     assert r"\textbf{0.900}" in tex and r"0.800$^{*}$" in tex and r"50\%" in tex and r"ct\_organs" in tex
+
+
+def test_report_shows_health_curves_and_the_optimiser_recipe(full_report: tuple[Path, Path]) -> None:
+    runs, index = full_report
+    markdown = (index.parent / "report.md").read_text(encoding="utf-8")
+    assert "Representation health per step" in markdown
+    assert (index.parent / "figures" / "pretraining_health.png").exists()
+    assert "Pretraining optimiser per method (recipe: published" in markdown
+    # simmim's published SimMIM recipe at batch 8: clip 5, wd 0.05; dino's: 0.04 -> 0.4, clip 3
+    assert "0.040 → 0.400" in markdown and "| 5.000 |" in markdown and "AdamW" in markdown
+    assert "embedding spread" in markdown  # the collapsed dino run's reason, from the health verdict
+
+
+def test_report_flags_few_contrastive_negatives(fake, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    fake.write_pretrain_run(runs, "simclr")
+    index = build_report(runs, tmp_path / "report")
+    alerts = [text for section, text in parse(index).alerts if section == "provenance"]
+    assert any("SimCLR (14 negatives)" in text or "simclr (14 negatives)" in text.lower() for text in alerts), alerts
+    assert "14 (few)" in (index.parent / "report.md").read_text(encoding="utf-8")

@@ -51,12 +51,16 @@ def test_curves_and_pretrain_tables(fake_runs: Path) -> None:
     assert sorted(pre["method"]) == ["dino", "simmim"]
     assert pre.set_index("method").loc["dino", "collapsed"]
     assert not pre.set_index("method").loc["simmim", "collapsed"]
-    assert pre.set_index("method").loc["dino", "collapse_reason"] == "embedding std below threshold"
+    assert pre.set_index("method").loc["dino", "collapse_reason"].startswith("embedding spread")
+    assert pre.set_index("method").loc["simmim", "embedding_std_scaled"] == 0.5
+    assert pre.set_index("method").loc["simmim", "recipe"] == "published"
+    assert pre.set_index("method").loc["simmim", "grad_clip"] == 5.0
 
     loss = pretrain_curves(fake_runs)
     assert set(loss["method"]) == {"dino", "simmim"}
     assert loss.groupby("run_id")["step"].is_monotonic_increasing.all()
     assert loss["loss"].notna().all()
+    assert (loss.loc[loss["method"] == "dino", "embedding_std_scaled"] == 0.0).all()
 
     cka = cka_runs(fake_runs)
     assert len(cka) == 1 and len(cka[0]["linear_cka"]) == 5 and cka[0]["run_id"].startswith("cka-")

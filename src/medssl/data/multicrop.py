@@ -31,10 +31,12 @@ def local_crop_size(crop_size: int) -> int:
 
 
 def distillation_augment(
-    x: Tensor, rng: np.random.Generator, blur_prob: float, intensity_prob: float = 0.8
+    x: Tensor, rng: np.random.Generator, blur_prob: float, intensity_prob: float = 0.8, flip: bool = True
 ) -> Tensor:
-    """Flip each axis (p 0.5), jitter intensity scale and shift (p ``intensity_prob``), blur (p ``blur_prob``)."""
-    x = random_flip(x, rng)
+    """Flip each axis (p 0.5, when ``flip``), jitter intensity scale and shift (p ``intensity_prob``),
+    blur (p ``blur_prob``)."""
+    if flip:
+        x = random_flip(x, rng)
     return intensity_augment(
         x, rng, scale_prob=intensity_prob, shift_prob=intensity_prob, noise_prob=0.0,
         blur_prob=blur_prob, blur_sigma=BLUR_SIGMA,
@@ -85,8 +87,10 @@ def region_crops(
     rng: np.random.Generator,
     blur_prob: float = 0.0,
     intensity_prob: float = 0.8,
+    flip: bool = True,
 ) -> Tensor:
-    """``n_crops`` augmented ``crop_size``^3 crops at uniform random positions of one region (SMIT).
+    """``n_crops`` augmented ``crop_size``^3 crops at uniform random positions of one region (SMIT:
+    ``flip=False, intensity_prob=0, blur_prob=0``, crops only).
 
     Returns (n_crops, C, S, S, S). Crops of one region overlap partly, which is what makes the
     cross-view distillation target informative.
@@ -103,5 +107,5 @@ def region_crops(
             start[1] : start[1] + crop_size,
             start[2] : start[2] + crop_size,
         ].float()
-        crops.append(distillation_augment(crop, rng, blur_prob, intensity_prob))
+        crops.append(distillation_augment(crop, rng, blur_prob, intensity_prob, flip))
     return torch.stack(crops)

@@ -8,8 +8,15 @@ interface:
 * ``make_views(region, rng)``: per-sample views, built on the CPU in the data pipeline with
   MONAI transforms, returned as a dict of tensors (collated into a batch);
 * ``forward(batch, step)``: returns a dict of loss terms, ``"loss"`` (the total) plus each
-  component, and detached diagnostics (collapse watch: ``embedding_std``, ``teacher_entropy``);
-* ``on_after_step(step)``: EMA updates and other per-step state, driven by the *global* step.
+  component, and detached diagnostics (``**health_metrics(...)`` of ``methods/health.py``);
+* ``on_after_step(step)``: EMA updates and other per-step state, driven by the *global* step;
+  a method declares its (online, teacher) pairs once in ``momentum_pairs()`` and sets the
+  momentum schedule with ``init_momentum(base)``, and the base class updates every pair;
+* ``encoder_for_export(which=None)``: the encoder its checkpoint stores (``export_network``:
+  the teacher for DINO and iBOT, the student/online network otherwise), recorded in the
+  checkpoint's metadata as ``exported_network``.
+
+A teacher (:class:`EMATeacher`) is built without stochastic depth and stays in eval mode.
 
 Schedules are precomputed per step (DINO's ``main_dino.py`` habit) so any step's value is an
 array lookup, identical after resume and across processes.
@@ -18,11 +25,11 @@ array lookup, identical after resume and across processes.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from monai.networks.layers import DropPath
 from pydantic import ValidationError
 from torch import Tensor, nn
 
@@ -45,6 +52,11 @@ def register(cls: type[SSLMethod]) -> type[SSLMethod]:
     return cls
 
 
+EXPORT_NETWORKS = ("student", "teacher")
+EXPORT_OPTION = "export_network"
+"""``method.options.export_network: teacher|student`` exports the other network (any method)."""
+
+
 class NoParams(StrictModel):
     """For methods without options."""
 
@@ -59,6 +71,9 @@ class SSLMethod(nn.Module):
     trains: ClassVar[bool] = True
     # DDP must be told when some parameters get no gradient on some steps.
     find_unused_parameters: ClassVar[bool] = False
+    # The network the reference evaluates: "teacher" (DINO, iBOT: ``--checkpoint_key teacher``)
+    # or "student" (the online network; every other method).
+    export_network: ClassVar[str] = "student"
 
     def __init__(self, encoder: SwinEncoder, params: StrictModel, crop_size: int, total_steps: int) -> None:
         super().__init__()
@@ -66,6 +81,9 @@ class SSLMethod(nn.Module):
         self.params = params
         self.crop_size = crop_size
         self.total_steps = max(int(total_steps), 1)
+        self.momentum_schedule: np.ndarray | None = None
+        # ``method.options.export_network`` (set by ``build_method``): export the other network.
+        self.export_override: str | None = None
 
     # data side -----------------------------------------------------------------------------
     def region_size(self, crop_size: int) -> int:
@@ -78,14 +96,71 @@ class SSLMethod(nn.Module):
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:  # type: ignore[override]
         raise NotImplementedError
 
+    def momentum_pairs(self) -> list[tuple[nn.Module, EMATeacher]]:
+        """The (online, EMA teacher) pairs this method trains; :meth:`on_after_step` updates them.
+
+        Return the online module as it is now (build wrappers on demand, so the encoder is
+        registered once in the state dict); the order of the parameters must match the teacher's.
+        """
+        return []
+
+    def init_momentum(self, base: float, total_steps: int | None = None) -> None:
+        """Teacher momentum: cosine from ``base`` to 1 over the *global* steps (DINO's
+        ``utils.cosine_scheduler(args.momentum_teacher, 1, ...)``). SMIT's released code indexes
+        it by the step within an epoch; medssl does not (DESIGN §6)."""
+        self.momentum_schedule = cosine_schedule(base, 1.0, total_steps or self.total_steps)
+
+    def momentum(self, step: int) -> float:
+        if self.momentum_schedule is None:
+            raise RuntimeError(f"{type(self).__name__} has momentum pairs but never called init_momentum")
+        return schedule_at(self.momentum_schedule, step)
+
     def on_after_step(self, step: int) -> None:
-        """Per-step state after the optimizer step (EMA teachers, centres)."""
+        """Per-step state after the optimizer step: every momentum pair takes its EMA update.
+
+        Subclasses that keep more per-step state extend this and call ``super().on_after_step``.
+        """
+        pairs = self.momentum_pairs()
+        if pairs:
+            m = self.momentum(step)
+            for online, teacher in pairs:
+                teacher.update(online, m)
 
     def cancel_gradients(self, step: int) -> None:
         """Called after backward, before clipping: e.g. DINO freezes its last layer early on."""
 
+    # export ----------------------------------------------------------------------------------
+    def encoder_for_export(self, which: str | None = None) -> SwinEncoder:
+        """The encoder a checkpoint stores: ``which`` ("student" / "teacher"), else the
+        ``export_network`` option, else the method's :attr:`export_network`.
+
+        The teacher encoder is found through :meth:`momentum_pairs`: the copy, inside the teacher,
+        of ``self.encoder`` inside its online network.
+        """
+        which = which or self.export_override or self.export_network
+        if which not in EXPORT_NETWORKS:
+            raise ConfigError("method.options.export_network", f"must be one of {EXPORT_NETWORKS}, got {which!r}")
+        if which == "student":
+            return self.encoder
+        for online, teacher in self.momentum_pairs():
+            for path, sub in online.named_modules():
+                if sub is self.encoder:
+                    found = teacher.module.get_submodule(path)
+                    if isinstance(found, SwinEncoder):
+                        return found
+        raise ConfigError("method.options.export_network", f"method '{self.name}' has no teacher encoder to export")
+
+    def exported_network(self) -> str:
+        """The name :meth:`encoder_for_export` uses by default (recorded in the checkpoint)."""
+        return self.export_override or self.export_network
+
     @classmethod
     def parse_params(cls, options: dict[str, Any], source: str = "method.options") -> StrictModel:
+        """Validate ``options`` against :attr:`Params`; ``export_network`` is common to every method."""
+        options = dict(options)
+        export = options.pop(EXPORT_OPTION, None)
+        if export is not None and export not in EXPORT_NETWORKS:
+            raise ConfigError(f"method '{cls.name}'", f"{source}.{EXPORT_OPTION}: must be one of {EXPORT_NETWORKS}")
         try:
             return cls.Params.model_validate(options)
         except ValidationError as err:
@@ -97,14 +172,27 @@ class SSLMethod(nn.Module):
             raise ConfigError(f"method '{cls.name}'", "; ".join(parts)) from None
 
 
-def build_method(config: MethodConfig, encoder: SwinEncoder, crop_size: int, total_steps: int) -> SSLMethod:
-    """Look up ``config.name`` and build it with validated options."""
+def build_method(
+    config: MethodConfig, encoder: SwinEncoder, crop_size: int, total_steps: int, steps_per_epoch: int | None = None
+) -> SSLMethod:
+    """Look up ``config.name`` and build it with validated options.
+
+    ``steps_per_epoch`` (pretraining passes one pass over the corpus at the global batch) fills a
+    method's ``steps_per_epoch`` option when the method has one and it is unset: recipes that count
+    epochs (DINO, iBOT, SMIT) convert them with it.
+    """
     if config.name not in REGISTRY:
         known = ", ".join(sorted(REGISTRY))
         raise ConfigError("method.name", f"unknown method '{config.name}' (known: {known})")
     cls = REGISTRY[config.name]
     params = cls.parse_params(config.options)
-    return cls(encoder, params, crop_size=crop_size, total_steps=total_steps)
+    if steps_per_epoch is not None and getattr(params, "steps_per_epoch", 0) is None:
+        params = params.model_copy(update={"steps_per_epoch": max(int(steps_per_epoch), 1)})
+    method = cls(encoder, params, crop_size=crop_size, total_steps=total_steps)
+    method.export_override = config.options.get(EXPORT_OPTION)
+    if method.export_override == "teacher":
+        method.encoder_for_export()  # fail now, not after training, when there is no teacher
+    return method
 
 
 # --------------------------------------------------------------------------- schedules
@@ -139,45 +227,63 @@ def schedule_at(schedule: np.ndarray, step: int) -> float:
 # --------------------------------------------------------------------------- EMA teacher
 
 
-class EMATeacher(nn.Module):
-    """A frozen copy of a student network updated as ``t = m * t + (1 - m) * s``.
+def without_stochastic_depth(module: nn.Module) -> nn.Module:
+    """Set every drop-path rate in ``module`` to 0 (in place) and return it.
 
-    The momentum follows the global step (cosine from ``base`` to 1), not the step within an
-    epoch: resumed and multi-process runs then see the same momentum at the same step.
+    DINO, iBOT and SMIT build their teacher without stochastic depth (``main_dino.py``: the
+    teacher is ``vits.__dict__[args.arch](patch_size=...)`` with no ``drop_path_rate``; iBOT's
+    ``main_ibot.py`` and SMIT's ``Pretrain_SMIT.py`` likewise); MONAI's Swin blocks hold
+    ``DropPath`` modules, whose probability is zeroed here. A :class:`SwinEncoder`'s recorded
+    config is updated to match.
+    """
+    for sub in module.modules():
+        if isinstance(sub, DropPath):
+            sub.drop_prob = 0.0
+        if isinstance(sub, SwinEncoder):
+            sub.config = sub.config.model_copy(update={"drop_path_rate": 0.0})
+    return module
+
+
+class EMATeacher(nn.Module):
+    """A frozen copy of an online network, updated only by EMA (``t = m * t + (1 - m) * s``).
+
+    Built from a deep copy of ``online`` (same weights at step 0, as DINO's
+    ``teacher_without_ddp.load_state_dict(student.module.state_dict())``), without stochastic
+    depth, with no gradients, and always in eval mode: ``train()`` on a method does not switch it
+    back, so the teacher gives the same output for the same input on any two calls.
+    ``batch_norm_batch_stats=True`` keeps its BatchNorm layers (only those) on batch statistics
+    in training, as MoCo v3's momentum encoder and BYOL's target run (their ``model.train()``
+    covers the key branch); the Swin encoder has no BatchNorm, so DINO/iBOT/SMIT are unaffected.
+
+    Declare each (online, teacher) pair in :meth:`SSLMethod.momentum_pairs`; the base class
+    updates them after every optimizer step with one momentum schedule.
     """
 
-    def __init__(self, student: nn.Module, base_momentum: float, total_steps: int) -> None:
+    def __init__(self, online: nn.Module, batch_norm_batch_stats: bool = False) -> None:
         super().__init__()
-        self.module = copy.deepcopy(student)
+        self.batch_norm_batch_stats = batch_norm_batch_stats
+        self.module = without_stochastic_depth(copy.deepcopy(online))
         for p in self.module.parameters():
             p.requires_grad_(False)
-        self.momentum_schedule = cosine_schedule(base_momentum, 1.0, total_steps)
+        self.train(False)
 
-    def momentum(self, step: int) -> float:
-        return schedule_at(self.momentum_schedule, step)
+    def train(self, mode: bool = True) -> EMATeacher:
+        """Stay in eval mode whatever ``mode`` is (BatchNorm follows ``mode`` when asked to)."""
+        super().train(False)
+        if self.batch_norm_batch_stats:
+            for sub in self.module.modules():
+                if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                    sub.train(mode)
+        return self
 
     @torch.no_grad()
-    def update(self, student: nn.Module, step: int) -> float:
-        m = self.momentum(step)
-        for t, s in zip(self.module.parameters(), student.parameters(), strict=True):
-            t.mul_(m).add_(s.detach(), alpha=1.0 - m)
-        for t, s in zip(self.module.buffers(), student.buffers(), strict=True):
+    def update(self, online: nn.Module, momentum: float) -> None:
+        """``t = m * t + (1 - m) * s`` for parameters; buffers are copied."""
+        for t, s in zip(self.module.parameters(), online.parameters(), strict=True):
+            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+        for t, s in zip(self.module.buffers(), online.buffers(), strict=True):
             t.copy_(s)
-        return m
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             return self.module(*args, **kwargs)
-
-
-def embedding_std(z: Tensor) -> Tensor:
-    """Collapse watch (SimSiam's diagnostic): per-dimension std of L2-normalised embeddings, times
-    sqrt(d) so a healthy spread reads about 1 whatever the dimension, and collapse reads about 0."""
-    z = torch.nn.functional.normalize(z.detach().float().flatten(1), dim=1)
-    if z.shape[0] < 2:
-        return z.new_tensor(float("nan"))
-    return z.std(dim=0).mean() * math.sqrt(z.shape[1])
-
-
-COLLAPSE_THRESHOLD = 0.1
-"""``embedding_std`` below this (a tenth of the uniform-sphere value) counts as collapse."""

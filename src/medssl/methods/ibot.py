@@ -1,66 +1,123 @@
 """iBOT (Zhou et al. 2022) in 3D: DINO plus masked-patch self-distillation (an online tokenizer).
 
-Views as DINO; the student's global crops are masked (block masks on the patch-token grid, a ratio
-drawn uniformly in 0.1-0.5 per crop), the teacher sees them unmasked. Two terms, 1:1:
+Reference: bytedance/ibot ``main_ibot.py`` (``iBOTLoss``, ``train_ibot``), ``loader.py``
+(``ImageFolderMask``) and ``models/head.py`` (``iBOTHead``), with the Swin recipe of its README
+(``--norm_last_layer false --shared_head true --local_crops_number 10 --global_crops_scale 0.25 1
+--local_crops_scale 0.05 0.25 --pred_ratio 0 0.3 --pred_ratio_var 0 0.2 --pred_start_epoch 50``).
+
+Views as DINO (global crops 0.25-1.0, ten local crops 0.05-0.25). Each student global crop is
+masked; the teacher sees it unmasked; local crops are never masked. Two terms, 1:1:
 
 * global: DINO's cross-entropy between the teacher's and the student's mean-pooled bottleneck
   tokens over pairs of different views;
 * patch: at every masked bottleneck token of a global crop, cross-entropy between the teacher's
-  (unmasked) token and the student's (masked) token, with a separate patch centre.
+  (unmasked) token and the student's (masked) token, with a separate patch centre and a patch
+  teacher temperature held at its start value until masking starts, then warmed up
+  (``iBOTLoss.teacher_temp2_schedule``).
 
-The Swin bottleneck is 16 patch tokens wide, so a bottleneck token is usually partly masked: it
-counts with the masked fraction of its input patches as weight (0 = unmasked, ignored; 1 = fully
-masked, iBOT's case). The patch head is the global head (``shared_head: true``, iBOT's default) or
-a separate DINO head.
+Masks in whole bottleneck tokens: for Swin, iBOT masks in units of the final token
+(``pred_size = patch_size * 8`` in ``main_ibot.py``, the 32x stride of 2D Swin). The 3D Swin's
+bottleneck token is ``encoder.stage_stride(4)`` voxels (32 at patch 2), so the mask is drawn on
+the bottleneck grid and upsampled to the patch grid: each distilled token is fully masked or fully
+visible. Per crop the ratio is one of ``pred_ratio`` (each ``+- pred_ratio_var``) picked
+uniformly (``ImageFolderMask.get_pred_ratio``): with ``(0, 0.3)`` about half the global crops are
+unmasked. ``pred_shape``: ``block`` (BEiT-style blocks, ``ImageFolderMask.__getitem__``, here in
+3D) or ``rand``. Before ``pred_start_epoch`` nothing is masked (``get_pred_ratio`` returns 0).
+
+Heads (``iBOTHead``): ``shared_head: true`` scores patch tokens with the whole global head (last
+layer included); ``false`` shares the MLP and adds a second last layer (``last_layer2``).
+``shared_head_teacher`` does the same for the teacher (released default true: the teacher scores
+patches with its global prototypes whatever the student does). K' = K when either is shared.
+The exported encoder is the teacher (``--checkpoint_key teacher``).
+
+3D departures (config fields): as DINO (grey-level jitter, blur per crop); the 3D block shape.
 """
 
 from __future__ import annotations
 
+import math
+from typing import ClassVar, Literal
+
 import numpy as np
 import torch
 from pydantic import Field, model_validator
-from torch import Tensor, nn
+from torch import Tensor
 
-from medssl.data.views import block_mask
-from medssl.methods.base import EMATeacher, embedding_std, register
-from medssl.methods.dino import DINO, Centering, DINOParams, view_major
-from medssl.methods.losses import (
-    dino_cross_entropy,
-    masked_patch_ce,
-    softmax_entropy,
-    teacher_probs,
+from medssl.methods.base import register
+from medssl.methods.dino import DINO, DINOParams
+from medssl.methods.distillation import (
+    DistillationHead,
+    PatchDistillationParams,
+    feature_tokens,
+    random_token_mask,
+    token_mask_to_patches,
+    view_major,
 )
+from medssl.methods.health import health_metrics
+from medssl.methods.losses import dino_cross_entropy
 from medssl.models.encoder import SwinEncoder
 
-BOTTLENECK_STRIDE = 2**4  # patch tokens per bottleneck token along an axis (four 2x merges)
+BOTTLENECK = 4  # encoder output index of the bottleneck (after the fourth patch merging)
 
 
-def bottleneck_tokens(feature: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, C, d, h, w) bottleneck map -> patch tokens (B, L, C) and their mean, the global token (B, C)."""
-    tokens = feature.flatten(2).transpose(1, 2)
-    return tokens, tokens.mean(dim=1)
+def block_token_mask(
+    grid: tuple[int, int, int], ratio: float, rng: np.random.Generator, aspect: tuple[float, float] = (0.3, 1 / 0.3)
+) -> Tensor:
+    """BEiT/iBOT block masking (``ImageFolderMask.__getitem__``, ``pred_shape='block'``) in 3D.
+
+    Boxes of random volume (at least ``(min(grid) // 3)^3`` tokens) and log-uniform aspect ratios
+    are added until ``ratio`` of the tokens are masked; a box must be smaller than the grid along
+    every axis and must add tokens without exceeding the target; ten failed attempts end it.
+    """
+    mask = np.zeros(grid, dtype=bool)
+    target = ratio * mask.size
+    low = (min(grid) // 3) ** 3
+    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+    while mask.sum() < target:
+        budget = target - mask.sum()
+        added = 0
+        for _ in range(10):
+            volume = rng.uniform(low, budget) if budget > low else budget
+            a, b = math.exp(rng.uniform(*log_aspect)), math.exp(rng.uniform(*log_aspect))
+            side = volume ** (1 / 3)
+            sides = [int(round(side * f)) for f in (a ** (1 / 3), b ** (1 / 3), (a * b) ** (-1 / 3))]
+            if all(0 < s < g for s, g in zip(sides, grid, strict=True)):
+                start = [int(rng.integers(0, g - s + 1)) for s, g in zip(sides, grid, strict=True)]
+                box = tuple(slice(o, o + s) for o, s in zip(start, sides, strict=True))
+                new = int(np.prod(sides)) - int(mask[box].sum())
+                if 0 < new <= budget:
+                    mask[box] = True
+                    added = new
+            if added:
+                break
+        if not added:
+            break
+    return torch.from_numpy(mask)
 
 
-def token_mask_weight(mask: Tensor, stride: int = BOTTLENECK_STRIDE) -> Tensor:
-    """Patch-grid mask (B, D', H', W') -> masked fraction of each bottleneck token's input (B, L)."""
-    pooled = nn.functional.avg_pool3d(mask.unsqueeze(1).float(), kernel_size=stride, stride=stride)
-    return pooled.flatten(1)
-
-
-class IBOTParams(DINOParams):
-    mask_ratio: tuple[float, float] = (0.1, 0.5)
-    mask_block: int = Field(16, ge=2, description="side of a masked cube, in voxels")
-    shared_head: bool = True
-    patch_out_dim: int = Field(8192, ge=2, description="prototypes of a separate patch head")
-    global_weight: float = Field(1.0, ge=0.0)
-    patch_weight: float = Field(1.0, ge=0.0)
-    patch_centre_momentum: float = Field(0.9, ge=0.0, le=1.0)
+class IBOTParams(DINOParams, PatchDistillationParams):
+    n_local_crops: int = Field(10, ge=0)
+    global_crop_scale: tuple[float, float] = (0.25, 1.0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.25)
+    norm_last_layer: bool = Field(False, description="freeze the prototypes' gain (iBOT's Swin recipe: false)")
+    pred_ratio: tuple[float, ...] = Field((0.0, 0.3), min_length=1, description="masking ratios, one picked per crop")
+    pred_ratio_var: tuple[float, ...] = Field((0.0, 0.2), min_length=1, description="+- range of each ratio")
+    pred_shape: Literal["block", "rand"] = "block"
+    pred_start_epoch: float = Field(50, ge=0, description="epochs before masking starts (Swin recipe: 50)")
+    shared_head: bool = Field(True, description="patch tokens through the whole global head")
+    shared_head_teacher: bool = Field(True, description="the teacher's patch tokens through its global prototypes")
+    patch_out_dim: int = Field(8192, ge=2, description="K' of last_layer2 (when neither head is shared)")
+    global_weight: float = Field(1.0, ge=0.0, description="lambda1")
+    patch_weight: float = Field(1.0, ge=0.0, description="lambda2")
 
     @model_validator(mode="after")
-    def _check_mask(self) -> IBOTParams:
-        lo, hi = self.mask_ratio
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError("mask_ratio must satisfy 0 <= low <= high <= 1")
+    def _check_ratio(self) -> IBOTParams:
+        if len(self.pred_ratio_var) not in (1, len(self.pred_ratio)):
+            raise ValueError("pred_ratio_var needs one entry or one per pred_ratio entry")
+        variances = self.pred_ratio_var * len(self.pred_ratio) if len(self.pred_ratio_var) == 1 else self.pred_ratio_var
+        for mean, var in zip(self.pred_ratio, variances, strict=True):
+            if not 0.0 <= mean - var <= mean + var <= 1.0:
+                raise ValueError("each pred_ratio +- pred_ratio_var must lie in [0, 1]")
         return self
 
 
@@ -68,85 +125,80 @@ class IBOTParams(DINOParams):
 class IBOT(DINO):
     name = "ibot"
     family = "self_distillation"
+    masks_student: ClassVar[bool] = True  # the student's global crops (never its local crops)
     description = "iBOT: DINO plus masked-patch self-distillation of bottleneck tokens (online tokenizer)."
     Params = IBOTParams
     params: IBOTParams
 
     def __init__(self, encoder: SwinEncoder, params: IBOTParams, crop_size: int, total_steps: int) -> None:
         super().__init__(encoder, params, crop_size, total_steps)
-        encoder.mask_token.requires_grad_(True)  # iBOT masks, so the token learns
-        self.patch_head = None if params.shared_head else self._make_head(encoder.out_channels, params.patch_out_dim)
-        self.teacher_patch_head = (
-            None if self.patch_head is None
-            else EMATeacher(self.patch_head, params.teacher_momentum, total_steps)
-        )
-        patch_dim = params.out_dim if params.shared_head else params.patch_out_dim
-        self.patch_centering = Centering(patch_dim, params.patch_centre_momentum)
+        self.init_patch_distillation(self.patch_dim(), params.pred_start_epoch)
+        self.mask_start_step = self.epochs_to_steps(params.pred_start_epoch)
+
+    def patch_dim(self) -> int:
+        """K' = K when either head is shared (``main_ibot.py``: ``same_dim``)."""
+        p = self.params
+        return p.out_dim if p.shared_head or p.shared_head_teacher else p.patch_out_dim
+
+    def make_head(self) -> DistillationHead:
+        layout = "shared" if self.params.shared_head else "shared_mlp"
+        return DistillationHead(self.encoder.out_channels, self.params, patch=layout, patch_out_dim=self.patch_dim())
 
     # data side -----------------------------------------------------------------------------
+    def pred_ratio(self, rng: np.random.Generator) -> float:
+        """``ImageFolderMask.get_pred_ratio``: one of the ratios, each drawn in ``mean +- var``."""
+        p = self.params
+        variances = p.pred_ratio_var * len(p.pred_ratio) if len(p.pred_ratio_var) == 1 else p.pred_ratio_var
+        pick = int(rng.integers(len(p.pred_ratio)))
+        mean, var = p.pred_ratio[pick], variances[pick]
+        return float(rng.uniform(mean - var, mean + var)) if var > 0 else float(mean)
+
     def make_views(self, region: Tensor, rng: np.random.Generator) -> dict[str, Tensor]:
         views = super().make_views(region, rng)
-        patch = self.encoder.config.patch_size
-        block = max(self.params.mask_block // patch, 1)
-        masks = []
-        for crop in views["global_crops"]:
-            grid = tuple(s // patch for s in crop.shape[1:])
-            ratio = float(rng.uniform(*self.params.mask_ratio))
-            masks.append(block_mask(grid, block, ratio, rng))
-        views["global_masks"] = torch.stack(masks)
+        spatial = tuple(views["global_crops"].shape[2:])
+        grid = self.encoder.stage_grid(spatial, BOTTLENECK)
+        patch_grid = self.encoder.stage_grid(spatial, 0)
+        factor = self.encoder.stage_stride(BOTTLENECK) // self.encoder.stage_stride(0)
+        tokens = []
+        for _ in range(views["global_crops"].shape[0]):
+            ratio = self.pred_ratio(rng)
+            if self.params.pred_shape == "block":
+                tokens.append(block_token_mask(grid, ratio, rng))
+            else:
+                tokens.append(random_token_mask(grid, int(ratio * int(np.prod(grid))), rng))
+        views["global_token_masks"] = torch.stack(tokens)
+        views["global_masks"] = torch.stack([token_mask_to_patches(t, factor, patch_grid) for t in tokens])
         return views
 
     # model side ----------------------------------------------------------------------------
-    def _heads(self, tokens: Tensor, pooled: Tensor, teacher: bool) -> tuple[Tensor, Tensor]:
-        """Global logits (N, K) and patch logits (N, L, K') of the student or the teacher."""
-        head = self.teacher_head if teacher else self.head
-        if self.patch_head is None:
-            both = head(torch.cat([pooled.unsqueeze(1), tokens], dim=1))
-            return both[:, 0], both[:, 1:]
-        patch_head = self.teacher_patch_head if teacher else self.patch_head
-        return head(pooled), patch_head(tokens)
-
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         p = self.params
         n_global = batch["global_crops"].shape[1]
         globals_ = view_major(batch["global_crops"])
         masks = view_major(batch["global_masks"])
+        token_masks = view_major(batch["global_token_masks"]).flatten(1)
+        if step < self.mask_start_step:  # masking starts at pred_start_epoch
+            masks, token_masks = torch.zeros_like(masks), torch.zeros_like(token_masks)
 
-        s_tokens, s_pooled = bottleneck_tokens(self.encoder(globals_, mask=masks)[-1])
-        s_global, s_patch = self._heads(s_tokens, s_pooled, teacher=False)
-        student = list(s_global.chunk(n_global)) + self._student_local_logits(batch)
-
+        s_tokens = feature_tokens(self.encoder(globals_, mask=masks)[BOTTLENECK])
+        s_global, s_patch = self.head(s_tokens)
+        student = list(s_global.chunk(n_global)) + self.student_local_logits(batch)
         with torch.no_grad():
-            t_tokens, t_pooled = bottleneck_tokens(self.teacher_encoder(globals_)[-1])
-            t_global, t_patch = self._heads(t_tokens, t_pooled, teacher=True)
-        temp = self.teacher_temperature(step)
-        global_targets = teacher_probs(t_global, self.centering.centre, temp)
-        patch_targets = teacher_probs(t_patch, self.patch_centering.centre, temp)
+            t_tokens = feature_tokens(self.teacher_encoder(globals_)[BOTTLENECK])
+            t_global, t_patch = self.teacher_head(t_tokens, share_last_layer=p.shared_head_teacher)
 
+        temp = self.teacher_temperature(step)
+        global_targets = self.centering.probs(t_global, temp)
         global_ce = dino_cross_entropy(student, list(global_targets.chunk(n_global)), p.student_temp)
-        # One call over all global crops = the mean of the per-crop terms (equal batch sizes).
-        patch_ce = masked_patch_ce(s_patch, patch_targets, token_mask_weight(masks), p.student_temp)
-        loss = p.global_weight * global_ce + p.patch_weight * patch_ce
         self.centering.update(t_global)
-        self.patch_centering.update(t_patch)
+        # One call over all global crops = the mean of the per-crop terms (equal batch sizes).
+        patch_ce = self.patch_term(s_patch, t_patch, token_masks, step)
+        loss = p.global_weight * global_ce + p.patch_weight * patch_ce
         return {
             "loss": loss,
             "global_ce": global_ce.detach(),
             "patch_ce": patch_ce.detach(),
-            "embedding_std": embedding_std(s_pooled),
-            "teacher_entropy": softmax_entropy(global_targets),
-            "teacher_patch_entropy": softmax_entropy(patch_targets),
             "teacher_temp": loss.new_tensor(temp).detach(),
-            "mask_fraction": masks.float().mean(),
+            "mask_fraction": token_masks.float().mean(),
+            **health_metrics(embedding=s_global, features=s_tokens.mean(dim=1), teacher_probs=global_targets),
         }
-
-    def last_layer_parameters(self) -> list[nn.Parameter]:
-        params = self.head.last_layer_parameters()
-        if self.patch_head is not None:
-            params += self.patch_head.last_layer_parameters()
-        return params
-
-    def on_after_step(self, step: int) -> None:
-        super().on_after_step(step)
-        if self.patch_head is not None:
-            self.teacher_patch_head.update(self.patch_head, step)

@@ -1,39 +1,40 @@
 """SimMIM (Xie et al. 2022) in 3D: mask random cubes of patch tokens, reconstruct the voxels.
 
-One augmented crop; token cubes of ``mask_patch`` voxels replaced by a learnable mask token at
-``mask_ratio``; a one-layer decoder (1x1x1 conv + 3D pixel shuffle) from the bottleneck back to
-voxels; L1 on masked voxels only.
+Reference: microsoft/SimMIM ``data/data_simmim.py`` (``SimMIMTransform``: ``RandomResizedCrop(scale=(0.67,
+1.), ratio=(3/4, 4/3))``, ``RandomHorizontalFlip``, ``MaskGenerator``) and ``models/simmim.py``
+(``SimMIM``: 1x1 conv + pixel shuffle decoder, L1 on masked pixels). One crop per sample: a random
+resized crop of the region (volume fraction 0.67-1, side ratios Y/X and Z/X in 3/4-4/3, trilinear back
+to ``crop_size``^3), flipped; token cubes of ``mask_patch`` voxels replaced by a learnable mask token
+at ``mask_ratio``; the decoder (:class:`~medssl.models.heads.PixelShuffleDecoder`) maps the bottleneck
+back to voxels; L1 on masked voxels only.
+3D departures (config fields): the 2D area fraction and aspect ratio become a volume fraction and two
+side ratios (``crop_scale``, ``crop_ratio``); the horizontal flip becomes a flip per spatial axis
+(``flip_prob``).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from monai.networks.utils import pixelshuffle
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from medssl.config import StrictModel
-from medssl.data.views import block_mask, random_flip, upsample_mask
+from medssl.data.views import block_mask, random_flip, random_resized_crop_3d, upsample_mask
 from medssl.methods.base import SSLMethod, register
+from medssl.methods.health import health_metrics
 from medssl.methods.losses import masked_l1
-from medssl.models.encoder import SwinEncoder
+from medssl.models.encoder import SwinEncoder, global_pool
+from medssl.models.heads import PixelShuffleDecoder
 
 
 class SimMIMParams(StrictModel):
     mask_ratio: float = Field(0.6, ge=0.0, le=1.0)
     mask_patch: int = Field(16, ge=2, description="side of a masked cube, in voxels")
-
-
-class PixelShuffleDecoder(nn.Module):
-    """SimMIM's light decoder: 1x1x1 conv to ``stride^3 * C`` channels, then 3D pixel shuffle."""
-
-    def __init__(self, in_features: int, out_channels: int, stride: int) -> None:
-        super().__init__()
-        self.stride = stride
-        self.proj = nn.Conv3d(in_features, stride**3 * out_channels, kernel_size=1)
-
-    def forward(self, bottleneck: Tensor) -> Tensor:
-        return pixelshuffle(self.proj(bottleneck), spatial_dims=3, scale_factor=self.stride)
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="flip probability per spatial axis")
+    crop_scale: tuple[float, float] = Field((0.67, 1.0), description="volume fraction of the region a crop covers")
+    crop_ratio: tuple[float, float] | None = Field(
+        (3.0 / 4.0, 4.0 / 3.0), description="range of a crop's side ratios Y/X and Z/X; null keeps the region's"
+    )
 
 
 @register
@@ -46,14 +47,16 @@ class SimMIM(SSLMethod):
     def __init__(self, encoder: SwinEncoder, params: SimMIMParams, crop_size: int, total_steps: int) -> None:
         super().__init__(encoder, params, crop_size, total_steps)
         self.patch = encoder.config.patch_size
-        self.stride = self.patch * 2**4  # patch embedding, then four 2x merges
+        self.stride = encoder.stage_stride(4)  # voxels per bottleneck token
         self.decoder = PixelShuffleDecoder(encoder.out_channels, encoder.config.in_channels, self.stride)
 
     def make_views(self, region: Tensor, rng: np.random.Generator) -> dict[str, Tensor]:
-        image = random_flip(region, rng)
+        p = self.params
+        crop = random_resized_crop_3d(region, self.crop_size, p.crop_scale, rng, p.crop_ratio)
+        image = random_flip(crop, rng, p.flip_prob)
         grid = tuple(s // self.patch for s in image.shape[1:])
-        block = max(self.params.mask_patch // self.patch, 1)
-        return {"image": image, "mask": block_mask(grid, block, self.params.mask_ratio, rng)}
+        block = max(p.mask_patch // self.patch, 1)
+        return {"image": image, "mask": block_mask(grid, block, p.mask_ratio, rng)}
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         image, mask = batch["image"], batch["mask"]
@@ -61,4 +64,9 @@ class SimMIM(SSLMethod):
         reconstruction = self.decoder(features[-1])
         voxel_mask = upsample_mask(mask, self.patch)
         loss = masked_l1(reconstruction, image, voxel_mask)
-        return {"loss": loss, "reconstruction_l1": loss.detach(), "mask_fraction": voxel_mask.float().mean()}
+        return {
+            "loss": loss,
+            "reconstruction_l1": loss.detach(),
+            "mask_fraction": voxel_mask.float().mean(),
+            **health_metrics(features=global_pool(features[-1])),
+        }

@@ -1,51 +1,72 @@
 """SMIT (Jiang et al. 2022): self-distilled masked image transformer, the 10k-CT recipe.
 
-Two ``crop_size`` crops from one region of ``round(crop_size * 128 / 96)`` voxels (128 for 96);
-each crop masked with 16^3-voxel blocks at ratio 0.7 for the student, unmasked for the EMA
-teacher. Three terms:
+Reference: The-Veeraraghavan-Lab/SMIT ``train_self_supervised.py`` (``MIMTransform``,
+``MaskGenerator``, ``Cls_Patch_Loss``, ``main``) and ``models/Trans.py``
+(``SwinTransformer_Unetr_Mask_In_Seperate.forward``, ``Trans_SMIT_pre_train_Student_No_Share``).
 
-* global-token self-distillation ACROSS views: the student's (masked) view 1 against the teacher's
-  view 2 and vice versa, on the mean-pooled bottleneck through a global DINO head;
-* masked-patch-token self-distillation WITHIN a view: the student's masked bottleneck tokens
-  against the teacher's tokens at the same positions, through a patch DINO head (weighted by the
-  masked fraction of each token's input, as in :mod:`medssl.methods.ibot`);
-* L1 reconstruction of the masked voxels from the student's bottleneck with SimMIM's light
-  decoder (1x1x1 conv + pixel shuffle, :class:`~medssl.methods.simmim.PixelShuffleDecoder`).
+Views: two ``crop_size`` crops at random positions of one region of
+``round(crop_size * 128 / 96)`` voxels (``RandSpatialCropSamplesd`` 128^3 then 96^3 x 2), crops
+only: no flips, no intensity jitter, no blur (``flip``, ``intensity_prob``, ``blur_prob``, off by
+default). The student sees each crop masked, the EMA teacher (no stochastic depth) unmasked.
 
-Loss = 0.1 * patch + 0.1 * global + 1.0 * L1. Heads are MLP in -> 2048 -> 2048 -> 256 -> 8192; the
-teacher temperature warms up 0.04 -> 0.07 and the EMA momentum goes 0.996 -> 1 by *global* step
-(the released code indexes it by the step within an epoch; medssl does not).
+Distilled tokens (``x_feature``): the output of the third stage after its patch merging
+(encoder output 3, ``encoder.stage_grid(crop, 3)`` = 6^3 tokens of 8f channels at 96^3), through a
+LayerNorm (eps 1e-6); the global token is their mean (``avgpool``). Heads 8f -> 2048 -> 2048 ->
+256 -> K, separate for the global and the patch tokens (``_No_Share``, the ``--ibot_head_share 0``
+default; ``shared_head: true`` is ``Trans_SMIT_pre_train_Student``).
+
+Masks (``MaskGenerator(input_size=96, mask_patch_size=16, model_patch_size=2, mask_ratio=0.7)``):
+``ceil(0.7 * n)`` of the distilled tokens, drawn uniformly, each token one 16^3-voxel block
+(``encoder.stage_stride(3)``), upsampled to the patch grid, so every distilled token is either
+fully masked or fully visible.
+
+Loss = 0.1 * patch + 0.1 * global + 1.0 * L1 (``--patch_w``, ``--cls_w``, ``--rec_w``):
+
+* global-token self-distillation across views (student view 1 vs teacher view 2 and back);
+* masked-patch self-distillation within a view, at the masked tokens;
+* L1 of the masked voxels, reconstructed from the (un-normalised) bottleneck by a 1x1x1 conv and a
+  pixel shuffle (``decoder1`` + ``rearrange``).
+
+Schedules: global teacher temperature 0.04 -> 0.07 over 30 epochs; the patch temperature held at
+0.04 for ``patch_temp_hold_epochs`` (30: ``mim_start_epoch=pred_start_epoch``) and then warmed over
+30 epochs (``Cls_Patch_Loss.teacher_temp2_schedule``); prototypes frozen during the first epoch
+(``cancel_gradients_last_layer(epoch, model_S, 1)``); epochs converted as
+:mod:`medssl.methods.distillation` describes. Departures: the EMA momentum 0.996 -> 1 follows the
+*global* step (the released loop indexes ``momentum_schedule[steps_in_epoch]``); the centres are
+all-reduced across processes (the release comments the ``all_reduce`` out, single-GPU).
+The exported encoder is the student (``model_S.transformer``).
 """
 
 from __future__ import annotations
 
+import math
+from typing import ClassVar
+
 import numpy as np
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from medssl.data.multicrop import region_crops
-from medssl.data.views import block_mask, upsample_mask
-from medssl.methods.base import (
-    EMATeacher,
-    SSLMethod,
-    embedding_std,
-    linear_warmup_then_constant,
-    register,
-    schedule_at,
+from medssl.data.views import upsample_mask
+from medssl.methods.base import register
+from medssl.methods.distillation import (
+    DistillationHead,
+    DistillationMethod,
+    DistillationParams,
+    PatchDistillationParams,
+    feature_tokens,
+    random_token_mask,
+    token_mask_to_patches,
+    view_major,
 )
-from medssl.methods.dino import Centering, DistillationParams, default_steps, view_major
-from medssl.methods.ibot import bottleneck_tokens, token_mask_weight
-from medssl.methods.losses import (
-    dino_cross_entropy,
-    masked_l1,
-    masked_patch_ce,
-    softmax_entropy,
-    teacher_probs,
-)
-from medssl.methods.simmim import PixelShuffleDecoder
-from medssl.models.encoder import SwinEncoder
-from medssl.models.heads import DINOHead
+from medssl.methods.health import health_metrics
+from medssl.methods.losses import dino_cross_entropy, masked_l1
+from medssl.models.encoder import SwinEncoder, global_pool
+from medssl.models.heads import PixelShuffleDecoder
+
+DISTILLED = 3  # encoder output index of SMIT's x_feature: stage 3 after its patch merging
+BOTTLENECK = 4
 
 
 def smit_region_size(crop_size: int, factor: float = 128 / 96) -> int:
@@ -53,45 +74,37 @@ def smit_region_size(crop_size: int, factor: float = 128 / 96) -> int:
     return max(int(round(crop_size * factor / 16)) * 16, crop_size)
 
 
-class SMITParams(DistillationParams):
+class SMITParams(DistillationParams, PatchDistillationParams):
     region_factor: float = Field(128 / 96, ge=1.0, description="region side / crop side")
-    mask_ratio: float = Field(0.7, ge=0.0, le=1.0)
-    mask_block: int = Field(16, ge=2, description="side of a masked cube, in voxels")
-    blur_prob: float = Field(0.0, ge=0.0, le=1.0)
+    mask_ratio: float = Field(0.7, ge=0.0, le=1.0, description="masked share of the distilled tokens (ceil)")
+    shared_head: bool = Field(False, description="one head for global and patch tokens (--ibot_head_share)")
+    patch_temp_hold_epochs: float = Field(30, ge=0, description="epochs the patch tau_t is held before warm-up")
+    flip: bool = Field(False, description="random flips of each crop (not in SMIT)")
+    intensity_prob: float = Field(0.0, ge=0.0, le=1.0, description="intensity scale/shift (not in SMIT)")
+    blur_prob: float = Field(0.0, ge=0.0, le=1.0, description="Gaussian blur (not in SMIT)")
     patch_weight: float = Field(0.1, ge=0.0)
     global_weight: float = Field(0.1, ge=0.0)
     reconstruction_weight: float = Field(1.0, ge=0.0)
 
 
 @register
-class SMIT(SSLMethod):
+class SMIT(DistillationMethod):
     name = "smit"
     family = "mim"
     description = "SMIT: masked-voxel L1 reconstruction plus global and masked-patch self-distillation."
     Params = SMITParams
     params: SMITParams
+    masks_student: ClassVar[bool] = True
 
     def __init__(self, encoder: SwinEncoder, params: SMITParams, crop_size: int, total_steps: int) -> None:
         super().__init__(encoder, params, crop_size, total_steps)
-        self.patch = encoder.config.patch_size
-        dim = encoder.out_channels
-        self.global_head = self._make_head(dim)
-        self.patch_head = self._make_head(dim)
-        self.decoder = PixelShuffleDecoder(dim, encoder.config.in_channels, self.patch * 2**4)
-        self.teacher_encoder = EMATeacher(encoder, params.teacher_momentum, total_steps)
-        self.teacher_global_head = EMATeacher(self.global_head, params.teacher_momentum, total_steps)
-        self.teacher_patch_head = EMATeacher(self.patch_head, params.teacher_momentum, total_steps)
-        self.global_centering = Centering(params.out_dim, params.centre_momentum)
-        self.patch_centering = Centering(params.out_dim, params.centre_momentum)
-        warmup = default_steps(params.teacher_temp_warmup_steps, self.total_steps, 0.3)
-        self.teacher_temp_schedule = linear_warmup_then_constant(
-            params.teacher_temp_start, params.teacher_temp, warmup, self.total_steps
-        )
-        self.freeze_last_layer_steps = default_steps(params.freeze_last_layer_steps, self.total_steps, 0.01)
+        self.decoder = PixelShuffleDecoder(encoder.out_channels, encoder.config.in_channels,
+                                           encoder.stage_stride(BOTTLENECK))
+        self.init_patch_distillation(params.out_dim, params.patch_temp_hold_epochs)
 
-    def _make_head(self, in_dim: int) -> DINOHead:
-        p = self.params
-        return DINOHead(in_dim, p.out_dim, p.hidden_dim, p.bottleneck_dim, p.head_layers, p.norm_last_layer)
+    def make_head(self) -> DistillationHead:
+        layout = "shared" if self.params.shared_head else "separate"
+        return DistillationHead(self.encoder.stage_channels[DISTILLED], self.params, patch=layout, token_norm=True)
 
     # data side -----------------------------------------------------------------------------
     def region_size(self, crop_size: int) -> int:
@@ -100,64 +113,45 @@ class SMIT(SSLMethod):
     def make_views(self, region: Tensor, rng: np.random.Generator) -> dict[str, Tensor]:
         p = self.params
         crops = region_crops(region, self.crop_size, 2, rng, blur_prob=p.blur_prob,
-                             intensity_prob=p.intensity_prob)
-        grid = tuple(s // self.patch for s in crops.shape[2:])
-        block = max(p.mask_block // self.patch, 1)
-        masks = torch.stack([block_mask(grid, block, p.mask_ratio, rng) for _ in range(2)])
-        return {"crops": crops, "masks": masks}
+                             intensity_prob=p.intensity_prob, flip=p.flip)
+        spatial = tuple(crops.shape[2:])
+        grid = self.encoder.stage_grid(spatial, DISTILLED)
+        factor = self.encoder.stage_stride(DISTILLED) // self.encoder.stage_stride(0)
+        n_masked = math.ceil(p.mask_ratio * int(np.prod(grid)))
+        tokens = [random_token_mask(grid, n_masked, rng) for _ in range(2)]
+        patch_grid = self.encoder.stage_grid(spatial, 0)
+        masks = [token_mask_to_patches(t, factor, patch_grid) for t in tokens]
+        return {"crops": crops, "masks": torch.stack(masks), "token_masks": torch.stack(tokens)}
 
     # model side ----------------------------------------------------------------------------
-    def teacher_temperature(self, step: int) -> float:
-        return schedule_at(self.teacher_temp_schedule, step)
-
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         p = self.params
         crops = view_major(batch["crops"])  # (2B, C, S, S, S): view 1 then view 2
         masks = view_major(batch["masks"])
+        token_masks = view_major(batch["token_masks"]).flatten(1)
 
-        bottleneck = self.encoder(crops, mask=masks)[-1]
-        s_tokens, s_pooled = bottleneck_tokens(bottleneck)
-        s_global = self.global_head(s_pooled)
-        s_patch = self.patch_head(s_tokens)
-        reconstruction = self.decoder(bottleneck)
-        l1 = masked_l1(reconstruction, crops, upsample_mask(masks, self.patch))
-
+        # Raw stage outputs, as SMIT's x_feature and x: the head's LayerNorm normalises the tokens.
+        outs = self.encoder(crops, normalize=False, mask=masks)
+        s_global, s_patch = self.head(feature_tokens(outs[DISTILLED]))
+        reconstruction = self.decoder(outs[BOTTLENECK])
+        l1 = masked_l1(reconstruction, crops, upsample_mask(masks, self.encoder.stage_stride(0)))
         with torch.no_grad():
-            t_tokens, t_pooled = bottleneck_tokens(self.teacher_encoder(crops)[-1])
-            t_global = self.teacher_global_head(t_pooled)
-            t_patch = self.teacher_patch_head(t_tokens)
-        temp = self.teacher_temperature(step)
-        global_targets = teacher_probs(t_global, self.global_centering.centre, temp)
-        patch_targets = teacher_probs(t_patch, self.patch_centering.centre, temp)
+            t_feature = self.teacher_encoder(crops, normalize=False)[DISTILLED]
+            t_global, t_patch = self.teacher_head(feature_tokens(t_feature))
 
+        temp = self.teacher_temperature(step)
+        global_targets = self.centering.probs(t_global, temp)
         # Two views: the pairs of different views are exactly (student 1, teacher 2), (student 2, teacher 1).
         global_ce = dino_cross_entropy(list(s_global.chunk(2)), list(global_targets.chunk(2)), p.student_temp)
-        patch_ce = masked_patch_ce(s_patch, patch_targets, token_mask_weight(masks), p.student_temp)
+        self.centering.update(t_global)
+        patch_ce = self.patch_term(s_patch, t_patch, token_masks, step)
         loss = p.patch_weight * patch_ce + p.global_weight * global_ce + p.reconstruction_weight * l1
-        self.global_centering.update(t_global)
-        self.patch_centering.update(t_patch)
         return {
             "loss": loss,
             "patch_ce": patch_ce.detach(),
             "global_ce": global_ce.detach(),
             "reconstruction_l1": l1.detach(),
-            "embedding_std": embedding_std(s_pooled),
-            "teacher_entropy": softmax_entropy(global_targets),
-            "teacher_patch_entropy": softmax_entropy(patch_targets),
             "teacher_temp": loss.new_tensor(temp).detach(),
-            "mask_fraction": masks.float().mean(),
+            "mask_fraction": token_masks.float().mean(),
+            **health_metrics(embedding=s_global, features=global_pool(outs[BOTTLENECK]), teacher_probs=global_targets),
         }
-
-    def last_layer_parameters(self) -> list[nn.Parameter]:
-        return self.global_head.last_layer_parameters() + self.patch_head.last_layer_parameters()
-
-    def cancel_gradients(self, step: int) -> None:
-        """Freeze both heads' prototypes for the first steps (as DINO)."""
-        if step < self.freeze_last_layer_steps:
-            for param in self.last_layer_parameters():
-                param.grad = None
-
-    def on_after_step(self, step: int) -> None:
-        self.teacher_encoder.update(self.encoder, step)
-        self.teacher_global_head.update(self.global_head, step)
-        self.teacher_patch_head.update(self.patch_head, step)

@@ -65,9 +65,14 @@ def encoder_meta(
     crop_size: int | None = None,
     steps: int = 0,
     config_hash: str | None = None,
+    exported_network: str = "student",
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Metadata stored with every encoder: enough to rebuild, preprocess and trace it."""
+    """Metadata stored with every encoder: enough to rebuild, preprocess and trace it.
+
+    ``exported_network`` names the network of the method stored ("teacher" for DINO and iBOT,
+    "student" -- the online network -- otherwise; see ``SSLMethod.encoder_for_export``).
+    """
     pre = preprocess or {}
     meta = {
         "method": method,
@@ -83,6 +88,7 @@ def encoder_meta(
         "steps": steps,
         "code_version": __version__,
         "config_hash": config_hash,
+        "exported_network": exported_network,
     }
     meta.update(extra or {})
     return meta

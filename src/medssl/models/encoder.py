@@ -53,8 +53,24 @@ class SwinEncoder(SwinTransformer):
         return self.stage_channels[-1]
 
     def token_grid(self, spatial: tuple[int, int, int]) -> tuple[int, int, int]:
-        p = self.config.patch_size
-        return tuple(-(-s // p) for s in spatial)  # type: ignore[return-value]
+        """Patch-token grid of an input (output 0)."""
+        return self.stage_grid(spatial, 0)
+
+    def stage_stride(self, index: int) -> int:
+        """Voxels per token along an axis in output ``index`` (0: patch embedding, 1-4: after each
+        stage's patch merging): ``patch_size * 2**index``. SMIT distils output 3, iBOT output 4."""
+        if not 0 <= index < len(self.stage_channels):
+            raise ValueError(f"encoder output index {index} outside 0..{len(self.stage_channels) - 1}")
+        return self.config.patch_size * 2**index
+
+    def stage_grid(self, spatial: tuple[int, ...], index: int) -> tuple[int, int, int]:
+        """Token grid of output ``index`` for an input of side lengths ``spatial`` (96^3, patch 2:
+        48^3, 24^3, 12^3, 6^3, 3^3). Each merge halves a side, rounding up as MONAI pads odd sides."""
+        self.stage_stride(index)  # validates the index
+        grid = [-(-int(s) // self.config.patch_size) for s in spatial]
+        for _ in range(index):
+            grid = [-(-g // 2) for g in grid]
+        return tuple(grid)  # type: ignore[return-value]
 
     def embed(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Patch embedding with masked tokens replaced by the mask token (B, C, D', H', W')."""

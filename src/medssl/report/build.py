@@ -400,13 +400,21 @@ def section_pretraining(ctx: ReportContext) -> Section:
         return section.add(
             Missing(
                 "No finished pretraining runs in this folder (encoders may come from elsewhere): "
-                "no loss curves or collapse checks."
+                "no loss curves or health checks."
             )
         )
     for alert in _collapse_alerts(ctx.pretrain):
         section.add(alert)
     if not ctx.pretrain["collapsed"].any():
-        section.add(Paragraph("No pretraining run collapsed (embedding spread stayed above the threshold)."))
+        section.add(Paragraph(
+            "No pretraining run was flagged by the health verdict: the spread of each method's embedding and, "
+            "for teacher-student methods, the entropy of the batch-mean teacher distribution stayed above their "
+            "floors (calibrated on random init, short healthy runs and deliberately collapsed ones; "
+            "methods/health.py)."
+        ))
+    for row in ctx.pretrain[ctx.pretrain["health_warnings"].notna()].itertuples():
+        section.add(Paragraph(f"Health note for {display_method(row.method)} (run {row.run_id}): "
+                              f"{row.health_warnings}."))
     collapsed = set(ctx.pretrain.loc[ctx.pretrain["collapsed"], "run_id"])
     section.add(
         ctx.figure(
@@ -416,18 +424,21 @@ def section_pretraining(ctx: ReportContext) -> Section:
     )
     if ctx.pretrain_curves.empty:
         section.add(Missing("The pretraining runs logged no loss curve (metrics.jsonl)."))
-    columns = [
-        "method",
-        "family",
-        "steps",
-        "final_loss",
-        "embedding_std",
-        "collapsed",
-        "wall_seconds",
-        "step_seconds",
-        "run_id",
-    ]
-    section.add(frame_table(ctx.pretrain[columns], "Pretraining runs.", index="method"))
+    health_figure = plots.pretrain_health_plot(ctx.pretrain_curves, collapsed,
+                                               ctx.figure_dir / "pretraining_health.png", ctx.colors)
+    if health_figure is not None:
+        section.add(ctx.figure(
+            health_figure,
+            "Representation health per step (collapsed runs dashed red): embedding spread (about 1 healthy, 0 "
+            "collapsed), RankMe effective rank (bounded by the batch), pooled-feature spread (reported only: "
+            "near-identical at random init) and batch-mean teacher entropy over log K (0: one prototype).",
+        ))
+    elif not ctx.pretrain_curves.empty:
+        section.add(Missing("The pretraining runs logged no health values (health/... in metrics.jsonl)."))
+    columns = ["method", "family", "steps", "final_loss", "collapsed", "embedding_std_scaled", "embedding_rank",
+               "feature_std_scaled", "teacher_batch_entropy_ratio", "wall_seconds", "step_seconds", "run_id"]
+    section.add(frame_table(ctx.pretrain[columns], "Pretraining runs: final health values (mean of the last "
+                            "logged steps).", index="method"))
     return section
 
 
@@ -492,6 +503,7 @@ def section_provenance(ctx: ReportContext) -> Section:
     )
     wall["wall time"] = wall["wall seconds"].map(_hms)
     section.add(frame_table(wall, "Wall time per stage (sum over finished runs).", index="stage"))
+    section.add(*_pretrain_recipe_blocks(ctx.pretrain))
     recipes = pd.DataFrame(prov["finetune_recipes"])
     if not recipes.empty:
         section.add(
@@ -564,6 +576,37 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _pretrain_recipe_blocks(pretrain: pd.DataFrame) -> list[Block]:
+    """Which optimiser recipe the pretraining used and what each method got; few negatives flagged."""
+    if pretrain.empty or pretrain["recipe"].isna().all():
+        return []
+    frame = pretrain.copy()
+    frame["weight decay"] = [
+        fmt(a) if a == b or b != b else f"{fmt(a)} → {fmt(b)}"
+        for a, b in zip(frame["weight_decay"], frame["weight_decay_end"], strict=True)
+    ]
+    frame["clip"] = frame["grad_clip"].map(lambda v: "none" if v is None or v != v else fmt(v))
+    frame["negatives per step"] = [
+        "—" if n is None or n != n else f"{int(n)} (few)" if few else str(int(n))
+        for n, few in zip(frame["negatives_per_step"], frame["few_negatives"], strict=True)
+    ]
+    frame["published optimiser"] = frame["published_optimizer"].fillna("—")
+    table = frame[["method", "recipe", "lr", "lr_rule", "weight decay", "clip", "warmup_steps", "batch_size",
+                   "negatives per step", "published optimiser"]]
+    recipes = sorted(str(r) for r in frame["recipe"].dropna().unique())
+    blocks: list[Block] = [frame_table(
+        table, f"Pretraining optimiser per method (recipe: {', '.join(recipes)}; AdamW, cosine schedule; "
+        "'published': each method's recipe from configs/methods/<name>.yaml with its learning rate scaled to "
+        "the run's batch by the published rule; 'shared': one schedule for every method).", index="method")]
+    few = frame[frame["few_negatives"].fillna(False).astype(bool)]
+    if not few.empty:
+        names = ", ".join(f"{display_method(r.method)} ({int(r.negatives_per_step)} negatives)"
+                          for r in few.itertuples())
+        blocks.append(Alert(f"Small global batch for contrastive methods: {names} per step, against thousands "
+                            "in the published recipes; their scores measure a small-batch variant.", level="warning"))
+    return blocks
+
+
 def _collapsed_methods(ctx: ReportContext) -> set[str]:
     if ctx.pretrain.empty:
         return set()
@@ -578,8 +621,6 @@ def _collapse_alerts(pretrain: pd.DataFrame) -> list[Alert]:
     alerts = []
     for row in pretrain[pretrain["collapsed"]].itertuples():
         detail = row.collapse_reason or "representation collapsed"
-        if row.embedding_std == row.embedding_std and row.collapse_threshold == row.collapse_threshold:
-            detail += f" (embedding std {fmt(row.embedding_std)} < threshold {fmt(row.collapse_threshold)})"
         alerts.append(
             Alert(
                 f"COLLAPSE: pretraining of {display_method(row.method)} (run {row.run_id}) collapsed: {detail}. "

@@ -229,3 +229,38 @@ def cost_plot(summary: pd.DataFrame, path: str | Path, colors: dict[str, Any] | 
     ax.set_title("Accuracy vs pretraining compute")
     _legend_outside(fig, [ax])
     return _save(fig, path)
+
+
+HEALTH_PANELS = (
+    ("embedding_std_scaled", "embedding spread (std x sqrt(d))"),
+    ("embedding_rank", "embedding effective rank"),
+    ("feature_std_scaled", "pooled-feature spread (std x sqrt(C))"),
+    ("teacher_batch_entropy_ratio", "batch-mean teacher entropy / log K"),
+)
+
+
+def pretrain_health_plot(
+    curves: pd.DataFrame, collapsed_runs: set[str], path: str | Path, colors: dict[str, Any] | None = None
+) -> Path | None:
+    """Representation-health curves vs step (methods/health.py), one panel per signal, one line per run;
+    collapsed runs dashed red. Panels no run logged are left out."""
+    panels = [(k, t) for k, t in HEALTH_PANELS if k in curves and curves[k].notna().any()]
+    if curves.empty or not panels:
+        return None
+    colors = colors or method_colors(sorted(curves["method"].unique()))
+    fig, axes = _figure(len(panels), panel_size=(3.8, 3.0), max_cols=4)
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for (method, run_id), run in curves.groupby(["method", "run_id"]):
+            run = run[run[key].notna()]
+            if run.empty:
+                continue
+            collapsed = run_id in collapsed_runs
+            ax.plot(run["step"], run[key], color="red" if collapsed else colors.get(method),
+                    linestyle="--" if collapsed else "-",
+                    label=f"{display_method(method)} (COLLAPSED)" if collapsed else display_method(method))
+        ax.set_title(title)
+        ax.set_xlabel("pretraining step")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Representation health")
+    _legend_outside(fig, axes, title="run")
+    return _save(fig, path)

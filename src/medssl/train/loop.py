@@ -138,7 +138,8 @@ def train(
 
     groups = raw.param_groups(schedule.weight_decay) if hasattr(raw, "param_groups") else param_groups(
         raw, schedule.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay,
+                                  betas=schedule.betas)
     lr_at = cosine_schedule(schedule.lr, schedule.min_lr, total, schedule.warmup_steps)
     wd_end = schedule.weight_decay if schedule.weight_decay_end is None else schedule.weight_decay_end
     wd_at = cosine_schedule(schedule.weight_decay, wd_end, total)

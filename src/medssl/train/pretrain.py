@@ -14,7 +14,7 @@ from medssl.data.corpus import Corpus
 from medssl.data.datasets import PretrainRegionDataset
 from medssl.errors import ConfigError
 from medssl.methods import build_method
-from medssl.methods.base import COLLAPSE_THRESHOLD
+from medssl.methods.health import health_verdict
 from medssl.models.checkpoint import encoder_meta, save_encoder
 from medssl.models.encoder import SwinEncoder
 from medssl.runs import RunDir
@@ -23,24 +23,32 @@ from medssl.train.distributed import DistInfo, barrier, init_distributed
 from medssl.train.loop import train
 from medssl.train.session import AlreadyFinished, finish, run_session
 
+# Negatives each query is contrasted with in one step at global batch B (DDP gathers make it global):
+# NT-Xent over the 2B views (SimCLR; SwinUNETR-SSL's contrastive head): 2B - 2; MoCo v3's in-batch keys:
+# B - 1. BYOL, DINO, iBOT, SMIT, SimMIM and RotNet use none.
+NEGATIVES_PER_STEP = {"simclr": lambda b: 2 * b - 2, "swinunetr_ssl": lambda b: 2 * b - 2, "mocov3": lambda b: b - 1}
+FEW_NEGATIVES = 254
+"""Fewer negatives than this are flagged as small: 254 is SimCLR at batch 128, the smallest batch of its
+batch-size study (Chen et al. 2020, fig. 9), where accuracy has already fallen well below the batch-4096 value."""
 
-def collapse_verdict(records: list[dict[str, Any]], tail: int = 3) -> dict[str, Any]:
-    """Judge collapse from the last logged ``embedding_std`` values (normalised: ~1 healthy)."""
-    stds = [r["embedding_std"] for r in records if isinstance(r.get("embedding_std"), int | float)]
-    entropies = [r["teacher_entropy"] for r in records if isinstance(r.get("teacher_entropy"), int | float)]
-    verdict: dict[str, Any] = {"collapsed": False, "reason": None, "embedding_std": None,
-                               "threshold": COLLAPSE_THRESHOLD,
-                               "teacher_entropy": entropies[-1] if entropies else None}
-    if not stds:
-        return verdict
-    recent = stds[-tail:]
-    value = float(sum(recent) / len(recent))
-    verdict["embedding_std"] = value
-    if not math.isfinite(value) or value < COLLAPSE_THRESHOLD:
-        verdict["collapsed"] = True
-        verdict["reason"] = (f"embedding std {value:.4f} < {COLLAPSE_THRESHOLD} over the last {len(recent)} logs: "
-                             "embeddings collapsed to (nearly) one point")
-    return verdict
+
+def optimiser_provenance(config: PretrainConfig) -> dict[str, Any]:
+    """What the run's optimiser got (the ``optimiser`` block of a pretraining run's results)."""
+    schedule, recipe = config.schedule, config.published_recipe
+    batch = schedule.batch_size
+    negatives = NEGATIVES_PER_STEP[config.method.name](batch) if config.method.name in NEGATIVES_PER_STEP else None
+    return {
+        "recipe": config.recipe, "optimizer": "AdamW", "lr": schedule.lr, "min_lr": schedule.min_lr,
+        "weight_decay": schedule.weight_decay,
+        "weight_decay_end": schedule.weight_decay if schedule.weight_decay_end is None else schedule.weight_decay_end,
+        "betas": list(schedule.betas), "warmup_steps": schedule.warmup_steps, "grad_clip": schedule.grad_clip,
+        "batch_size": batch, "negatives_per_step": negatives,
+        "few_negatives": negatives is not None and negatives < FEW_NEGATIVES,
+        "published_optimizer": recipe.published_optimizer if recipe else None,
+        "published_batch_size": recipe.published_batch_size if recipe else None,
+        "lr_rule": (f"{recipe.base_lr:g} x (batch / {recipe.lr_batch})" + {"linear": "", "sqrt": "^0.5", "none": "^0"}[
+            recipe.lr_scaling]) if recipe else None,
+    }
 
 
 def pretrain_info(config: PretrainConfig, cls: type) -> dict[str, Any]:
@@ -65,13 +73,16 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
         with run_session(run, info, dump_yaml(config), pretrain_info(config, cls)) as started:
             torch.manual_seed(config.schedule.seed)
             encoder = SwinEncoder(config.encoder)
-            method = build_method(config.method, encoder, config.crop_size, config.schedule.steps)
+            trains = cls.trains and config.schedule.steps > 0
+            if trains and config.corpus is None:
+                raise ConfigError("corpus", f"method '{cls.name}' needs a corpus to pretrain on")
+            corpus = Corpus.open(config.corpus) if trains else None
+            # One epoch = one region of every corpus volume at the global batch (epoch-counted recipes).
+            epoch = math.ceil(len(corpus) / config.schedule.batch_size) if corpus is not None else None
+            method = build_method(config.method, encoder, config.crop_size, config.schedule.steps, epoch)
             preprocess = config.preprocess.model_dump(mode="json")
             result, flops = None, None
-            if method.trains and config.schedule.steps > 0:
-                if config.corpus is None:
-                    raise ConfigError("corpus", f"method '{cls.name}' needs a corpus to pretrain on")
-                corpus = Corpus.open(config.corpus)
+            if corpus is not None:
                 preprocess = corpus.preprocess.model_dump(mode="json")
                 dataset = PretrainRegionDataset(corpus, method.region_size(config.crop_size), method.make_views,
                                                 seed=config.schedule.seed)
@@ -85,9 +96,9 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
             steps = config.schedule.steps if method.trains else 0
             meta = encoder_meta(method=cls.name, family=cls.family, encoder=config.encoder, preprocess=preprocess,
                                 crop_size=config.crop_size, steps=steps, config_hash=config_hash(config),
-                                extra={"run_id": run.id})
+                                exported_network=method.exported_network(), extra={"run_id": run.id})
             if info.is_main:
-                save_encoder(run.encoder_path, method.encoder, meta)
+                save_encoder(run.encoder_path, method.encoder_for_export(), meta)
             barrier(info)
             records = run.read_metrics()
             losses = [r["loss"] for r in records if "loss" in r]
@@ -97,11 +108,12 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
                 "final_loss": losses[-1] if losses else None,
                 "wall_seconds": time.time() - started,
                 "step_seconds": result.step_seconds if result else None,
-                "collapse": collapse_verdict(records),
+                "health": health_verdict(records),
+                "optimiser": optimiser_provenance(config),
                 "cost": run_cost(flops, steps, time.time() - started, info),
             }
-            if results["collapse"]["collapsed"] and info.is_main:
-                run.log(f"WARNING collapse: {results['collapse']['reason']}")
+            if results["health"]["collapsed"] and info.is_main:
+                run.log(f"WARNING collapse: {results['health']['reason']}")
             finish(run, info, results)
     except AlreadyFinished:
         return run.results() or {}

@@ -1,0 +1,208 @@
+"""The two-view base of SimCLR, MoCo v3, BYOL and SwinUNETR-SSL: views, projected encoder, health.
+
+A two-view method sees a positive pair of views per sample. This module holds what the four share,
+so that each method file holds its recipe only:
+
+* the view options (:class:`TwoCropParams`) and pipeline (:meth:`TwoCropMethod.make_views`): two
+  random resized crops of one region, each flipped and grey-level augmented with its own options
+  (view 1 and view 2 may differ: BYOL's and MoCo v3's blur / solarisation asymmetry);
+* :meth:`TwoCropMethod.encode`: the encoder run once over both views (the Swin has no batch
+  statistics, so this equals two passes);
+* :class:`ProjectedEncoder`: encoder + pooled bottleneck + projector, the branch an EMA teacher
+  copies, and :class:`MomentumTwoCropMethod`, the online/EMA pair of MoCo v3 (momentum encoder)
+  and BYOL (target network), declared once as the base class's ``momentum_pairs()``;
+* :meth:`TwoCropMethod.report`: the output dict with the representation-health scalars of
+  ``methods/health.py``.
+
+SwinUNETR-SSL overrides the views (one crop taken twice, see its module).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor, nn
+
+from medssl.config import StrictModel
+from medssl.data.views import enlarged_region_side, intensity_augment, random_flip, two_crops
+from medssl.methods.base import EMATeacher, SSLMethod
+from medssl.methods.health import health_metrics
+from medssl.models.encoder import SwinEncoder, global_pool
+
+
+class IntensityAugmentParams(StrictModel):
+    """Grey-level augmentation of one view (the 3D stand-in for colour jitter, blur and solarisation)."""
+
+    scale_prob: float = Field(0.8, ge=0.0, le=1.0, description="probability of an intensity scaling")
+    scale_factor: float = Field(0.1, ge=0.0, description="scaling by 1 + U(-f, f)")
+    shift_prob: float = Field(0.8, ge=0.0, le=1.0, description="probability of an intensity shift")
+    shift_offset: float = Field(0.1, ge=0.0, description="shift by U(-o, o) (intensities ~[0, 1])")
+    noise_prob: float = Field(0.2, ge=0.0, le=1.0, description="probability of Gaussian noise")
+    noise_std: float = Field(0.05, ge=0.0, description="largest noise standard deviation")
+    blur_prob: float = Field(0.2, ge=0.0, le=1.0, description="probability of a 3D Gaussian blur")
+    blur_sigma: tuple[float, float] = Field((0.5, 1.0), description="blur sigma range, voxels")
+    solarize_prob: float = Field(0.0, ge=0.0, le=1.0, description="probability of solarisation (x >= 0.5 -> 1 - x)")
+
+
+def asymmetric_augment() -> tuple[IntensityAugmentParams, IntensityAugmentParams]:
+    """BYOL's view asymmetry (Grill et al. 2020, table 6), which MoCo v3's ``main_moco.py``
+    ``augmentation1`` / ``augmentation2`` copies: blur with p 1.0 / 0.1, solarisation p 0.0 / 0.2."""
+    return (
+        IntensityAugmentParams(blur_prob=1.0, solarize_prob=0.0),
+        IntensityAugmentParams(blur_prob=0.1, solarize_prob=0.2),
+    )
+
+
+class TwoCropParams(StrictModel):
+    """Options of the two-crop views of SimCLR, MoCo v3 and BYOL."""
+
+    region_scale: float = Field(1.25, ge=1.0, description="region side / crop side (rounded up to 16)")
+    crop_scale: tuple[float, float] = Field((0.3, 1.0), description="fraction of the region's volume a crop covers")
+    crop_ratio: tuple[float, float] | None = Field(
+        (3.0 / 4.0, 4.0 / 3.0), description="range of a crop's side ratios Y/X and Z/X; null keeps the region's"
+    )
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="flip probability per spatial axis")
+    augment: tuple[IntensityAugmentParams, IntensityAugmentParams] = Field(
+        default_factory=lambda: (IntensityAugmentParams(), IntensityAugmentParams()),
+        description="grey-level augmentation of view 1 and of view 2",
+    )
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _valid_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError("crop_scale must satisfy 0 < lo <= hi <= 1")
+        return v
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _valid_ratio(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0.0 < v[0] <= v[1]:
+            raise ValueError("crop_ratio must satisfy 0 < lo <= hi")
+        return v
+
+
+class ProjectedEncoder(nn.Module):
+    """Encoder -> pooled bottleneck -> projector: the branch that MoCo v3 and BYOL copy as EMA teacher.
+
+    ``forward(views)`` runs the encoder once on the concatenated views and the projector on each
+    view separately, so its BatchNorm normalises per view as in the MoCo v3 (``moco/builder.py``
+    ``MoCo.forward``) and BYOL code. Returns the pooled features (all views) and one projection per view.
+    """
+
+    def __init__(self, encoder: SwinEncoder, projector: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+
+    def forward(self, views: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        sizes = [v.shape[0] for v in views]
+        pooled = global_pool(self.encoder(torch.cat(views, dim=0))[-1])
+        return pooled, [self.projector(chunk) for chunk in torch.split(pooled, sizes, dim=0)]
+
+
+class UnmaskedMethod(SSLMethod):
+    """A method that never masks (the two-view methods, RotNet): the unused mask token is frozen so
+    DDP sees no unused parameter; subclasses build their heads in :meth:`build_heads`."""
+
+    def __init__(self, encoder: SwinEncoder, params: StrictModel, crop_size: int, total_steps: int) -> None:
+        super().__init__(encoder, params, crop_size, total_steps)
+        encoder.mask_token.requires_grad_(False)
+        self.build_heads(encoder, params)
+
+    def build_heads(self, encoder: SwinEncoder, params: StrictModel) -> None:
+        raise NotImplementedError
+
+
+class TwoCropMethod(UnmaskedMethod):
+    """Base of the two-view methods. Subclasses define ``Params``, :meth:`build_heads` and ``forward``."""
+
+    Params: ClassVar[type[StrictModel]] = TwoCropParams
+
+    def region_size(self, crop_size: int) -> int:
+        return enlarged_region_side(crop_size, self.params.region_scale)
+
+    def make_views(self, region: Tensor, rng: np.random.Generator) -> dict[str, Tensor]:
+        """The positive pair: two random resized crops, each flipped and augmented with its view's options."""
+        p = self.params
+        crops = two_crops(region, self.crop_size, rng, p.crop_scale, p.crop_ratio)
+        return {
+            f"view{i}": intensity_augment(random_flip(crop, rng, p.flip_prob), rng, **augment.model_dump())
+            for i, (crop, augment) in enumerate(zip(crops, p.augment, strict=True), start=1)
+        }
+
+    def encode(self, views: list[Tensor]) -> Tensor:
+        """Bottleneck feature map of the concatenated views (one encoder pass)."""
+        return self.encoder(torch.cat(views, dim=0))[-1]
+
+    @staticmethod
+    def report(loss: Tensor, embedding: Tensor, features: Tensor, **diagnostics: Tensor) -> dict[str, Tensor]:
+        """The output dict: ``loss``, detached ``diagnostics`` (loss terms, accuracies), and the health
+        of the embedding the loss uses and of the pooled encoder features (``methods/health.py``)."""
+        return {
+            "loss": loss,
+            **{key: value.detach() for key, value in diagnostics.items()},
+            **health_metrics(embedding=embedding, features=features),
+        }
+
+
+class PairBranches(NamedTuple):
+    """Outputs of the online and the EMA branch over the two views (index 0: view 1, 1: view 2)."""
+
+    pooled: Tensor  # online pooled bottleneck, both views
+    projections: list[Tensor]  # online projector outputs
+    predictions: list[Tensor]  # online predictor outputs
+    targets: list[Tensor]  # EMA projector outputs (no gradient)
+
+
+class MomentumTwoCropParams(TwoCropParams):
+    """Options shared by MoCo v3 and BYOL (each sets its own projector depth and momentum)."""
+
+    augment: tuple[IntensityAugmentParams, IntensityAugmentParams] = Field(
+        default_factory=asymmetric_augment, description="grey-level augmentation of view 1 and of view 2"
+    )
+    proj_hidden_dim: int = Field(4096, ge=1, description="projector hidden width")
+    proj_dim: int = Field(256, ge=1, description="projector / predictor output width")
+    proj_layers: int = Field(2, ge=1, description="linear layers in the projector")
+    pred_hidden_dim: int = Field(4096, ge=1, description="predictor hidden width")
+    pred_layers: int = Field(2, ge=1, description="linear layers in the predictor")
+    base_momentum: float = Field(0.996, ge=0.0, le=1.0, description="EMA momentum at step 0 (-> 1)")
+
+
+class MomentumTwoCropMethod(TwoCropMethod):
+    """MoCo v3 and BYOL: online encoder + projector + predictor against an EMA copy of encoder + projector.
+
+    The EMA branch is an :class:`~medssl.methods.base.EMATeacher` whose BatchNorm layers use batch
+    statistics in training (MoCo v3's momentum encoder and BYOL's target run in train mode), updated
+    after every step by the base class at ``params.base_momentum`` -> 1 (cosine over global steps).
+    """
+
+    def build_heads(self, encoder: SwinEncoder, params: StrictModel) -> None:
+        self.projector, self.predictor = self.projector_and_predictor(encoder, params)
+        self.teacher = EMATeacher(self.online(), batch_norm_batch_stats=True)  # never trained by gradients
+        self.init_momentum(params.base_momentum)
+
+    def projector_and_predictor(self, encoder: SwinEncoder, params: StrictModel) -> tuple[nn.Module, nn.Module]:
+        raise NotImplementedError
+
+    def online(self) -> ProjectedEncoder:
+        # Built on demand so the encoder is registered once (under ``encoder.``) in the state dict.
+        return ProjectedEncoder(self.encoder, self.projector)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, EMATeacher]]:
+        return [(self.online(), self.teacher)]
+
+    def report_pair(self, loss: Tensor, branches: PairBranches, step: int, **terms: Tensor) -> dict[str, Tensor]:
+        """:meth:`report` with the online projections as the embedding and the EMA momentum of ``step``."""
+        momentum = loss.new_tensor(self.momentum(step))
+        embedding = torch.cat(branches.projections)
+        return self.report(loss, embedding=embedding, features=branches.pooled, momentum=momentum, **terms)
+
+    def branches(self, batch: dict[str, Tensor]) -> PairBranches:
+        views = [batch["view1"], batch["view2"]]
+        pooled, projections = self.online()(views)
+        _, targets = self.teacher(views)
+        return PairBranches(pooled, projections, [self.predictor(z) for z in projections], targets)
