@@ -48,10 +48,10 @@ def effective_rank(x: Tensor) -> Tensor:
     1 for identical (or parallel) rows, ``min(B, d)`` for orthogonal rows of equal norm, 0 for an all-zero
     matrix (no direction at all)."""
     rows = _rows(x)
+    if not torch.isfinite(rows).all():  # the SVD would raise; the loop reports the non-finite loss itself
+        return rows.new_tensor(float("nan"))
     singular = torch.linalg.svdvals(rows)
     total = singular.sum()
-    if not torch.isfinite(total):
-        return rows.new_tensor(float("nan"))
     if total <= 0:
         return rows.new_tensor(0.0)
     p = singular / total + RANKME_EPS
