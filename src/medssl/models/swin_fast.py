@@ -205,7 +205,8 @@ def merge_forward(merge: nn.Module, x: Tensor, cache: SwinCache) -> Tensor:
     if d % 2 or h % 2 or w % 2:
         x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
         b, d, h, w, c = x.shape
-    x = x.view(b, d // 2, 2, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, d // 2, h // 2, w // 2, 8 * c)
+    x = x.view(b, d // 2, 2, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    x = x.reshape(b, d // 2, h // 2, w // 2, 8 * c)
     weight, bias, reduction = merge.norm.weight, merge.norm.bias, merge.reduction.weight
     if type(merge) is PatchMerging:
         index = _merge_channel_index(c, x.device, cache)
