@@ -19,7 +19,8 @@ and ||grad_amp - grad_fp32|| / ||grad_fp32|| over all parameters.
 
 The step is :func:`train_step`, a copy of the per-step body of ``train/loop.py``'s ``train``
 (autocast, backward, the module's ``cancel_gradients``, clipping or the module's ``clip_gradients``,
-optimizer step, ``on_after_step``); when the loop exports its own ``train_step`` this calls it instead.
+optimizer step, ``on_after_step``). When ``train/loop.py`` exports its own single-step function, this
+function's body becomes a call to it (one place to change).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from medssl.config import EncoderConfig, MethodConfig
 from medssl.methods import REGISTRY, build_method
 from medssl.models import SwinEncoder, SwinSegmenter
-from medssl.train import loop as train_loop
 from medssl.train.finetune import SegmentationModule
 
 # Peak dense bf16 tensor-core TFLOP/s (no sparsity), from the vendors' data sheets.
@@ -64,10 +64,7 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 def train_step(module: nn.Module, batch: Any, step: int, optimizer: torch.optim.Optimizer,
                amp_dtype: torch.dtype | None, grad_clip: float | None, forward: Callable | None = None) -> Tensor:
-    """One training step as ``train/loop.py`` runs it (without its logging and checkpointing)."""
-    shared = getattr(train_loop, "train_step", None)
-    if shared is not None and forward is None:
-        return shared(module, batch, step, optimizer, amp_dtype, grad_clip)
+    """One training step as ``train/loop.py``'s ``train`` runs it (without logging, checkpointing, LR schedule)."""
     device_type = next(module.parameters()).device.type
     with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss = (forward or module)(batch, step)["loss"]
