@@ -56,6 +56,9 @@ class EncoderConfig(StrictModel):
     patch_size: int = 2
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     use_checkpoint: bool = False
+    # "fast": medssl's forward over MONAI's modules (same weights, outputs equal to float rounding);
+    # "monai": MONAI's own forward. Never changes the state dict.
+    implementation: Literal["monai", "fast"] = "fast"
 
     @model_validator(mode="after")
     def _fill_from_preset(self) -> EncoderConfig:

@@ -82,6 +82,7 @@ def encoder_meta(
         "in_channels": encoder.in_channels,
         "patch_size": encoder.patch_size,
         "window_size": encoder.window_size,
+        "encoder_implementation": encoder.implementation,  # forward only; the state dict is MONAI's either way
         "spacing": list(pre.get("spacing", [])),
         "intensity": {k: v for k, v in pre.items() if k != "spacing"},
         "crop_size": crop_size,

@@ -3,15 +3,23 @@
 The module subclasses MONAI's class so its state-dict keys are exactly MONAI's; inside a segmenter
 it sits under ``swinViT.`` and checkpoints interchange with ``monai.networks.nets.SwinUNETR``.
 The only extra tensor is ``mask_token``, which export drops.
+
+``EncoderConfig.implementation`` picks the forward: ``"monai"`` runs MONAI's modules as MONAI does;
+``"fast"`` (default) runs the same modules and weights through :mod:`medssl.models.swin_fast`
+(``scaled_dot_product_attention``, cached shift masks, channels-last stages), equal to MONAI's
+outputs and gradients to float rounding (tests/models/test_swin_fast.py) and faster
+(benchmarks/encoder_speed.py). The state dict is the same either way.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import Tensor, nn
 
 from medssl.config import EncoderConfig
+from medssl.models.swin_fast import SwinCache, run_stage
 
 MASK_TOKEN_KEY = "mask_token"
 
@@ -41,6 +49,9 @@ class SwinEncoder(SwinTransformer):
         self.config = config
         self.mask_token = nn.Parameter(torch.zeros(1, config.feature_size, 1, 1, 1))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.fast_cache = SwinCache()
+        # loaded weights may bring another relative-position index: drop what was derived from it
+        self.register_load_state_dict_post_hook(lambda module, keys: module.fast_cache.clear())
 
     @property
     def stage_channels(self) -> list[int]:
@@ -84,12 +95,25 @@ class SwinEncoder(SwinTransformer):
 
     def forward(self, x: Tensor, normalize: bool = True, mask: Tensor | None = None) -> list[Tensor]:  # type: ignore[override]
         x0 = self.embed(x, mask)
+        if self.config.implementation == "fast":
+            return self._fast_forward(x0, normalize)
         outs = [self.proj_out(x0, normalize)]
         h = x0
         for stage in (self.layers1, self.layers2, self.layers3, self.layers4):
             h = stage[0](h.contiguous())
             outs.append(self.proj_out(h, normalize))
         return outs
+
+    def _fast_forward(self, x0: Tensor, normalize: bool) -> list[Tensor]:
+        """Stages on channels-last tensors; outputs are (B, C, D, H, W) views of channels-last data."""
+        h = x0.permute(0, 2, 3, 4, 1).contiguous()
+        outs = [h]
+        for stage in (self.layers1, self.layers2, self.layers3, self.layers4):
+            h = run_stage(stage[0], h, self.fast_cache, self.config.use_checkpoint)
+            outs.append(h)
+        if normalize:
+            outs = [F.layer_norm(o, (o.shape[-1],)) for o in outs]
+        return [o.permute(0, 4, 1, 2, 3) for o in outs]
 
     def encoder_state_dict(self) -> dict[str, Tensor]:
         """The weights that form "the encoder" (everything, the mask token included)."""
