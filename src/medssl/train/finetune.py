@@ -165,6 +165,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 "best_val_dice": best_rec["val_dice"] if best_rec else None,
                 "model": str(best_path.relative_to(run.path)),
                 "wall_seconds": time.time() - started, "step_seconds": result.step_seconds,
+                "data_wait_share": result.data_wait_share,
                 "steps": config.schedule.steps,
                 "norm": str(resolve_norm(config.norm, config.crop_size, encoder_config.feature_size)),
             }

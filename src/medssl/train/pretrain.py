@@ -94,6 +94,7 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
                 "final_loss": losses[-1] if losses else None,
                 "wall_seconds": time.time() - started,
                 "step_seconds": result.step_seconds if result else None,
+                "data_wait_share": result.data_wait_share if result else None,
                 "collapse": collapse_verdict(records),
             }
             if results["collapse"]["collapsed"] and info.is_main:
