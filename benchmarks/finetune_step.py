@@ -2,41 +2,43 @@
 
     python benchmarks/finetune_step.py [--size 64] [--preset tiny] [--batch 2] [--steps 5] [--device cpu]
 
-Both networks get the same input, DiceCE loss and AdamW step; the ratio medssl/MONAI is printed
-(≈1.0 expected: the segmenter is MONAI's SwinUNETR with the encoder swapped for a subclass).
+Both networks get the same input, DiceCE loss and the training loop's own step (``train_step``); the
+ratio medssl/MONAI is printed (≈1.0 expected: the segmenter is MONAI's SwinUNETR with the encoder swapped for a
+subclass).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import SwinUNETR
 
-from medssl.config import EncoderConfig
+from medssl.config import EncoderConfig, FinetuneConfig
 from medssl.models import SwinSegmenter
+from medssl.train.step import build_optimisation, time_train_steps
+
+
+class Segmentation(torch.nn.Module):
+    """Either network as a training module: DiceCE on its logits."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def forward(self, batch: dict, step: int) -> dict:
+        return {"loss": self.loss_fn(self.model(batch["image"]), batch["label"])}
 
 
 def time_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int = 2) -> list[float]:
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for i in range(warmup + steps):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+    """Seconds per training step (the loop's own ``train_step``, fine-tuning schedule defaults, fp32)."""
+    module = Segmentation(model)
+    schedule = FinetuneConfig().schedule.model_copy(update={"amp": "off", "steps": warmup + steps})
+    opt = build_optimisation(module, schedule, schedule.steps, x.device)
+    return time_train_steps(opt, {"image": x, "label": y}, steps, warmup=warmup)
 
 
 def main() -> None:

@@ -7,8 +7,10 @@
 For each (crop size, preset) it first times one plain encoder forward + backward + AdamW step on a
 batch of single crops (the baseline), then each method's full step (all its views, heads, teacher,
 loss, EMA update) on the same batch size, all in this one run. The ratio method/baseline is the
-method's overhead over a single-view encoder. Views are built on the CPU as in training (data
-workers); their time per batch is printed separately and not counted in the step.
+method's overhead over a single-view encoder. Both are timed through the training loop's own
+step (``medssl.train.step.train_step``: autocast, backward, gradient cancelling, clipping, AdamW,
+EMA). Views are built on the CPU as in training (data workers); their time per batch is printed
+separately and not counted in the step.
 Peak memory: CUDA max allocated on GPU; on CPU the rise in the process's peak RSS during that
 method's steps (each configuration runs in a fresh subprocess so peaks do not mask each other).
 """
@@ -31,67 +33,52 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class EncoderOnly(torch.nn.Module):
+    """The baseline as a training module: one plain encoder forward on single crops, mean of its outputs."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, batch: dict, step: int) -> dict:
+        return {"loss": sum(o.float().mean() for o in self.encoder(batch["image"]))}
 
 
 def measure(method_name: str, crop: int, preset: str, batch: int, steps: int, device: str, amp: str,
             window: int | None) -> dict:
-    """One configuration, in a fresh process: returns timings and memory as a dict."""
-    from medssl.config import EncoderConfig, MethodConfig
+    """One configuration, in a fresh process: returns timings and memory as a dict. Every step is the
+    training loop's own (``medssl.train.step.train_step``, pretraining schedule defaults, ``amp``)."""
+    from medssl.config import EncoderConfig, MethodConfig, PretrainConfig
     from medssl.methods import REGISTRY, build_method
     from medssl.models import SwinEncoder
+    from medssl.train.step import build_optimisation, time_train_steps
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     cfg = EncoderConfig(preset=preset, window_size=window)
+    schedule = PretrainConfig().schedule.model_copy(update={"amp": amp, "steps": 1000})
     rng = np.random.default_rng(0)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     rss0 = _rss_mb()
 
     if method_name == "baseline":
-        module = SwinEncoder(cfg).to(dev)
-        x = torch.randn(batch, 1, crop, crop, crop, device=dev)
-
-        def step(i: int) -> None:
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                loss = sum(o.float().mean() for o in module(x))
-            loss.backward()
-
+        module = EncoderOnly(SwinEncoder(cfg)).to(dev)
+        batch_views = {"image": torch.randn(batch, 1, crop, crop, crop, device=dev)}
         view_seconds = 0.0
     else:
-        method = build_method(MethodConfig(name=method_name), SwinEncoder(cfg), crop_size=crop, total_steps=1000)
-        module = method.to(dev)
-        region = method.region_size(crop)
+        module = build_method(MethodConfig(name=method_name), SwinEncoder(cfg), crop_size=crop, total_steps=1000)
+        module = module.to(dev)
+        region = module.region_size(crop)
         t0 = time.perf_counter()
-        samples = [method.make_views(torch.rand(1, region, region, region), rng) for _ in range(batch)]
+        samples = [module.make_views(torch.rand(1, region, region, region), rng) for _ in range(batch)]
         view_seconds = time.perf_counter() - t0
         batch_views = torch.utils.data.default_collate(samples)
         batch_views = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch_views.items()}
 
-        def step(i: int) -> None:
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                out = method(batch_views, i)
-            out["loss"].backward()
-            method.cancel_gradients(i)
-
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    times = []
-    for i in range(steps + 1):  # the first step pays allocation and kernel selection
-        _sync(dev)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        step(i)
-        opt.step()
-        if hasattr(module, "on_after_step"):
-            module.on_after_step(i)
-        _sync(dev)
-        if i:
-            times.append(time.perf_counter() - t0)
+    module.train()
+    opt = build_optimisation(module, schedule, schedule.steps, dev)
+    times = time_train_steps(opt, batch_views, steps, warmup=1)  # the first step pays allocation
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mb() - rss0
     n_params = sum(p.numel() for p in module.parameters())
     return {"method": method_name, "family": "-" if method_name == "baseline" else REGISTRY[method_name].family,

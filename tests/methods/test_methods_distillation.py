@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from medssl.config import EncoderConfig, MethodConfig, PretrainConfig, load_yaml
+from medssl.config import EncoderConfig, MethodConfig, PretrainConfig, ScheduleConfig, load_yaml
 from medssl.data.multicrop import local_crop_size, multicrop_views, region_crops
 from medssl.methods.base import REGISTRY, EMATeacher, SSLMethod, build_method
 from medssl.methods.dino import DINO
@@ -19,6 +19,7 @@ from medssl.methods.smit import SMIT, smit_region_size
 from medssl.models.checkpoint import load_encoder_state
 from medssl.models.encoder import SwinEncoder
 from medssl.models.segmenter import SwinSegmenter
+from medssl.train.step import Optimisation, build_optimisation, train_step
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "methods"
 CROP = 32
@@ -65,15 +66,15 @@ def student_teacher_pairs(method: SSLMethod) -> list[tuple[nn.Module, EMATeacher
     return pairs
 
 
-def step(method: SSLMethod, optimizer: torch.optim.Optimizer, batch: dict, index: int) -> dict[str, float]:
-    """One step in the training loop's order: forward, backward, cancel, optimizer, EMA."""
-    out = method(batch, index)
-    optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    method.cancel_gradients(index)
-    optimizer.step()
-    method.on_after_step(index)
+def step(opt: Optimisation, batch: dict, index: int) -> dict[str, float]:
+    """One step of the training loop (its own ``train_step``: forward, backward, cancel, optimizer, EMA)."""
+    out = train_step(opt, batch, index).outputs
     return {k: float(v.detach()) for k, v in out.items()}
+
+
+def constant_lr_training(method: SSLMethod, lr: float, steps: int) -> Optimisation:
+    schedule = ScheduleConfig(steps=steps, lr=lr, min_lr=lr, warmup_steps=0, grad_clip=None, amp="off")
+    return build_optimisation(method, schedule, steps, torch.device("cpu"))
 
 
 def optimizer_for(method: SSLMethod, lr: float) -> torch.optim.Optimizer:
@@ -148,8 +149,8 @@ def test_student_fits_a_fixed_teacher(case: str) -> None:
         frozen["n_local_crops"] = 0  # two global views suffice here; the contract test covers local crops
     method = build(case, total_steps=3, teacher_temp_warmup_epochs=0, freeze_last_layer_epochs=0, **frozen)
     batch = fixed_batch(method)
-    optimizer = optimizer_for(method, lr=1e-5)
-    losses = [step(method, optimizer, batch, i)["loss"] for i in range(3)]
+    opt = constant_lr_training(method, lr=1e-5, steps=3)
+    losses = [step(opt, batch, i)["loss"] for i in range(3)]
     assert all(np.isfinite(losses))
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
 

@@ -3,13 +3,12 @@ preset and crop size in ``<out>/runs`` when there are any, else timed now on ran
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medssl.config import EncoderConfig, FinetuneConfig, MethodConfig, PretrainConfig
+from medssl.config import FinetuneConfig, PretrainConfig, ScheduleConfig
 from medssl.errors import describe_error
 from medssl.runs import RunDir, list_runs
 
@@ -71,23 +70,19 @@ def _device() -> Any:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _time_steps(step: Any, steps: int, device: Any) -> float:
-    import torch
+def _mean_step_seconds(module: Any, batch: dict[str, Any], schedule: ScheduleConfig, steps: int, device: Any) -> float:
+    """Mean seconds of the training loop's own step (:func:`medssl.train.step.train_step`: the run's
+    schedule, autocast, backward, gradient cancelling, clipping, optimiser, EMA) on ``batch``."""
+    from medssl.train.step import build_optimisation, time_train_steps
 
-    step(0)  # warm-up: allocation, kernel selection
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for i in range(1, steps + 1):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) / steps
+    module.to(device).train()
+    opt = build_optimisation(module, schedule, schedule.steps, device)
+    times = time_train_steps(opt, batch, max(steps, 1), warmup=1)
+    return sum(times) / len(times)
 
 
-def time_pretrain_step(method: MethodConfig, encoder: EncoderConfig, crop_size: int, batch_size: int,
-                       steps: int = 2, device: Any = None) -> float:
-    """Seconds per optimiser step of ``method`` on random regions (views built outside the timing)."""
+def time_pretrain_step(config: PretrainConfig, steps: int = 2, device: Any = None) -> float:
+    """Seconds per optimiser step of ``config``'s method on random regions (views built outside the timing)."""
     import numpy as np
     import torch
     from torch.utils.data import default_collate
@@ -97,29 +92,18 @@ def time_pretrain_step(method: MethodConfig, encoder: EncoderConfig, crop_size: 
 
     device = device or _device()
     torch.manual_seed(0)
-    model = build_method(method, SwinEncoder(encoder), crop_size, total_steps=100).to(device)
+    encoder = config.encoder
+    model = build_method(config.method, SwinEncoder(encoder), config.crop_size, total_steps=config.schedule.steps)
     rng = np.random.default_rng(0)
-    side = model.region_size(crop_size)
-    samples = [model.make_views(torch.rand(encoder.in_channels, side, side, side), rng) for _ in range(batch_size)]
+    side = model.region_size(config.crop_size)
+    samples = [model.make_views(torch.rand(encoder.in_channels, side, side, side), rng)
+               for _ in range(config.schedule.batch_size)]
     batch = {k: v.to(device) for k, v in default_collate(samples).items()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-
-    def step(i: int) -> None:
-        loss = model(batch, i)["loss"]
-        if optimizer is not None and loss.requires_grad:
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        model.on_after_step(i)
-
-    model.train()
-    return _time_steps(step, steps, device)
+    return _mean_step_seconds(model, batch, config.schedule, steps, device)
 
 
-def time_finetune_step(encoder: EncoderConfig, crop_size: int, batch_size: int, out_channels: int = 2,
-                       steps: int = 2, device: Any = None, loss: str = "dice_ce") -> float:
-    """Seconds per optimiser step of the fine-tuning module (segmenter + ``loss``) on random crops."""
+def time_finetune_step(config: FinetuneConfig, out_channels: int = 2, steps: int = 2, device: Any = None) -> float:
+    """Seconds per optimiser step of the fine-tuning module (segmenter + its loss) on random crops."""
     import torch
 
     from medssl.models.segmenter import SwinSegmenter
@@ -127,20 +111,13 @@ def time_finetune_step(encoder: EncoderConfig, crop_size: int, batch_size: int, 
 
     device = device or _device()
     torch.manual_seed(0)
-    module = SegmentationModule(SwinSegmenter(encoder, out_channels, crop_size=crop_size), loss).to(device)
+    encoder, crop, batch_size = config.encoder, config.crop_size, config.schedule.batch_size
+    module = SegmentationModule(SwinSegmenter(encoder, out_channels, crop_size=crop, norm=config.norm), config.loss)
     batch = {
-        "image": torch.rand(batch_size, encoder.in_channels, crop_size, crop_size, crop_size, device=device),
-        "label": torch.randint(0, out_channels, (batch_size, 1, crop_size, crop_size, crop_size), device=device),
+        "image": torch.rand(batch_size, encoder.in_channels, crop, crop, crop, device=device),
+        "label": torch.randint(0, out_channels, (batch_size, 1, crop, crop, crop), device=device),
     }
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-
-    def step(i: int) -> None:
-        module(batch, i)["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    module.train()
-    return _time_steps(step, steps, device)
+    return _mean_step_seconds(module, batch, config.schedule, steps, device)
 
 
 def _n_classes(task: Path | None) -> int:
@@ -202,9 +179,7 @@ def _measure(run: PlannedRun, steps: int) -> float | str:
         return TOO_LARGE_FOR_CPU
     try:
         if isinstance(config, PretrainConfig):
-            return time_pretrain_step(config.method, config.encoder, config.crop_size, config.schedule.batch_size,
-                                      steps=steps)
-        return time_finetune_step(config.encoder, config.crop_size, config.schedule.batch_size,
-                                  out_channels=_n_classes(config.task), steps=steps, loss=config.loss)
+            return time_pretrain_step(config, steps=steps)
+        return time_finetune_step(config, out_channels=_n_classes(config.task), steps=steps)
     except Exception as err:  # noqa: BLE001 - an estimate must not stop the dry run
         return describe_error(err, limit=160)

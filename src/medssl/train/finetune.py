@@ -235,6 +235,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 "steps": config.schedule.steps, "steps_run": result.steps,
                 "stopped_early_at": result.stopped_at, "early_stop_patience": config.early_stop_patience,
                 **({"encoder_source": run_info["encoder_source"]} if "encoder_source" in run_info else {}),
+                "data_wait_share": result.data_wait_share,
                 "norm": str(resolve_norm(config.norm, config.crop_size, encoder_config.feature_size)),
             }
             finish(run, info, results)

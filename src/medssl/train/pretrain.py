@@ -111,6 +111,7 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
                 "health": health_verdict(records),
                 "optimiser": optimiser_provenance(config),
                 "cost": run_cost(flops, steps, time.time() - started, info),
+                "data_wait_share": result.data_wait_share if result else None,
             }
             if results["health"]["collapsed"] and info.is_main:
                 run.log(f"WARNING collapse: {results['health']['reason']}")
