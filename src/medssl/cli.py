@@ -6,6 +6,7 @@ Exit codes: 0 success; 2 bad input or config (one line naming the file and the p
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from enum import Enum
 from pathlib import Path
@@ -37,8 +38,28 @@ def _fail(message: str, code: int) -> None:
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    limit: list[str] = typer.Option([], "--limit", help="Raise a resource limit, e.g. --limit voxels_per_volume=1e9 "
+                                    "(see medssl/limits.py; configs also take a 'limits:' section)."),
+) -> None:
     _state["debug"] = debug
+    if limit:
+        _set_limits(limit)
+
+
+def _set_limits(items: list[str]) -> None:
+    from medssl.config import parse_override, validate_config
+    from medssl.limits import Limits, set_limits
+
+    values = {}
+    for item in items:
+        path, value = parse_override(item)
+        if isinstance(value, str):  # YAML reads 1e9 as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        values[".".join(path)] = int(value) if isinstance(value, float) and value.is_integer() else value
+    set_limits(validate_config(Limits, values, "--limit"))
 
 
 class Executor(str, Enum):
@@ -249,7 +270,10 @@ def data_check(path: Path = typer.Argument(..., help="A task folder, a folder of
 
     if not path.exists():
         raise MedsslInputError(path, "no such file or directory")
-    problems = check_path(path)
+    try:
+        problems = check_path(path)
+    except MemoryError:
+        raise MedsslInputError(path, "too large to check in this machine's memory (see 'medssl --limit')") from None
     for line in problems:
         typer.echo(line)
     if problems:

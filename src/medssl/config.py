@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medssl.errors import ConfigError
+from medssl.limits import Limits, check
 
 Modality = Literal["ct", "mri"]
 Triple = tuple[float, float, float]
@@ -30,9 +32,36 @@ def _multiple_of_32(v: int) -> int:
 CropSize = Annotated[int, Field(ge=32), AfterValidator(_multiple_of_32)]
 """A cubic crop's edge in voxels: the encoder halves it five times."""
 
+# Names that become path components (run ids, splits files, out folders): no separators, no '..',
+# no NUL, short enough for any file system.
+SLUG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _slug(v: str) -> str:
+    if not SLUG_PATTERN.fullmatch(v) or ".." in v:
+        raise ValueError(f"{v[:80]!r} is not a plain name (1-64 letters, digits, '_', '.', '-'; "
+                         "no path separators or '..')")
+    return v
+
+
+Slug = Annotated[str, AfterValidator(_slug)]
+"""A name used as a file or folder name: validated so it can never leave its folder."""
+
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy and torch generators take 32-bit seeds everywhere
+
+
+def _positive_spacing(v: tuple[float, float, float]) -> tuple[float, float, float]:
+    if not all(s > 0 for s in v):
+        raise ValueError(f"spacing {tuple(v)} must be three positive millimetre values")
+    return v
+
+
+Spacing = Annotated[Triple, AfterValidator(_positive_spacing)]
+
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: lr=.inf or spacing=.nan are refused at the door, not met mid-training
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- model
@@ -77,7 +106,7 @@ class EncoderConfig(StrictModel):
 class PreprocessConfig(StrictModel):
     """How raw volumes become training arrays; part of every cache key and checkpoint."""
 
-    spacing: Triple = (1.5, 1.5, 1.5)
+    spacing: Spacing = (1.5, 1.5, 1.5)
     orientation: str = "RAS"
     ct_window: tuple[float, float] = (-175.0, 250.0)
     mri_percentiles: tuple[float, float] = (0.5, 99.5)
@@ -89,7 +118,7 @@ class PreprocessConfig(StrictModel):
 class MethodConfig(StrictModel):
     """An SSL method by registry name, with method-specific options (validated by the method)."""
 
-    name: str = "simmim"
+    name: Slug = "simmim"
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -110,7 +139,7 @@ class ScheduleConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
     compile: bool = False
-    seed: int = 0
+    seed: Seed = 0
 
 
 class OptimiserRecipe(StrictModel):
@@ -194,6 +223,7 @@ class PretrainConfig(StrictModel):
         fields = self.published_recipe.schedule_fields(self.schedule.batch_size, self.schedule.steps)
         self.__dict__["schedule"] = self.schedule.model_copy(update=fields)
         return self
+    limits: Limits = Field(default_factory=Limits)  # resource limits; not part of the config hash
 
 
 class AugmentConfig(StrictModel):
@@ -213,7 +243,7 @@ class FinetuneConfig(StrictModel):
     splits_path: Path | None = None  # default <run>/splits.json (shared per task across a benchmark)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     budget: int | Literal["all"] = "all"
-    seed: int = 0
+    seed: Seed = 0
     crop_size: CropSize = 64
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -243,14 +273,23 @@ class FinetuneConfig(StrictModel):
     # (None: never); the run records where it stopped, and its curve ends there.
     early_stop_patience: int | None = Field(None, ge=1)
     early_stop_min_delta: float = Field(0.0, ge=0.0)
+    limits: Limits = Field(default_factory=Limits)  # resource limits; not part of the config hash
 
 
 # --------------------------------------------------------------------------- helpers
 
 
+NOT_HASHED = frozenset({"limits"})  # settings that never change what a run computes
+
+
+def hashed_fields(model: BaseModel) -> dict[str, Any]:
+    """The config as a JSON-able dict without the settings that do not affect results."""
+    return {k: v for k, v in model.model_dump(mode="json").items() if k not in NOT_HASHED}
+
+
 def config_hash(model: BaseModel, length: int = 12) -> str:
     """Stable hash of a config's content (sorted JSON), used for run ids and cache keys."""
-    payload = json.dumps(model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    payload = json.dumps(hashed_fields(model), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
 
 
@@ -279,8 +318,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError("<command line>", f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+        value = safe_load_yaml(raw, "<command line>") if raw != "" else ""
+    except ConfigError:
         value = raw
     return key.split("."), value
 
@@ -313,19 +352,61 @@ def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+class _CountingLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses documents whose node graph, aliases expanded, exceeds
+    ``limits.yaml_nodes``: an alias bomb is a few hundred bytes that expand to billions of nodes."""
+
+    source: str = "<config>"
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        sizes: dict[int, int] = {}
+
+        def expanded(n: yaml.Node) -> int:  # memoised on node identity: linear in the document
+            if id(n) not in sizes:
+                sizes[id(n)] = 1  # a recursive alias counts once instead of looping
+                if isinstance(n, yaml.SequenceNode):
+                    sizes[id(n)] = 1 + sum(expanded(c) for c in n.value)
+                elif isinstance(n, yaml.MappingNode):
+                    sizes[id(n)] = 1 + sum(expanded(k) + expanded(v) for k, v in n.value)
+            return sizes[id(n)]
+
+        check(self.source, "YAML nodes after expanding aliases:", expanded(node), "yaml_nodes")
+        return super().construct_document(node)
+
+
+def safe_load_yaml(text: str, source: str | Path) -> Any:
+    """``yaml.safe_load`` within the limits; any problem is a ``ConfigError`` naming ``source``."""
+    check(source, "config size in bytes", len(text.encode("utf-8", "surrogatepass")), "yaml_bytes")
+    loader = _CountingLoader(text)
+    loader.source = str(source)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(source, f"not valid YAML{where}") from None
+    except RecursionError:
+        raise ConfigError(source, "YAML nested too deeply") from None
+    except (ValueError, OverflowError, TypeError) as err:  # e.g. a timestamp out of range
+        raise ConfigError(source, f"not valid YAML ({type(err).__name__}: {str(err)[:120]})") from None
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; unreadable or malformed files raise ``ConfigError`` naming the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        check(path, "config size in bytes", size, "yaml_bytes")  # before reading it into memory
+        raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(path, f"cannot read config ({err.strerror or err})") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(path, f"not valid YAML{where}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(path, f"not UTF-8 text (byte {err.start})") from None
+    data = safe_load_yaml(text, path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -378,12 +459,12 @@ def _section_model(name: str, source: type[StrictModel], exclude: set[str], doc:
 
 
 BenchPretrainConfig = _section_model(
-    "BenchPretrainConfig", PretrainConfig, {"method", "encoder", "corpus", "preprocess", "published_recipe"},
+    "BenchPretrainConfig", PretrainConfig, {"method", "encoder", "corpus", "preprocess", "published_recipe", "limits"},
     "PretrainConfig fields shared by every pretraining run of a benchmark.",
 )
 # FinetuneConfig fields the bench sets for each run (the rest come from the `finetune` section)
 FINETUNE_PLANNED_FIELDS = frozenset(
-    {"task", "encoder_checkpoint", "cache_dir", "splits_path", "encoder", "budget", "seed", "preprocess"}
+    {"task", "encoder_checkpoint", "cache_dir", "splits_path", "encoder", "budget", "seed", "preprocess", "limits"}
 )
 BenchFinetuneConfig = _section_model(
     "BenchFinetuneConfig", FinetuneConfig, set(FINETUNE_PLANNED_FIELDS),
@@ -397,8 +478,8 @@ class SynthDataConfig(StrictModel):
     cases: int = Field(12, ge=2)
     corpus_cases: int = Field(12, ge=1)
     shape: tuple[int, int, int] = (64, 64, 64)
-    spacing: Triple = (3.0, 3.0, 3.0)  # voxel size in mm (jittered a little per case)
-    seed: int = 0
+    spacing: Spacing = (3.0, 3.0, 3.0)  # voxel size in mm (jittered a little per case)
+    seed: Seed = 0
 
 
 class BenchDataConfig(StrictModel):
@@ -409,7 +490,7 @@ class BenchDataConfig(StrictModel):
 
 class BenchTaskConfig(StrictModel):
     path: str  # "synth:ct_organs" | "synth:ct_lesions" | "synth:mri_organs" | an MSD/nnU-Net folder
-    name: str | None = None  # run ids, splits file; default: the synthetic kind or the folder name
+    name: Slug | None = None  # run ids, splits file; default: the synthetic kind or the folder name
     # fine-tuning settings for this task only, merged over the benchmark's `finetune` section
     # (e.g. {schedule: {steps: 500}, nsd_tolerance_mm: 1.0}); every encoder gets the same ones
     finetune: dict[str, Any] = Field(default_factory=dict)
@@ -462,7 +543,7 @@ class ExternalEncoderConfig(StrictModel):
 
 
 class BenchConfig(StrictModel):
-    name: str = "bench"
+    name: Slug = "bench"
     data: BenchDataConfig = Field(default_factory=BenchDataConfig)
     tasks: list[BenchTaskConfig] = Field(min_length=1)
     methods: Literal["all"] | list[str | MethodConfig] = "all"
@@ -471,10 +552,11 @@ class BenchConfig(StrictModel):
     pretrain: BenchPretrainConfig = Field(default_factory=BenchPretrainConfig)  # type: ignore[valid-type]
     finetune: BenchFinetuneConfig = Field(default_factory=BenchFinetuneConfig)  # type: ignore[valid-type]
     budgets: list[int | Literal["all"]] = Field(default_factory=lambda: ["all"], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     cka: BenchCKAConfig = Field(default_factory=BenchCKAConfig)
     external_encoders: list[ExternalEncoderConfig] = Field(default_factory=list)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    limits: Limits = Field(default_factory=Limits)  # resource limits, passed to every run
 
     @field_validator("budgets")
     @classmethod

@@ -78,3 +78,14 @@ def to_json(data: Any, indent: int | None = 2) -> str:
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, to_json(data) + "\n")
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's contents, read in chunks (checkpoints are hundreds of MB)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -29,6 +29,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from medssl.config import NOT_HASHED
+from medssl.errors import ConfigError
 from medssl.fileio import _json_default, atomic_write_json, atomic_write_text
 
 __all__ = ["RunDir", "RunLockedError", "atomic_write_json", "atomic_write_text", "list_runs", "read_json"]
@@ -41,6 +45,20 @@ def read_json(path: str | Path, default: Any = None) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return default
+
+
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two config dicts differ (``schedule.lr``, ``encoder_checkpoint``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            found += config_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [prefix.rstrip(".") or "<config>"]
+
+
+# run.json fields that are part of a run's identity besides its config (e.g. the encoder file's hash)
+IDENTITY_INFO = ("encoder_sha256",)
 
 
 class RunLockedError(RuntimeError):
@@ -130,6 +148,32 @@ class RunDir:
 
     def results(self) -> dict[str, Any] | None:
         return read_json(self.results_path)
+
+    # identity ------------------------------------------------------------------------------
+    def check_identity(self, config_yaml: str, identity: dict[str, Any] | None = None) -> None:
+        """Refuse (``ConfigError``, exit 2) a request whose config differs from the one this run
+        directory was created with: resuming or returning stored results then would report one
+        config's results under another's name. Settings that do not affect results are ignored."""
+        if not self.config_path.is_file():
+            return  # a new run (or one killed before it wrote its config)
+        try:
+            stored = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(self.config_path, f"unreadable run config ({type(err).__name__}); "
+                              "use a new --out folder") from None
+        new = yaml.safe_load(config_yaml)
+        if not isinstance(stored, dict) or not isinstance(new, dict):
+            raise ConfigError(self.config_path, "run config is not a mapping; use a new --out folder")
+        differ = config_differences({k: v for k, v in stored.items() if k not in NOT_HASHED},
+                                    {k: v for k, v in new.items() if k not in NOT_HASHED})
+        recorded = self.info()
+        for key, value in (identity or {}).items():
+            if key in recorded and recorded[key] != value:
+                differ.append(f"{key} (the file's contents changed)" if key.endswith("sha256") else key)
+        if differ:
+            shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
+            raise ConfigError(self.path, f"this run directory holds a run with another config (differs in: "
+                              f"{shown}); use a new --out folder, or the same settings to resume it")
 
     # writing -------------------------------------------------------------------------------
     def prepare(self, config_yaml: str, info: dict[str, Any]) -> None:

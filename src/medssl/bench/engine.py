@@ -20,6 +20,7 @@ from medssl.runs import RunDir
 
 from .estimate import TOO_LARGE_FOR_CPU, RunEstimate, estimate_plan
 from .executors import ExecutionSummary, make_executor
+from .identity import bind_out_folder
 from .plan import (
     RANDOM_INIT,
     STAGES,
@@ -203,6 +204,7 @@ def run_bench(
     if kind not in EXECUTOR_KINDS:
         raise ConfigError("--executor", f"unknown executor '{kind}' (known: {', '.join(EXECUTOR_KINDS)})")
 
+    bind_out_folder(bench, out, record=not dry_run)  # exit 2 when out holds another benchmark
     if dry_run:
         plan = expand_plan(bench, out, source)
         parallel = bench.executor.workers if kind == "local" else 1

@@ -120,7 +120,8 @@ def resolve_tasks(bench: BenchConfig, out: str | Path, source: str | Path | None
     for entry in bench.tasks:
         kind = entry.synth_kind
         path = synth_data_dir(out) / kind if kind else Path(entry.path).resolve()
-        name = entry.name or kind or path.name
+        # an explicit name is a validated slug (config.py); a folder's name is made into one
+        name = entry.name or kind or slugify(path.name)
         tasks.append(ResolvedTask(name=name, path=path, synth_kind=kind, finetune=entry.finetune))
     names = [t.name for t in tasks]
     duplicated = sorted({n for n in names if names.count(n) > 1})
@@ -188,7 +189,9 @@ def _default_synth_cases() -> int:
 
 
 def slugify(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_-") or "run"
+    """A path-safe name: no separators, no '..', no leading dot, at most 64 characters."""
+    text = re.sub(r"\.{2,}", "_", re.sub(r"[^A-Za-z0-9_.-]+", "_", text))
+    return text.strip("_-.")[:64].rstrip("_-.") or "run"
 
 
 def make_run_id(kind: str, slug: str, config: BaseModel) -> str:
@@ -221,7 +224,7 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
             continue
         data = {**bench.pretrain.model_dump(mode="json"), "method": method.model_dump(mode="json"),
                 "encoder": bench.encoder.model_dump(mode="json"), "corpus": str(corpus),
-                "preprocess": bench.preprocess.model_dump(mode="json")}
+                "preprocess": bench.preprocess.model_dump(mode="json"), "limits": bench.limits.model_dump()}
         config = validate_config(PretrainConfig, data, where)
         run_id = make_run_id("pretrain", method.name, config)
         runs.append(PlannedRun("pretrain", run_id, config, [], {"method": method.name, "family": family}))
@@ -243,7 +246,8 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
                             "splits_path": str(out / "splits" / f"{task.name}.json"),
                             "encoder_checkpoint": str(checkpoint) if checkpoint else None,
                             "encoder": bench.encoder.model_dump(mode="json"), "budget": budget, "seed": seed,
-                            "preprocess": bench.preprocess.model_dump(mode="json")}
+                            "preprocess": bench.preprocess.model_dump(mode="json"),
+                            "limits": bench.limits.model_dump()}
                     config = _task_finetune_config(data, task, where)
                     slug = f"{method.name}-{task.name}-b{budget}-s{seed}"
                     run = PlannedRun("finetune", make_run_id("finetune", slug, config), config,

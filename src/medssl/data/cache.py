@@ -98,6 +98,21 @@ def case_id_from_path(path: str | Path) -> str:
     return stem if stem and len(channel) == 4 and channel.isdigit() else name
 
 
+def check_plain_entry(path: Path) -> None:
+    """An entry is a real folder of plain files: a symlink in it (or to it) could make training read
+    any file on the machine, so it is refused rather than followed."""
+    if path.is_symlink():
+        raise MedsslInputError(path, "cache entry is a symbolic link; entries must be plain folders")
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+                    raise MedsslInputError(Path(entry.path), "cache entry holds a symbolic link or a non-file; "
+                                           "delete the entry to rebuild it")
+    except OSError as err:
+        raise MedsslInputError(path, f"unreadable cache entry ({err.strerror or err})") from None
+
+
 class CachedVolume:
     """A complete cache entry. Arrays are opened on demand (memory-mapped by default)."""
 
@@ -105,6 +120,7 @@ class CachedVolume:
         self.path = Path(path)
         if not (self.path / "meta.json").is_file():
             raise MedsslInputError(self.path, "not a volume cache entry (meta.json missing)")
+        check_plain_entry(self.path)
         self._case_id = case_id
 
     def __repr__(self) -> str:

@@ -197,12 +197,12 @@ def ingest_corpus(
         "volumes": volumes,
         "skipped": skipped,
     }
-    atomic_write_json(out / MANIFEST_NAME, manifest)
-    if not volumes:
+    if not volumes:  # checked before writing: an empty manifest would look like an ingested corpus
         first = skipped[0]
         raise MedsslInputError(
             shown, f"no readable volumes ({len(skipped)} skipped; first: {first['source']}: {first['problem']})"
         )
+    atomic_write_json(out / MANIFEST_NAME, manifest)
     return Corpus(out, manifest)
 
 

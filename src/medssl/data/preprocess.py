@@ -20,6 +20,7 @@ from monai.transforms import Orientation, ScaleIntensityRange, ScaleIntensityRan
 from medssl.config import PreprocessConfig
 from medssl.data.readers import Volume
 from medssl.errors import MedsslInputError
+from medssl.limits import check
 
 MODALITIES = ("ct", "mri")
 
@@ -90,6 +91,17 @@ def label_dtype(max_label: int) -> np.dtype:
     return np.dtype(np.uint8) if max_label <= 255 else np.dtype(np.int16)
 
 
+def check_resampled_size(volume: Volume, config: PreprocessConfig) -> None:
+    """Refuse, before resampling, a target spacing that would make the volume too large to hold.
+
+    The extent in mm (shape x spacing) is kept, so the output has about extent / target voxels per
+    axis; the product does not depend on how orientation permutes the axes."""
+    extent = np.asarray(np.shape(volume.array)[:3], dtype=np.float64) * np.asarray(spacing_of(volume.affine))
+    voxels = float(np.prod(np.ceil(extent / np.asarray(config.spacing, dtype=np.float64))))
+    check(volume.source, f"voxels after resampling to spacing {tuple(config.spacing)}", voxels,
+          "voxels_after_resampling")
+
+
 def preprocess_case(
     image: Volume | Sequence[Volume],
     label: Volume | None,
@@ -118,6 +130,7 @@ def preprocess_case(
         check_same_grid(reference, label, what="label")
         _check_label_values(label)
 
+    check_resampled_size(reference, config)
     orient = Orientation(axcodes=config.orientation, labels=RAS_LABELS)
     # scale_extent: resample the voxel-edge extent, so 2 mm -> 1 mm exactly doubles the shape.
     resample = Spacing(pixdim=config.spacing, dtype=np.float32, scale_extent=True)

@@ -23,8 +23,10 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from medssl.data.safe_read import check_before_decoding
 from medssl.errors import MedsslInputError
 from medssl.fileio import atomic_path
+from medssl.limits import check
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -254,6 +256,7 @@ def _read_invesalius(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
             except Exception as exc:  # plistlib raises InvalidFileException, ExpatError, ValueError
                 raise MedsslInputError(path, f"unreadable main.plist: {_one_line(exc)}") from exc
             matrix_name, shape, dtype, spacing = _invesalius_matrix_info(path, info)
+            check(path, "voxels declared by main.plist", int(np.prod(shape, dtype=np.float64)), "voxels_per_volume")
             wanted = posixpath.join(posixpath.dirname(plist_member.name), matrix_name)
             by_name = {m.name: m for m in members}
             matrix_member = by_name.get(wanted)
@@ -261,6 +264,7 @@ def _read_invesalius(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
                 raise MedsslInputError(path, f"main.plist names {matrix_name!r}, which the archive lacks")
             if not matrix_member.isfile():
                 raise MedsslInputError(path, f"{matrix_name!r} is not a regular file (link or device)")
+            check(path, f"bytes of archive member {matrix_name}", matrix_member.size, "archive_member_bytes")
             expected = int(np.prod(shape)) * dtype.itemsize
             if matrix_member.size != expected:
                 raise MedsslInputError(
@@ -346,16 +350,21 @@ def _to_3d(path: Path, array: np.ndarray, channel: int | None) -> np.ndarray:
     return array
 
 
-def read_volume(path: str | Path, *, label: bool = False, channel: int | None = None) -> Volume:
+def read_volume(
+    path: str | Path, *, label: bool = False, channel: int | None = None, root: str | Path | None = None
+) -> Volume:
     """Read a volume file or DICOM series folder.
 
     Images come back as float32. With ``label=True`` the values must be whole numbers and come back
     as uint8 (values 0..255) or int32. A 4D image whose extra axes have size 1 is squeezed; a true 4D
     image is an error unless ``channel`` picks one of its 3D channels (MSD multi-modal tasks).
+    A detached header's data file must lie inside ``root`` (default: the header's folder).
     """
     path = Path(path)
     if not path.exists():
         raise MedsslInputError(path, "not found")
+    # detached data inside its folder; voxel count within the limit; both before decoding
+    check_before_decoding(path, Path(root) if root is not None else None)
     array, affine, notes = _read_raw(path)
     array = _to_3d(path, array, channel)
     if min(array.shape) < 1:

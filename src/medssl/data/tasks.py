@@ -37,6 +37,7 @@ from medssl.data.readers import (
     read_volume,
 )
 from medssl.errors import MedsslInputError
+from medssl.limits import exceeded, limits
 
 # Relative tolerance when comparing the voxel spacing of an image and its label (or channels).
 SPACING_RTOL = 1e-3
@@ -119,7 +120,10 @@ class _Problems:
 def _inside(root: Path, relative: Any, dataset_json: Path, what: str, problems: _Problems) -> Path | None:
     """``root / relative`` when it stays inside ``root`` after resolving '..' and symlinks."""
     if not isinstance(relative, str) or not relative.strip():
-        problems.add(dataset_json, f"{what} is not a path string: {relative!r}")
+        problems.add(dataset_json, f"{what} is not a path string: {str(relative)[:80]!r}")
+        return None
+    if "\0" in relative or len(relative) > MAX_PATH_CHARS or any(len(p) > 255 for p in relative.split("/")):
+        problems.add(dataset_json, f"{what} {relative[:80]!r}... contains a NUL byte or is too long for a path")
         return None
     if os.path.isabs(relative):
         problems.add(dataset_json, f"{what} {relative!r} is an absolute path; paths must be relative")
@@ -136,6 +140,19 @@ def _stays_inside(root: Path, path: Path) -> bool:
         return path.resolve().is_relative_to(root.resolve())
     except (OSError, RuntimeError):  # symlink loops
         return False
+
+
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_NAME_CHARS = 200
+
+
+def _bad_text(text: str) -> str | None:
+    """Why a name from dataset.json cannot be shown or stored (None when it is fine)."""
+    if any(ord(c) < 32 for c in text):
+        return f"name {text[:40]!r} contains control characters (NUL, newline, ...)"
+    if len(text) > MAX_NAME_CHARS:
+        return f"name of {len(text)} characters is longer than {MAX_NAME_CHARS}"
+    return None
 
 
 def _strip_ending(name: str, file_ending: str) -> str:
@@ -156,6 +173,9 @@ def _parse_labels(raw: Any, dataset_json: Path, problems: _Problems) -> dict[int
     if not isinstance(raw, dict) or not raw:
         problems.add(dataset_json, "'labels' must be a non-empty mapping")
         return {}
+    if len(raw) > limits().labels:  # before anything is sized by them
+        problems.add_error(exceeded(dataset_json, "number of labels", len(raw), "labels"))
+        return {}
     labels: dict[int, str] = {}
     for key, value in raw.items():
         if isinstance(value, str) and re.fullmatch(r"\d+", str(key).strip()):
@@ -168,8 +188,12 @@ def _parse_labels(raw: Any, dataset_json: Path, problems: _Problems) -> dict[int
         else:
             problems.add(dataset_json, f"label entry {key!r}: {value!r} is neither \"N\": name nor name: N")
             continue
-        if number < 0:
+        if _bad_text(name):
+            problems.add(dataset_json, f"label {number}: {_bad_text(name)}")
+        elif number < 0:
             problems.add(dataset_json, f"label {name!r} has a negative value {number}")
+        elif number > limits().label_value:  # the network gets max(label) + 1 outputs
+            problems.add_error(exceeded(dataset_json, f"label value of {name[:40]!r}", number, "label_value"))
         elif number in labels:
             problems.add(dataset_json, f"label value {number} is declared twice ({labels[number]!r}, {name!r})")
         else:
@@ -347,12 +371,22 @@ def _scan_task(root: Path, problems: _Problems) -> TaskFolder | None:
         problems.add(dataset_json, "resolves outside the task folder (a symlink pointing out)")
         return None
     try:
+        size = dataset_json.stat().st_size
+        if size > limits().json_bytes:
+            problems.add_error(exceeded(dataset_json, "size in bytes", size, "json_bytes"))
+            return None
         data = json.loads(dataset_json.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         problems.add(dataset_json, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
         return None
     except (OSError, UnicodeDecodeError) as exc:
         problems.add(dataset_json, f"unreadable: {exc}")
+        return None
+    except RecursionError:
+        problems.add(dataset_json, "malformed JSON: nested too deeply")
+        return None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        problems.add(dataset_json, f"malformed JSON: {str(exc)[:120]}")
         return None
     if not isinstance(data, dict):
         problems.add(dataset_json, "must hold a JSON object")
@@ -397,6 +431,9 @@ def _scan_task(root: Path, problems: _Problems) -> TaskFolder | None:
         problems.add(dataset_json, "no training cases")
 
     name = data.get("name") if isinstance(data.get("name"), str) and data["name"].strip() else root.name
+    if _bad_text(name):
+        problems.add(dataset_json, f"'name': {_bad_text(name)}")
+        name = root.name
     return TaskFolder(
         root=root,
         name=str(name),

@@ -111,12 +111,42 @@ def read_encoder_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[s
 
         return read_foreign_encoder(payload, path)
     state, meta = payload["encoder"], payload["meta"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise MedsslInputError(path, "'encoder' entry is not a state dict of tensors")
+    check_meta(path, meta)
+    return state, meta
+
+
+def check_meta(path: str | Path, meta: Any) -> None:
+    """Checkpoint metadata is a mapping with string method/family and a valid encoder config."""
+    if not isinstance(meta, dict):
+        raise MedsslInputError(path, f"checkpoint metadata is a {type(meta).__name__}, not a mapping")
     lacking = [k for k in REQUIRED_META if k not in meta]
     if lacking:
         raise MedsslInputError(path, f"checkpoint metadata lacks {', '.join(lacking)}")
-    return state, meta
+    for key in ("method", "family"):
+        if not isinstance(meta[key], str):
+            raise MedsslInputError(path, f"checkpoint metadata '{key}' is not a string")
+    if not isinstance(meta["encoder"], dict):
+        raise MedsslInputError(path, "checkpoint metadata 'encoder' is not a mapping of encoder settings")
+    try:
+        EncoderConfig.model_validate(meta["encoder"])
+    except Exception as err:  # noqa: BLE001 - pydantic's ValidationError, or a TypeError on odd values
+        first = str(err).splitlines()
+        raise MedsslInputError(path, f"checkpoint encoder config is invalid: {' '.join(first[:3])[:200]}") from None
+
+
+def check_tensor_values(source: str | Path, state: dict[str, Tensor], target: dict[str, Tensor]) -> None:
+    """Each tensor the model takes as floating point must be floating point and finite: NaN weights
+    would train to NaN losses and report a result for a model that never existed."""
+    for key, expected in target.items():
+        value = state[key]
+        if expected.is_floating_point():
+            if not value.is_floating_point():
+                raise MedsslInputError(source, f"encoder tensor '{key}' is {value.dtype}, not floating point")
+            if not bool(torch.isfinite(value).all()):
+                n_bad = int((~torch.isfinite(value)).sum())
+                raise MedsslInputError(source, f"encoder tensor '{key}' holds {n_bad} NaN/inf values")
 
 
 def load_encoder_state(
@@ -141,6 +171,7 @@ def load_encoder_state(
             f"encoder tensor '{k}' has shape {tuple(state[k].shape)}, model expects {tuple(target[k].shape)}"
             " (different encoder preset?)",
         )
+    check_tensor_values(source, state, target)
     full = {prefix + k: state[k] for k in target}
     result = module.load_state_dict(full, strict=False)
     still_missing = [k for k in result.missing_keys if k.startswith(prefix)]
@@ -170,7 +201,17 @@ def monai_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 def export_monai(path: str | Path, out: str | Path) -> int:
-    """Write the MONAI-layout state dict; returns the number of tensors written."""
+    """Write the MONAI-layout state dict; returns the number of tensors written.
+
+    The encoder is rebuilt from its metadata and every tensor loaded into it first, so a missing,
+    mis-shaped, non-finite or non-float tensor fails here instead of exporting a file that MONAI's
+    ``strict=False`` load would take silently short. ``out`` may not be the input or a folder."""
+    path, out = Path(path), Path(out)
+    if out.is_dir():
+        raise MedsslInputError(out, "--out is a folder; give the path of the .pt file to write")
+    if out.exists() and path.exists() and out.resolve() == path.resolve():
+        raise MedsslInputError(out, "--out is the input checkpoint; exporting would overwrite it")
+    load_encoder(path)  # validates every tensor against the encoder the metadata describes
     state = monai_state_dict(path)
     atomic_torch_save(state, out)
     return len(state)
@@ -194,8 +235,12 @@ def load_segmenter(path: str | Path):
     if not isinstance(payload, dict) or "model" not in payload or "meta" not in payload:
         raise MedsslInputError(path, "not a medssl segmenter checkpoint (needs 'model' and 'meta')")
     meta = payload["meta"]
-    config = EncoderConfig.model_validate(meta["encoder"])
-    model = SwinSegmenter(config, int(meta["out_channels"]), crop_size=int(meta["crop_size"]), norm=meta["norm"])
+    check_meta(path, {"method": "", "family": "", **meta} if isinstance(meta, dict) else meta)
+    try:
+        config = EncoderConfig.model_validate(meta["encoder"])
+        model = SwinSegmenter(config, int(meta["out_channels"]), crop_size=int(meta["crop_size"]), norm=meta["norm"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise MedsslInputError(path, f"segmenter metadata is invalid ({type(err).__name__}: {err})") from None
     try:
         model.load_state_dict(payload["model"], strict=True)
     except RuntimeError as err:

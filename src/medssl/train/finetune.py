@@ -16,12 +16,14 @@ from monai.losses import DiceCELoss, DiceLoss
 from torch import Tensor, nn
 
 from medssl.config import FinetuneConfig, config_hash, dump_yaml
-from medssl.data.cache import VolumeCache, cache_task
+from medssl.data.cache import CachedVolume, VolumeCache, cache_task
 from medssl.data.datasets import SegmentationCropDataset, load_eval_case
 from medssl.data.splits import load_or_create_splits, train_cases
 from medssl.data.tasks import TaskFolder, load_task
-from medssl.errors import ConfigError
+from medssl.errors import ConfigError, MedsslInputError
 from medssl.evaluate import case_metrics, mean_dice, predict_volume
+from medssl.fileio import file_sha256
+from medssl.limits import set_limits
 from medssl.models.checkpoint import load_encoder_state, read_encoder_checkpoint, safe_torch_load, save_segmenter
 from medssl.models.segmenter import SwinSegmenter, resolve_norm
 from medssl.runs import RunDir
@@ -116,6 +118,28 @@ def resolve_encoder(config: FinetuneConfig) -> tuple[dict[str, Tensor] | None, d
     return state, meta
 
 
+def encoder_identity(config: FinetuneConfig) -> dict[str, str]:
+    """The encoder file's content hash: a run is bound to the weights it started from, not a path."""
+    path = config.encoder_checkpoint
+    return {"encoder_sha256": file_sha256(path)} if path is not None and Path(path).is_file() else {}
+
+
+def check_label_values(task: TaskFolder, volumes: dict[str, CachedVolume]) -> None:
+    """Refuse, before training, labels that dataset.json does not declare and tasks without foreground
+    (the network has ``max(labels) + 1`` outputs: a stray value fails mid-run, and a task with no
+    foreground would "finish" with Dice over no structure)."""
+    declared = set(task.labels)
+    for case_id in sorted(volumes):
+        volume = volumes[case_id]
+        undeclared = sorted(set(volume.class_voxels) - declared)
+        if undeclared:
+            shown = ", ".join(str(v) for v in undeclared[:10]) + (" ..." if len(undeclared) > 10 else "")
+            raise MedsslInputError(volume.label_source or case_id,
+                                   f"label values not declared in {task.root / 'dataset.json'}: {shown}")
+    if not any(c != 0 and n > 0 for v in volumes.values() for c, n in v.class_voxels.items()):
+        raise MedsslInputError(task.root, "no case has any foreground label (every label volume is background)")
+
+
 def finetune_info(config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any], n_train: int) -> dict[str, Any]:
     return {
         "kind": "finetune", "config_hash": config_hash(config), "method": meta["method"],
@@ -131,6 +155,9 @@ def finetune_info(config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any]
 def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | None = None) -> dict[str, Any]:
     """Fine-tune into ``run_dir``; resume if interrupted; return stored results when finished."""
     run = RunDir(run_dir)
+    set_limits(config.limits)
+    identity = encoder_identity(config)
+    run.check_identity(dump_yaml(config), identity)  # exit 2 rather than resume or report another run
     if run.is_finished():
         return run.results() or {}
     if config.task is None:
@@ -143,12 +170,13 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
     encoder_config = EncoderConfig.model_validate(enc_meta["encoder"])
     cache = VolumeCache(config.cache_dir or run.path / "cache")
     volumes = cache_task(task, cache, config.preprocess)
+    check_label_values(task, volumes)
     case_ids = sorted(volumes)
     budgets = [config.budget]
     split = load_or_create_splits(config.splits_path or run.path / "splits.json", case_ids, config.seed, budgets,
                                   config.n_test, config.n_val)
     train_ids = train_cases(split, config.budget)
-    run_info = finetune_info(config, task, enc_meta, len(train_ids))
+    run_info = {**finetune_info(config, task, enc_meta, len(train_ids)), **identity}
     try:
         with run_session(run, info, dump_yaml(config), run_info) as started:
             torch.manual_seed(config.seed)

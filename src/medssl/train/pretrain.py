@@ -13,6 +13,7 @@ from medssl.config import PretrainConfig, config_hash, dump_yaml
 from medssl.data.corpus import Corpus
 from medssl.data.datasets import PretrainRegionDataset
 from medssl.errors import ConfigError
+from medssl.limits import set_limits
 from medssl.methods import build_method
 from medssl.methods.health import health_verdict
 from medssl.models.checkpoint import encoder_meta, save_encoder
@@ -62,6 +63,8 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
     from medssl.methods import REGISTRY
 
     run = RunDir(run_dir)
+    set_limits(config.limits)
+    run.check_identity(dump_yaml(config))  # exit 2 rather than resume or report another run
     if run.is_finished():
         return run.results() or {}
     if config.method.name not in REGISTRY:
