@@ -8,10 +8,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from medssl import __version__
 from medssl.errors import describe_error
 from medssl.runs import RunDir
 from medssl.train.distributed import DistInfo
+from medssl.version import code_version
 
 
 def hardware() -> dict[str, Any]:
@@ -45,7 +45,7 @@ def run_session(run: RunDir, info: DistInfo, config_yaml: str, run_info: dict[st
         if run.is_finished():  # checked again under the lock: the holder may have just finished it
             raise AlreadyFinished(run.id)
         if info.is_main:
-            run.prepare(config_yaml, {"run_id": run.id, "code_version": __version__,
+            run.prepare(config_yaml, {"run_id": run.id, "code_version": code_version(),
                                       "created": run.info().get("created", started),
                                       "hardware": {**hardware(), "world_size": info.world_size}, **run_info})
             run.set_status("running")
