@@ -14,7 +14,7 @@ from medssl.data.corpus import Corpus
 from medssl.data.datasets import PretrainRegionDataset
 from medssl.errors import ConfigError
 from medssl.methods import build_method
-from medssl.methods.base import COLLAPSE_THRESHOLD
+from medssl.methods.base import COLLAPSE_THRESHOLD, SSLMethod
 from medssl.models.checkpoint import encoder_meta, save_encoder
 from medssl.models.encoder import SwinEncoder
 from medssl.runs import RunDir
@@ -42,7 +42,7 @@ def collapse_verdict(records: list[dict[str, Any]], tail: int = 3) -> dict[str, 
     return verdict
 
 
-def pretrain_info(config: PretrainConfig, cls: type) -> dict[str, Any]:
+def pretrain_info(config: PretrainConfig, cls: type[SSLMethod]) -> dict[str, Any]:
     return {"kind": "pretrain", "method": config.method.name, "family": cls.family,
             "config_hash": config_hash(config), "preset": config.encoder.preset,
             "crop_size": config.crop_size, "steps": config.schedule.steps}
@@ -88,7 +88,7 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
             barrier(info)
             records = run.read_metrics()
             losses = [r["loss"] for r in records if "loss" in r]
-            results = {
+            results: dict[str, Any] = {
                 "kind": "pretrain", "method": cls.name, "family": cls.family,
                 "encoder": str(run.encoder_path.relative_to(run.path)), "steps": steps,
                 "final_loss": losses[-1] if losses else None,
