@@ -49,8 +49,7 @@ def imported_parts(source: str) -> set[str]:
     for node in ast.walk(ast.parse(source)):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == "medssl"
-                                     else [])
+            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == "medssl" else [])
         for name in names:
             bits = name.split(".")
             if bits[0] == "medssl":
@@ -84,9 +83,12 @@ def test_an_upward_import_fails(tmp_path: Path) -> None:
         target = root / path.relative_to(SRC)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
-    (root / "methods" / "upward.py").write_text(textwrap.dedent('''
+    (root / "methods" / "upward.py").write_text(
+        textwrap.dedent("""
         def plan():
             from medssl.bench.plan import expand_plan  # a method reaching into the benchmark engine
             return expand_plan
-    '''), encoding="utf-8")
+    """),
+        encoding="utf-8",
+    )
     assert violations(root) == ["methods/upward.py imports medssl.bench, above its layer 'methods'"]

@@ -38,6 +38,8 @@ def test_a_run_records_its_commit(tmp_path: Path) -> None:
 def test_describe_code_version() -> None:
     assert describe_code_version("0.1.0") == "0.1.0"
     assert describe_code_version({"version": "1.2", "commit": "a" * 40, "dirty": True}) == (
-        "1.2 @ aaaaaaaaaaaa (uncommitted changes)")
+        "1.2 @ aaaaaaaaaaaa (uncommitted changes)"
+    )
     assert describe_code_version({"version": "1.2", "commit": None, "dirty": None}) == (
-        "1.2 (installed, no git checkout)")
+        "1.2 (installed, no git checkout)"
+    )
