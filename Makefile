@@ -20,8 +20,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
+# Gates: lint and format (checked, never rewritten here), types of the core layers, the layer table.
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -p no:randomly tests/test_layers.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

@@ -44,9 +44,11 @@ def main() -> int:
     from medssl.train.pretrain import run_pretrain
 
     # Narrow heads for the distillation methods keep a CPU run short; the published sizes are the defaults.
-    small = {"dino": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64},
-             "ibot": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64},
-             "smit": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64}}
+    small = {
+        "dino": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64},
+        "ibot": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64},
+        "smit": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64},
+    }
     device = torch.device(args.device)
     info = init_distributed(device=args.device)
     preprocess = PreprocessConfig(spacing=(4.0, 4.0, 4.0))
@@ -56,25 +58,39 @@ def main() -> int:
         root = Path(tmp)
         synth_corpus(root / "scans", 3, seed=3, shape=(side, side, side))
         corpus = ingest_corpus(root / "scans", root / "corpus", preprocess).root
-        print(f"device {device}, preset {args.preset}, crop {args.crop}^3, batch {args.batch}, "
-              f"{args.steps} run steps, threads {torch.get_num_threads()}")
-        print(f"  {'method':10s} {'measured ms':>12s} {'estimate ms':>12s} {'estimate/measured':>18s} "
-              f"{'data wait':>10s}")
+        print(
+            f"device {device}, preset {args.preset}, crop {args.crop}^3, batch {args.batch}, "
+            f"{args.steps} run steps, threads {torch.get_num_threads()}"
+        )
+        print(
+            f"  {'method':10s} {'measured ms':>12s} {'estimate ms':>12s} {'estimate/measured':>18s} {'data wait':>10s}"
+        )
         for name in args.methods:
             config = PretrainConfig(
                 method=MethodConfig(name=name, options=small.get(name, {})),
                 encoder=EncoderConfig(preset=args.preset, window_size=4 if args.crop <= 32 else None),
-                corpus=corpus, crop_size=args.crop, preprocess=preprocess,
-                schedule=ScheduleConfig(steps=args.steps, batch_size=args.batch, warmup_steps=2, amp=args.amp,
-                                        log_every=max(args.steps // 4, 1), checkpoint_every=args.steps))
+                corpus=corpus,
+                crop_size=args.crop,
+                preprocess=preprocess,
+                schedule=ScheduleConfig(
+                    steps=args.steps,
+                    batch_size=args.batch,
+                    warmup_steps=2,
+                    amp=args.amp,
+                    log_every=max(args.steps // 4, 1),
+                    checkpoint_every=args.steps,
+                ),
+            )
             results = run_pretrain(config, root / "runs" / name, info)
             measured = float(results["step_seconds"])
             estimate = time_pretrain_step(config, steps=args.estimate_steps, device=device)
             ratio = estimate / measured
             wait = results.get("data_wait_share")
             failed |= abs(ratio - 1.0) > args.tolerance
-            print(f"  {name:10s} {measured * 1e3:12.1f} {estimate * 1e3:12.1f} {ratio:18.3f} "
-                  f"{'-' if wait is None else f'{wait:.1%}':>10s}")
+            print(
+                f"  {name:10s} {measured * 1e3:12.1f} {estimate * 1e3:12.1f} {ratio:18.3f} "
+                f"{'-' if wait is None else f'{wait:.1%}':>10s}"
+            )
             sys.stdout.flush()
     print(f"bar: |estimate/measured - 1| <= {args.tolerance}: {'missed' if failed else 'met'}")
     return 1 if failed else 0

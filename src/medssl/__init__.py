@@ -1,3 +1,5 @@
 """medssl: benchmark self-supervised pretraining of 3D Swin encoders for CT and MRI segmentation."""
 
-__version__ = "0.1.0"
+from medssl.version import __version__
+
+__all__ = ["__version__"]

@@ -25,6 +25,7 @@ import yaml
 from medssl.errors import MedsslInputError
 from medssl.fileio import atomic_path, atomic_write_text
 from medssl.runs import RunDir, list_runs
+from medssl.version import describe_code_version
 
 RunsRoot = str | Path | Iterable[str | Path]
 
@@ -479,7 +480,9 @@ def provenance(runs_root: RunsRoot | RunCollection) -> dict[str, Any]:
             "cpu_count": os.cpu_count(),
             "torch": _torch_device_info(),
         },
-        "code_versions": sorted({str(r["code_version"]) for r in runs.values() if r["code_version"]}),
+        "code_versions": sorted({describe_code_version(r["code_version"]) for r in runs.values() if r["code_version"]}),
+        "commits": sorted({str(r["code_version"]["commit"]) for r in runs.values()
+                           if isinstance(r["code_version"], dict) and r["code_version"].get("commit")}),
         # What the runs themselves recorded about their machines, when they did.
         "run_hardware": sorted(
             {str(run.info.get(k)) for run in collection.all_runs() for k in ("hardware", "device") if run.info.get(k)}

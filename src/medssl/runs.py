@@ -35,7 +35,7 @@ from medssl.config import NOT_HASHED
 from medssl.errors import ConfigError
 from medssl.fileio import _json_default, atomic_write_json, atomic_write_text
 
-__all__ = ["RunDir", "RunLockedError", "atomic_write_json", "atomic_write_text", "list_runs", "read_json"]
+__all__ = ["BenchDir", "RunDir", "RunLockedError", "atomic_write_json", "atomic_write_text", "list_runs", "read_json"]
 
 STATUSES = ("pending", "running", "finished", "failed")
 
@@ -285,6 +285,49 @@ def flatten_scalars(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[
             yield from flatten_scalars(value, f"{tag}/")
         elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             yield tag, float(value)
+
+
+class BenchDir:
+    """A benchmark's output folder ``<out>``: the one place that knows its layout."""
+
+    def __init__(self, out: str | Path) -> None:
+        self.path = Path(out).resolve()
+
+    @classmethod
+    def of_run(cls, run_dir: str | Path) -> BenchDir:
+        """The benchmark folder holding ``<out>/runs/<run-id>``."""
+        return cls(Path(run_dir).resolve().parent.parent)
+
+    @property
+    def runs(self) -> Path:
+        return self.path / "runs"
+
+    @property
+    def cache(self) -> Path:  # preprocessed volumes, shared by fine-tuning and CKA runs
+        return self.path / "cache"
+
+    @property
+    def splits(self) -> Path:
+        return self.path / "splits"
+
+    def splits_file(self, task: str) -> Path:
+        return self.splits / f"{task}.json"
+
+    @property
+    def data(self) -> Path:  # synthetic tasks
+        return self.path / "data"
+
+    @property
+    def corpus(self) -> Path:
+        return self.path / "corpus"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report"
+
+    @property
+    def plan(self) -> Path:
+        return self.path / "plan.json"
 
 
 def list_runs(runs_root: str | Path) -> list[RunDir]:

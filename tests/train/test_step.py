@@ -33,9 +33,10 @@ class Toy(nn.Module):
         return {"loss": ((pred - batch["y"]) ** 2).mean() * batch.get("scale", torch.tensor(1.0))}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        return [{"params": list(self.body.parameters()), "weight_decay": weight_decay, "apply_wd": True,
-                 "lr_scale": 0.5},
-                {"params": list(self.head.parameters()), "weight_decay": 0.0, "apply_wd": False}]
+        return [
+            {"params": list(self.body.parameters()), "weight_decay": weight_decay, "apply_wd": True, "lr_scale": 0.5},
+            {"params": list(self.head.parameters()), "weight_decay": 0.0, "apply_wd": False},
+        ]
 
     def cancel_gradients(self, step: int) -> None:
         self.calls.append(("cancel", self.head.weight.grad is not None))
@@ -51,14 +52,24 @@ class Toy(nn.Module):
 
 def _batch(scale: float = 1.0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return {"x": torch.randn(8, 4, generator=g), "y": torch.randn(8, 1, generator=g) * 10,
-            "scale": torch.tensor(scale)}
+    return {"x": torch.randn(8, 4, generator=g), "y": torch.randn(8, 1, generator=g) * 10, "scale": torch.tensor(scale)}
 
 
 def _schedule(**kw) -> ScheduleConfig:
-    return ScheduleConfig(**{"steps": 4, "batch_size": 2, "lr": 1e-2, "min_lr": 1e-4, "warmup_steps": 1,
-                             "weight_decay": 0.1, "weight_decay_end": 0.3, "log_every": 1,
-                             "checkpoint_every": 10, **kw})
+    return ScheduleConfig(
+        **{
+            "steps": 4,
+            "batch_size": 2,
+            "lr": 1e-2,
+            "min_lr": 1e-4,
+            "warmup_steps": 1,
+            "weight_decay": 0.1,
+            "weight_decay_end": 0.3,
+            "log_every": 1,
+            "checkpoint_every": 10,
+            **kw,
+        }
+    )
 
 
 def test_step_order_hooks_and_per_group_schedule() -> None:

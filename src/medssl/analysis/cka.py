@@ -29,11 +29,11 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from medssl import __version__
 from medssl.config import CropSize, PreprocessConfig, StrictModel, config_hash, dump_yaml, validate_config
 from medssl.errors import MedsslInputError, describe_error
 from medssl.models.checkpoint import load_encoder, load_segmenter, safe_torch_load
 from medssl.runs import RunDir
+from medssl.version import code_version
 
 LAYER_NAMES = ("patch_embed", "stage1", "stage2", "stage3", "stage4")
 COMPARISONS = ("pretrained_vs_finetuned", "fewshot_vs_manyshot", "custom")
@@ -476,7 +476,7 @@ def run_cka(
             dump_yaml(config),
             {
                 "kind": "cka", "run_id": run.id, "config_hash": config_hash(config),
-                "created": run.info().get("created", started), "code_version": __version__,
+                "created": run.info().get("created", started), "code_version": code_version(),
                 "method": method, "task": config.task.name, "comparison": config.comparison,
                 "model_a": str(config.model_a), "model_b": str(config.model_b),
             },

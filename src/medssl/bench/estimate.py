@@ -156,7 +156,8 @@ def estimate_plan(plan: Plan, out: str | Path, measure: bool = True, measure_ste
             if isinstance(value, str):
                 estimates.append(RunEstimate(run.run_id, run.kind, steps, None, f"not estimated: {value}"))
             else:
-                estimates.append(RunEstimate(run.run_id, run.kind, steps, value, f"measured now ({device.type})"))
+                where = getattr(device, "type", "cpu")
+                estimates.append(RunEstimate(run.run_id, run.kind, steps, value, f"measured now ({where})"))
     return estimates
 
 
@@ -168,7 +169,7 @@ TOO_LARGE_FOR_CPU = "too large to time on this CPU"
 
 
 def _too_large_for_cpu(config: PretrainConfig | FinetuneConfig) -> bool:
-    return config.encoder.feature_size * config.schedule.batch_size * config.crop_size**3 > CPU_TIMING_LIMIT
+    return (config.encoder.feature_size or 0) * config.schedule.batch_size * config.crop_size**3 > CPU_TIMING_LIMIT
 
 
 def _measure(run: PlannedRun, steps: int) -> float | str:

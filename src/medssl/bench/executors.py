@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from medssl.config import SlurmConfig, dump_yaml
 from medssl.errors import describe_error
-from medssl.runs import RunDir, RunLockedError
+from medssl.runs import BenchDir, RunDir, RunLockedError
 
 from .plan import Plan, PlannedRun
 
@@ -90,7 +90,7 @@ def run_in_process(run: PlannedRun, run_dir: Path) -> Any:
         from medssl.analysis.cka import run_cka
 
         c = run.config
-        cache_dir = Path(run_dir).parent.parent / "cache"  # <out>/runs/<id> -> <out>/cache, shared with fine-tuning
+        cache_dir = BenchDir.of_run(run_dir).cache  # shared with the benchmark's fine-tuning runs
         return run_cka(c.model_a, c.model_b, c.task, run_dir, n_crops=c.n_crops,  # type: ignore[attr-defined]
                        crop_size=c.crop_size, batch_size=c.batch_size, seed=c.seed,  # type: ignore[attr-defined]
                        comparison=c.comparison, method=c.method, max_tokens=c.max_tokens,  # type: ignore[attr-defined]

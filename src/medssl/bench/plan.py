@@ -26,7 +26,7 @@ from medssl.config import (
     validate_config,
 )
 from medssl.errors import ConfigError
-from medssl.runs import RunDir, atomic_write_json
+from medssl.runs import BenchDir, RunDir, atomic_write_json
 
 STAGES = ("pretrain", "finetune", "cka")
 RANDOM_INIT = "none"
@@ -96,11 +96,11 @@ class ResolvedTask:
 
 
 def runs_root(out: str | Path) -> Path:
-    return Path(out).resolve() / "runs"
+    return BenchDir(out).runs
 
 
 def synth_data_dir(out: str | Path) -> Path:
-    return Path(out).resolve() / "data"
+    return BenchDir(out).data
 
 
 def is_ingested_corpus(path: Path) -> bool:
@@ -112,7 +112,7 @@ def corpus_dir(bench: BenchConfig, out: str | Path) -> Path:
     corpus = bench.data.corpus
     if isinstance(corpus, list) and len(corpus) == 1 and is_ingested_corpus(Path(corpus[0])):
         return Path(corpus[0]).resolve()
-    return Path(out).resolve() / "corpus"
+    return BenchDir(out).corpus
 
 
 def resolve_tasks(bench: BenchConfig, out: str | Path, source: str | Path | None = None) -> list[ResolvedTask]:
@@ -213,7 +213,8 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
         check_budgets(task, bench, source)
     corpus = corpus_dir(bench, out)
     budgets = budget_order(list(bench.budgets))
-    cache_dir = out / "cache"
+    bench_dir = BenchDir(out)
+    cache_dir = bench_dir.cache
 
     runs: list[PlannedRun] = []
     encoders: dict[str, tuple[Path | None, str | None]] = {}  # method -> (encoder.pt, pretrain run id)
@@ -243,7 +244,7 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
                     section = deep_merge(bench.finetune.model_dump(mode="json"), task.finetune)
                     section["schedule"] = {**section["schedule"], "seed": seed}  # a seed varies init and data order
                     data = {**section, "task": str(task.path), "cache_dir": str(cache_dir),
-                            "splits_path": str(out / "splits" / f"{task.name}.json"),
+                            "splits_path": str(bench_dir.splits_file(task.name)),
                             "encoder_checkpoint": str(checkpoint) if checkpoint else None,
                             "encoder": bench.encoder.model_dump(mode="json"), "budget": budget, "seed": seed,
                             "preprocess": bench.preprocess.model_dump(mode="json"),
@@ -261,7 +262,7 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
         runs += _cka_runs(bench, out, methods, tasks, budgets, finetunes, encoders, where)
 
     plan = Plan(name=bench.name, out=out, runs=runs)
-    write_plan(plan, out / "plan.json")
+    write_plan(plan, bench_dir.plan)
     return plan
 
 

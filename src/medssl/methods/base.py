@@ -78,7 +78,7 @@ class SSLMethod(nn.Module):
     def __init__(self, encoder: SwinEncoder, params: StrictModel, crop_size: int, total_steps: int) -> None:
         super().__init__()
         self.encoder = encoder
-        self.params = params
+        self.params: Any = params  # the subclass's own Params model (typed per method)
         self.crop_size = crop_size
         self.total_steps = max(int(total_steps), 1)
         self.momentum_schedule: np.ndarray | None = None
@@ -93,7 +93,7 @@ class SSLMethod(nn.Module):
         raise NotImplementedError
 
     # model side ----------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:  # type: ignore[override]
+    def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def momentum_pairs(self) -> list[tuple[nn.Module, EMATeacher]]:

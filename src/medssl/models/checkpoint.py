@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from medssl import __version__
 from medssl.config import EncoderConfig
 from medssl.errors import MedsslInputError
 from medssl.fileio import atomic_path
 from medssl.models.encoder import MASK_TOKEN_KEY, SwinEncoder
+from medssl.version import code_version
 
 REQUIRED_META = ("method", "family", "encoder")
 SWIN_PREFIX = "swinViT."
@@ -87,7 +87,7 @@ def encoder_meta(
         "intensity": {k: v for k, v in pre.items() if k != "spacing"},
         "crop_size": crop_size,
         "steps": steps,
-        "code_version": __version__,
+        "code_version": code_version(),
         "config_hash": config_hash,
         "exported_network": exported_network,
     }

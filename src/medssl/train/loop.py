@@ -173,8 +173,8 @@ def _timed_batches(loader: DataLoader, start: int) -> Iterator[tuple[int, Any, f
 
 def _log(run: RunDir, info: DistInfo, opt: Optimisation, step: int, result: StepResult,
          data_wait_share: float | None) -> dict[str, float]:
-    metrics = {k: _scalar(v) for k, v in result.outputs.items()}
-    metrics = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+    scalars = {k: _scalar(v) for k, v in result.outputs.items()}
+    metrics = {k: v for k, v in scalars.items() if v is not None and math.isfinite(v)}
     if result.grad_norm is not None:
         metrics["grad_norm"] = result.grad_norm
     if data_wait_share is not None:

@@ -15,6 +15,7 @@ from medssl.data.datasets import PretrainRegionDataset
 from medssl.errors import ConfigError
 from medssl.limits import set_limits
 from medssl.methods import build_method
+from medssl.methods.base import SSLMethod
 from medssl.methods.health import health_verdict
 from medssl.models.checkpoint import encoder_meta, save_encoder
 from medssl.models.encoder import SwinEncoder
@@ -52,7 +53,7 @@ def optimiser_provenance(config: PretrainConfig) -> dict[str, Any]:
     }
 
 
-def pretrain_info(config: PretrainConfig, cls: type) -> dict[str, Any]:
+def pretrain_info(config: PretrainConfig, cls: type[SSLMethod]) -> dict[str, Any]:
     return {"kind": "pretrain", "method": config.method.name, "family": cls.family,
             "config_hash": config_hash(config), "preset": config.encoder.preset,
             "crop_size": config.crop_size, "steps": config.schedule.steps}
@@ -105,7 +106,7 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
             barrier(info)
             records = run.read_metrics()
             losses = [r["loss"] for r in records if "loss" in r]
-            results = {
+            results: dict[str, Any] = {
                 "kind": "pretrain", "method": cls.name, "family": cls.family,
                 "encoder": str(run.encoder_path.relative_to(run.path)), "steps": steps,
                 "final_loss": losses[-1] if losses else None,

@@ -9,10 +9,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from medssl import __version__
 from medssl.errors import describe_error
 from medssl.runs import IDENTITY_INFO, RunDir
 from medssl.train.distributed import DistInfo
+from medssl.version import code_version
 
 
 def hardware() -> dict[str, Any]:
@@ -50,7 +50,7 @@ def run_session(run: RunDir, info: DistInfo, config_yaml: str, run_info: dict[st
         try:
             if info.is_main:
                 sweep_stale_temporaries(run, started)
-                run.prepare(config_yaml, {"run_id": run.id, "code_version": __version__,
+                run.prepare(config_yaml, {"run_id": run.id, "code_version": code_version(),
                                           "created": run.info().get("created", started),
                                           "hardware": {**hardware(), "world_size": info.world_size}, **run_info})
                 run.set_status("running")

@@ -101,8 +101,9 @@ class StepResult:
         return self.outputs["loss"]
 
 
-def build_optimisation(module: nn.Module, schedule: ScheduleConfig, total_steps: int,
-                       device: torch.device) -> Optimisation:
+def build_optimisation(
+    module: nn.Module, schedule: ScheduleConfig, total_steps: int, device: torch.device
+) -> Optimisation:
     """AdamW over the module's parameter groups, with the schedule's per-step lr and weight decay."""
     groups = module_param_groups(module, schedule.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay,
@@ -110,11 +111,14 @@ def build_optimisation(module: nn.Module, schedule: ScheduleConfig, total_steps:
     wd_end = schedule.weight_decay if schedule.weight_decay_end is None else schedule.weight_decay_end
     amp_dtype = autocast_dtype(schedule.amp, device)
     return Optimisation(
-        module=module, optimizer=optimizer,
+        module=module,
+        optimizer=optimizer,
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         lr_at=cosine_schedule(schedule.lr, schedule.min_lr, total_steps, schedule.warmup_steps),
         wd_at=cosine_schedule(schedule.weight_decay, wd_end, total_steps),
-        amp_dtype=amp_dtype, grad_clip=schedule.grad_clip, device=device,
+        amp_dtype=amp_dtype,
+        grad_clip=schedule.grad_clip,
+        device=device,
     )
 
 

@@ -1,0 +1,94 @@
+"""DESIGN §3's layer table as code: no module of src/medssl imports a layer above it."""
+
+from __future__ import annotations
+
+import ast
+import textwrap
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "medssl"
+
+# part -> parts it may import directly (DESIGN §3), closed transitively below.
+TABLE: dict[str, set[str]] = {
+    "config": set(),
+    "data": {"config"},
+    "models": {"config"},
+    "runs": {"config"},
+    "methods": {"models", "data", "config"},
+    "evaluate": {"models", "data"},
+    "train": {"methods", "models", "data", "evaluate", "runs"},
+    "results": {"runs", "config"},  # the tidy results table read from run directories
+    "analysis": {"evaluate", "models", "data", "runs", "results"},
+    "bench": {"train", "analysis", "runs"},
+    "report": {"analysis", "runs", "results"},
+    "cli": {"bench", "report", "train", "analysis", "evaluate", "methods", "models", "data", "runs", "results"},
+}
+BASE = {"", "errors", "fileio", "version"}  # no medssl imports of their own: every layer may use them
+# Known exceptions, named so that a new one fails: the corpus manifest is written through the run
+# directory's atomic writer, and `medssl bench` builds its report at the end of a benchmark.
+EXCEPTIONS = {("data/corpus.py", "runs"), ("bench/engine.py", "report")}
+
+
+def allowed(part: str) -> set[str]:
+    seen, todo = set(), [part]
+    while todo:
+        for below in TABLE[todo.pop()]:
+            if below not in seen:
+                seen.add(below)
+                todo.append(below)
+    return seen | {part} | BASE
+
+
+def part_of(path: Path, root: Path) -> str:
+    rel = path.relative_to(root)
+    return rel.parts[0].removesuffix(".py") if rel.parts[0] != "__init__.py" else ""
+
+
+def imported_parts(source: str) -> set[str]:
+    parts = set()
+    for node in ast.walk(ast.parse(source)):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == "medssl" else [])
+        for name in names:
+            bits = name.split(".")
+            if bits[0] == "medssl":
+                parts.add(bits[1] if len(bits) > 1 else "")
+    return parts
+
+
+def violations(root: Path) -> list[str]:
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        part = part_of(path, root)
+        if part not in TABLE and part not in BASE:
+            found.append(f"{path.relative_to(root)}: part '{part}' is not in the layer table")
+            continue
+        ok = BASE if part in BASE else allowed(part)
+        rel = path.relative_to(root).as_posix()
+        for used in imported_parts(path.read_text(encoding="utf-8")) - ok:
+            if (rel, used) not in EXCEPTIONS:
+                found.append(f"{rel} imports medssl.{used}, above its layer '{part or 'medssl'}'")
+    return found
+
+
+def test_no_module_imports_a_layer_above_it() -> None:
+    assert violations(SRC) == []
+
+
+def test_an_upward_import_fails(tmp_path: Path) -> None:
+    """A temporary copy of the tree with one deliberately added upward import: the check must catch it."""
+    root = tmp_path / "medssl"
+    for path in SRC.rglob("*.py"):
+        target = root / path.relative_to(SRC)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    (root / "methods" / "upward.py").write_text(
+        textwrap.dedent("""
+        def plan():
+            from medssl.bench.plan import expand_plan  # a method reaching into the benchmark engine
+            return expand_plan
+    """),
+        encoding="utf-8",
+    )
+    assert violations(root) == ["methods/upward.py imports medssl.bench, above its layer 'methods'"]
