@@ -61,8 +61,11 @@ def ingest_rates(root: Path, sizes: list[int]) -> None:
             t0 = time.perf_counter()
             ingest_corpus(src, out, pre, workers=workers)  # a re-run (a resume after a kill): cache hits only
             again = time.perf_counter() - t0
-            print(f"  {n:>6} scans, {workers} worker(s): {seconds:7.1f} s = {n / seconds:6.1f} scans/s; "
-                  f"re-run {again:5.1f} s", flush=True)
+            print(
+                f"  {n:>6} scans, {workers} worker(s): {seconds:7.1f} s = {n / seconds:6.1f} scans/s; "
+                f"re-run {again:5.1f} s",
+                flush=True,
+            )
 
 
 def manifest_and_sampling(root: Path, n: int) -> None:
@@ -85,13 +88,29 @@ def manifest_and_sampling(root: Path, n: int) -> None:
     for i in range(n):
         key = f"{i:032x}"
         shutil.copytree(template.path, cache / key, copy_function=os.link)
-        volumes.append({"id": f"s{i:05d}", "source": f"/scans/s{i:05d}.nii.gz", "cache_key": key,
-                        "shape": list(template.shape), "spacing": list(template.spacing)})
+        volumes.append(
+            {
+                "id": f"s{i:05d}",
+                "source": f"/scans/s{i:05d}.nii.gz",
+                "cache_key": key,
+                "shape": list(template.shape),
+                "spacing": list(template.spacing),
+            }
+        )
     import json
 
-    (root / "big" / MANIFEST_NAME).write_text(json.dumps(
-        {"version": 1, "preprocess": pre.model_dump(mode="json"), "modality": "ct", "volumes": volumes,
-         "skipped": []}), encoding="utf-8")
+    (root / "big" / MANIFEST_NAME).write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "preprocess": pre.model_dump(mode="json"),
+                "modality": "ct",
+                "volumes": volumes,
+                "skipped": [],
+            }
+        ),
+        encoding="utf-8",
+    )
     size_mb = (root / "big" / MANIFEST_NAME).stat().st_size / 2**20
     times = []
     for _ in range(3):
@@ -112,8 +131,10 @@ def manifest_and_sampling(root: Path, n: int) -> None:
             last[row[-1]] = row[:-1]
     for pid in first:
         (f0, m0, r0), (f1, m1, r1) = first[pid], last[pid]
-        print(f"sampling worker {pid}: open files {f0} -> {f1}, mappings {m0} -> {m1}, RSS {r0} -> {r1} MB "
-              f"after {min(n, 6000) // 2} regions")
+        print(
+            f"sampling worker {pid}: open files {f0} -> {f1}, mappings {m0} -> {m1}, RSS {r0} -> {r1} MB "
+            f"after {min(n, 6000) // 2} regions"
+        )
 
 
 def _evict(path: Path) -> None:
@@ -141,7 +162,7 @@ def cache_formats(root: Path, shape: tuple[int, int, int], reads: int) -> None:
 
     def read_npy(s):
         a = np.load(npy, mmap_mode="r")
-        return np.array(a[s[0]:s[0] + 96, s[1]:s[1] + 96, s[2]:s[2] + 96])
+        return np.array(a[s[0] : s[0] + 96, s[1] : s[1] + 96, s[2] : s[2] + 96])
 
     formats = {"npy float16 (mmap)": (npy, read_npy)}
     try:
@@ -156,15 +177,18 @@ def cache_formats(root: Path, shape: tuple[int, int, int], reads: int) -> None:
 
         def read_b2(s):
             a = blosc2.open(str(b2), mode="r")
-            return a[s[0]:s[0] + 96, s[1]:s[1] + 96, s[2]:s[2] + 96]
+            return a[s[0] : s[0] + 96, s[1] : s[1] + 96, s[2] : s[2] + 96]
 
         formats["blosc2 zstd-1 64^3 chunks"] = (b2, read_b2)
-    print(f"cache formats on one {shape[0]}x{shape[1]}x{shape[2]} float16 volume ({image.nbytes / 2**20:.0f} MB raw), "
-          f"{reads} random 96^3 crops:")
+    print(
+        f"cache formats on one {shape[0]}x{shape[1]}x{shape[2]} float16 volume ({image.nbytes / 2**20:.0f} MB raw), "
+        f"{reads} random 96^3 crops:"
+    )
     for name, (path, read) in formats.items():
-        np.testing.assert_array_equal(read(starts[0]), image[starts[0][0]:starts[0][0] + 96,
-                                                             starts[0][1]:starts[0][1] + 96,
-                                                             starts[0][2]:starts[0][2] + 96])
+        np.testing.assert_array_equal(
+            read(starts[0]),
+            image[starts[0][0] : starts[0][0] + 96, starts[0][1] : starts[0][1] + 96, starts[0][2] : starts[0][2] + 96],
+        )
         cold = []
         for s in starts:
             _evict(path)
@@ -177,8 +201,11 @@ def cache_formats(root: Path, shape: tuple[int, int, int], reads: int) -> None:
             t0 = time.perf_counter()
             read(s)
             warm.append(time.perf_counter() - t0)
-        print(f"  {name:<26} {path.stat().st_size / 2**20:7.1f} MB on disk  cold {1 / statistics.median(cold):7.1f} "
-              f"crops/s  warm {1 / statistics.median(warm):7.1f} crops/s", flush=True)
+        print(
+            f"  {name:<26} {path.stat().st_size / 2**20:7.1f} MB on disk  cold {1 / statistics.median(cold):7.1f} "
+            f"crops/s  warm {1 / statistics.median(warm):7.1f} crops/s",
+            flush=True,
+        )
 
 
 def main() -> None:

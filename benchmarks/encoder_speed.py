@@ -25,9 +25,14 @@ from medssl.models import SwinEncoder
 
 def monai_encoder(config: EncoderConfig) -> SwinTransformer:
     return SwinTransformer(
-        in_chans=config.in_channels, embed_dim=config.feature_size, window_size=(config.window_size,) * 3,
-        patch_size=(config.patch_size,) * 3, depths=config.depths, num_heads=config.num_heads,
-        drop_path_rate=config.drop_path_rate, spatial_dims=3,
+        in_chans=config.in_channels,
+        embed_dim=config.feature_size,
+        window_size=(config.window_size,) * 3,
+        patch_size=(config.patch_size,) * 3,
+        depths=config.depths,
+        num_heads=config.num_heads,
+        drop_path_rate=config.drop_path_rate,
+        spatial_dims=3,
     )
 
 
@@ -80,8 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     presets, sizes, steps = args.presets, args.sizes, args.steps
     if args.quick:
         presets, sizes, steps = ["tiny"], [32, 64], 1
-    print(f"device {device}, amp {args.amp}, batch 1, forward+backward, median of {steps} interleaved steps, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"device {device}, amp {args.amp}, batch 1, forward+backward, median of {steps} interleaved steps, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     header = f"{'preset':<6} {'size':>4} {'win':>3} | {'MONAI s':>8} {'fast s':>8} {'ratio':>6} |"
     header += f" {'MONAI cpu-s':>11} {'fast cpu-s':>10} {'ratio':>6}" if device.type == "cpu" else ""
     print(header)

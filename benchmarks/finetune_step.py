@@ -57,15 +57,23 @@ def main() -> None:
     x = torch.randn(args.batch, 1, args.size, args.size, args.size, device=dev)
     y = torch.randint(0, args.classes, (args.batch, 1, args.size, args.size, args.size), device=dev)
     ours = SwinSegmenter(cfg, args.classes, crop_size=args.size, norm="instance").to(dev)
-    monai = SwinUNETR(in_channels=1, out_channels=args.classes, feature_size=cfg.feature_size, depths=cfg.depths,
-                      num_heads=cfg.num_heads, window_size=cfg.window_size).to(dev)
+    monai = SwinUNETR(
+        in_channels=1,
+        out_channels=args.classes,
+        feature_size=cfg.feature_size,
+        depths=cfg.depths,
+        num_heads=cfg.num_heads,
+        window_size=cfg.window_size,
+    ).to(dev)
     results = {}
     for _ in range(2):  # interleave to share any drift in machine load
         results.setdefault("medssl", []).extend(time_steps(ours, x, y, args.steps))
         results.setdefault("monai", []).extend(time_steps(monai, x, y, args.steps))
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"device {dev}, preset {args.preset} (window {cfg.window_size}), input {args.batch}x1x{args.size}^3, "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"device {dev}, preset {args.preset} (window {cfg.window_size}), input {args.batch}x1x{args.size}^3, "
+        f"threads {torch.get_num_threads()}"
+    )
     for name, t in med.items():
         print(f"  {name:7s} fine-tuning step: {t * 1000:8.1f} ms (median of {len(results[name])})")
     print(f"  ratio medssl/monai: {med['medssl'] / med['monai']:.3f}")

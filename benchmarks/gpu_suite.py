@@ -44,9 +44,26 @@ from medssl.train.finetune import SegmentationModule
 
 # Peak dense bf16 tensor-core TFLOP/s (no sparsity), from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {
-    "H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0, "GH200": 989.0,
-    "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A40": 150.0,
-    "A10G": 125.0, "A10": 125.0, "A6000": 155.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0,
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 756.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A40": 150.0,
+    "A10G": 125.0,
+    "A10": 125.0,
+    "A6000": 155.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "V100": 125.0,
+    "T4": 65.0,
 }
 
 
@@ -62,8 +79,15 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return None
 
 
-def train_step(module: nn.Module, batch: Any, step: int, optimizer: torch.optim.Optimizer,
-               amp_dtype: torch.dtype | None, grad_clip: float | None, forward: Callable | None = None) -> Tensor:
+def train_step(
+    module: nn.Module,
+    batch: Any,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    amp_dtype: torch.dtype | None,
+    grad_clip: float | None,
+    forward: Callable | None = None,
+) -> Tensor:
     """One training step as ``train/loop.py``'s ``train`` runs it (without logging, checkpointing, LR schedule)."""
     device_type = next(module.parameters()).device.type
     with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -93,13 +117,14 @@ def build_case(name: str, config: EncoderConfig, crop: int, batch: int, device: 
     if name == "finetune":
         classes = 6
         module = SegmentationModule(SwinSegmenter(config, classes, crop_size=crop))
-        data = {"image": torch.randn(batch, config.in_channels, crop, crop, crop),
-                "label": torch.randint(0, classes, (batch, 1, crop, crop, crop))}
+        data = {
+            "image": torch.randn(batch, config.in_channels, crop, crop, crop),
+            "label": torch.randint(0, classes, (batch, 1, crop, crop, crop)),
+        }
     else:
         module = build_method(MethodConfig(name=name), SwinEncoder(config), crop_size=crop, total_steps=1000)
         region = module.region_size(crop)
-        samples = [module.make_views(torch.rand(config.in_channels, region, region, region), rng)
-                   for _ in range(batch)]
+        samples = [module.make_views(torch.rand(config.in_channels, region, region, region), rng) for _ in range(batch)]
         data = torch.utils.data.default_collate(samples)
     data = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.items()}
     return module.to(device), data
@@ -121,8 +146,15 @@ def step_flops(module: nn.Module, data: dict, amp_dtype: torch.dtype | None) -> 
     return counter.get_total_flops()
 
 
-def time_module(module: nn.Module, data: dict, steps: int, amp_dtype: torch.dtype | None, compiled: bool,
-                device: torch.device, warmup_step: bool = True) -> dict[str, float]:
+def time_module(
+    module: nn.Module,
+    data: dict,
+    steps: int,
+    amp_dtype: torch.dtype | None,
+    compiled: bool,
+    device: torch.device,
+    warmup_step: bool = True,
+) -> dict[str, float]:
     forward = torch.compile(module) if compiled else None
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
     if device.type == "cuda":
@@ -168,8 +200,16 @@ def numerics(module: nn.Module, data: dict, dtypes: list[torch.dtype]) -> dict[s
     return out
 
 
-def run_suite(device: torch.device, tiny: bool, steps: int, compile_too: bool, peak: float | None,
-              budget_s: float, methods: list[str] | None = None, print_fn: Callable[[str], None] = print) -> list[dict]:
+def run_suite(
+    device: torch.device,
+    tiny: bool,
+    steps: int,
+    compile_too: bool,
+    peak: float | None,
+    budget_s: float,
+    methods: list[str] | None = None,
+    print_fn: Callable[[str], None] = print,
+) -> list[dict]:
     crop, preset, batch = (32, "tiny", 1) if tiny else (96, "smit", 2)
     config = EncoderConfig(preset=preset)
     amp_dtype = torch.bfloat16
@@ -177,12 +217,16 @@ def run_suite(device: torch.device, tiny: bool, steps: int, compile_too: bool, p
     names = [*names, "finetune"]
     skipped = sorted(m for m in REGISTRY if not REGISTRY[m].trains)
     start = time.perf_counter()
-    print_fn(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-             f"preset {preset}, {crop}^3, batch {batch}, bf16 autocast, {steps} timed steps, peak "
-             f"{peak if peak else 'unknown'} TFLOP/s; no training step (nothing to time): {', '.join(skipped)}")
-    print_fn(f"{'module':<14} {'compile':>7} | {'step s':>7} {'samples/s':>9} {'peak GiB':>8} {'GFLOP':>9} "
-             f"{'MFU %':>6} {'warm s':>7} | {'bf16 dloss':>10} {'bf16 dgrad':>10} {'fp16 dloss':>10} "
-             f"{'fp16 dgrad':>10}")
+    print_fn(
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+        f"preset {preset}, {crop}^3, batch {batch}, bf16 autocast, {steps} timed steps, peak "
+        f"{peak if peak else 'unknown'} TFLOP/s; no training step (nothing to time): {', '.join(skipped)}"
+    )
+    print_fn(
+        f"{'module':<14} {'compile':>7} | {'step s':>7} {'samples/s':>9} {'peak GiB':>8} {'GFLOP':>9} "
+        f"{'MFU %':>6} {'warm s':>7} | {'bf16 dloss':>10} {'bf16 dgrad':>10} {'fp16 dloss':>10} "
+        f"{'fp16 dgrad':>10}"
+    )
     rows = []
     for name in names:
         module, data = build_case(name, config, crop, batch, device)
@@ -195,13 +239,22 @@ def run_suite(device: torch.device, tiny: bool, steps: int, compile_too: bool, p
             timing = time_module(copy.deepcopy(module), data, steps, amp_dtype, compiled, device, not tiny)
             achieved = flops / timing["step_s"] / 1e12
             mfu = 100.0 * achieved / peak if peak else float("nan")
-            row = {"module": name, "compiled": compiled, "flops": flops, "mfu_pct": mfu,
-                   "samples_per_s": batch / timing["step_s"], **timing, "numerics": check}
+            row = {
+                "module": name,
+                "compiled": compiled,
+                "flops": flops,
+                "mfu_pct": mfu,
+                "samples_per_s": batch / timing["step_s"],
+                **timing,
+                "numerics": check,
+            }
             rows.append(row)
             b, f = check["bfloat16"], check["float16"]
-            print_fn(f"{name:<14} {'yes' if compiled else 'no':>7} | {timing['step_s']:7.3f} "
-                     f"{row['samples_per_s']:9.2f} {timing['peak_gib']:8.2f} {flops / 1e9:9.1f} {mfu:6.1f} "
-                     f"{timing['warmup_s']:7.1f} | {b[0]:10.2e} {b[1]:10.2e} {f[0]:10.2e} {f[1]:10.2e}")
+            print_fn(
+                f"{name:<14} {'yes' if compiled else 'no':>7} | {timing['step_s']:7.3f} "
+                f"{row['samples_per_s']:9.2f} {timing['peak_gib']:8.2f} {flops / 1e9:9.1f} {mfu:6.1f} "
+                f"{timing['warmup_s']:7.1f} | {b[0]:10.2e} {b[1]:10.2e} {f[0]:10.2e} {f[1]:10.2e}"
+            )
     print_fn(f"total {time.perf_counter() - start:.0f} s")
     return rows
 
@@ -209,8 +262,11 @@ def run_suite(device: torch.device, tiny: bool, steps: int, compile_too: bool, p
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true",
-                        help="32^3, tiny preset, batch 1, 1 step without warm-up, no compile (the CPU test)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="32^3, tiny preset, batch 1, 1 step without warm-up, no compile (the CPU test)",
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak bf16 TFLOP/s")

@@ -33,8 +33,14 @@ SMALL_HEADS = {
     "smit": {"out_dim": 512, "hidden_dim": 256, "bottleneck_dim": 64},
     "swinunetr_ssl": {"head_input": "pooled"},
 }
-SHOWN = ("embedding_std_scaled", "embedding_rank", "feature_std_scaled", "feature_rank",
-         "teacher_entropy_ratio", "teacher_batch_entropy_ratio")
+SHOWN = (
+    "embedding_std_scaled",
+    "embedding_rank",
+    "feature_std_scaled",
+    "feature_rank",
+    "teacher_entropy_ratio",
+    "teacher_batch_entropy_ratio",
+)
 
 
 def main() -> None:
@@ -65,16 +71,23 @@ def main() -> None:
     for label, name, extra in cases:
         cfg = PretrainConfig(
             method=MethodConfig(name=name, options={**SMALL_HEADS.get(name, {}), **extra}),
-            encoder=EncoderConfig(preset="tiny", window_size=4), corpus=corpus, crop_size=args.crop, preprocess=pre,
+            encoder=EncoderConfig(preset="tiny", window_size=4),
+            corpus=corpus,
+            crop_size=args.crop,
+            preprocess=pre,
             schedule=ScheduleConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=1, log_every=1),
         )
         run_dir = out / label.replace(" ", "_").replace("(", "").replace(")", "")
         results = run_pretrain(cfg, run_dir)
         first = RunDir(run_dir).read_metrics()[0]
         health = results["health"]
-        summary[label] = {"init": {k: first.get(f"health/{k}") for k in SHOWN},
-                          "final": {k: health["final"].get(f"health/{k}") for k in SHOWN},
-                          "collapsed": health["collapsed"], "reason": health["reason"], "warnings": health["warnings"]}
+        summary[label] = {
+            "init": {k: first.get(f"health/{k}") for k in SHOWN},
+            "final": {k: health["final"].get(f"health/{k}") for k in SHOWN},
+            "collapsed": health["collapsed"],
+            "reason": health["reason"],
+            "warnings": health["warnings"],
+        }
         row = " ".join(f"{k}={_fmt(summary[label]['init'][k])}->{_fmt(summary[label]['final'][k])}" for k in SHOWN)
         print(f"{label:20s} collapsed={health['collapsed']!s:5s} {row}", flush=True)
     (out / "health_calibration.json").write_text(json.dumps(summary, indent=2))

@@ -50,8 +50,9 @@ def views_per_second(corpus, crop: int, samples: int, preset: str, batch: int, s
         if not REGISTRY[name].trains:
             continue
         torch.manual_seed(0)
-        method = build_method(MethodConfig(name=name), SwinEncoder(EncoderConfig(preset=preset)), crop_size=crop,
-                              total_steps=1000)
+        method = build_method(
+            MethodConfig(name=name), SwinEncoder(EncoderConfig(preset=preset)), crop_size=crop, total_steps=1000
+        )
         dataset = PretrainRegionDataset(corpus, method.region_size(crop), method.make_views, seed=0)
         dataset[0]  # first touch maps the cache files
         t0 = time.perf_counter()
@@ -108,11 +109,18 @@ def dummy_data_comparison(workdir: Path, steps: int, methods: list[str]) -> None
     crop = bench.pretrain.crop_size
     corpus = _corpus(workdir, crop, 6)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    schedule = PretrainConfig().schedule.model_copy(update={
-        **bench.pretrain.schedule.model_dump(exclude_unset=True), "steps": steps, "log_every": 1,
-        "checkpoint_every": 10**6})
-    print(f"demo pretraining: crop {crop}, preset {bench.encoder.preset}, batch {schedule.batch_size}, "
-          f"{schedule.num_workers} DataLoader workers, {steps} steps")
+    schedule = PretrainConfig().schedule.model_copy(
+        update={
+            **bench.pretrain.schedule.model_dump(exclude_unset=True),
+            "steps": steps,
+            "log_every": 1,
+            "checkpoint_every": 10**6,
+        }
+    )
+    print(
+        f"demo pretraining: crop {crop}, preset {bench.encoder.preset}, batch {schedule.batch_size}, "
+        f"{schedule.num_workers} DataLoader workers, {steps} steps"
+    )
     for method_config in bench.method_configs():
         if methods and method_config.name not in methods:
             continue
@@ -143,8 +151,11 @@ def dummy_data_comparison(workdir: Path, steps: int, methods: list[str]) -> None
             medians[kind] = statistics.median(times[1:])
         if len(medians) == 2:
             share = max(0.0, 1.0 - medians["constant"] / medians["real"])
-            print(f"{method_config.name:<14} real {medians['real']:6.3f} s/step  constant {medians['constant']:6.3f} "
-                  f"s/step  data-wait share {100 * share:5.1f} %", flush=True)
+            print(
+                f"{method_config.name:<14} real {medians['real']:6.3f} s/step  constant {medians['constant']:6.3f} "
+                f"s/step  data-wait share {100 * share:5.1f} %",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -168,8 +179,10 @@ def main() -> None:
             return
         crop, samples = (64, 3) if args.quick else (args.crop, args.samples)
         corpus = _corpus(Path(tmp), crop, 4)
-        print(f"{len(corpus)} cached scans; crops {crop}^3; step: preset {args.preset}, batch {args.batch}, "
-              f"{torch.get_num_threads()} threads")
+        print(
+            f"{len(corpus)} cached scans; crops {crop}^3; step: preset {args.preset}, batch {args.batch}, "
+            f"{torch.get_num_threads()} threads"
+        )
         views_per_second(corpus, crop, samples, args.preset, args.batch, step=not args.no_step)
 
 

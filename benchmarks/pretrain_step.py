@@ -44,8 +44,9 @@ class EncoderOnly(torch.nn.Module):
         return {"loss": sum(o.float().mean() for o in self.encoder(batch["image"]))}
 
 
-def measure(method_name: str, crop: int, preset: str, batch: int, steps: int, device: str, amp: str,
-            window: int | None) -> dict:
+def measure(
+    method_name: str, crop: int, preset: str, batch: int, steps: int, device: str, amp: str, window: int | None
+) -> dict:
     """One configuration, in a fresh process: returns timings and memory as a dict. Every step is the
     training loop's own (``medssl.train.step.train_step``, pretraining schedule defaults, ``amp``)."""
     from medssl.config import EncoderConfig, MethodConfig, PretrainConfig
@@ -81,9 +82,14 @@ def measure(method_name: str, crop: int, preset: str, batch: int, steps: int, de
     times = time_train_steps(opt, batch_views, steps, warmup=1)  # the first step pays allocation
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mb() - rss0
     n_params = sum(p.numel() for p in module.parameters())
-    return {"method": method_name, "family": "-" if method_name == "baseline" else REGISTRY[method_name].family,
-            "step_s": statistics.median(times), "views_s": view_seconds, "peak_mb": peak,
-            "params_m": n_params / 1e6}
+    return {
+        "method": method_name,
+        "family": "-" if method_name == "baseline" else REGISTRY[method_name].family,
+        "step_s": statistics.median(times),
+        "views_s": view_seconds,
+        "peak_mb": peak,
+        "params_m": n_params / 1e6,
+    }
 
 
 def _child(queue, args) -> None:
@@ -123,27 +129,37 @@ def main() -> None:
     for spec in args.configs:
         crop, preset = spec.split(":")
         crop = int(crop)
-        base = run_isolated("baseline", crop, preset, args.batch, args.steps, args.device, args.amp, args.window,
-                            args.threads)
+        base = run_isolated(
+            "baseline", crop, preset, args.batch, args.steps, args.device, args.amp, args.window, args.threads
+        )
         if "error" in base:
             print(f"{spec}: baseline failed: {base['error']}")
             continue
-        print(f"\n{crop}^3, preset {preset}, batch {args.batch}, device {args.device}, amp {args.amp}, "
-              f"threads {args.threads}")
-        print(f"  {'method':14s} {'family':18s} {'step ms':>9s} {'x baseline':>10s} {'views ms':>9s} "
-              f"{'peak MB':>9s} {'params M':>9s}")
-        print(f"  {'encoder only':14s} {'-':18s} {base['step_s'] * 1e3:9.1f} {1.0:10.2f} {0.0:9.1f} "
-              f"{base['peak_mb']:9.0f} {base['params_m']:9.2f}")
+        print(
+            f"\n{crop}^3, preset {preset}, batch {args.batch}, device {args.device}, amp {args.amp}, "
+            f"threads {args.threads}"
+        )
+        print(
+            f"  {'method':14s} {'family':18s} {'step ms':>9s} {'x baseline':>10s} {'views ms':>9s} "
+            f"{'peak MB':>9s} {'params M':>9s}"
+        )
+        print(
+            f"  {'encoder only':14s} {'-':18s} {base['step_s'] * 1e3:9.1f} {1.0:10.2f} {0.0:9.1f} "
+            f"{base['peak_mb']:9.0f} {base['params_m']:9.2f}"
+        )
         for name in args.methods:
-            r = run_isolated(name, crop, preset, args.batch, args.steps, args.device, args.amp, args.window,
-                             args.threads)
+            r = run_isolated(
+                name, crop, preset, args.batch, args.steps, args.device, args.amp, args.window, args.threads
+            )
             if "error" in r:
                 print(f"  {name:14s} failed: {r['error']}")
                 continue
             r.update(crop=crop, preset=preset, ratio=r["step_s"] / base["step_s"], baseline_s=base["step_s"])
             rows.append(r)
-            print(f"  {name:14s} {r['family']:18s} {r['step_s'] * 1e3:9.1f} {r['ratio']:10.2f} "
-                  f"{r['views_s'] * 1e3:9.1f} {r['peak_mb']:9.0f} {r['params_m']:9.2f}")
+            print(
+                f"  {name:14s} {r['family']:18s} {r['step_s'] * 1e3:9.1f} {r['ratio']:10.2f} "
+                f"{r['views_s'] * 1e3:9.1f} {r['peak_mb']:9.0f} {r['params_m']:9.2f}"
+            )
             sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:

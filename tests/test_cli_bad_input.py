@@ -53,8 +53,9 @@ def test_data_check_lists_every_problem_one_per_line(task, tmp_path, capsys, mon
     _rewrite(labels[1], lambda d, a: (d[:-2], a))  # shape mismatch
     _rewrite(labels[2], lambda d, a: (d, a @ np.diag([1.2, 1, 1, 1])))  # spacing mismatch
     _rewrite(labels[3], lambda d, a: (np.where(d == 1, 9, d).astype(np.uint8), a))  # undeclared label 9
-    _rewrite(images[4], lambda d, a: (np.where(np.arange(d.size).reshape(d.shape) == 5, np.nan, d)
-                                      .astype(np.float32), a))  # NaN voxel
+    _rewrite(
+        images[4], lambda d, a: (np.where(np.arange(d.size).reshape(d.shape) == 5, np.nan, d).astype(np.float32), a)
+    )  # NaN voxel
     code, out, err = run_cli(["data", "check", t], capsys, monkeypatch)
     assert code == 2
     lines = out.strip().splitlines()
@@ -70,8 +71,9 @@ def test_missing_dataset_json_key(task, tmp_path, capsys, monkeypatch):
     data = json.loads((t / "dataset.json").read_text())
     del data["labels"]
     (t / "dataset.json").write_text(json.dumps(data))
-    code, _, err = run_cli(["finetune", "--task", t, "--encoder", "none", "--out", tmp_path / "run"], capsys,
-                           monkeypatch)
+    code, _, err = run_cli(
+        ["finetune", "--task", t, "--encoder", "none", "--out", tmp_path / "run"], capsys, monkeypatch
+    )
     assert code == 2
     line = one_error_line(err)
     assert "dataset.json" in line and "labels" in line
@@ -85,23 +87,29 @@ def test_empty_folders(tmp_path, capsys, monkeypatch):
     assert code == 2 and str(empty) in out
     code, _, err = run_cli(["data", "ingest", empty, "--out", tmp_path / "corpus"], capsys, monkeypatch)
     assert code == 2 and str(empty) in one_error_line(err)
-    code, _, err = run_cli(["pretrain", "--method", "simmim", "--corpus", empty, "--out", tmp_path / "r"],
-                           capsys, monkeypatch)
+    code, _, err = run_cli(
+        ["pretrain", "--method", "simmim", "--corpus", empty, "--out", tmp_path / "r"], capsys, monkeypatch
+    )
     assert code == 2 and str(empty) in one_error_line(err)
 
 
 def test_config_typo_names_key_and_file(task, tmp_path, capsys, monkeypatch):
     cfg = tmp_path / "ft.yaml"
     cfg.write_text("schedule:\n  stesp: 3\n")
-    code, _, err = run_cli(["finetune", "--task", task, "--encoder", "none", "--out", tmp_path / "r",
-                            "--config", cfg], capsys, monkeypatch)
+    code, _, err = run_cli(
+        ["finetune", "--task", task, "--encoder", "none", "--out", tmp_path / "r", "--config", cfg], capsys, monkeypatch
+    )
     assert code == 2
     assert one_error_line(err) == f"error: {cfg}: schedule.stesp: unknown key"
-    code, _, err = run_cli(["pretrain", "--method", "simmim", "--corpus", tmp_path, "--out", tmp_path / "r",
-                            "schedule.lr=fast"], capsys, monkeypatch)
+    code, _, err = run_cli(
+        ["pretrain", "--method", "simmim", "--corpus", tmp_path, "--out", tmp_path / "r", "schedule.lr=fast"],
+        capsys,
+        monkeypatch,
+    )
     assert code == 2 and "schedule.lr" in one_error_line(err)
-    code, _, err = run_cli(["pretrain", "--method", "nosuch", "--corpus", tmp_path, "--out", tmp_path / "r"],
-                           capsys, monkeypatch)
+    code, _, err = run_cli(
+        ["pretrain", "--method", "nosuch", "--corpus", tmp_path, "--out", tmp_path / "r"], capsys, monkeypatch
+    )
     assert code == 2 and "nosuch" in one_error_line(err)
 
 
@@ -109,8 +117,11 @@ def test_bad_input_during_finetune_leaves_no_results(task, tmp_path, capsys, mon
     t = _copy_task(task, tmp_path)
     label = sorted((t / "labelsTr").iterdir())[0]
     _rewrite(label, lambda d, a: (d[:, :-3], a))
-    code, _, err = run_cli(["finetune", "--task", t, "--encoder", "none", "--out", tmp_path / "run",
-                            "crop_size=32", "schedule.steps=1"], capsys, monkeypatch)
+    code, _, err = run_cli(
+        ["finetune", "--task", t, "--encoder", "none", "--out", tmp_path / "run", "crop_size=32", "schedule.steps=1"],
+        capsys,
+        monkeypatch,
+    )
     assert code == 2
     assert label.name in one_error_line(err)
     assert not (tmp_path / "run" / "results.json").exists()
@@ -121,6 +132,7 @@ def test_unreadable_checkpoint(tmp_path, capsys, monkeypatch):
     ckpt.write_bytes(b"\x00garbage")
     code, _, err = run_cli(["export", ckpt, "--out", tmp_path / "x.pt"], capsys, monkeypatch)
     assert code == 2 and str(ckpt) in one_error_line(err)
-    code, _, err = run_cli(["finetune", "--task", tmp_path, "--encoder", ckpt, "--out", tmp_path / "r"], capsys,
-                           monkeypatch)
+    code, _, err = run_cli(
+        ["finetune", "--task", tmp_path, "--encoder", ckpt, "--out", tmp_path / "r"], capsys, monkeypatch
+    )
     assert code == 2

@@ -25,8 +25,11 @@ SUFFIXES = [".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".inv3"]
 
 # JSON-like values (what json.loads and yaml.safe_load give), nested a few levels
 scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=30)
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5)
-                           | st.dictionaries(st.text(max_size=12), inner, max_size=5), max_leaves=25)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=25,
+)
 
 # Headers that look like the real formats, so the fuzzer gets past the magic bytes
 PREFIXES = {
@@ -42,8 +45,7 @@ def _tmp(tmp_path_factory) -> Path:
 
 
 @FUZZ
-@given(suffix=st.sampled_from(SUFFIXES), data=st.binary(max_size=600), label=st.booleans(),
-       structured=st.booleans())
+@given(suffix=st.sampled_from(SUFFIXES), data=st.binary(max_size=600), label=st.booleans(), structured=st.booleans())
 def test_readers_take_any_bytes(tmp_path_factory, suffix, data, label, structured):
     folder = _tmp(tmp_path_factory)
     path = folder / f"scan{suffix}"
@@ -73,10 +75,16 @@ def task_template(tmp_path_factory):
 
 
 @FUZZ
-@given(content=json_values, patch=st.dictionaries(st.sampled_from(["labels", "training", "modality",
-                                                                   "channel_names", "name", "file_ending",
-                                                                   "numTraining", "dataset"]),
-                                                  json_values, max_size=3))
+@given(
+    content=json_values,
+    patch=st.dictionaries(
+        st.sampled_from(
+            ["labels", "training", "modality", "channel_names", "name", "file_ending", "numTraining", "dataset"]
+        ),
+        json_values,
+        max_size=3,
+    ),
+)
 def test_dataset_json_of_any_structure(tmp_path_factory, task_template, content, patch):
     root = shutil.copytree(task_template, _tmp(tmp_path_factory) / "task")
     base = json.loads((root / "dataset.json").read_text())
@@ -97,8 +105,12 @@ def test_dataset_json_of_any_bytes(tmp_path_factory, task_template, raw):
 
 
 @FUZZ
-@given(model=st.sampled_from([FinetuneConfig, PretrainConfig, BenchConfig]), content=json_values,
-       as_bytes=st.binary(max_size=200), use_bytes=st.booleans())
+@given(
+    model=st.sampled_from([FinetuneConfig, PretrainConfig, BenchConfig]),
+    content=json_values,
+    as_bytes=st.binary(max_size=200),
+    use_bytes=st.booleans(),
+)
 def test_config_loading_of_any_yaml(tmp_path_factory, model, content, as_bytes, use_bytes):
     path = _tmp(tmp_path_factory) / "config.yaml"
     if use_bytes:

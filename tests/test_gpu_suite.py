@@ -28,8 +28,16 @@ def test_peak_table_and_override():
 def test_tiny_cpu_suite_times_counts_and_checks_numerics():
     suite = _load()
     lines: list[str] = []
-    rows = suite.run_suite(torch.device("cpu"), tiny=True, steps=1, compile_too=False, peak=1.0, budget_s=0.0,
-                           methods=["simmim"], print_fn=lines.append)
+    rows = suite.run_suite(
+        torch.device("cpu"),
+        tiny=True,
+        steps=1,
+        compile_too=False,
+        peak=1.0,
+        budget_s=0.0,
+        methods=["simmim"],
+        print_fn=lines.append,
+    )
     assert [r["module"] for r in rows] == ["simmim", "finetune"]
     for row in rows:
         assert row["step_s"] > 0 and row["flops"] > 1e8 and math.isfinite(row["mfu_pct"]) and row["mfu_pct"] > 0

@@ -26,8 +26,18 @@ from medssl.models.encoder import SwinEncoder
 from medssl.runs import RunDir
 
 TINY = EncoderConfig(preset="tiny", window_size=4)
-FAST = ["crop_size=32", "schedule.steps=2", "schedule.warmup_steps=0", "schedule.checkpoint_every=1", "val_every=2",
-        "n_test=1", "n_val=1", "encoder.window_size=4", "preprocess.spacing=[4,4,4]", "sw_batch_size=1"]
+FAST = [
+    "crop_size=32",
+    "schedule.steps=2",
+    "schedule.warmup_steps=0",
+    "schedule.checkpoint_every=1",
+    "val_every=2",
+    "n_test=1",
+    "n_val=1",
+    "encoder.window_size=4",
+    "preprocess.spacing=[4,4,4]",
+    "sw_batch_size=1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -125,8 +135,14 @@ def test_run_directory_is_bound_to_its_config(finished, task, encoder_ckpt, tmp_
     out = shutil.copytree(finished[0], tmp_path / "run")
     results = (out / "results.json").read_bytes()
     # finished: another encoder and lr, or another task, are refused naming the fields
-    refused(finetune(task, out, "none", "schedule.lr=0.001"), capsys, monkeypatch,
-            "encoder_checkpoint", "schedule.lr", "new --out")
+    refused(
+        finetune(task, out, "none", "schedule.lr=0.001"),
+        capsys,
+        monkeypatch,
+        "encoder_checkpoint",
+        "schedule.lr",
+        "new --out",
+    )
     other_task = shutil.copytree(task, tmp_path / "other")
     refused(finetune(other_task, out, encoder_ckpt), capsys, monkeypatch, "task")
     # the same request, even with other limits, returns the stored results
@@ -159,8 +175,9 @@ def test_stale_temporaries_of_killed_runs_are_swept(finished):
 def test_pretrain_run_directory_is_bound_to_its_method(tmp_path, capsys, monkeypatch):
     corpus = synth_corpus(tmp_path / "scans", 1, seed=0, shape=(32, 32, 32))[0].parent
     ingested = tmp_path / "corpus"
-    assert run_cli(["data", "ingest", corpus, "--out", ingested, "--set", "spacing=[4,4,4]"], capsys,
-                   monkeypatch)[0] == 0
+    assert (
+        run_cli(["data", "ingest", corpus, "--out", ingested, "--set", "spacing=[4,4,4]"], capsys, monkeypatch)[0] == 0
+    )
     out = tmp_path / "pre"
     args = ["pretrain", "--corpus", ingested, "--out", out, "encoder.window_size=4", "crop_size=32"]
     assert run_cli([*args, "--method", "none"], capsys, monkeypatch)[0] == 0
@@ -173,13 +190,23 @@ def test_pretrain_run_directory_is_bound_to_its_method(tmp_path, capsys, monkeyp
 def test_benchmark_names_must_be_plain(task, tmp_path, capsys, monkeypatch):
     config = tmp_path / "bench.yaml"
     config.write_text(f"tasks: [{{path: {task}, name: ../../elsewhere}}]\nmethods: [none]\n")
-    refused(["bench", config, "--out", tmp_path / "out", "--dry-run"], capsys, monkeypatch,
-            "tasks.0.name", "not a plain name")
+    refused(
+        ["bench", config, "--out", tmp_path / "out", "--dry-run"],
+        capsys,
+        monkeypatch,
+        "tasks.0.name",
+        "not a plain name",
+    )
     assert not (tmp_path / "elsewhere").exists() and not list(tmp_path.glob("*.lock"))
-    refused(["bench", config, "--out", tmp_path / "out", "--dry-run", "name=../x", "tasks.0.name=t"], capsys,
-            monkeypatch, "name")
-    code, _, err = run_cli(["pretrain", "--method", "../../x", "--corpus", tmp_path, "--out", tmp_path / "p"],
-                           capsys, monkeypatch)
+    refused(
+        ["bench", config, "--out", tmp_path / "out", "--dry-run", "name=../x", "tasks.0.name=t"],
+        capsys,
+        monkeypatch,
+        "name",
+    )
+    code, _, err = run_cli(
+        ["pretrain", "--method", "../../x", "--corpus", tmp_path, "--out", tmp_path / "p"], capsys, monkeypatch
+    )
     assert code == 2 and "method.name" in error_line(err)
 
 
@@ -191,11 +218,15 @@ def test_detached_header_may_not_read_outside_its_folder(tmp_path, capsys, monke
     scans.mkdir()
     header = scans / f"scan{suffix}"
     if suffix == ".mhd":
-        body = ("ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementType = MET_SHORT\n"
-                "ElementSpacing = 1 1 1\n" + line.format("../secret.raw") + "\n")
+        body = (
+            "ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementType = MET_SHORT\n"
+            "ElementSpacing = 1 1 1\n" + line.format("../secret.raw") + "\n"
+        )
     else:
-        body = ("NRRD0004\ntype: short\ndimension: 3\nsizes: 8 8 8\nspacings: 1 1 1\nencoding: raw\n"
-                "endian: little\n" + line.format("../secret.raw") + "\n\n")
+        body = (
+            "NRRD0004\ntype: short\ndimension: 3\nsizes: 8 8 8\nspacings: 1 1 1\nencoding: raw\n"
+            "endian: little\n" + line.format("../secret.raw") + "\n\n"
+        )
     header.write_text(body)
     check_refused(["data", "check", header], capsys, monkeypatch, header, "outside")
     code, _, err = run_cli(["data", "ingest", scans, "--out", tmp_path / "corpus"], capsys, monkeypatch)
@@ -210,15 +241,31 @@ def test_detached_header_may_not_read_outside_its_folder(tmp_path, capsys, monke
 def test_symlink_in_a_corpus_cache_entry_is_refused(tmp_path, capsys, monkeypatch):
     corpus = synth_corpus(tmp_path / "scans", 1, seed=0, shape=(32, 32, 32))[0].parent
     ingested = tmp_path / "corpus"
-    assert run_cli(["data", "ingest", corpus, "--out", ingested, "--set", "spacing=[4,4,4]"], capsys,
-                   monkeypatch)[0] == 0
+    assert (
+        run_cli(["data", "ingest", corpus, "--out", ingested, "--set", "spacing=[4,4,4]"], capsys, monkeypatch)[0] == 0
+    )
     entry = next(p for p in (ingested / "cache").iterdir() if p.is_dir() and not p.name.startswith("."))
     outside = tmp_path / "outside.npy"
     np.save(outside, np.zeros((8, 8, 8), dtype=np.float16))
     (entry / "image.npy").unlink()
     (entry / "image.npy").symlink_to(outside)
-    refused(["pretrain", "--method", "simmim", "--corpus", ingested, "--out", tmp_path / "pre", "crop_size=32",
-             "encoder.window_size=4", "schedule.steps=1"], capsys, monkeypatch, "symbolic link")
+    refused(
+        [
+            "pretrain",
+            "--method",
+            "simmim",
+            "--corpus",
+            ingested,
+            "--out",
+            tmp_path / "pre",
+            "crop_size=32",
+            "encoder.window_size=4",
+            "schedule.steps=1",
+        ],
+        capsys,
+        monkeypatch,
+        "symbolic link",
+    )
 
 
 # --------------------------------------------------------------------------- 3. limits before allocation
@@ -230,15 +277,15 @@ def test_yaml_alias_bomb_and_size_are_refused(task, tmp_path, capsys, monkeypatc
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
     bomb.write_text("\n".join(lines) + "\n")
-    refused(finetune(task, tmp_path / "r", "none", "--config", bomb), capsys, monkeypatch,
-            bomb, "limits.yaml_nodes")
+    refused(finetune(task, tmp_path / "r", "none", "--config", bomb), capsys, monkeypatch, bomb, "limits.yaml_nodes")
     refused(["bench", bomb, "--out", tmp_path / "o"], capsys, monkeypatch, "limits.yaml_nodes")
     big = tmp_path / "big.yaml"
     big.write_text("# " + "x" * (2 << 20) + "\n")
     refused(finetune(task, tmp_path / "r", "none", "--config", big), capsys, monkeypatch, big, "limits.yaml_bytes")
     # raised on the command line, the same file loads (and then fails on its content, not its size)
-    code, _, err = run_cli(["--limit", "yaml_bytes=3e6", "bench", big, "--out", tmp_path / "o", "--dry-run"],
-                           capsys, monkeypatch)
+    code, _, err = run_cli(
+        ["--limit", "yaml_bytes=3e6", "bench", big, "--out", tmp_path / "o", "--dry-run"], capsys, monkeypatch
+    )
     assert code == 2 and "yaml_bytes" not in err and "tasks" in error_line(err)
 
 
@@ -269,21 +316,28 @@ def test_voxels_are_capped_from_the_header_before_decoding(tmp_path, capsys, mon
         path = _nifti_header_only(tmp_path / name, (1024, 1024, 1024))
         check_refused(["data", "check", path], capsys, monkeypatch, path, "limits.voxels_per_volume")
     nrrd = tmp_path / "huge.nrrd"
-    nrrd.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 2048 2048 2048\nencoding: gzip\n"
-                     b"endian: little\n\n"
-                     + gzip.compress(b"\0" * 1024))
+    nrrd.write_bytes(
+        b"NRRD0004\ntype: short\ndimension: 3\nsizes: 2048 2048 2048\nencoding: gzip\n"
+        b"endian: little\n\n" + gzip.compress(b"\0" * 1024)
+    )
     check_refused(["data", "check", nrrd], capsys, monkeypatch, nrrd, "limits.voxels_per_volume")
     # the limit is a setting: a small one refuses an ordinary volume, the default takes it
     small = tmp_path / "small.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), small)
     assert run_cli(["data", "check", small], capsys, monkeypatch)[0] == 0
-    check_refused(["--limit", "voxels_per_volume=1000", "data", "check", small], capsys, monkeypatch,
-            "4,096", "limits.voxels_per_volume")
+    check_refused(
+        ["--limit", "voxels_per_volume=1000", "data", "check", small],
+        capsys,
+        monkeypatch,
+        "4,096",
+        "limits.voxels_per_volume",
+    )
 
 
 def _inv3(path, shape, member_bytes):
-    plist = plistlib.dumps({"matrix": {"filename": "matrix.dat", "shape": list(shape), "dtype": "int16"},
-                            "spacing": [1.0, 1.0, 1.0]})
+    plist = plistlib.dumps(
+        {"matrix": {"filename": "matrix.dat", "shape": list(shape), "dtype": "int16"}, "spacing": [1.0, 1.0, 1.0]}
+    )
     with tarfile.open(path, "w:gz") as archive:
         for name, data in (("main.plist", plist), ("matrix.dat", member_bytes)):
             info = tarfile.TarInfo(name)
@@ -297,24 +351,36 @@ def test_invesalius_declared_sizes_are_capped(tmp_path, capsys, monkeypatch):
     check_refused(["data", "check", huge], capsys, monkeypatch, huge, "limits.voxels_per_volume")
     small = _inv3(tmp_path / "small.inv3", (4, 4, 4), b"\0" * 128)
     assert run_cli(["data", "check", small], capsys, monkeypatch)[0] == 0
-    check_refused(["--limit", "archive_member_bytes=100", "data", "check", small], capsys, monkeypatch,
-            "matrix.dat", "limits.archive_member_bytes")
+    check_refused(
+        ["--limit", "archive_member_bytes=100", "data", "check", small],
+        capsys,
+        monkeypatch,
+        "matrix.dat",
+        "limits.archive_member_bytes",
+    )
 
 
 def test_resampling_size_is_computed_before_resampling(task, tmp_path, capsys, monkeypatch):
-    refused(finetune(task, tmp_path / "r", "none", "preprocess.spacing=[0.01,0.01,0.01]"), capsys, monkeypatch,
-            "limits.voxels_after_resampling")
+    refused(
+        finetune(task, tmp_path / "r", "none", "preprocess.spacing=[0.01,0.01,0.01]"),
+        capsys,
+        monkeypatch,
+        "limits.voxels_after_resampling",
+    )
     scans = synth_corpus(tmp_path / "scans", 1, seed=0, shape=(32, 32, 32))[0].parent
-    refused(["data", "ingest", scans, "--out", tmp_path / "c", "--set", "spacing=[0.01,0.01,0.01]"], capsys,
-            monkeypatch, "limits.voxels_after_resampling")
+    refused(
+        ["data", "ingest", scans, "--out", tmp_path / "c", "--set", "spacing=[0.01,0.01,0.01]"],
+        capsys,
+        monkeypatch,
+        "limits.voxels_after_resampling",
+    )
     assert not (tmp_path / "c" / "manifest.json").exists()
 
 
 # --------------------------------------------------------------------------- 4. checks at the door
 
 
-def test_undeclared_label_values_and_empty_tasks_are_refused_before_training(task_copy, tmp_path, capsys,
-                                                                            monkeypatch):
+def test_undeclared_label_values_and_empty_tasks_are_refused_before_training(task_copy, tmp_path, capsys, monkeypatch):
     label = sorted((task_copy / "labelsTr").iterdir())[0]
     img = nib.load(label)
     data = np.asarray(img.dataobj).copy()
@@ -328,17 +394,23 @@ def test_undeclared_label_values_and_empty_tasks_are_refused_before_training(tas
     refused(finetune(task_copy, tmp_path / "r2"), capsys, monkeypatch, "no case has any foreground")
 
 
-@pytest.mark.parametrize("override,key", [("preprocess.spacing=[0,1,1]", "preprocess.spacing"),
-                                          ("preprocess.spacing=[-1,1,1]", "preprocess.spacing"),
-                                          ("schedule.lr=.inf", "schedule.lr"), ("schedule.lr=.nan", "schedule.lr"),
-                                          ("schedule.seed=-1", "schedule.seed")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("preprocess.spacing=[0,1,1]", "preprocess.spacing"),
+        ("preprocess.spacing=[-1,1,1]", "preprocess.spacing"),
+        ("schedule.lr=.inf", "schedule.lr"),
+        ("schedule.lr=.nan", "schedule.lr"),
+        ("schedule.seed=-1", "schedule.seed"),
+    ],
+)
 def test_numbers_are_finite_positive_and_in_range(task, tmp_path, capsys, monkeypatch, override, key):
     refused(finetune(task, tmp_path / "r", "none", override), capsys, monkeypatch, key)
 
 
 def test_seed_overflow_is_refused(task, tmp_path, capsys, monkeypatch):
     args = finetune(task, tmp_path / "r")
-    args[args.index("--out"):args.index("--out")] = ["--seed", str(2**70)]
+    args[args.index("--out") : args.index("--out")] = ["--seed", str(2**70)]
     refused(args, capsys, monkeypatch, "seed")
 
 
@@ -366,11 +438,20 @@ def _meta_encoder(p):
     p["meta"]["encoder"] = {"preset": "enormous"}
 
 
-@pytest.mark.parametrize("change,expected", [(_drop, "missing 1 encoder tensors"), (_reshape, "has shape"),
-                                             (_nan, "NaN"), (_integer, "not floating point"),
-                                             (_meta_number, "not a mapping"), (_meta_encoder, "encoder config")])
-def test_export_and_finetune_validate_every_encoder_tensor(encoder_ckpt, task, tmp_path, capsys, monkeypatch,
-                                                           change, expected):
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (_drop, "missing 1 encoder tensors"),
+        (_reshape, "has shape"),
+        (_nan, "NaN"),
+        (_integer, "not floating point"),
+        (_meta_number, "not a mapping"),
+        (_meta_encoder, "encoder config"),
+    ],
+)
+def test_export_and_finetune_validate_every_encoder_tensor(
+    encoder_ckpt, task, tmp_path, capsys, monkeypatch, change, expected
+):
     bad = rewrite_checkpoint(encoder_ckpt, tmp_path / "bad.pt", change)
     refused(["export", bad, "--out", tmp_path / "monai.pt"], capsys, monkeypatch, bad, expected)
     assert not (tmp_path / "monai.pt").exists()
@@ -398,6 +479,7 @@ def test_disk_full_leaves_the_run_failed_with_the_original_error(task, tmp_path,
         # from now on no new file can be written, as on a full disk
         def no_space(*a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
+
         monkeypatch.setattr(medssl.fileio, "atomic_path", no_space)
         raise OSError(errno.ENOSPC, "No space left on device", "last.pt")
 

@@ -40,8 +40,12 @@ def _fail(message: str, code: int) -> None:
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-    limit: list[str] = typer.Option([], "--limit", help="Raise a resource limit, e.g. --limit voxels_per_volume=1e9 "
-                                    "(see medssl/limits.py; configs also take a 'limits:' section)."),
+    limit: list[str] = typer.Option(
+        [],
+        "--limit",
+        help="Raise a resource limit, e.g. --limit voxels_per_volume=1e9 "
+        "(see medssl/limits.py; configs also take a 'limits:' section).",
+    ),
 ) -> None:
     _state["debug"] = debug
     if limit:
@@ -106,8 +110,9 @@ def bench(
     """Expand a benchmark YAML into runs, run what is unfinished, and write the report."""
     from medssl.bench import run_bench
 
-    failed = run_bench(config, out, executor=executor.value if executor else None,
-                       overrides=list(overrides or []), dry_run=dry_run)
+    failed = run_bench(
+        config, out, executor=executor.value if executor else None, overrides=list(overrides or []), dry_run=dry_run
+    )
     if not dry_run:
         _echo(f"report: {out / 'report' / 'index.html'}")
     if failed:
@@ -156,8 +161,10 @@ def finetune(
     results = run_finetune(cfg, out)
     dice = [r["dice"] for r in results.get("cases", [])]
     mean = sum(dice) / len(dice) if dice else float("nan")
-    _echo(f"test Dice {mean:.3f} over {len({r['case'] for r in results.get('cases', [])})} cases; "
-          f"results: {out / 'results.json'}")
+    _echo(
+        f"test Dice {mean:.3f} over {len({r['case'] for r in results.get('cases', [])})} cases; "
+        f"results: {out / 'results.json'}"
+    )
 
 
 @app.command()
@@ -202,8 +209,10 @@ def export(
         from medssl.models.bundle import export_bundle
 
         bundle, kind = export_bundle(ckpt, out)
-        _echo(f"wrote a MONAI bundle ({kind}) to {bundle}: python -m monai.bundle run --config_file "
-              f"{bundle / 'configs' / 'inference.json'} --dataset_dir SCANS")
+        _echo(
+            f"wrote a MONAI bundle ({kind}) to {bundle}: python -m monai.bundle run --config_file "
+            f"{bundle / 'configs' / 'inference.json'} --dataset_dir SCANS"
+        )
         return
     n = export_monai(ckpt, out)
     _echo(f"wrote {n} swinViT.* tensors to {out}")
@@ -247,9 +256,13 @@ def data_ingest(
     out: Path = typer.Option(..., "--out", help="Corpus directory to create or extend."),
     config: Path | None = typer.Option(None, "--config", help="PreprocessConfig YAML."),
     overrides: list[str] = typer.Option([], "--set", help="Preprocessing overrides, e.g. --set spacing=[2,2,2]"),
-    workers: int = typer.Option(1, "--workers", min=1, max=256,
-                                help="Scans decoded in parallel (processes). A killed ingest resumes: cached "
-                                     "scans are not decoded again."),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        max=256,
+        help="Scans decoded in parallel (processes). A killed ingest resumes: cached scans are not decoded again.",
+    ),
 ) -> None:
     """Preprocess a folder of scans into a pretraining corpus with a manifest."""
     from medssl.config import PreprocessConfig, load_config
@@ -292,12 +305,15 @@ def data_convert(
     """Convert a public dataset's own layout into the nnU-Net v2 raw layout (resumable)."""
     from medssl.data.convert import convert_dataset
 
-    summary = convert_dataset(kind, src, out, modality=modality.value if modality else None,
-                              progress=lambda case: _echo(f"converted {case}"))
+    summary = convert_dataset(
+        kind, src, out, modality=modality.value if modality else None, progress=lambda case: _echo(f"converted {case}")
+    )
     for line in summary.skipped:
         _echo(f"skipped {line}")
-    _echo(f"{out}: {summary.n_training} cases ({len(summary.converted)} converted, "
-          f"{len(summary.resumed)} already done); check with 'medssl data check {out}'")
+    _echo(
+        f"{out}: {summary.n_training} cases ({len(summary.converted)} converted, "
+        f"{len(summary.resumed)} already done); check with 'medssl data check {out}'"
+    )
 
 
 def main() -> None:

@@ -39,8 +39,9 @@ SLUG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 def _slug(v: str) -> str:
     if not SLUG_PATTERN.fullmatch(v) or ".." in v:
-        raise ValueError(f"{v[:80]!r} is not a plain name (1-64 letters, digits, '_', '.', '-'; "
-                         "no path separators or '..')")
+        raise ValueError(
+            f"{v[:80]!r} is not a plain name (1-64 letters, digits, '_', '.', '-'; no path separators or '..')"
+        )
     return v
 
 
@@ -175,8 +176,10 @@ class OptimiserRecipe(StrictModel):
         return {
             "lr": self.scaled(self.base_lr, batch_size),
             "min_lr": self.scaled(self.base_min_lr, batch_size) if self.scale_min_lr else self.base_min_lr,
-            "weight_decay": self.weight_decay, "weight_decay_end": self.weight_decay_end,
-            "betas": self.betas, "grad_clip": self.grad_clip,
+            "weight_decay": self.weight_decay,
+            "weight_decay_end": self.weight_decay_end,
+            "betas": self.betas,
+            "grad_clip": self.grad_clip,
             "warmup_steps": int(round(self.warmup_fraction * steps)),
         }
 
@@ -214,8 +217,10 @@ class PretrainConfig(StrictModel):
         if self.published_recipe is None:  # the method's own, from configs/methods/<name>.yaml
             recipe = published_recipe(self.method.name)
             if recipe is None:
-                raise ValueError(f"recipe 'published': method '{self.method.name}' has no published_recipe "
-                                 f"(configs/methods/{self.method.name}.yaml); use recipe 'shared'")
+                raise ValueError(
+                    f"recipe 'published': method '{self.method.name}' has no published_recipe "
+                    f"(configs/methods/{self.method.name}.yaml); use recipe 'shared'"
+                )
             self.published_recipe = recipe
         # The optimiser fields of the schedule are the recipe's (scaled to this run's batch), whatever the
         # schedule said: what ran is what the config records.
@@ -223,6 +228,7 @@ class PretrainConfig(StrictModel):
         fields = self.published_recipe.schedule_fields(self.schedule.batch_size, self.schedule.steps)
         self.__dict__["schedule"] = self.schedule.model_copy(update=fields)
         return self
+
     limits: Limits = Field(default_factory=Limits)  # resource limits; not part of the config hash
 
 
@@ -459,7 +465,9 @@ def _section_model(name: str, source: type[StrictModel], exclude: set[str], doc:
 
 
 BenchPretrainConfig = _section_model(
-    "BenchPretrainConfig", PretrainConfig, {"method", "encoder", "corpus", "preprocess", "published_recipe", "limits"},
+    "BenchPretrainConfig",
+    PretrainConfig,
+    {"method", "encoder", "corpus", "preprocess", "published_recipe", "limits"},
     "PretrainConfig fields shared by every pretraining run of a benchmark.",
 )
 # FinetuneConfig fields the bench sets for each run (the rest come from the `finetune` section)
@@ -467,7 +475,9 @@ FINETUNE_PLANNED_FIELDS = frozenset(
     {"task", "encoder_checkpoint", "cache_dir", "splits_path", "encoder", "budget", "seed", "preprocess", "limits"}
 )
 BenchFinetuneConfig = _section_model(
-    "BenchFinetuneConfig", FinetuneConfig, set(FINETUNE_PLANNED_FIELDS),
+    "BenchFinetuneConfig",
+    FinetuneConfig,
+    set(FINETUNE_PLANNED_FIELDS),
     "FinetuneConfig fields shared by every fine-tuning run of a benchmark.",
 )
 
@@ -499,8 +509,11 @@ class BenchTaskConfig(StrictModel):
     @classmethod
     def _known_synth(cls, v: str) -> str:
         if v.startswith(SYNTH_TASK_PREFIX) and v[len(SYNTH_TASK_PREFIX) :] not in SYNTH_TASK_KINDS:
-            raise ValueError(f"unknown synthetic task '{v}' (known: "
-                             + ", ".join(SYNTH_TASK_PREFIX + k for k in SYNTH_TASK_KINDS) + ")")
+            raise ValueError(
+                f"unknown synthetic task '{v}' (known: "
+                + ", ".join(SYNTH_TASK_PREFIX + k for k in SYNTH_TASK_KINDS)
+                + ")"
+            )
         return v
 
     @property

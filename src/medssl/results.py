@@ -106,8 +106,15 @@ PRETRAIN_COLUMNS = [
     *OPTIMISER_COLUMNS,
     "run_id",
 ]
-COST_FIELDS = ("flops_per_step", "total_flops", "device_hours", "devices", "device_kind", "peak_memory_bytes",
-               "peak_memory_kind")  # a pretraining run's measured cost (results.json "cost", train/cost.py)
+COST_FIELDS = (
+    "flops_per_step",
+    "total_flops",
+    "device_hours",
+    "devices",
+    "device_kind",
+    "peak_memory_bytes",
+    "peak_memory_kind",
+)  # a pretraining run's measured cost (results.json "cost", train/cost.py)
 PRETRAIN_CURVE_COLUMNS = [
     "method",
     "family",
@@ -389,8 +396,16 @@ def pretrain_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
         pd.DataFrame(rows),
         PRETRAIN_COLUMNS,
         ints=("crop_size", "steps", "devices"),
-        floats=("final_loss", "wall_seconds", "step_seconds", *HEALTH_COLUMNS, "flops_per_step", "total_flops",
-                "device_hours", "peak_memory_bytes"),
+        floats=(
+            "final_loss",
+            "wall_seconds",
+            "step_seconds",
+            *HEALTH_COLUMNS,
+            "flops_per_step",
+            "total_flops",
+            "device_hours",
+            "peak_memory_bytes",
+        ),
     )
     frame["collapsed"] = frame["collapsed"].astype(bool)
     return frame.sort_values(["method", "run_id"], kind="stable", ignore_index=True)
@@ -481,8 +496,13 @@ def provenance(runs_root: RunsRoot | RunCollection) -> dict[str, Any]:
             "torch": _torch_device_info(),
         },
         "code_versions": sorted({describe_code_version(r["code_version"]) for r in runs.values() if r["code_version"]}),
-        "commits": sorted({str(r["code_version"]["commit"]) for r in runs.values()
-                           if isinstance(r["code_version"], dict) and r["code_version"].get("commit")}),
+        "commits": sorted(
+            {
+                str(r["code_version"]["commit"])
+                for r in runs.values()
+                if isinstance(r["code_version"], dict) and r["code_version"].get("commit")
+            }
+        ),
         # What the runs themselves recorded about their machines, when they did.
         "run_hardware": sorted(
             {str(run.info.get(k)) for run in collection.all_runs() for k in ("hardware", "device") if run.info.get(k)}

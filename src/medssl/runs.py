@@ -159,21 +159,27 @@ class RunDir:
         try:
             stored = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(self.config_path, f"unreadable run config ({type(err).__name__}); "
-                              "use a new --out folder") from None
+            raise ConfigError(
+                self.config_path, f"unreadable run config ({type(err).__name__}); use a new --out folder"
+            ) from None
         new = yaml.safe_load(config_yaml)
         if not isinstance(stored, dict) or not isinstance(new, dict):
             raise ConfigError(self.config_path, "run config is not a mapping; use a new --out folder")
-        differ = config_differences({k: v for k, v in stored.items() if k not in NOT_HASHED},
-                                    {k: v for k, v in new.items() if k not in NOT_HASHED})
+        differ = config_differences(
+            {k: v for k, v in stored.items() if k not in NOT_HASHED},
+            {k: v for k, v in new.items() if k not in NOT_HASHED},
+        )
         recorded = self.info()
         for key, value in (identity or {}).items():
             if key in recorded and recorded[key] != value:
                 differ.append(f"{key} (the file's contents changed)" if key.endswith("sha256") else key)
         if differ:
             shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
-            raise ConfigError(self.path, f"this run directory holds a run with another config (differs in: "
-                              f"{shown}); use a new --out folder, or the same settings to resume it")
+            raise ConfigError(
+                self.path,
+                f"this run directory holds a run with another config (differs in: "
+                f"{shown}); use a new --out folder, or the same settings to resume it",
+            )
 
     # writing -------------------------------------------------------------------------------
     def prepare(self, config_yaml: str, info: dict[str, Any]) -> None:

@@ -259,7 +259,9 @@ def test_extract_crop_pads_outside_the_volume():
 
 def test_preprocess_comes_from_the_checkpoint_meta():
     encoder_style = encoder_meta(
-        method="simmim", family="mim", encoder=TINY,
+        method="simmim",
+        family="mim",
+        encoder=TINY,
         preprocess={"spacing": [2.0, 2.0, 3.0], "ct_window": [-100.0, 200.0], "orientation": "LPS"},
     )
     config = preprocess_from_meta(encoder_style, "enc.pt")
@@ -288,8 +290,11 @@ def _write_msd_task(root: Path, n_cases: int = 3, size: int = 32) -> Path:
         nib.save(nib.Nifti1Image(organ.astype(np.uint8), affine), root / "labelsTr" / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     dataset = {
-        "name": "toy_organs", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "organ"},
-        "numTraining": n_cases, "training": training,
+        "name": "toy_organs",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "organ"},
+        "numTraining": n_cases,
+        "training": training,
     }
     (root / "dataset.json").write_text(json.dumps(dataset))
     return root
@@ -334,11 +339,24 @@ def test_run_cka_writes_matrices_with_a_unit_diagonal_for_the_same_model(tmp_pat
     # A fine-tuned segmenter is compared through its swinViT: same weights -> diagonal 1 again.
     segmenter = SwinSegmenter(TINY, out_channels=2, crop_size=32)
     segmenter.swinViT.load_state_dict(encoder.state_dict())
-    seg_meta = {"encoder": TINY.model_dump(mode="json"), "out_channels": 2, "crop_size": 32, "norm": "auto",
-                "method": "simmim", "family": "mim", "preprocess": PreprocessConfig().model_dump(mode="json")}
+    seg_meta = {
+        "encoder": TINY.model_dump(mode="json"),
+        "out_channels": 2,
+        "crop_size": 32,
+        "norm": "auto",
+        "method": "simmim",
+        "family": "mim",
+        "preprocess": PreprocessConfig().model_dump(mode="json"),
+    }
     save_segmenter(tmp_path / "seg.pt", segmenter, seg_meta)
-    vs_segmenter = run_cka(tmp_path / "a.pt", tmp_path / "seg.pt", task, tmp_path / "runs" / "cka-seg",
-                           comparison="pretrained_vs_finetuned", **kwargs)
+    vs_segmenter = run_cka(
+        tmp_path / "a.pt",
+        tmp_path / "seg.pt",
+        task,
+        tmp_path / "runs" / "cka-seg",
+        comparison="pretrained_vs_finetuned",
+        **kwargs,
+    )
     assert vs_segmenter["model_b_kind"] == "segmenter"
     assert vs_segmenter["reuse"] == {name: pytest.approx(1.0) for name in LAYER_NAMES}
     assert vs_segmenter["crops"] == stored["crops"]  # the same fixed crops
@@ -353,7 +371,14 @@ def test_run_cka_rejects_a_file_that_is_no_model_and_records_the_failure(tmp_pat
         run_cka(tmp_path / "a.pt", tmp_path / "junk.pt", task, out, n_crops=2, max_tokens=8, cache_dir=tmp_path / "c")
     assert RunDir(out).status() == "failed"
     with pytest.raises(MedsslInputError, match="cases not in the task: nope"):
-        run_cka(tmp_path / "a.pt", tmp_path / "a.pt", task, tmp_path / "runs" / "cka-case", n_crops=2,
-                cases=["nope"], cache_dir=tmp_path / "c")
+        run_cka(
+            tmp_path / "a.pt",
+            tmp_path / "a.pt",
+            task,
+            tmp_path / "runs" / "cka-case",
+            n_crops=2,
+            cases=["nope"],
+            cache_dir=tmp_path / "c",
+        )
     with pytest.raises(MedsslInputError, match="checkpoint file not found"):
         run_cka(tmp_path / "missing.pt", tmp_path / "a.pt", task, tmp_path / "runs" / "cka-missing", n_crops=2)

@@ -67,11 +67,21 @@ def _curves() -> pd.DataFrame:
     def add(method, seed, values, budget="all", task="ct_organs"):
         run_id = f"ft-{method}-{task}-b{budget}-s{seed}"
         for i, (step, value) in enumerate(zip(STEPS, values, strict=True)):
-            rows.append({
-                "method": method, "family": "mim" if method == "simmim" else "none", "task": task,
-                "modality": "ct", "budget": budget, "n_train": 10, "seed": seed, "run_id": run_id,
-                "step": step, "epoch": 0.5 * (i + 1), "val_dice": value,
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "family": "mim" if method == "simmim" else "none",
+                    "task": task,
+                    "modality": "ct",
+                    "budget": budget,
+                    "n_train": 10,
+                    "seed": seed,
+                    "run_id": run_id,
+                    "step": step,
+                    "epoch": 0.5 * (i + 1),
+                    "val_dice": value,
+                }
+            )
 
     add("simmim", 0, [0.5, 0.8, 0.9, 0.9, 0.9])
     add("simmim", 1, [0.3, 0.6, 0.85, 0.9, 0.92])
@@ -103,7 +113,20 @@ def test_convergence_summary_averages_seeds_and_counts_converged_runs():
 
 
 def test_convergence_of_an_empty_table():
-    empty = pd.DataFrame(columns=["method", "family", "task", "modality", "budget", "n_train", "seed", "run_id",
-                                  "step", "epoch", "val_dice"])
+    empty = pd.DataFrame(
+        columns=[
+            "method",
+            "family",
+            "task",
+            "modality",
+            "budget",
+            "n_train",
+            "seed",
+            "run_id",
+            "step",
+            "epoch",
+            "val_dice",
+        ]
+    )
     assert convergence_table(empty).empty
     assert convergence_summary(convergence_table(empty)).empty

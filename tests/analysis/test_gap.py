@@ -17,13 +17,24 @@ def _results(scores: dict[tuple[str, str, str, int], float], modality: dict[str,
     for (method, task, budget, seed), mean in scores.items():
         for case, offset in (("case_a", -0.05), ("case_b", 0.05)):
             for label, structure, extra in ((1, "liver", 0.02), (2, "spleen", -0.02)):
-                rows.append({
-                    "method": method, "family": FAMILY[method], "task": task,
-                    "modality": (modality or {}).get(task, "ct"), "budget": budget, "n_train": N_TRAIN[budget],
-                    "seed": seed, "case": case, "label": label, "structure": structure,
-                    "dice": mean + offset + extra, "hd95": 3.0, "nsd": 0.8,
-                    "run_id": f"ft-{method}-{task}-b{budget}-s{seed}",
-                })
+                rows.append(
+                    {
+                        "method": method,
+                        "family": FAMILY[method],
+                        "task": task,
+                        "modality": (modality or {}).get(task, "ct"),
+                        "budget": budget,
+                        "n_train": N_TRAIN[budget],
+                        "seed": seed,
+                        "case": case,
+                        "label": label,
+                        "structure": structure,
+                        "dice": mean + offset + extra,
+                        "hd95": 3.0,
+                        "nsd": 0.8,
+                        "run_id": f"ft-{method}-{task}-b{budget}-s{seed}",
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -41,12 +52,18 @@ def test_run_means_average_cases_and_structures():
 
 
 def test_few_many_gap_uses_the_tasks_smallest_and_largest_budgets():
-    table = _results({
-        ("simmim", "t1", "2", 0): 0.4, ("simmim", "t1", "5", 0): 0.6, ("simmim", "t1", "all", 0): 0.8,
-        ("none", "t1", "2", 0): 0.1, ("none", "t1", "all", 0): 0.7,
-        ("simmim", "t1", "2", 1): 0.5, ("simmim", "t1", "all", 1): 0.8,
-        ("none", "t1", "5", 1): 0.3,  # seed 1 of "none" lacks budget "all": no row
-    })
+    table = _results(
+        {
+            ("simmim", "t1", "2", 0): 0.4,
+            ("simmim", "t1", "5", 0): 0.6,
+            ("simmim", "t1", "all", 0): 0.8,
+            ("none", "t1", "2", 0): 0.1,
+            ("none", "t1", "all", 0): 0.7,
+            ("simmim", "t1", "2", 1): 0.5,
+            ("simmim", "t1", "all", 1): 0.8,
+            ("none", "t1", "5", 1): 0.3,  # seed 1 of "none" lacks budget "all": no row
+        }
+    )
     gaps = few_many_gap(table).set_index(["method", "seed"])
     assert len(gaps) == 3
     assert gaps.loc[("simmim", 0), "gap"] == pytest.approx(0.4)
@@ -73,8 +90,10 @@ def test_one_budget_gives_an_empty_gap_table():
 def test_gap_ranks_rank_small_gaps_first_and_average_over_tasks():
     scores = {}
     # task t1: gaps simmim 0.1, simclr 0.3, none 0.5; task t2: simclr 0.1, simmim 0.2, none 0.4
-    for task, gaps in (("t1", {"simmim": 0.1, "simclr": 0.3, "none": 0.5}),
-                       ("t2", {"simmim": 0.2, "simclr": 0.1, "none": 0.4})):
+    for task, gaps in (
+        ("t1", {"simmim": 0.1, "simclr": 0.3, "none": 0.5}),
+        ("t2", {"simmim": 0.2, "simclr": 0.1, "none": 0.4}),
+    ):
         for method, gap in gaps.items():
             for seed, jitter in ((0, 0.01), (1, -0.01)):
                 scores[(method, task, "all", seed)] = 0.9
@@ -92,17 +111,24 @@ def test_gap_ranks_rank_small_gaps_first_and_average_over_tasks():
 
 
 def test_gap_rank_ties_share_the_average_rank():
-    scores = {("simmim", "t1", "all", 0): 0.9, ("simmim", "t1", "5", 0): 0.7,
-              ("simclr", "t1", "all", 0): 0.8, ("simclr", "t1", "5", 0): 0.6}
+    scores = {
+        ("simmim", "t1", "all", 0): 0.9,
+        ("simmim", "t1", "5", 0): 0.7,
+        ("simclr", "t1", "all", 0): 0.8,
+        ("simclr", "t1", "5", 0): 0.6,
+    }
     ranks = gap_ranks(_results(scores))
     assert ranks["rank"].tolist() == [1.5, 1.5]
 
 
 def test_modality_summary_puts_ct_and_mri_side_by_side():
     scores = {
-        ("simmim", "ct1", "all", 0): 0.8, ("simmim", "ct2", "all", 0): 0.6,
-        ("simmim", "mr1", "all", 0): 0.5, ("simmim", "mr1", "all", 1): 0.3,
-        ("none", "ct1", "all", 0): 0.5, ("none", "mr1", "all", 0): 0.2,
+        ("simmim", "ct1", "all", 0): 0.8,
+        ("simmim", "ct2", "all", 0): 0.6,
+        ("simmim", "mr1", "all", 0): 0.5,
+        ("simmim", "mr1", "all", 1): 0.3,
+        ("none", "ct1", "all", 0): 0.5,
+        ("none", "mr1", "all", 0): 0.2,
         ("simmim", "ct1", "5", 0): 0.4,
     }
     table = _results(scores, modality={"ct1": "ct", "ct2": "ct", "mr1": "mri"})

@@ -25,18 +25,32 @@ FAMILY = {"none": "none", "simmim": "mim", "simclr": "contrastive", "dino": "sel
 
 def _rows(method, task, budget, seed, case, structure, dice, hd95=3.0):
     return {
-        "method": method, "family": FAMILY[method], "task": task, "modality": "ct", "budget": budget,
-        "n_train": 5 if budget == "5" else 20, "seed": seed, "case": case, "label": 1 if structure == "liver" else 2,
-        "structure": structure, "dice": dice, "hd95": hd95, "nsd": 0.8, "run_id": f"ft-{method}-{task}-{budget}-{seed}",
+        "method": method,
+        "family": FAMILY[method],
+        "task": task,
+        "modality": "ct",
+        "budget": budget,
+        "n_train": 5 if budget == "5" else 20,
+        "seed": seed,
+        "case": case,
+        "label": 1 if structure == "liver" else 2,
+        "structure": structure,
+        "dice": dice,
+        "hd95": hd95,
+        "nsd": 0.8,
+        "run_id": f"ft-{method}-{task}-{budget}-{seed}",
     }
 
 
 def _table(per_method: dict[str, np.ndarray], task: str = "t1", budget: str = "all") -> pd.DataFrame:
     """One seed, one structure: per-case scores are exactly the given values."""
-    return pd.DataFrame([
-        _rows(method, task, budget, 0, f"case_{i:02d}", "liver", float(v))
-        for method, values in per_method.items() for i, v in enumerate(values)
-    ])
+    return pd.DataFrame(
+        [
+            _rows(method, task, budget, 0, f"case_{i:02d}", "liver", float(v))
+            for method, values in per_method.items()
+            for i, v in enumerate(values)
+        ]
+    )
 
 
 def _scores(seed: int = 0, n: int = 12) -> dict[str, np.ndarray]:
@@ -82,7 +96,16 @@ def test_paired_wilcoxon_against_the_best_method():
     assert vs_best.loc["simclr", "p"] == pytest.approx(expected.pvalue, rel=1e-12)
     assert vs_best.loc["simclr", "mean_diff"] < 0
     assert set(table.columns) >= {
-        "method", "task", "budget", "comparison", "n", "statistic", "p", "p_holm", "significant", "mean_diff",
+        "method",
+        "task",
+        "budget",
+        "comparison",
+        "n",
+        "statistic",
+        "p",
+        "p_holm",
+        "significant",
+        "mean_diff",
     }
 
 
@@ -125,8 +148,11 @@ def test_missing_reference_and_unpaired_cases():
 
 
 def test_hd95_lower_is_better():
-    rows = [_rows(m, "t1", "all", 0, f"c{i}", "liver", 0.5, hd95=h + i)
-            for m, h in (("none", 9.0), ("simmim", 2.0), ("simclr", 5.0)) for i in range(6)]
+    rows = [
+        _rows(m, "t1", "all", 0, f"c{i}", "liver", 0.5, hd95=h + i)
+        for m, h in (("none", 9.0), ("simmim", 2.0), ("simclr", 5.0))
+        for i in range(6)
+    ]
     result = paired_wilcoxon(pd.DataFrame(rows), metric="hd95")
     assert set(result.query("comparison == 'best'")["other"]) == {"simmim"}
 

@@ -47,8 +47,15 @@ def fake_runner(run: PlannedRun, run_dir: Path) -> None:
             os._exit(9)  # a killed process: no cleanup, no status
         if run.config.fail:
             raise RuntimeError(f"boom in {run.run_id}")
-        rd.write_results({"kind": run.kind, "pid": os.getpid(), "started": started, "ended": time.time(),
-                          "threads": torch.get_num_threads()})
+        rd.write_results(
+            {
+                "kind": run.kind,
+                "pid": os.getpid(),
+                "started": started,
+                "ended": time.time(),
+                "threads": torch.get_num_threads(),
+            }
+        )
         rd.set_status("finished")
         rd.log("finished")
 
@@ -58,8 +65,10 @@ def not_called(run: PlannedRun, run_dir: Path) -> None:
 
 
 def make_plan(out: Path, spec: dict[str, tuple[list[str], dict]]) -> Plan:
-    runs = [PlannedRun("finetune", f"finetune-{name}-000000000000", FakeConfig(**options), deps, {"method": name})
-            for name, (deps, options) in spec.items()]
+    runs = [
+        PlannedRun("finetune", f"finetune-{name}-000000000000", FakeConfig(**options), deps, {"method": name})
+        for name, (deps, options) in spec.items()
+    ]
     ids = {name: f"finetune-{name}-000000000000" for name in spec}
     for run in runs:
         run.depends_on = [ids[d] for d in run.depends_on]
@@ -139,8 +148,9 @@ HOLDER = textwrap.dedent("""
 
 
 def hold_lock(path: Path, finish: bool) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), "finish" if finish else "die"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path), "finish" if finish else "die"], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -201,8 +211,16 @@ def test_torchrun_runner_command_and_failure(tmp_path: Path, monkeypatch: pytest
     run, rd = plan.runs[0], run_dir(tmp_path, "a")
     command = TorchrunRunner(4).command(run, rd.path)
     assert command[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
-    assert command[6:] == ["-m", "medssl.train.launch", "--kind", "finetune", "--config", str(rd.config_path),
-                           "--run-dir", str(rd.path)]
+    assert command[6:] == [
+        "-m",
+        "medssl.train.launch",
+        "--kind",
+        "finetune",
+        "--config",
+        str(rd.config_path),
+        "--run-dir",
+        str(rd.path),
+    ]
 
     def failing_torchrun(cmd: list[str], check: bool = False) -> subprocess.CompletedProcess:
         rd.set_status("failed", error="ValueError: bad crop")  # what rank 0 records before exiting
@@ -250,8 +268,9 @@ def test_slurm_jobs_are_chained_with_afterok(tmp_path: Path, monkeypatch: pytest
     from medssl.bench.executors import SlurmExecutor
     from medssl.config import SlurmConfig
 
-    plan = make_plan(tmp_path, {"a": ([], {}), "b": (["a"], {}), "c": (["a", "b"], {}), "x": ([], {"fail": True}),
-                                "y": (["x"], {})})
+    plan = make_plan(
+        tmp_path, {"a": ([], {}), "b": (["a"], {}), "c": (["a", "b"], {}), "x": ([], {"fail": True}), "y": (["x"], {})}
+    )
     fake = FakeSlurm()
     executor = SlurmExecutor(SlurmConfig(timeout_min=60), nproc_per_node=4, poll_seconds=0.01, log=quiet)
     monkeypatch.setattr(executor, "_executor", lambda out: fake)

@@ -37,8 +37,14 @@ def write_bench(folder: Path, data: Path, **changes: object) -> Path:
         "encoder": {"preset": "tiny", "window_size": 4},
         "preprocess": {"spacing": [3.5, 3.5, 3.5]},
         "pretrain": {"crop_size": 32, "schedule": schedule},
-        "finetune": {"crop_size": 32, "schedule": schedule, "val_every": 1, "n_test": 1, "n_val": 1,
-                     "sw_batch_size": 1},
+        "finetune": {
+            "crop_size": 32,
+            "schedule": schedule,
+            "val_every": 1,
+            "n_test": 1,
+            "n_val": 1,
+            "sw_batch_size": 1,
+        },
         "budgets": ["all"],
         "seeds": [0],
         "cka": {"enabled": False},
@@ -80,8 +86,11 @@ def test_sigkill_at_random_moments_gives_the_uninterrupted_results(tmp_path: Pat
     moments = sorted(random.Random(9).sample(range(1, total), KILLS))
     for index, moment in enumerate(moments):
         log = open(tmp_path / f"kill{index}.log", "w")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen([sys.executable, "-m", "medssl.cli", "bench", str(config), "--out", str(out)],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medssl.cli", "bench", str(config), "--out", str(out)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + 240
         while records(out) < moment and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)

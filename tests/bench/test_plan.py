@@ -87,8 +87,9 @@ def test_plan_json_written_and_ids_stable(tmp_path: Path) -> None:
 
 def test_changing_pretraining_changes_downstream_ids_only(tmp_path: Path) -> None:
     before = expand_plan(BenchConfig.model_validate(bench_dict()), tmp_path)
-    after = expand_plan(BenchConfig.model_validate(bench_dict(pretrain={"crop_size": 32, "schedule": {"steps": 5}})),
-                        tmp_path)
+    after = expand_plan(
+        BenchConfig.model_validate(bench_dict(pretrain={"crop_size": 32, "schedule": {"steps": 5}})), tmp_path
+    )
     changed = {r.labels.get("method"): set() for r in before.runs}
     for a, b in zip(before.runs, after.runs, strict=True):
         changed[a.labels["method"]].add(a.run_id != b.run_id)
@@ -140,8 +141,10 @@ def test_unknown_method_and_duplicates_are_config_errors(tmp_path: Path) -> None
 
 
 def test_per_task_finetune_settings_apply_to_that_task_only(tmp_path: Path) -> None:
-    tasks = [{"path": "synth:ct_organs", "finetune": {"schedule": {"steps": 7}, "nsd_tolerance_mm": 1.0}},
-             {"path": "synth:mri_organs"}]
+    tasks = [
+        {"path": "synth:ct_organs", "finetune": {"schedule": {"steps": 7}, "nsd_tolerance_mm": 1.0}},
+        {"path": "synth:mri_organs"},
+    ]
     plan = expand_plan(BenchConfig.model_validate(bench_dict(tasks=tasks)), tmp_path)
     for run in plan.stage("finetune"):
         organs = run.labels["task"] == "ct_organs"

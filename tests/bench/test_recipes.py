@@ -45,8 +45,11 @@ def test_every_training_method_yaml_carries_a_published_recipe_with_sources() ->
 
 @pytest.mark.parametrize("name", TRAINING)
 def test_published_recipe_sets_the_methods_own_schedule(name: str) -> None:
-    config = PretrainConfig(method=MethodConfig(name=name), recipe="published",
-                            schedule=ScheduleConfig(steps=1000, batch_size=8, lr=1.0, grad_clip=0.5))
+    config = PretrainConfig(
+        method=MethodConfig(name=name),
+        recipe="published",
+        schedule=ScheduleConfig(steps=1000, batch_size=8, lr=1.0, grad_clip=0.5),
+    )
     lr, wd, wd_end, clip = EXPECTED[name]
     schedule = config.schedule
     assert schedule.lr == pytest.approx(lr)
@@ -56,8 +59,11 @@ def test_published_recipe_sets_the_methods_own_schedule(name: str) -> None:
     # The dumped config reloads to the same config (the recipe is recorded, applying it again is a no-op).
     assert PretrainConfig.model_validate(config.model_dump(mode="json")) == config
     # A method YAML is a PretrainConfig fragment: `recipe=published` on it gives the same schedule.
-    fragment = {**load_yaml(f"configs/methods/{name}.yaml"), "recipe": "published",
-                "schedule": {"steps": 1000, "batch_size": 8}}
+    fragment = {
+        **load_yaml(f"configs/methods/{name}.yaml"),
+        "recipe": "published",
+        "schedule": {"steps": 1000, "batch_size": 8},
+    }
     assert PretrainConfig.model_validate(fragment).schedule == schedule
 
 
@@ -72,12 +78,21 @@ def test_shared_recipe_keeps_the_schedule_and_changes_the_hash() -> None:
 
 def test_bench_plan_gives_each_method_its_recipe(tmp_path) -> None:
     def plan(recipe: str) -> dict[str, PretrainConfig]:
-        bench = BenchConfig.model_validate({
-            "name": "t", "tasks": [{"path": "synth:ct_organs"}], "methods": ["none", "simclr", "dino", "smit"],
-            "encoder": {"preset": "tiny", "window_size": 4}, "cka": {"enabled": False},
-            "pretrain": {"crop_size": 32, "recipe": recipe, "schedule": {"steps": 100, "batch_size": 8, "lr": 5e-4}},
-            "finetune": {"crop_size": 32, "schedule": {"steps": 3}, "n_test": 3, "n_val": 2},
-        })
+        bench = BenchConfig.model_validate(
+            {
+                "name": "t",
+                "tasks": [{"path": "synth:ct_organs"}],
+                "methods": ["none", "simclr", "dino", "smit"],
+                "encoder": {"preset": "tiny", "window_size": 4},
+                "cka": {"enabled": False},
+                "pretrain": {
+                    "crop_size": 32,
+                    "recipe": recipe,
+                    "schedule": {"steps": 100, "batch_size": 8, "lr": 5e-4},
+                },
+                "finetune": {"crop_size": 32, "schedule": {"steps": 3}, "n_test": 3, "n_val": 2},
+            }
+        )
         runs = expand_plan(bench, tmp_path / recipe).stage("pretrain")
         return {r.labels["method"]: r for r in runs}
 
@@ -90,13 +105,18 @@ def test_bench_plan_gives_each_method_its_recipe(tmp_path) -> None:
 
 
 def test_optimiser_provenance_counts_negatives_and_flags_few() -> None:
-    simclr = optimiser_provenance(PretrainConfig(method=MethodConfig(name="simclr"), recipe="published",
-                                                 schedule=ScheduleConfig(steps=10, batch_size=8)))
+    simclr = optimiser_provenance(
+        PretrainConfig(
+            method=MethodConfig(name="simclr"), recipe="published", schedule=ScheduleConfig(steps=10, batch_size=8)
+        )
+    )
     assert simclr["negatives_per_step"] == 14 and simclr["few_negatives"]
     assert simclr["published_optimizer"].startswith("LARS") and simclr["published_batch_size"] == 4096
-    mocov3 = optimiser_provenance(PretrainConfig(method=MethodConfig(name="mocov3"),
-                                                 schedule=ScheduleConfig(steps=10, batch_size=512)))
+    mocov3 = optimiser_provenance(
+        PretrainConfig(method=MethodConfig(name="mocov3"), schedule=ScheduleConfig(steps=10, batch_size=512))
+    )
     assert mocov3["negatives_per_step"] == 511 and not mocov3["few_negatives"] and mocov3["recipe"] == "shared"
-    dino = optimiser_provenance(PretrainConfig(method=MethodConfig(name="dino"),
-                                               schedule=ScheduleConfig(steps=10, batch_size=8)))
+    dino = optimiser_provenance(
+        PretrainConfig(method=MethodConfig(name="dino"), schedule=ScheduleConfig(steps=10, batch_size=8))
+    )
     assert dino["negatives_per_step"] is None and not dino["few_negatives"]

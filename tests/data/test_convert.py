@@ -42,7 +42,7 @@ def blocks(values, seed: int = 0, shape=SHAPE) -> np.ndarray:
     label = np.zeros(shape, dtype=np.uint8)
     for value in values:
         x, y, z = rng.integers(0, np.array(shape) - 4)
-        label[x:x + 4, y:y + 4, z:z + 4] = value
+        label[x : x + 4, y : y + 4, z : z + 4] = value
     return label
 
 
@@ -124,33 +124,46 @@ def test_bad_input_exits_2_naming_the_file(tmp_path, capsys, monkeypatch):
     make_btcv(tmp_path / "btcv")
     missing = tmp_path / "btcv/RawData/Training/label/label0002.nii.gz"
     missing.unlink()
-    code, _, err = run_cli(["data", "convert", "btcv", tmp_path / "btcv", "--out", tmp_path / "o"], capsys,
-                           monkeypatch)
+    code, _, err = run_cli(["data", "convert", "btcv", tmp_path / "btcv", "--out", tmp_path / "o"], capsys, monkeypatch)
     assert code == 2 and str(missing) in one_error_line(err)
     # A label value outside the 13 organs.
     write_nifti(missing, blocks([1, 14]), AFFINE)
-    code, _, err = run_cli(["data", "convert", "btcv", tmp_path / "btcv", "--out", tmp_path / "o"], capsys,
-                           monkeypatch)
+    code, _, err = run_cli(["data", "convert", "btcv", tmp_path / "btcv", "--out", tmp_path / "o"], capsys, monkeypatch)
     assert code == 2 and "label0002.nii.gz" in one_error_line(err) and "14" in err
     # A label on another grid.
     write_nifti(missing, blocks([1], shape=(20, 20, 18)), AFFINE)
-    code, _, err = run_cli(["data", "convert", "btcv", tmp_path / "btcv", "--out", tmp_path / "o"], capsys,
-                           monkeypatch)
+    code, _, err = run_cli(["data", "convert", "btcv", tmp_path / "btcv", "--out", tmp_path / "o"], capsys, monkeypatch)
     assert code == 2 and "label0002.nii.gz" in one_error_line(err) and "shape" in err
-    code, _, err = run_cli(["data", "convert", "nosuch", tmp_path / "btcv", "--out", tmp_path / "o"], capsys,
-                           monkeypatch)
+    code, _, err = run_cli(
+        ["data", "convert", "nosuch", tmp_path / "btcv", "--out", tmp_path / "o"], capsys, monkeypatch
+    )
     assert code == 2 and "nosuch" in one_error_line(err)
-    code, _, err = run_cli(["data", "convert", "btcv", tmp_path / "btcv", "--out", tmp_path / "btcv/out"], capsys,
-                           monkeypatch)
+    code, _, err = run_cli(
+        ["data", "convert", "btcv", tmp_path / "btcv", "--out", tmp_path / "btcv/out"], capsys, monkeypatch
+    )
     assert code == 2 and "outside the source" in one_error_line(err)
 
 
 # --------------------------------------------------------------------------------------------- AMOS
 
-AMOS_LABELS = {"0": "background", "1": "spleen", "2": "right kidney", "3": "left kidney", "4": "gall bladder",
-               "5": "esophagus", "6": "liver", "7": "stomach", "8": "arota", "9": "postcava", "10": "pancreas",
-               "11": "right adrenal gland", "12": "left adrenal gland", "13": "duodenum", "14": "bladder",
-               "15": "prostate/uterus"}
+AMOS_LABELS = {
+    "0": "background",
+    "1": "spleen",
+    "2": "right kidney",
+    "3": "left kidney",
+    "4": "gall bladder",
+    "5": "esophagus",
+    "6": "liver",
+    "7": "stomach",
+    "8": "arota",
+    "9": "postcava",
+    "10": "pancreas",
+    "11": "right adrenal gland",
+    "12": "left adrenal gland",
+    "13": "duodenum",
+    "14": "bladder",
+    "15": "prostate/uterus",
+}
 
 
 def make_amos(root: Path, ids=(1, 2, 508)) -> None:
@@ -161,9 +174,19 @@ def make_amos(root: Path, ids=(1, 2, 508)) -> None:
         write_nifti(root / "imagesTr" / f"amos_{i:04d}.nii.gz", image, AFFINE)
         write_nifti(root / "labelsTr" / f"amos_{i:04d}.nii.gz", label, AFFINE)
         training.append({"image": f"./imagesTr/amos_{i:04d}.nii.gz", "label": f"./labelsTr/amos_{i:04d}.nii.gz"})
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "AMOS", "modality": {"0": "CT"}, "labels": AMOS_LABELS, "numTraining": len(ids),
-        "training": training, "validation": [], "test": []}))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "AMOS",
+                "modality": {"0": "CT"},
+                "labels": AMOS_LABELS,
+                "numTraining": len(ids),
+                "training": training,
+                "validation": [],
+                "test": [],
+            }
+        )
+    )
 
 
 def test_amos_splits_ct_and_mri_ids(tmp_path, capsys, monkeypatch):
@@ -176,8 +199,11 @@ def test_amos_splits_ct_and_mri_ids(tmp_path, capsys, monkeypatch):
     assert load_task(tmp_path / "mri").modality == "mri" and load_task(tmp_path / "ct").modality == "ct"
     assert sorted(p.name for p in (tmp_path / "mri/labelsTr").iterdir()) == ["amos_0508.nii.gz"]
     assert ct["labels"] == {name: int(value) for value, name in AMOS_LABELS.items()}
-    code, _, err = run_cli(["data", "convert", "btcv", tmp_path / "amos22", "--out", tmp_path / "x", "--modality",
-                            "ct"], capsys, monkeypatch)
+    code, _, err = run_cli(
+        ["data", "convert", "btcv", tmp_path / "amos22", "--out", tmp_path / "x", "--modality", "ct"],
+        capsys,
+        monkeypatch,
+    )
     assert code == 2 and "--modality" in one_error_line(err)
 
 
@@ -188,8 +214,9 @@ def test_amos_paths_may_not_leave_the_dataset(tmp_path, capsys, monkeypatch):
     data = json.loads(listing.read_text())
     data["training"].append({"image": "../amos_0009.nii.gz", "label": "./labelsTr/amos_0001.nii.gz"})
     listing.write_text(json.dumps(data))
-    code, _, err = run_cli(["data", "convert", "amos", tmp_path / "amos22", "--out", tmp_path / "o"], capsys,
-                           monkeypatch)
+    code, _, err = run_cli(
+        ["data", "convert", "amos", tmp_path / "amos22", "--out", tmp_path / "o"], capsys, monkeypatch
+    )
     assert code == 2 and "outside the dataset folder" in one_error_line(err) and "dataset.json" in err
     assert not (tmp_path / "o").exists()
 
@@ -227,10 +254,30 @@ def test_kits19_and_kits23_labels(tmp_path, capsys, monkeypatch):
 def test_converted_kits_replica_fine_tunes(tmp_path, capsys, monkeypatch):
     make_kits(tmp_path / "kits", 4, cyst=True)
     convert(["kits", tmp_path / "kits", "--out", tmp_path / "task"], capsys, monkeypatch)
-    code, out, err = run_cli(["finetune", "--task", tmp_path / "task", "--encoder", "none", "--budget", "2",
-                              "--out", tmp_path / "run", "encoder.preset=tiny", "encoder.window_size=4",
-                              "crop_size=32", "n_test=1", "n_val=1", "val_every=2", "schedule.steps=2",
-                              "schedule.batch_size=1", "schedule.warmup_steps=0"], capsys, monkeypatch)
+    code, out, err = run_cli(
+        [
+            "finetune",
+            "--task",
+            tmp_path / "task",
+            "--encoder",
+            "none",
+            "--budget",
+            "2",
+            "--out",
+            tmp_path / "run",
+            "encoder.preset=tiny",
+            "encoder.window_size=4",
+            "crop_size=32",
+            "n_test=1",
+            "n_val=1",
+            "val_every=2",
+            "schedule.steps=2",
+            "schedule.batch_size=1",
+            "schedule.warmup_steps=0",
+        ],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, err
     results = json.loads((tmp_path / "run/results.json").read_text())
     assert results["n_train"] == 2
@@ -262,15 +309,17 @@ def test_brats_channel_order_and_label_remap_as_nnunet(tmp_path, capsys, monkeyp
     assert dataset["labels"] == {"background": 0, "edema": 1, "necrotic_core": 2, "enhancing_tumor": 3}
     for case, seg in segs.items():
         for channel in range(4):  # t1 was written at +100, t1ce +200, t2 +300, flair +400
-            np.testing.assert_array_equal(read(out / "imagesTr" / f"{case}_{channel:04d}.nii.gz"),
-                                          seg.astype(np.int16) + 100 * (channel + 1))
+            np.testing.assert_array_equal(
+                read(out / "imagesTr" / f"{case}_{channel:04d}.nii.gz"), seg.astype(np.int16) + 100 * (channel + 1)
+            )
         label = read(out / "labelsTr" / f"{case}.nii.gz")
         for old, new in {0: 0, 1: 2, 2: 1, 4: 3}.items():
             assert np.all(label[seg == old] == new)
     bad = tmp_path / "BraTS2021_Training_Data/BraTS2021_00001/BraTS2021_00001_seg.nii.gz"
     write_nifti(bad, blocks([3]), AFFINE)
-    code, _, err = run_cli(["data", "convert", "brats", tmp_path / "BraTS2021_Training_Data", "--out",
-                            tmp_path / "o"], capsys, monkeypatch)
+    code, _, err = run_cli(
+        ["data", "convert", "brats", tmp_path / "BraTS2021_Training_Data", "--out", tmp_path / "o"], capsys, monkeypatch
+    )
     assert code == 2 and str(bad) in one_error_line(err) and "[3]" in err
 
 
@@ -309,8 +358,9 @@ def test_hanseg_masks_merge_with_the_smaller_structure_winning(tmp_path, capsys,
     assert np.count_nonzero(label == cord_value) == 4 * 4 * 6 and np.all(label[15:19, 15:19, 12:18] == cord_value)
     assert json.loads((out / MANIFEST).read_text())["cases"]["case_01"]["notes"]["overlap_voxels"] == 16
     write_nrrd(case / "case_01_OAR_Nosuch.seg.nrrd", chiasm)
-    code, _, err = run_cli(["data", "convert", "hanseg", tmp_path / "HaN-Seg", "--out", tmp_path / "o"], capsys,
-                           monkeypatch)
+    code, _, err = run_cli(
+        ["data", "convert", "hanseg", tmp_path / "HaN-Seg", "--out", tmp_path / "o"], capsys, monkeypatch
+    )
     assert code == 2 and "case_01_OAR_Nosuch.seg.nrrd" in one_error_line(err)
 
 
@@ -330,10 +380,18 @@ def test_msd_4d_images_split_into_channels(tmp_path, capsys, monkeypatch):
         training.append({"image": f"./imagesTr/BRATS_{i:03d}.nii.gz", "label": f"./labelsTr/BRATS_{i:03d}.nii.gz"})
         images[f"BRATS_{i:03d}"] = image
     (root / "imagesTr/._BRATS_001.nii.gz").write_bytes(b"\0" * 64)  # the archive's macOS resource fork
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
-        "numTraining": 2, "training": training, "test": []}))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "BRATS",
+                "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+                "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+                "numTraining": 2,
+                "training": training,
+                "test": [],
+            }
+        )
+    )
     out = tmp_path / "Dataset001_BrainTumour"
     convert(["msd", root, "--out", out], capsys, monkeypatch)
     dataset = converted(out)
@@ -356,6 +414,5 @@ def test_a_symlink_out_of_the_dataset_is_refused(tmp_path, capsys, monkeypatch):
     link = tmp_path / "btcv/RawData/Training/img/img0002.nii.gz"
     link.symlink_to(outside)
     write_nifti(tmp_path / "btcv/RawData/Training/label/label0002.nii.gz", blocks([1]), AFFINE)
-    code, _, err = run_cli(["data", "convert", "btcv", tmp_path / "btcv", "--out", tmp_path / "o"], capsys,
-                           monkeypatch)
+    code, _, err = run_cli(["data", "convert", "btcv", tmp_path / "btcv", "--out", tmp_path / "o"], capsys, monkeypatch)
     assert code == 2 and str(link) in one_error_line(err) and "outside the dataset folder" in err

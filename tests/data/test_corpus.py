@@ -78,8 +78,11 @@ def test_open_rejects_plain_folders_and_escaping_manifests(tmp_path: Path) -> No
     ingest_corpus(src, tmp_path / "corpus", CONFIG)
     manifest_path = tmp_path / "corpus" / "manifest.json"
     original = json.loads(manifest_path.read_text())
-    for key, problem in [("../raw", "not a plain entry name"), ("/etc", "not a plain entry name"),
-                         ("0" * 32, "missing")]:
+    for key, problem in [
+        ("../raw", "not a plain entry name"),
+        ("/etc", "not a plain entry name"),
+        ("0" * 32, "missing"),
+    ]:
         tampered = json.loads(json.dumps(original))
         tampered["volumes"][0]["cache_key"] = key
         manifest_path.write_text(json.dumps(tampered))

@@ -41,10 +41,22 @@ def _fabricate_corpus(root: Path, n: int) -> Path:
     for i in range(n):
         key = f"{i:032x}"
         shutil.copytree(template.path, cache / key, copy_function=os.link)  # plain files, one inode
-        volumes.append({"id": f"scan_{i:05d}", "source": f"/scans/scan_{i:05d}.nii.gz", "cache_key": key,
-                        "shape": list(template.shape), "spacing": list(template.spacing)})
-    manifest = {"version": 1, "preprocess": PRE.model_dump(mode="json"), "modality": "ct", "volumes": volumes,
-                "skipped": []}
+        volumes.append(
+            {
+                "id": f"scan_{i:05d}",
+                "source": f"/scans/scan_{i:05d}.nii.gz",
+                "cache_key": key,
+                "shape": list(template.shape),
+                "spacing": list(template.spacing),
+            }
+        )
+    manifest = {
+        "version": 1,
+        "preprocess": PRE.model_dump(mode="json"),
+        "modality": "ct",
+        "volumes": volumes,
+        "skipped": [],
+    }
     (root / "corpus" / MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
     return root / "corpus"
 
@@ -96,9 +108,25 @@ def test_ten_thousand_scans_open_and_sample_with_flat_resources(big_corpus):
 def _ingest(src: Path, out: Path, workers: int = 2) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "medssl.cli", "data", "ingest", str(src), "--out", str(out), "--workers",
-         str(workers), "--set", "spacing=[2,2,2]"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "medssl.cli",
+            "data",
+            "ingest",
+            str(src),
+            "--out",
+            str(out),
+            "--workers",
+            str(workers),
+            "--set",
+            "spacing=[2,2,2]",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 

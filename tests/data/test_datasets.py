@@ -78,8 +78,9 @@ def test_class_balanced_centres_reach_small_structures_as_often_as_large_ones(tm
     volume = VolumeCache(tmp_path / "cache").get(tmp_path / "c_0000.nii.gz", tmp_path / "c.nii.gz", "ct", CONFIG)
 
     def small_share(class_balanced: bool) -> float:
-        dataset = SegmentationCropDataset([volume], 16, seed=0, augment=False, pos_fraction=1.0,
-                                          class_balanced=class_balanced)
+        dataset = SegmentationCropDataset(
+            [volume], 16, seed=0, augment=False, pos_fraction=1.0, class_balanced=class_balanced
+        )
         return float(np.mean([int(dataset[i]["label"].max()) == 2 for i in range(200)]))
 
     assert small_share(False) < 0.03  # voxel-uniform centres (RandCropByPosNegLabeld): 27 / 13,851

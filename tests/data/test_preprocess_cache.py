@@ -209,8 +209,15 @@ def test_two_processes_racing_on_one_entry_both_succeed(tmp_path: Path) -> None:
 def _msd_dataset_json(root: Path, names: list[str], modality: dict[str, str]) -> None:
     training = [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in names]
     (root / "dataset.json").write_text(
-        json.dumps({"name": "toy", "modality": modality, "labels": {"0": "background", "1": "liver", "2": "spleen"},
-                    "numTraining": len(names), "training": training})
+        json.dumps(
+            {
+                "name": "toy",
+                "modality": modality,
+                "labels": {"0": "background", "1": "liver", "2": "spleen"},
+                "numTraining": len(names),
+                "training": training,
+            }
+        )
     )
 
 

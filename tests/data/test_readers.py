@@ -200,12 +200,28 @@ def test_real_cranium_inv3() -> None:
         ({"extra_members": {"../evil.txt": b"x"}}, "unsafe member"),
         ({"extra_members": {"/etc/evil": b"x"}}, "unsafe member"),
         ({"matrix_bytes": b"\x00" * 10}, "bytes, expected"),
-        ({"plist": {"matrix": {"dtype": "int16", "filename": "../matrix.dat", "shape": [4, 5, 6]},
-                    "spacing": [1, 1, 1]}}, "unsafe matrix file"),
-        ({"plist": {"matrix": {"dtype": "int16", "filename": "matrix.dat"}, "spacing": [1, 1, 1]}},
-         "lacks matrix.shape"),
-        ({"plist": {"matrix": {"dtype": "int16", "filename": "other.dat", "shape": [4, 5, 6]},
-                    "spacing": [1, 1, 1]}}, "which the archive lacks"),
+        (
+            {
+                "plist": {
+                    "matrix": {"dtype": "int16", "filename": "../matrix.dat", "shape": [4, 5, 6]},
+                    "spacing": [1, 1, 1],
+                }
+            },
+            "unsafe matrix file",
+        ),
+        (
+            {"plist": {"matrix": {"dtype": "int16", "filename": "matrix.dat"}, "spacing": [1, 1, 1]}},
+            "lacks matrix.shape",
+        ),
+        (
+            {
+                "plist": {
+                    "matrix": {"dtype": "int16", "filename": "other.dat", "shape": [4, 5, 6]},
+                    "spacing": [1, 1, 1],
+                }
+            },
+            "which the archive lacks",
+        ),
     ],
 )
 def test_bad_invesalius_projects(tmp_path: Path, kwargs: dict, message: str) -> None:
@@ -219,8 +235,9 @@ def test_bad_invesalius_projects(tmp_path: Path, kwargs: dict, message: str) -> 
 def test_inv3_with_a_symlink_member_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "link.inv3"
     with tarfile.open(path, "w:gz") as archive:
-        data = plistlib.dumps({"matrix": {"dtype": "int16", "filename": "matrix.dat", "shape": [1, 1, 1]},
-                               "spacing": [1, 1, 1]})
+        data = plistlib.dumps(
+            {"matrix": {"dtype": "int16", "filename": "matrix.dat", "shape": [1, 1, 1]}, "spacing": [1, 1, 1]}
+        )
         member = tarfile.TarInfo("proj/main.plist")
         member.size = len(data)
         archive.addfile(member, io.BytesIO(data))
@@ -346,8 +363,13 @@ def test_find_volumes_mixed_tree(tmp_path: Path) -> None:
     write_nifti(tmp_path / ".cache" / "hidden.nii.gz", _ramp(), np.eye(4))
     found = find_volumes(tmp_path)
     assert found == sorted(
-        [tmp_path / "a.nii.gz", tmp_path / "d.inv3", tmp_path / "sub" / "b.nrrd", tmp_path / "sub" / "c.mhd",
-         tmp_path / "sub" / "dicom"]
+        [
+            tmp_path / "a.nii.gz",
+            tmp_path / "d.inv3",
+            tmp_path / "sub" / "b.nrrd",
+            tmp_path / "sub" / "c.mhd",
+            tmp_path / "sub" / "dicom",
+        ]
     )
     for path in found:  # each is readable as a volume
         assert read_volume(path).array.ndim == 3

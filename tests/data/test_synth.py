@@ -76,8 +76,13 @@ def test_organs_vary_in_position_size_and_shape(anatomies: list) -> None:
 
 
 # Plausible share of the 64^3 volume per organ (liver ~1-4%, aorta a thin tube, ...).
-_FRACTION = {"liver": (0.008, 0.06), "spleen": (0.0008, 0.008), "kidney": (0.002, 0.012),
-             "stomach": (0.0015, 0.012), "aorta": (0.001, 0.008)}
+_FRACTION = {
+    "liver": (0.008, 0.06),
+    "spleen": (0.0008, 0.008),
+    "kidney": (0.002, 0.012),
+    "stomach": (0.0015, 0.012),
+    "aorta": (0.001, 0.008),
+}
 
 
 def test_every_organ_present_with_plausible_size(anatomies: list) -> None:
@@ -106,8 +111,14 @@ def test_ct_intensities_match_tissues() -> None:
     a = make_anatomy(11)
     ct = render_ct(a, 11)
     core = lambda m: ndimage.binary_erosion(m, iterations=1) & (a.lesions == 0)  # away from blur
-    expected = {"liver": (60, 25), "spleen": (50, 25), "kidney": (150, 30), "aorta": (200, 45),
-                "lung": (-850, 60), "fat": (-100, 30)}
+    expected = {
+        "liver": (60, 25),
+        "spleen": (50, 25),
+        "kidney": (150, 30),
+        "aorta": (200, 45),
+        "lung": (-850, 60),
+        "fat": (-100, 30),
+    }
     for tissue, (hu, tolerance) in expected.items():
         mean = float(ct[core(a.tissue == TISSUES[tissue])].mean())
         assert abs(mean - hu) < tolerance, (tissue, mean)
@@ -120,8 +131,10 @@ def test_mri_is_nonnegative_and_differs_by_weighting(anatomies: list) -> None:
     a = anatomies[0]
     t1, t2 = render_mri(a, 2, "t1"), render_mri(a, 2, "t2")
     assert t1.dtype == np.float32 and t1.min() >= 0 and t2.min() >= 0
-    core = {name: ndimage.binary_erosion(a.tissue == TISSUES[name], iterations=1) & (a.lesions == 0)
-            for name in ("liver", "spleen", "fat", "muscle")}
+    core = {
+        name: ndimage.binary_erosion(a.tissue == TISSUES[name], iterations=1) & (a.lesions == 0)
+        for name in ("liver", "spleen", "fat", "muscle")
+    }
     # liver brighter than spleen on T1, darker on T2; fat brighter than muscle on both
     assert t1[core["liver"]].mean() > 1.2 * t1[core["spleen"]].mean()
     assert t2[core["spleen"]].mean() > 1.5 * t2[core["liver"]].mean()
@@ -155,9 +168,14 @@ def test_corpus_and_tasks_never_share_a_case(synth_root: Path) -> None:
         assert not any(np.array_equal(data, img) for img in task_images)
 
 
-@pytest.mark.parametrize(("kind", "modality", "labels"), [
-    ("ct_organs", "ct", ORGAN_LABELS), ("ct_lesions", "ct", LESION_LABELS), ("mri_organs", "mri", ORGAN_LABELS),
-])
+@pytest.mark.parametrize(
+    ("kind", "modality", "labels"),
+    [
+        ("ct_organs", "ct", ORGAN_LABELS),
+        ("ct_lesions", "ct", LESION_LABELS),
+        ("mri_organs", "mri", ORGAN_LABELS),
+    ],
+)
 def test_msd_folder_is_a_valid_task(synth_root: Path, kind: str, modality: str, labels: dict) -> None:
     root = synth_root / kind
     raw = json.loads((root / "dataset.json").read_text())

@@ -146,8 +146,10 @@ def test_msd_multichannel_4d_images(tmp_path: Path) -> None:
 
 def test_nnunet_dataset_listing(tmp_path: Path) -> None:
     root = _make_nnunet(tmp_path / "Dataset009_Listed", n_cases=2)
-    listing = {f"pat{i:03d}": {"images": [f"imagesTr/pat{i:03d}_0000.nii.gz"], "label": f"labelsTr/pat{i:03d}.nii.gz"}
-               for i in range(2)}
+    listing = {
+        f"pat{i:03d}": {"images": [f"imagesTr/pat{i:03d}_0000.nii.gz"], "label": f"labelsTr/pat{i:03d}.nii.gz"}
+        for i in range(2)
+    }
     _edit_json(root, dataset=listing, numTraining=2)
     task = load_task(root)
     assert [c.case_id for c in task.cases] == ["pat000", "pat001"]
@@ -159,8 +161,17 @@ def test_nnunet_dataset_listing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "modality"),
-    [("CT", "ct"), ("ct", "ct"), ("MRI", "mri"), ("MR", "mri"), ("T1", "mri"), ("T2w", "mri"),
-     ("FLAIR", "mri"), ("ADC", "mri"), ("t1gd", "mri")],
+    [
+        ("CT", "ct"),
+        ("ct", "ct"),
+        ("MRI", "mri"),
+        ("MR", "mri"),
+        ("T1", "mri"),
+        ("T2w", "mri"),
+        ("FLAIR", "mri"),
+        ("ADC", "mri"),
+        ("t1gd", "mri"),
+    ],
 )
 def test_modality_names(tmp_path: Path, name: str, modality: str) -> None:
     root = _make_msd(tmp_path / "t", n_cases=1, modality={"0": name})
@@ -255,9 +266,11 @@ def test_msd_entry_without_label_key(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("image", "message"),
-    [("../outside/evil.nii.gz", "resolves outside the task folder"),
-     ("./imagesTr/../../outside/evil.nii.gz", "resolves outside the task folder"),
-     ("/etc/passwd", "absolute path")],
+    [
+        ("../outside/evil.nii.gz", "resolves outside the task folder"),
+        ("./imagesTr/../../outside/evil.nii.gz", "resolves outside the task folder"),
+        ("/etc/passwd", "absolute path"),
+    ],
 )
 def test_paths_escaping_the_task_are_rejected(tmp_path: Path, image: str, message: str) -> None:
     root = _make_msd(tmp_path / "t")

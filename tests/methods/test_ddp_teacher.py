@@ -22,8 +22,15 @@ from medssl.train.distributed import DistInfo, init_distributed
 from medssl.train.loop import train
 
 STEPS = 3
-OPTIONS = {"out_dim": 64, "hidden_dim": 256, "bottleneck_dim": 64, "n_local_crops": 1,
-           "freeze_last_layer_epochs": 1, "teacher_temp_warmup_epochs": 2, "steps_per_epoch": 1}
+OPTIONS = {
+    "out_dim": 64,
+    "hidden_dim": 256,
+    "bottleneck_dim": 64,
+    "n_local_crops": 1,
+    "freeze_last_layer_epochs": 1,
+    "teacher_temp_warmup_epochs": 2,
+    "steps_per_epoch": 1,
+}
 
 
 class Regions(torch.utils.data.Dataset):
@@ -48,8 +55,16 @@ def _method():
 
 
 def _schedule() -> ScheduleConfig:
-    return ScheduleConfig(steps=STEPS, batch_size=2, lr=1e-4, warmup_steps=0, weight_decay=0.04,
-                          checkpoint_every=STEPS, log_every=1, amp="off")
+    return ScheduleConfig(
+        steps=STEPS,
+        batch_size=2,
+        lr=1e-4,
+        warmup_steps=0,
+        weight_decay=0.04,
+        checkpoint_every=STEPS,
+        log_every=1,
+        amp="off",
+    )
 
 
 def _worker(rank: int, world: int, init_file: str, run_path: str) -> None:
@@ -70,8 +85,7 @@ def test_ddp_teacher_matches_single_process(tmp_path) -> None:
     train(single, Regions(single.make_views), _schedule(), RunDir(tmp_path / "single"), info)
 
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path / "ddp")))
-             for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path / "ddp"))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -57,14 +57,15 @@ def test_smit_distils_the_stage3_grid_through_a_layernorm_at_96() -> None:
     coded = torch.arange(128**3, dtype=torch.float64).reshape(1, 128, 128, 128)
     crop = smit.make_views(coded, np.random.default_rng(0))["crops"][0, 0].double()
     i, j, k = np.unravel_index(int(crop[0, 0, 0]), (128, 128, 128))
-    assert torch.equal(crop, coded[0, i:i + 96, j:j + 96, k:k + 96])
+    assert torch.equal(crop, coded[0, i : i + 96, j : j + 96, k : k + 96])
 
     norm = smit.head.norm
     assert isinstance(norm, nn.LayerNorm) and norm.normalized_shape == (8 * 12,) and norm.eps == 1e-6
     seen = []
     handle = norm.register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape)))
     teacher_handle = smit.teacher_head.module.norm.register_forward_hook(
-        lambda _m, args, _out: seen.append(tuple(args[0].shape)))
+        lambda _m, args, _out: seen.append(tuple(args[0].shape))
+    )
     batch = {k: v.unsqueeze(0) for k, v in views.items()}
     with torch.no_grad():
         out = smit(batch, 0)
@@ -92,8 +93,13 @@ def test_steps_per_epoch_comes_from_the_corpus_rule_unless_given() -> None:
     encoder = SwinEncoder(EncoderConfig(preset="tiny", window_size=4))
     method = build_method(MethodConfig(name="smit", options={"out_dim": 32}), encoder, 32, 100, steps_per_epoch=7)
     assert method.steps_per_epoch == 7 and method.freeze_last_layer_steps == 7
-    explicit = build_method(MethodConfig(name="smit", options={"out_dim": 32, "steps_per_epoch": 3}),
-                            SwinEncoder(EncoderConfig(preset="tiny", window_size=4)), 32, 100, steps_per_epoch=7)
+    explicit = build_method(
+        MethodConfig(name="smit", options={"out_dim": 32, "steps_per_epoch": 3}),
+        SwinEncoder(EncoderConfig(preset="tiny", window_size=4)),
+        32,
+        100,
+        steps_per_epoch=7,
+    )
     assert explicit.steps_per_epoch == 3
 
 
@@ -124,8 +130,7 @@ def test_ibot_masks_whole_bottleneck_tokens_and_leaves_the_configured_share_unma
 
 
 def test_ibot_masking_starts_at_pred_start_epoch_and_heads_follow_the_release() -> None:
-    ibot = build("ibot", n_local_crops=0, pred_start_epoch=2, pred_shape="rand", pred_ratio=[1.0],
-                 pred_ratio_var=[0.0])
+    ibot = build("ibot", n_local_crops=0, pred_start_epoch=2, pred_shape="rand", pred_ratio=[1.0], pred_ratio_var=[0.0])
     batch = {k: v.unsqueeze(0) for k, v in ibot.make_views(region(32), np.random.default_rng(0)).items()}
     with torch.no_grad():
         assert ibot(batch, 1)["mask_fraction"].item() == 0.0
@@ -204,9 +209,12 @@ def test_exported_network(name: str, network: str, tmp_path) -> None:
     assert override.exported_network() == other
     assert override.encoder_for_export() is not override.encoder_for_export(network)
 
-    config = PretrainConfig(method=MethodConfig(name=name, options=SMALL_HEAD), crop_size=32,
-                            encoder=EncoderConfig(preset="tiny", window_size=4),
-                            schedule=ScheduleConfig(steps=0))
+    config = PretrainConfig(
+        method=MethodConfig(name=name, options=SMALL_HEAD),
+        crop_size=32,
+        encoder=EncoderConfig(preset="tiny", window_size=4),
+        schedule=ScheduleConfig(steps=0),
+    )
     run_pretrain(config, tmp_path / name)
     _, meta = read_encoder_checkpoint(RunDir(tmp_path / name).encoder_path)
     assert meta["exported_network"] == network
@@ -216,5 +224,9 @@ def test_a_method_without_teacher_cannot_export_one() -> None:
     from medssl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no teacher"):
-        build_method(MethodConfig(name="simmim", options={"export_network": "teacher"}),
-                     SwinEncoder(EncoderConfig(preset="tiny", window_size=4)), 32, 8)
+        build_method(
+            MethodConfig(name="simmim", options={"export_network": "teacher"}),
+            SwinEncoder(EncoderConfig(preset="tiny", window_size=4)),
+            32,
+            8,
+        )

@@ -75,7 +75,8 @@ def test_entropy_matches_hand_value_and_patch_tokens_count_as_rows() -> None:
     tokens = torch.softmax(torch.randn(2, 5, 7), dim=-1)
     flat = health_metrics(teacher_probs=tokens.reshape(10, 7))
     assert health_metrics(teacher_probs=tokens)["health/teacher_batch_entropy"].item() == pytest.approx(
-        flat["health/teacher_batch_entropy"].item(), rel=1e-6)
+        flat["health/teacher_batch_entropy"].item(), rel=1e-6
+    )
 
 
 def test_values_are_detached_float_scalars() -> None:

@@ -349,10 +349,16 @@ def test_byol_and_mocov3_augmentations_are_asymmetric(name):
     symmetric = REGISTRY["simclr"].Params().augment
     assert symmetric[0] == symmetric[1] and symmetric[0].solarize_prob == 0.0
     # The views follow their own options: only view 2 is ever solarised, view 1 is always blurred.
-    method = build(name, augment=[
-        {"blur_prob": 1.0, "solarize_prob": 0.0, "scale_prob": 0, "shift_prob": 0, "noise_prob": 0},
-        {"blur_prob": 0.0, "solarize_prob": 1.0, "scale_prob": 0, "shift_prob": 0, "noise_prob": 0},
-    ], crop_scale=(1.0, 1.0), crop_ratio=None, flip_prob=0.0)
+    method = build(
+        name,
+        augment=[
+            {"blur_prob": 1.0, "solarize_prob": 0.0, "scale_prob": 0, "shift_prob": 0, "noise_prob": 0},
+            {"blur_prob": 0.0, "solarize_prob": 1.0, "scale_prob": 0, "shift_prob": 0, "noise_prob": 0},
+        ],
+        crop_scale=(1.0, 1.0),
+        crop_ratio=None,
+        flip_prob=0.0,
+    )
     region = synthetic_region(method.region_size(CROP)).clamp(0, 1)
     views = method.make_views(region, np.random.default_rng(0))
     crop = random_resized_crop_3d(region, CROP, (1.0, 1.0), np.random.default_rng(0))
@@ -365,8 +371,15 @@ def test_byol_and_mocov3_augmentations_are_asymmetric(name):
 def test_solarize_inverts_intensities_above_half():
     x = torch.tensor([0.0, 0.2, 0.49, 0.5, 0.8, 1.0])
     assert torch.allclose(solarize(x), torch.tensor([0.0, 0.2, 0.49, 0.5, 0.2, 0.0]))
-    a = intensity_augment(x.reshape(1, 1, 1, 6), np.random.default_rng(0), scale_prob=0, shift_prob=0,
-                          noise_prob=0, blur_prob=0, solarize_prob=1.0)
+    a = intensity_augment(
+        x.reshape(1, 1, 1, 6),
+        np.random.default_rng(0),
+        scale_prob=0,
+        shift_prob=0,
+        noise_prob=0,
+        blur_prob=0,
+        solarize_prob=1.0,
+    )
     assert torch.allclose(a.flatten(), solarize(x))
 
 

@@ -32,8 +32,13 @@ IBOT_MASKED = {"pred_start_epoch": 0, "pred_shape": "rand", "pred_ratio": [1.0],
 CASES = {
     "dino": {"n_local_crops": 1},
     "ibot": {"n_local_crops": 1, **IBOT_MASKED},
-    "ibot-separate": {"n_local_crops": 0, "shared_head": False, "shared_head_teacher": False, "patch_out_dim": 32,
-                      **IBOT_MASKED},
+    "ibot-separate": {
+        "n_local_crops": 0,
+        "shared_head": False,
+        "shared_head_teacher": False,
+        "patch_out_dim": 32,
+        **IBOT_MASKED,
+    },
     "smit": {},
 }
 
@@ -104,8 +109,9 @@ def test_multicrop_views_shapes_and_determinism() -> None:
     again = multicrop_views(region, np.random.default_rng(3), crop_size=64, n_local=3, local_size=32)
     assert torch.equal(views["local_crops"], again["local_crops"])
     assert not torch.equal(views["global_crops"][0], views["global_crops"][1])
-    assert "local_crops" not in multicrop_views(region, np.random.default_rng(3), crop_size=32, n_local=0,
-                                                local_size=32)
+    assert "local_crops" not in multicrop_views(
+        region, np.random.default_rng(3), crop_size=32, n_local=0, local_size=32
+    )
     with pytest.raises(ValueError):
         multicrop_views(region, np.random.default_rng(3), crop_size=32, n_local=1, local_size=48)
 
@@ -172,10 +178,13 @@ def test_training_steps_contract(case: str) -> None:
     def watch(role: str):
         def hook(_module, args, kwargs):
             seen[role].append(kwargs.get("mask") is not None)
+
         return hook
 
-    handles = [method.encoder.register_forward_pre_hook(watch("student"), with_kwargs=True),
-               method.teacher_encoder.module.register_forward_pre_hook(watch("teacher"), with_kwargs=True)]
+    handles = [
+        method.encoder.register_forward_pre_hook(watch("student"), with_kwargs=True),
+        method.teacher_encoder.module.register_forward_pre_hook(watch("teacher"), with_kwargs=True),
+    ]
     records = []
     for i in range(n_steps):
         teacher_before = [[p.detach().clone() for p in t.module.parameters()] for _, t in pairs]
@@ -205,8 +214,12 @@ def test_training_steps_contract(case: str) -> None:
     # One masked student pass per step (the global crops; iBOT's local crops are never masked).
     assert seen["student"].count(True) == (n_steps if masked else 0)
 
-    components = {"dino": ["dino_ce"], "ibot": ["global_ce", "patch_ce"], "ibot-separate": ["global_ce", "patch_ce"],
-                  "smit": ["patch_ce", "global_ce", "reconstruction_l1"]}[case]
+    components = {
+        "dino": ["dino_ce"],
+        "ibot": ["global_ce", "patch_ce"],
+        "ibot-separate": ["global_ce", "patch_ce"],
+        "smit": ["patch_ce", "global_ce", "reconstruction_l1"],
+    }[case]
     for record in records:
         for key in ["loss", "health/embedding_std_scaled", "health/teacher_entropy", *components]:
             assert np.isfinite(record[key]), (key, record)
@@ -232,8 +245,10 @@ def test_training_steps_contract(case: str) -> None:
 # --------------------------------------------------------------------------- registry and configs
 
 
-@pytest.mark.parametrize(("name", "cls", "family"), [("dino", DINO, "self_distillation"),
-                                                      ("ibot", IBOT, "self_distillation"), ("smit", SMIT, "mim")])
+@pytest.mark.parametrize(
+    ("name", "cls", "family"),
+    [("dino", DINO, "self_distillation"), ("ibot", IBOT, "self_distillation"), ("smit", SMIT, "mim")],
+)
 def test_registry_and_default_config(name: str, cls: type, family: str) -> None:
     assert REGISTRY[name] is cls and cls.family == family and cls.description
     data = load_yaml(CONFIGS / f"{name}.yaml")

@@ -36,12 +36,32 @@ def run_cli(args, capsys, monkeypatch):
 @pytest.mark.slow
 def test_exported_bundle_segments_a_test_case_with_the_runs_dice(tmp_path, capsys, monkeypatch):
     task_dir = synth_task(tmp_path / "task", "ct_organs", 4, seed=5, shape=(40, 40, 40))
-    cfg = FinetuneConfig(task=task_dir, encoder=TINY, budget=2, crop_size=32, preprocess=PRE, val_every=3, n_test=1,
-                         n_val=1, loss="dice", crop_sampling="class_balanced",
-                         schedule=ScheduleConfig(steps=6, batch_size=2, lr=1e-2, warmup_steps=1, log_every=1))
+    cfg = FinetuneConfig(
+        task=task_dir,
+        encoder=TINY,
+        budget=2,
+        crop_size=32,
+        preprocess=PRE,
+        val_every=3,
+        n_test=1,
+        n_val=1,
+        loss="dice",
+        crop_sampling="class_balanced",
+        schedule=ScheduleConfig(steps=6, batch_size=2, lr=1e-2, warmup_steps=1, log_every=1),
+    )
     results = run_finetune(cfg, tmp_path / "ft")
-    code, out, err = run_cli(["export", tmp_path / "ft" / "checkpoints" / "best.pt", "--format", "monai-bundle",
-                              "--out", tmp_path / "bundle"], capsys, monkeypatch)
+    code, out, err = run_cli(
+        [
+            "export",
+            tmp_path / "ft" / "checkpoints" / "best.pt",
+            "--format",
+            "monai-bundle",
+            "--out",
+            tmp_path / "bundle",
+        ],
+        capsys,
+        monkeypatch,
+    )
     assert code in (0, None), err
     bundle = tmp_path / "bundle"
     for name in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "README.md"):
@@ -57,9 +77,23 @@ def test_exported_bundle_segments_a_test_case_with_the_runs_dice(tmp_path, capsy
     scans = tmp_path / "scans"
     scans.mkdir()
     (scans / f"{case_id}.nii.gz").symlink_to(case.image)
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                           str(bundle / "configs" / "inference.json"), "--dataset_dir", str(scans),
-                           "--output_dir", str(tmp_path / "seg")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(bundle / "configs" / "inference.json"),
+            "--dataset_dir",
+            str(scans),
+            "--output_dir",
+            str(tmp_path / "seg"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (seg_file,) = (tmp_path / "seg").glob("*.nii.gz")
     prediction = torch.from_numpy(np.asarray(nib.load(seg_file).dataobj).astype(np.int64))
@@ -67,8 +101,9 @@ def test_exported_bundle_segments_a_test_case_with_the_runs_dice(tmp_path, capsy
     volume = cache_task(task, VolumeCache(tmp_path / "ft" / "cache"), PRE)[case_id]
     truth = load_eval_case(volume)
     assert tuple(prediction.shape) == tuple(truth["label"].shape[1:])
-    rows = case_metrics(prediction, truth["label"][0], task.structures, truth["spacing"], cfg.nsd_tolerance_mm,
-                        case_id=case_id)
+    rows = case_metrics(
+        prediction, truth["label"][0], task.structures, truth["spacing"], cfg.nsd_tolerance_mm, case_id=case_id
+    )
     run_dice = {r["structure"]: r["dice"] for r in results["cases"] if r["case"] == case_id}
     bundle_dice = {r["structure"]: r["dice"] for r in rows}
     assert bundle_dice.keys() == run_dice.keys()

@@ -54,14 +54,22 @@ def run_cli(args, capsys, monkeypatch):
 @pytest.mark.parametrize(("wrap", "feature_size"), [("plain", 48), ("module", 12), ("state_dict", 12), ("net", 12)])
 def test_a_monai_swinunetr_state_dict_is_read_with_its_config_from_the_shapes(tmp_path, wrap, feature_size):
     state = _monai_state(feature_size)
-    payload = {"plain": state, "module": {"module." + k: v for k, v in state.items()},
-               "state_dict": {"state_dict": state, "epoch": 3}, "net": {"net": state}}[wrap]
+    payload = {
+        "plain": state,
+        "module": {"module." + k: v for k, v in state.items()},
+        "state_dict": {"state_dict": state, "epoch": 3},
+        "net": {"net": state},
+    }[wrap]
     path = tmp_path / "swin_unetr.pt"
     torch.save(payload, path)
     encoder, meta = load_encoder(path)
     config = encoder.config
     assert (config.feature_size, config.depths, config.num_heads, config.window_size) == (
-        feature_size, (2,) * 4, (3, 6, 12, 24), 7)
+        feature_size,
+        (2,) * 4,
+        (3, 6, 12, 24),
+        7,
+    )
     assert config.preset == ("base" if feature_size == 48 else "tiny")
     assert config.in_channels == 1 and config.patch_size == 2
     assert meta["method"] == "external:swin_unetr" and meta["family"] == "external"
@@ -113,10 +121,22 @@ def test_finetune_cli_takes_a_monai_state_dict_and_exits_2_when_a_tensor_is_miss
     task = synth_task(tmp_path / "task", "ct_organs", 4, seed=2, shape=(32, 32, 32))
     state = _monai_state(12)
     torch.save(state, tmp_path / "monai.pt")
-    common = ["--task", task, "--budget", "1", "crop_size=32", "n_test=1", "n_val=1", "val_every=1",
-              "schedule.steps=1", "schedule.warmup_steps=0", "preprocess.spacing=[4,4,4]"]
-    code, out, err = run_cli(["finetune", "--encoder", tmp_path / "monai.pt", "--out", tmp_path / "ft", *common],
-                             capsys, monkeypatch)
+    common = [
+        "--task",
+        task,
+        "--budget",
+        "1",
+        "crop_size=32",
+        "n_test=1",
+        "n_val=1",
+        "val_every=1",
+        "schedule.steps=1",
+        "schedule.warmup_steps=0",
+        "preprocess.spacing=[4,4,4]",
+    ]
+    code, out, err = run_cli(
+        ["finetune", "--encoder", tmp_path / "monai.pt", "--out", tmp_path / "ft", *common], capsys, monkeypatch
+    )
     assert code == 0, err
     results = json.loads((tmp_path / "ft" / "results.json").read_text())
     info = json.loads((tmp_path / "ft" / "run.json").read_text())
@@ -126,8 +146,9 @@ def test_finetune_cli_takes_a_monai_state_dict_and_exits_2_when_a_tensor_is_miss
     assert f"{n}/{n} encoder tensors" in (tmp_path / "ft" / "log.txt").read_text()
 
     torch.save({k: v for k, v in state.items() if "patch_embed.proj.bias" not in k}, tmp_path / "broken.pt")
-    code, out, err = run_cli(["finetune", "--encoder", tmp_path / "broken.pt", "--out", tmp_path / "ft2", *common],
-                             capsys, monkeypatch)
+    code, out, err = run_cli(
+        ["finetune", "--encoder", tmp_path / "broken.pt", "--out", tmp_path / "ft2", *common], capsys, monkeypatch
+    )
     assert code == 2
     assert err.strip().count("\n") == 0 and "broken.pt" in err and "patch_embed.proj.bias" in err
 
@@ -142,9 +163,14 @@ def test_cka_accepts_an_external_encoder(tmp_path):
 
 def test_bench_external_encoders_become_their_own_rows(tmp_path):
     torch.save(_monai_state(12), tmp_path / "published.pt")
-    bench = {"name": "t", "tasks": [{"path": "synth:ct_organs"}], "methods": ["none"],
-             "encoder": {"preset": "tiny"}, "finetune": {"crop_size": 32, "n_test": 3, "n_val": 2},
-             "external_encoders": [{"name": "swinunetr_btcv", "path": "published.pt"}]}
+    bench = {
+        "name": "t",
+        "tasks": [{"path": "synth:ct_organs"}],
+        "methods": ["none"],
+        "encoder": {"preset": "tiny"},
+        "finetune": {"crop_size": 32, "n_test": 3, "n_val": 2},
+        "external_encoders": [{"name": "swinunetr_btcv", "path": "published.pt"}],
+    }
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench))
     plan = expand_plan(load_bench_config(tmp_path / "bench.yaml"), tmp_path / "out")
     external = [r for r in plan.stage("finetune") if r.labels["method"] == "external:swinunetr_btcv"]
@@ -153,5 +179,7 @@ def test_bench_external_encoders_become_their_own_rows(tmp_path):
     assert checkpoint.parent == tmp_path / "out" / "external"
     assert read_encoder_checkpoint(checkpoint)[1]["method"] == "external:swinunetr_btcv"
     assert [r.labels["comparison"] for r in plan.stage("cka")] == ["pretrained_vs_finetuned"]
-    assert import_external_encoder(tmp_path / "published.pt", "swinunetr_btcv", tmp_path / "out" / "external") \
-        == checkpoint  # converted once, named by the source's hash
+    assert (
+        import_external_encoder(tmp_path / "published.pt", "swinunetr_btcv", tmp_path / "out" / "external")
+        == checkpoint
+    )  # converted once, named by the source's hash

@@ -23,7 +23,12 @@ def test_encoder_outputs_five_scales():
     enc = SwinEncoder(TINY).eval()
     outs = enc(torch.randn(2, 1, 32, 32, 32))
     assert [tuple(o.shape) for o in outs] == [
-        (2, 12, 16, 16, 16), (2, 24, 8, 8, 8), (2, 48, 4, 4, 4), (2, 96, 2, 2, 2), (2, 192, 1, 1, 1)]
+        (2, 12, 16, 16, 16),
+        (2, 24, 8, 8, 8),
+        (2, 48, 4, 4, 4),
+        (2, 96, 2, 2, 2),
+        (2, 192, 1, 1, 1),
+    ]
 
 
 def test_mask_token_replaces_masked_patches_and_keeps_shapes():
@@ -70,8 +75,15 @@ def test_segmenter_keys_match_monai_swinunetr():
 
 
 def _save(tmp_path, enc):
-    meta = encoder_meta(method="simmim", family="mim", encoder=enc.config, preprocess={"spacing": [1.5] * 3},
-                        crop_size=32, steps=3, config_hash="abc")
+    meta = encoder_meta(
+        method="simmim",
+        family="mim",
+        encoder=enc.config,
+        preprocess={"spacing": [1.5] * 3},
+        crop_size=32,
+        steps=3,
+        config_hash="abc",
+    )
     path = tmp_path / "encoder.pt"
     save_encoder(path, enc, meta)
     return path
@@ -85,8 +97,18 @@ def test_checkpoint_round_trip_with_metadata(tmp_path):
         assert torch.equal(v, loaded.state_dict()[k]), k
     n = len(enc.state_dict())
     assert meta["load_report"] == f"loaded {n}/{n} encoder tensors"
-    for key in ("method", "family", "preset", "encoder", "spacing", "intensity", "crop_size", "steps",
-                "code_version", "config_hash"):
+    for key in (
+        "method",
+        "family",
+        "preset",
+        "encoder",
+        "spacing",
+        "intensity",
+        "crop_size",
+        "steps",
+        "code_version",
+        "config_hash",
+    ):
         assert key in meta
 
 

@@ -12,9 +12,14 @@ TOL = 1e-5
 
 def _monai(config: EncoderConfig) -> SwinTransformer:
     return SwinTransformer(
-        in_chans=config.in_channels, embed_dim=config.feature_size, window_size=(config.window_size,) * 3,
-        patch_size=(config.patch_size,) * 3, depths=config.depths, num_heads=config.num_heads,
-        drop_path_rate=config.drop_path_rate, spatial_dims=3,
+        in_chans=config.in_channels,
+        embed_dim=config.feature_size,
+        window_size=(config.window_size,) * 3,
+        patch_size=(config.patch_size,) * 3,
+        depths=config.depths,
+        num_heads=config.num_heads,
+        drop_path_rate=config.drop_path_rate,
+        spatial_dims=3,
     )
 
 
@@ -37,7 +42,10 @@ SMIT_LIKE = dict(feature_size=12, depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16))
 @pytest.mark.parametrize(
     "size,window,masked,shape",
     [
-        (32, 7, False, {}), (32, 7, True, {}), (32, 4, False, SMIT_LIKE), (32, 4, True, SMIT_LIKE),
+        (32, 7, False, {}),
+        (32, 7, True, {}),
+        (32, 4, False, SMIT_LIKE),
+        (32, 4, True, SMIT_LIKE),
         pytest.param(64, 7, True, {}, marks=pytest.mark.slow),
         pytest.param(64, 4, False, SMIT_LIKE, marks=pytest.mark.slow),
     ],

@@ -20,9 +20,17 @@ from typing import Any
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
 FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--hide-scrollbars", "--remote-debugging-pipe",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--remote-debugging-pipe",
 )
 # Runs in the page after load: every image decoded, then the layout of sections and images.
 LAYOUT_SCRIPT = """
@@ -123,8 +131,11 @@ def render(page: Path, width: int = 1200, timeout: float = 60.0, screenshot_scal
 
     process = subprocess.Popen(
         [chromium, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},900", "about:blank"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        preexec_fn=child_fds, close_fds=False,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=child_fds,
+        close_fds=False,
     )
     os.close(to_browser_r)
     os.close(from_browser_w)
@@ -133,12 +144,12 @@ def render(page: Path, width: int = 1200, timeout: float = 60.0, screenshot_scal
         target = pipe.send("Target.createTarget", url="about:blank")["targetId"]
         session = pipe.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         pipe.send("Page.enable", session)
-        pipe.send("Emulation.setDeviceMetricsOverride", session, width=width, height=900, deviceScaleFactor=1,
-                  mobile=False)
+        pipe.send(
+            "Emulation.setDeviceMetricsOverride", session, width=width, height=900, deviceScaleFactor=1, mobile=False
+        )
         pipe.send("Page.navigate", session, url=page.resolve().as_uri())
         pipe.wait_event("Page.loadEventFired")
-        result = pipe.send("Runtime.evaluate", session, expression=LAYOUT_SCRIPT, awaitPromise=True,
-                           returnByValue=True)
+        result = pipe.send("Runtime.evaluate", session, expression=LAYOUT_SCRIPT, awaitPromise=True, returnByValue=True)
         if "exceptionDetails" in result:
             raise RuntimeError(f"layout script failed: {result['exceptionDetails']}")
         layout = result["result"]["value"]

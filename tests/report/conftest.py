@@ -135,12 +135,19 @@ def write_pretrain_run(runs: Path, method: str, collapsed: bool = False) -> RunD
         "steps": 40,
     }
     metrics = [
-        {"step": s, "loss": 2.0 / s, "lr": 1e-4, "health/embedding_std_scaled": spread,
-         "health/embedding_rank": 1.0 if collapsed else 3.0, "health/feature_std_scaled": 0.1}
+        {
+            "step": s,
+            "loss": 2.0 / s,
+            "lr": 1e-4,
+            "health/embedding_std_scaled": spread,
+            "health/embedding_rank": 1.0 if collapsed else 3.0,
+            "health/feature_std_scaled": 0.1,
+        }
         for s in range(1, 41, 5)
     ]
-    config = PretrainConfig(method=MethodConfig(name=method), recipe="published",
-                            schedule=ScheduleConfig(steps=40, batch_size=8))
+    config = PretrainConfig(
+        method=MethodConfig(name=method), recipe="published", schedule=ScheduleConfig(steps=40, batch_size=8)
+    )
     results = {
         "kind": "pretrain",
         "method": method,
@@ -152,9 +159,17 @@ def write_pretrain_run(runs: Path, method: str, collapsed: bool = False) -> RunD
         "step_seconds": 0.5,
         "health": health_verdict(metrics),
         "optimiser": optimiser_provenance(config),
-        "cost": {"flops_per_step": 1e9 * (2 if method == "dino" else 1), "total_flops": 40e9 * (2 if method == "dino"
-                 else 1), "steps": 40, "wall_seconds": 20.0, "devices": 1, "device_kind": "cpu",
-                 "device_hours": 20.0 / 3600, "peak_memory_bytes": 2**30, "peak_memory_kind": "cpu_peak_rss"},
+        "cost": {
+            "flops_per_step": 1e9 * (2 if method == "dino" else 1),
+            "total_flops": 40e9 * (2 if method == "dino" else 1),
+            "steps": 40,
+            "wall_seconds": 20.0,
+            "devices": 1,
+            "device_kind": "cpu",
+            "device_hours": 20.0 / 3600,
+            "peak_memory_bytes": 2**30,
+            "peak_memory_kind": "cpu_peak_rss",
+        },
     }
     _finish(run, info, results, metrics)
     return run

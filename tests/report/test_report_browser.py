@@ -19,7 +19,7 @@ import chromium  # noqa: E402
 pytestmark = pytest.mark.skipif(
     chromium.find_chromium() is None,
     reason="headless Chromium not installed (Debian: apt-get install chromium; .ci/run tries to install it; "
-           "MEDSSL_CHROMIUM=/path picks a binary)",
+    "MEDSSL_CHROMIUM=/path picks a binary)",
 )
 
 

@@ -153,7 +153,11 @@ def test_finetune_recipes_come_from_each_runs_config(fake, tmp_path: Path) -> No
     recipes = finetune_recipes(runs).set_index("task")
     assert recipes.loc["ct_organs", "runs"] == 2  # both encoders share one recipe row
     assert recipes.loc["ct_organs", ["steps", "loss", "crop_sampling", "crop_size"]].tolist() == [
-        "96", "dice", "class_balanced", "32"]
+        "96",
+        "dice",
+        "class_balanced",
+        "32",
+    ]
     assert recipes.loc["mri_organs", "steps"] == "not recorded"
     assert provenance(runs)["finetune_recipes"] == finetune_recipes(runs).to_dict(orient="records")
 

@@ -44,9 +44,14 @@ def _options(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_method_pretrains_and_its_encoder_loads_into_the_segmenter(name, corpus, tmp_path):
-    cfg = PretrainConfig(method=MethodConfig(name=name, options=_options(name)), encoder=TINY, corpus=corpus,
-                         crop_size=32, preprocess=PRE,
-                         schedule=ScheduleConfig(steps=3, batch_size=2, lr=5e-4, warmup_steps=1, log_every=1))
+    cfg = PretrainConfig(
+        method=MethodConfig(name=name, options=_options(name)),
+        encoder=TINY,
+        corpus=corpus,
+        crop_size=32,
+        preprocess=PRE,
+        schedule=ScheduleConfig(steps=3, batch_size=2, lr=5e-4, warmup_steps=1, log_every=1),
+    )
     results = run_pretrain(cfg, tmp_path / name)
     run = RunDir(tmp_path / name)
     assert run.is_finished()
@@ -69,8 +74,17 @@ def test_every_method_pretrains_and_its_encoder_loads_into_the_segmenter(name, c
 
 def test_finetune_writes_results_and_is_not_rerun(corpus, tmp_path):
     task = synth_task(tmp_path / "task", "ct_organs", 6, seed=5, shape=(32, 32, 32))
-    cfg = FinetuneConfig(task=task, encoder=TINY, budget=2, crop_size=32, preprocess=PRE, val_every=2, n_test=2,
-                         n_val=1, schedule=ScheduleConfig(steps=2, batch_size=2, lr=1e-3, warmup_steps=0))
+    cfg = FinetuneConfig(
+        task=task,
+        encoder=TINY,
+        budget=2,
+        crop_size=32,
+        preprocess=PRE,
+        val_every=2,
+        n_test=2,
+        n_val=1,
+        schedule=ScheduleConfig(steps=2, batch_size=2, lr=1e-3, warmup_steps=0),
+    )
     results = run_finetune(cfg, tmp_path / "ft")
     assert results["method"] == "none" and results["n_train"] == 2 and results["budget"] == "2"
     assert len(results["val_curve"]) == 1 and results["val_curve"][0]["step"] == 2

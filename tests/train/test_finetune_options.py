@@ -25,8 +25,10 @@ class RandomCrops(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         rng = np.random.default_rng([11, i])
-        return {"image": torch.from_numpy(rng.random((1, 32, 32, 32), dtype=np.float32)),
-                "label": torch.from_numpy(rng.integers(0, 3, (1, 32, 32, 32)))}
+        return {
+            "image": torch.from_numpy(rng.random((1, 32, 32, 32), dtype=np.float32)),
+            "label": torch.from_numpy(rng.integers(0, 3, (1, 32, 32, 32))),
+        }
 
 
 def _module(**options):
@@ -41,8 +43,17 @@ def _snapshot(module):
 def _schedule(steps, lr=1e-3):
     # Constant lr (min_lr = lr, no warm-up), no clipping: Adam's first update of a weight is then
     # lr * g / (|g| + eps), lr in size where |g| >> eps, so how far a weight moved reads its lr off directly.
-    return ScheduleConfig(steps=steps, batch_size=1, lr=lr, min_lr=lr, warmup_steps=0, weight_decay=0.0,
-                          grad_clip=None, log_every=1, checkpoint_every=100)
+    return ScheduleConfig(
+        steps=steps,
+        batch_size=1,
+        lr=lr,
+        min_lr=lr,
+        warmup_steps=0,
+        weight_decay=0.0,
+        grad_clip=None,
+        log_every=1,
+        checkpoint_every=100,
+    )
 
 
 def test_swin_layer_ids_follow_simmim_get_swin_layer():
@@ -110,9 +121,19 @@ def test_plateau_rule():
 def test_early_stop_ends_the_run_on_a_plateau_and_is_recorded(tmp_path):
     task = synth_task(tmp_path / "task", "ct_organs", 6, seed=5, shape=(32, 32, 32))
     # min_delta 1.0: no validation can improve on the first by that much, so the run stops at the second.
-    cfg = FinetuneConfig(task=task, encoder=TINY, budget=2, crop_size=32, preprocess=PRE, val_every=1, n_test=1,
-                         n_val=1, early_stop_patience=1, early_stop_min_delta=1.0,
-                         schedule=ScheduleConfig(steps=6, batch_size=1, lr=1e-3, warmup_steps=0))
+    cfg = FinetuneConfig(
+        task=task,
+        encoder=TINY,
+        budget=2,
+        crop_size=32,
+        preprocess=PRE,
+        val_every=1,
+        n_test=1,
+        n_val=1,
+        early_stop_patience=1,
+        early_stop_min_delta=1.0,
+        schedule=ScheduleConfig(steps=6, batch_size=1, lr=1e-3, warmup_steps=0),
+    )
     results = run_finetune(cfg, tmp_path / "ft")
     assert results["stopped_early_at"] == 2 and results["steps_run"] == 2 and results["steps"] == 6
     assert [r["step"] for r in results["val_curve"]] == [1, 2]

@@ -96,9 +96,14 @@ def test_random_init_is_not_flagged(name, corpus) -> None:
 
 
 def _short_run(name: str, options: dict, corpus, out, steps: int = 4, lr: float = 5e-4) -> dict:
-    cfg = PretrainConfig(method=MethodConfig(name=name, options={**SMALL_HEADS.get(name, {}), **options}),
-                         encoder=TINY, corpus=corpus, crop_size=32, preprocess=PRE,
-                         schedule=ScheduleConfig(steps=steps, batch_size=2, lr=lr, warmup_steps=1, log_every=1))
+    cfg = PretrainConfig(
+        method=MethodConfig(name=name, options={**SMALL_HEADS.get(name, {}), **options}),
+        encoder=TINY,
+        corpus=corpus,
+        crop_size=32,
+        preprocess=PRE,
+        schedule=ScheduleConfig(steps=steps, batch_size=2, lr=lr, warmup_steps=1, log_every=1),
+    )
     return run_pretrain(cfg, out)
 
 
@@ -135,8 +140,13 @@ def test_dino_without_centring_is_flagged(corpus, tmp_path) -> None:
     TEACHER_BATCH_ENTROPY_FLOOR), so the run is driven hard: tau_t 0.02, teacher momentum 0.9, lr 5e-3."""
     if "centre" not in REGISTRY["dino"].Params.model_fields:
         pytest.skip("DINO has no centre option in this tree")
-    hot = {"centre": False, "teacher_temp_start": 0.02, "teacher_temp": 0.02, "teacher_momentum": 0.9,
-           "n_local_crops": 0}
+    hot = {
+        "centre": False,
+        "teacher_temp_start": 0.02,
+        "teacher_temp": 0.02,
+        "teacher_momentum": 0.9,
+        "n_local_crops": 0,
+    }
     health = _short_run("dino", hot, corpus, tmp_path / "nocentre", steps=5, lr=5e-3)["health"]
     assert health["collapsed"] and "same prototype" in health["reason"]
     assert health["final"]["health/teacher_batch_entropy_ratio"] < TEACHER_BATCH_ENTROPY_FLOOR

@@ -42,8 +42,7 @@ def _method(steps):
 
 
 def _schedule(steps, batch=2, **kw):
-    return ScheduleConfig(steps=steps, batch_size=batch, lr=1e-3, warmup_steps=1, checkpoint_every=2,
-                          log_every=1, **kw)
+    return ScheduleConfig(steps=steps, batch_size=batch, lr=1e-3, warmup_steps=1, checkpoint_every=2, log_every=1, **kw)
 
 
 def _ddp_worker(rank, world, init_file, run_path, steps):
@@ -66,8 +65,7 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path):
     train(single, ToyRegions(single.make_views), _schedule(steps), RunDir(tmp_path / "single"), info)
 
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, tmp_path / "init", tmp_path / "ddp", steps))
-             for r in range(2)]
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, tmp_path / "init", tmp_path / "ddp", steps)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

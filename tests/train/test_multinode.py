@@ -43,8 +43,9 @@ def _launch_args(kind: str, config, run_dir) -> list[str]:
 
 
 def _single(kind: str, config, run_dir) -> None:
-    proc = subprocess.run([sys.executable, *_launch_args(kind, config, run_dir)], env=_env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, *_launch_args(kind, config, run_dir)], env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -52,10 +53,28 @@ def _two_nodes(kind: str, config, run_dir) -> None:
     endpoint = f"127.0.0.1:{_free_port()}"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "medssl-test",
-             "--max-restarts", "0", *_launch_args(kind, config, run_dir)],
-            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "medssl-test",
+                "--max-restarts",
+                "0",
+                *_launch_args(kind, config, run_dir),
+            ],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for _ in range(2)
     ]
@@ -89,8 +108,9 @@ def _assert_same_training(one_dir, two_dir, path, key):
 def test_two_nodes_pretrain_and_finetune_like_one_process(tmp_path):
     synth_corpus(tmp_path / "scans", 2, seed=3, shape=(40, 40, 40))
     corpus = ingest_corpus(tmp_path / "scans", tmp_path / "corpus", PRE).root
-    pre = PretrainConfig(method=MethodConfig(name="simmim"), encoder=TINY, corpus=corpus, crop_size=32,
-                         preprocess=PRE, schedule=SCHEDULE)
+    pre = PretrainConfig(
+        method=MethodConfig(name="simmim"), encoder=TINY, corpus=corpus, crop_size=32, preprocess=PRE, schedule=SCHEDULE
+    )
     (tmp_path / "pre.yaml").write_text(dump_yaml(pre))
     _single("pretrain", tmp_path / "pre.yaml", tmp_path / "pre1")
     _two_nodes("pretrain", tmp_path / "pre.yaml", tmp_path / "pre2")
@@ -98,8 +118,18 @@ def test_two_nodes_pretrain_and_finetune_like_one_process(tmp_path):
     assert "world size 2" in (tmp_path / "pre2" / "log.txt").read_text()
 
     task = synth_task(tmp_path / "task", "ct_organs", 5, seed=5, shape=(32, 32, 32))
-    ft = FinetuneConfig(task=task, encoder=TINY, encoder_checkpoint=tmp_path / "pre1" / "checkpoints" / "encoder.pt",
-                        budget=2, crop_size=32, preprocess=PRE, val_every=2, n_test=1, n_val=1, schedule=SCHEDULE)
+    ft = FinetuneConfig(
+        task=task,
+        encoder=TINY,
+        encoder_checkpoint=tmp_path / "pre1" / "checkpoints" / "encoder.pt",
+        budget=2,
+        crop_size=32,
+        preprocess=PRE,
+        val_every=2,
+        n_test=1,
+        n_val=1,
+        schedule=SCHEDULE,
+    )
     (tmp_path / "ft.yaml").write_text(dump_yaml(ft))
     _single("finetune", tmp_path / "ft.yaml", tmp_path / "ft1")
     _two_nodes("finetune", tmp_path / "ft.yaml", tmp_path / "ft2")

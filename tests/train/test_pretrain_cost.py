@@ -50,8 +50,14 @@ def test_step_flops_counts_forward_and_backward_and_leaves_no_trace(corpus):
 
 
 def test_pretraining_records_its_cost(corpus, tmp_path):
-    cfg = PretrainConfig(method=MethodConfig(name="simmim"), encoder=TINY, corpus=corpus, crop_size=32, preprocess=PRE,
-                         schedule=ScheduleConfig(steps=2, batch_size=2, warmup_steps=0, log_every=1))
+    cfg = PretrainConfig(
+        method=MethodConfig(name="simmim"),
+        encoder=TINY,
+        corpus=corpus,
+        crop_size=32,
+        preprocess=PRE,
+        schedule=ScheduleConfig(steps=2, batch_size=2, warmup_steps=0, log_every=1),
+    )
     results = run_pretrain(cfg, tmp_path / "runs" / "pretrain-simmim")
     cost = json.loads((tmp_path / "runs" / "pretrain-simmim" / "results.json").read_text())["cost"]
     assert cost == results["cost"]

@@ -179,9 +179,7 @@ def minibatch_cka(batches_x: Iterable[Tensor | np.ndarray], batches_y: Iterable[
 # --------------------------------------------------------------------------- activations
 
 
-def sample_token_positions(
-    grid: Sequence[int], n_crops: int, max_tokens: int, seed: int
-) -> np.ndarray:
+def sample_token_positions(grid: Sequence[int], n_crops: int, max_tokens: int, seed: int) -> np.ndarray:
     """``(n_crops, t, 3)`` token positions on the finest (patch-embedding) grid, distinct per crop.
 
     ``t = min(max_tokens, tokens in the grid)``; the positions depend only on the seed, the grid and
@@ -458,9 +456,16 @@ def run_cka(
     config = validate_config(
         CKAConfig,
         {
-            "model_a": Path(model_a).resolve(), "model_b": Path(model_b).resolve(), "task": Path(task).resolve(),
-            "n_crops": n_crops, "crop_size": crop_size, "batch_size": batch_size, "max_tokens": max_tokens,
-            "seed": seed, "comparison": comparison, "method": method,
+            "model_a": Path(model_a).resolve(),
+            "model_b": Path(model_b).resolve(),
+            "task": Path(task).resolve(),
+            "n_crops": n_crops,
+            "crop_size": crop_size,
+            "batch_size": batch_size,
+            "max_tokens": max_tokens,
+            "seed": seed,
+            "comparison": comparison,
+            "method": method,
             "cases": list(cases) if cases is not None else None,
         },
         "cka",
@@ -475,10 +480,16 @@ def run_cka(
         run.prepare(
             dump_yaml(config),
             {
-                "kind": "cka", "run_id": run.id, "config_hash": config_hash(config),
-                "created": run.info().get("created", started), "code_version": code_version(),
-                "method": method, "task": config.task.name, "comparison": config.comparison,
-                "model_a": str(config.model_a), "model_b": str(config.model_b),
+                "kind": "cka",
+                "run_id": run.id,
+                "config_hash": config_hash(config),
+                "created": run.info().get("created", started),
+                "code_version": code_version(),
+                "method": method,
+                "task": config.task.name,
+                "comparison": config.comparison,
+                "model_a": str(config.model_a),
+                "model_b": str(config.model_b),
             },
         )
         run.set_status("running")
@@ -520,7 +531,12 @@ def _compute_cka_run(
     preprocess = preprocess_from_meta(meta_a, config.model_a)
     cache = VolumeCache(Path(cache_dir) if cache_dir is not None else run.path / "cache")
     crops, origins = task_crops(
-        task, cache, preprocess, n_crops=config.n_crops, crop_size=config.crop_size, seed=config.seed,
+        task,
+        cache,
+        preprocess,
+        n_crops=config.n_crops,
+        crop_size=config.crop_size,
+        seed=config.seed,
         cases=config.cases,
     )
     if device is None:

@@ -82,7 +82,12 @@ def convergence_table(curves: pd.DataFrame, fraction: float = 0.95, aggregate: b
     :func:`convergence_summary`).
     """
     per_run_columns = RUN_COLUMNS + [
-        "n_points", "best_val_dice", "best_step", "steps_to_95", "epochs_to_95", "auc",
+        "n_points",
+        "best_val_dice",
+        "best_step",
+        "steps_to_95",
+        "epochs_to_95",
+        "auc",
     ]
     rows = []
     if len(curves):
@@ -101,8 +106,12 @@ def convergence_table(curves: pd.DataFrame, fraction: float = 0.95, aggregate: b
             else:
                 best_dice, best_step = float("nan"), None
             row.update(
-                n_points=len(run), best_val_dice=best_dice, best_step=best_step, steps_to_95=step,
-                epochs_to_95=epoch, auc=normalised_auc(run["step"], run["val_dice"]),
+                n_points=len(run),
+                best_val_dice=best_dice,
+                best_step=best_step,
+                steps_to_95=step,
+                epochs_to_95=epoch,
+                auc=normalised_auc(run["step"], run["val_dice"]),
             )
             rows.append(row)
     table = pd.DataFrame(rows, columns=per_run_columns)
@@ -118,7 +127,13 @@ def convergence_summary(per_run: pd.DataFrame) -> pd.DataFrame:
     ``steps_to_95`` averages the runs that reached the threshold; ``n_converged`` says how many did.
     """
     columns = GROUP_COLUMNS + [
-        "n_runs", "n_converged", "steps_to_95", "steps_to_95_std", "epochs_to_95", "auc", "auc_std",
+        "n_runs",
+        "n_converged",
+        "steps_to_95",
+        "steps_to_95_std",
+        "epochs_to_95",
+        "auc",
+        "auc_std",
         "best_val_dice",
     ]
     if per_run.empty:

@@ -56,8 +56,18 @@ def _count(value: float) -> int | None:
 
 
 GAP_COLUMNS = [
-    "method", "family", "task", "modality", "seed", "few_budget", "many_budget", "few_n_train",
-    "many_n_train", "dice_few", "dice_many", "gap",
+    "method",
+    "family",
+    "task",
+    "modality",
+    "seed",
+    "few_budget",
+    "many_budget",
+    "few_n_train",
+    "many_n_train",
+    "dice_few",
+    "dice_many",
+    "gap",
 ]
 
 
@@ -82,12 +92,22 @@ def few_many_gap(results: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
             if few not in by_budget.index or many not in by_budget.index:
                 continue
             lo, hi = by_budget.loc[few], by_budget.loc[many]
-            rows.append({
-                "method": method, "family": lo["family"], "task": task, "modality": lo["modality"], "seed": seed,
-                "few_budget": few, "many_budget": many, "few_n_train": _count(lo["n_train"]),
-                "many_n_train": _count(hi["n_train"]), "dice_few": lo["score"], "dice_many": hi["score"],
-                "gap": hi["score"] - lo["score"],
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "family": lo["family"],
+                    "task": task,
+                    "modality": lo["modality"],
+                    "seed": seed,
+                    "few_budget": few,
+                    "many_budget": many,
+                    "few_n_train": _count(lo["n_train"]),
+                    "many_n_train": _count(hi["n_train"]),
+                    "dice_few": lo["score"],
+                    "dice_many": hi["score"],
+                    "gap": hi["score"] - lo["score"],
+                }
+            )
     return pd.DataFrame(rows, columns=GAP_COLUMNS)
 
 

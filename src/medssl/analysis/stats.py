@@ -21,7 +21,17 @@ from medssl.analysis.gap import budget_key, order_budgets
 
 LOWER_IS_BETTER = {"hd95"}
 WILCOXON_COLUMNS = [
-    "method", "task", "budget", "comparison", "other", "n", "statistic", "p", "p_holm", "significant", "mean_diff",
+    "method",
+    "task",
+    "budget",
+    "comparison",
+    "other",
+    "n",
+    "statistic",
+    "p",
+    "p_holm",
+    "significant",
+    "mean_diff",
 ]
 
 
@@ -83,10 +93,19 @@ def paired_wilcoxon(
                     mean_diff = float(differences.mean())
                 else:
                     statistic, p, mean_diff = float("nan"), float("nan"), float("nan")
-                family.append({
-                    "method": method, "task": task, "budget": budget, "comparison": comparison, "other": other,
-                    "n": len(differences), "statistic": statistic, "p": p, "mean_diff": mean_diff,
-                })
+                family.append(
+                    {
+                        "method": method,
+                        "task": task,
+                        "budget": budget,
+                        "comparison": comparison,
+                        "other": other,
+                        "n": len(differences),
+                        "statistic": statistic,
+                        "p": p,
+                        "mean_diff": mean_diff,
+                    }
+                )
             _holm(family, alpha)
             rows.extend(family)
     table = pd.DataFrame(rows, columns=WILCOXON_COLUMNS)
@@ -146,8 +165,16 @@ def _friedman_level(matrix: pd.DataFrame, budgets: dict[str, str], metric: str, 
     dropped = sorted(set(matrix.columns) - set(complete.columns))
     k, n = complete.shape
     out: dict[str, Any] = {
-        "budgets": {t: budgets[t] for t in complete.columns}, "matrix": complete, "dropped_tasks": dropped,
-        "k": int(k), "n": int(n), "mean_ranks": {}, "statistic": None, "p": None, "cd": None, "reason": None,
+        "budgets": {t: budgets[t] for t in complete.columns},
+        "matrix": complete,
+        "dropped_tasks": dropped,
+        "k": int(k),
+        "n": int(n),
+        "mean_ranks": {},
+        "statistic": None,
+        "p": None,
+        "cd": None,
+        "reason": None,
     }
     if k == 0 or n == 0:
         out["reason"] = "no task has a score for every method"
@@ -262,7 +289,11 @@ def critical_difference_plot(
             ax.vlines(rank, y, axis_y, color="0.35", linewidth=0.8)
             ax.hlines(y, min(rank, x_text), max(rank, x_text), color="0.35", linewidth=0.8)
             ax.text(
-                x_text, y, f"{name} ({rank:.2f})", ha="right" if side == "left" else "left", va="center",
+                x_text,
+                y,
+                f"{name} ({rank:.2f})",
+                ha="right" if side == "left" else "left",
+                va="center",
                 fontsize=9,
             )
     if title:

@@ -65,14 +65,23 @@ def prepare_data(bench: BenchConfig, out: Path, source: str | Path | None = None
         from medssl.data.synth import synth_all
 
         s = bench.data.synth or SynthDataConfig()
-        _console(stderr=True).print(f"synthetic data: {s.cases} cases per task, {s.corpus_cases} corpus scans "
-                                    f"of {tuple(s.shape)} in {synth_data_dir(out)}")
-        made = synth_all(synth_data_dir(out), cases=s.cases, corpus_cases=s.corpus_cases, seed=s.seed,
-                         shape=tuple(s.shape), spacing=tuple(s.spacing))
+        _console(stderr=True).print(
+            f"synthetic data: {s.cases} cases per task, {s.corpus_cases} corpus scans "
+            f"of {tuple(s.shape)} in {synth_data_dir(out)}"
+        )
+        made = synth_all(
+            synth_data_dir(out),
+            cases=s.cases,
+            corpus_cases=s.corpus_cases,
+            seed=s.seed,
+            shape=tuple(s.shape),
+            spacing=tuple(s.spacing),
+        )
         for task in tasks:
             if task.synth_kind and Path(made[task.synth_kind]).resolve() != task.path:
-                raise RuntimeError(f"synthetic task {task.synth_kind} written to {made[task.synth_kind]}, "
-                                   f"the plan expects {task.path}")
+                raise RuntimeError(
+                    f"synthetic task {task.synth_kind} written to {made[task.synth_kind]}, the plan expects {task.path}"
+                )
     if not pretraining:
         return
     target = corpus_dir(bench, out)
@@ -81,8 +90,9 @@ def prepare_data(bench: BenchConfig, out: Path, source: str | Path | None = None
     sources = [Path(made["corpus"])] if synth_corpus else [Path(p) for p in bench.data.corpus]
     for path in sources:
         if is_ingested_corpus(path):
-            raise ConfigError(where, f"data.corpus: {path} is an ingested corpus; give it alone, "
-                              "not mixed with raw scan folders")
+            raise ConfigError(
+                where, f"data.corpus: {path} is an ingested corpus; give it alone, not mixed with raw scan folders"
+            )
     if bench.data.include_real_ct and REAL_CT_PATH.is_file():
         sources.append(REAL_CT_PATH)
     from medssl.data.corpus import ingest_corpus
@@ -125,20 +135,30 @@ def print_plan(plan: Plan, out: Path, estimates: list[RunEstimate], parallel: in
         unknown += len(seconds) - len(known)
         total += sum(known)
         sources = sorted({by_id[r.run_id].source for r in runs if by_id[r.run_id].source != "finished"})
-        table.add_row(kind, str(len(runs)), str(finished), str(len(runs) - finished),
-                      format_seconds(sum(known)) if known else "?", "; ".join(sources) or "-")
+        table.add_row(
+            kind,
+            str(len(runs)),
+            str(finished),
+            str(len(runs) - finished),
+            format_seconds(sum(known)) if known else "?",
+            "; ".join(sources) or "-",
+        )
     console.print(table)
     unfinished = sum(e.source != "finished" for e in estimates)
     if unfinished and unknown == unfinished:
         console.print("estimated cost of the unfinished runs: unknown")
     else:
         note = f", ~{format_seconds(total / parallel)} wall with {parallel} workers" if parallel > 1 else ""
-        console.print(f"estimated cost of the unfinished runs: {format_seconds(total)}{note} (training steps x "
-                      "step time; validation, testing and data preparation not included"
-                      + (f"; {unknown} runs not estimated)" if unknown else ")"))
+        console.print(
+            f"estimated cost of the unfinished runs: {format_seconds(total)}{note} (training steps x "
+            "step time; validation, testing and data preparation not included"
+            + (f"; {unknown} runs not estimated)" if unknown else ")")
+        )
     if any(e.source.endswith(TOO_LARGE_FOR_CPU) for e in estimates):
-        console.print("step times of large configurations come from finished runs: run one pretraining and one "
-                      "fine-tuning run on the target machine, then dry runs estimate the rest from them")
+        console.print(
+            "step times of large configurations come from finished runs: run one pretraining and one "
+            "fine-tuning run on the target machine, then dry runs estimate the rest from them"
+        )
     if len(plan.runs) > max_rows:
         console.print(f"{len(plan.runs)} runs: see {out / 'plan.json'} for each one")
         return
@@ -150,16 +170,22 @@ def print_plan(plan: Plan, out: Path, estimates: list[RunEstimate], parallel: in
     for run in plan.runs:
         est = by_id[run.run_id]
         deps = f" (after: {len(run.depends_on)})" if run.depends_on else ""
-        runs_table.add_row(run.describe(), status[run.run_id],
-                           "-" if est.source == "finished" else format_seconds(est.seconds), run.run_id + deps)
+        runs_table.add_row(
+            run.describe(),
+            status[run.run_id],
+            "-" if est.source == "finished" else format_seconds(est.seconds),
+            run.run_id + deps,
+        )
     console.print(runs_table)
 
 
 def print_summary(summary: ExecutionSummary, plan: Plan) -> None:
     console = _console(stderr=True)
     counts = {s: len(summary.with_status(s)) for s in ("finished", "already_finished", "failed", "skipped")}
-    console.print(f"benchmark '{plan.name}': {counts['finished']} runs executed, {counts['already_finished']} "
-                  f"already finished, {counts['failed']} failed, {counts['skipped']} skipped")
+    console.print(
+        f"benchmark '{plan.name}': {counts['finished']} runs executed, {counts['already_finished']} "
+        f"already finished, {counts['failed']} failed, {counts['skipped']} skipped"
+    )
     by_id = plan.by_id()
     for outcome in summary.failed + summary.skipped:
         console.print(f"  {outcome.status}: {by_id[outcome.run_id].describe()} ({outcome.run_id}): {outcome.error}")
@@ -168,8 +194,9 @@ def print_summary(summary: ExecutionSummary, plan: Plan) -> None:
 # --------------------------------------------------------------------------- the command
 
 
-def load_bench(config_path: str | Path | None, overrides: Sequence[str] = (), bench: BenchConfig | None = None
-               ) -> BenchConfig:
+def load_bench(
+    config_path: str | Path | None, overrides: Sequence[str] = (), bench: BenchConfig | None = None
+) -> BenchConfig:
     """The benchmark from a YAML (or a given model) with ``a.b=c`` overrides applied."""
     from medssl.config import load_bench_config
 
@@ -216,10 +243,17 @@ def run_bench(
     finished = sum(RunDir(r.run_dir(out)).is_finished() for r in plan.runs)
     _console(stderr=True).print(
         f"benchmark '{plan.name}': {len(plan.runs)} runs ("
-        + ", ".join(f"{len(plan.stage(k))} {k}" for k in STAGES) + f"), {finished} already finished; "
-        f"executor {kind}")
-    runner = make_executor(kind, workers=bench.executor.workers, nproc_per_node=bench.executor.nproc_per_node,
-                           slurm=bench.executor.slurm, cluster=cluster)
+        + ", ".join(f"{len(plan.stage(k))} {k}" for k in STAGES)
+        + f"), {finished} already finished; "
+        f"executor {kind}"
+    )
+    runner = make_executor(
+        kind,
+        workers=bench.executor.workers,
+        nproc_per_node=bench.executor.nproc_per_node,
+        slurm=bench.executor.slurm,
+        cluster=cluster,
+    )
     summary = runner.run(plan, out)
     print_summary(summary, plan)
 

@@ -96,8 +96,10 @@ def time_pretrain_step(config: PretrainConfig, steps: int = 2, device: Any = Non
     model = build_method(config.method, SwinEncoder(encoder), config.crop_size, total_steps=config.schedule.steps)
     rng = np.random.default_rng(0)
     side = model.region_size(config.crop_size)
-    samples = [model.make_views(torch.rand(encoder.in_channels, side, side, side), rng)
-               for _ in range(config.schedule.batch_size)]
+    samples = [
+        model.make_views(torch.rand(encoder.in_channels, side, side, side), rng)
+        for _ in range(config.schedule.batch_size)
+    ]
     batch = {k: v.to(device) for k, v in default_collate(samples).items()}
     return _mean_step_seconds(model, batch, config.schedule, steps, device)
 

@@ -91,10 +91,21 @@ def run_in_process(run: PlannedRun, run_dir: Path) -> Any:
 
         c = run.config
         cache_dir = BenchDir.of_run(run_dir).cache  # shared with the benchmark's fine-tuning runs
-        return run_cka(c.model_a, c.model_b, c.task, run_dir, n_crops=c.n_crops,  # type: ignore[attr-defined]
-                       crop_size=c.crop_size, batch_size=c.batch_size, seed=c.seed,  # type: ignore[attr-defined]
-                       comparison=c.comparison, method=c.method, max_tokens=c.max_tokens,  # type: ignore[attr-defined]
-                       cases=c.cases, cache_dir=cache_dir)  # type: ignore[attr-defined]
+        return run_cka(
+            c.model_a,
+            c.model_b,
+            c.task,
+            run_dir,
+            n_crops=c.n_crops,  # type: ignore[attr-defined]
+            crop_size=c.crop_size,
+            batch_size=c.batch_size,
+            seed=c.seed,  # type: ignore[attr-defined]
+            comparison=c.comparison,
+            method=c.method,
+            max_tokens=c.max_tokens,  # type: ignore[attr-defined]
+            cases=c.cases,
+            cache_dir=cache_dir,
+        )  # type: ignore[attr-defined]
     raise ValueError(f"unknown run kind {run.kind!r}")
 
 
@@ -106,9 +117,22 @@ class TorchrunRunner:
     nproc_per_node: int
 
     def command(self, run: PlannedRun, run_dir: Path) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node", str(self.nproc_per_node), "-m", "medssl.train.launch",
-                "--kind", run.kind, "--config", str(RunDir(run_dir).config_path), "--run-dir", str(run_dir)]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(self.nproc_per_node),
+            "-m",
+            "medssl.train.launch",
+            "--kind",
+            run.kind,
+            "--config",
+            str(RunDir(run_dir).config_path),
+            "--run-dir",
+            str(run_dir),
+        ]
 
     def __call__(self, run: PlannedRun, run_dir: Path) -> None:
         if run.kind == "cka":
@@ -150,8 +174,10 @@ def execute_run(run: PlannedRun, out: str | Path, runner: Runner | None = None) 
                 return RunOutcome(run.run_id, run.kind, "already_finished")
             # The resolved config and the plan's labels go in first: a run that fails before
             # its entry point writes anything still shows what it was (and torchrun reads it).
-            rd.prepare(dump_yaml(run.config), {"kind": run.kind, "run_id": run.run_id,
-                                               "config_hash": run.run_id.rsplit("-", 1)[-1], **run.labels})
+            rd.prepare(
+                dump_yaml(run.config),
+                {"kind": run.kind, "run_id": run.run_id, "config_hash": run.run_id.rsplit("-", 1)[-1], **run.labels},
+            )
             rd.log(f"bench: started by pid {os.getpid()} on {socket.gethostname()}")
             started = time.time()
             try:
@@ -215,8 +241,9 @@ class Schedule:
                 for dep in run.depends_on:
                     dep_outcome = self.summary.outcomes.get(dep)
                     if dep_outcome is not None and dep_outcome.status in ("failed", "skipped"):
-                        outcome = RunOutcome(run.run_id, run.kind, "skipped",
-                                             error=f"dependency {dep} {dep_outcome.status}")
+                        outcome = RunOutcome(
+                            run.run_id, run.kind, "skipped", error=f"dependency {dep} {dep_outcome.status}"
+                        )
                         self.record(outcome)
                         skipped.append(outcome)
                         changed = True
@@ -230,8 +257,12 @@ class Schedule:
 
     def ready(self, exclude: set[str] | None = None) -> list[PlannedRun]:
         exclude = exclude or set()
-        return [r for r in self.open_runs() if r.run_id not in exclude
-                and all(RunDir(self.by_id[d].run_dir(self.out)).is_finished() for d in r.depends_on)]
+        return [
+            r
+            for r in self.open_runs()
+            if r.run_id not in exclude
+            and all(RunDir(self.by_id[d].run_dir(self.out)).is_finished() for d in r.depends_on)
+        ]
 
 
 def _report(outcome: RunOutcome, run: PlannedRun, log: Callable[[str], None]) -> None:
@@ -255,8 +286,13 @@ def _print(message: str) -> None:
 class LocalExecutor:
     """Runs in this process (``workers == 1``) or in N spawned worker processes pulling ready runs."""
 
-    def __init__(self, workers: int = 1, runner: Runner | None = None, poll_seconds: float = 1.0,
-                 log: Callable[[str], None] = _print) -> None:
+    def __init__(
+        self,
+        workers: int = 1,
+        runner: Runner | None = None,
+        poll_seconds: float = 1.0,
+        log: Callable[[str], None] = _print,
+    ) -> None:
         self.workers = max(1, int(workers))
         self.runner = runner
         self.poll_seconds = poll_seconds
@@ -297,9 +333,12 @@ class LocalExecutor:
 
         def start(index: int) -> _Worker:
             tasks = ctx.Queue()
-            proc = ctx.Process(target=_worker_main,
-                               args=(index, tasks, results, str(out), self.runner, threads, os.getpid()),
-                               daemon=False, name=f"medssl-bench-worker-{index}")
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(index, tasks, results, str(out), self.runner, threads, os.getpid()),
+                daemon=False,
+                name=f"medssl-bench-worker-{index}",
+            )
             proc.start()
             return _Worker(proc, tasks)
 
@@ -394,8 +433,7 @@ def _worker_main(
 class TorchrunExecutor(LocalExecutor):
     """One run at a time, each under ``torchrun --nproc_per_node N`` (DDP); CKA runs in process."""
 
-    def __init__(self, nproc_per_node: int = 1, poll_seconds: float = 1.0,
-                 log: Callable[[str], None] = _print) -> None:
+    def __init__(self, nproc_per_node: int = 1, poll_seconds: float = 1.0, log: Callable[[str], None] = _print) -> None:
         super().__init__(workers=1, runner=TorchrunRunner(nproc_per_node), poll_seconds=poll_seconds, log=log)
 
 
@@ -422,9 +460,15 @@ class SlurmExecutor:
     ``--dependency=afterok:<ids>``; submitit's local cluster has no dependencies, so there the
     executor submits the ready runs, waits for them, and repeats (stage by stage)."""
 
-    def __init__(self, config: SlurmConfig | None = None, nproc_per_node: int = 1, cluster: str | None = None,
-                 poll_seconds: float | None = None, job_poll_seconds: float = 30.0,
-                 log: Callable[[str], None] = _print) -> None:
+    def __init__(
+        self,
+        config: SlurmConfig | None = None,
+        nproc_per_node: int = 1,
+        cluster: str | None = None,
+        poll_seconds: float | None = None,
+        job_poll_seconds: float = 30.0,
+        log: Callable[[str], None] = _print,
+    ) -> None:
         self.config = config or SlurmConfig()
         self.nproc_per_node = nproc_per_node
         self.cluster = cluster
@@ -440,8 +484,12 @@ class SlurmExecutor:
         executor = submitit.AutoExecutor(folder=folder, cluster=self.cluster)
         c = self.config
         params: dict[str, Any] = {
-            "timeout_min": c.timeout_min, "gpus_per_node": c.gpus_per_node, "cpus_per_task": c.cpus_per_task,
-            "mem_gb": c.mem_gb, "tasks_per_node": 1, "nodes": 1,
+            "timeout_min": c.timeout_min,
+            "gpus_per_node": c.gpus_per_node,
+            "cpus_per_task": c.cpus_per_task,
+            "mem_gb": c.mem_gb,
+            "tasks_per_node": 1,
+            "nodes": 1,
         }
         if executor.cluster == "slurm":
             params.update(slurm_partition=c.partition, slurm_account=c.account, slurm_qos=c.qos)
@@ -463,8 +511,11 @@ class SlurmExecutor:
         return schedule.summary
 
     def _submit(self, executor: Any, run: PlannedRun, out: Path, dependency_ids: list[str]) -> Any:
-        extra = {"dependency": "afterok:" + ":".join(dependency_ids), "kill-on-invalid-dep": "yes"} \
-            if dependency_ids else {}
+        extra = (
+            {"dependency": "afterok:" + ":".join(dependency_ids), "kill-on-invalid-dep": "yes"}
+            if dependency_ids
+            else {}
+        )
         if executor.cluster == "slurm":
             executor.update_parameters(name=run.run_id[:60], slurm_additional_parameters=extra)
         else:
@@ -520,8 +571,9 @@ def _last_line(err: BaseException) -> str:
     return (lines[-1] if lines else type(err).__name__)[:500]
 
 
-def make_executor(kind: str, workers: int = 1, nproc_per_node: int = 1, slurm: SlurmConfig | None = None,
-                  cluster: str | None = None) -> LocalExecutor | SlurmExecutor:
+def make_executor(
+    kind: str, workers: int = 1, nproc_per_node: int = 1, slurm: SlurmConfig | None = None, cluster: str | None = None
+) -> LocalExecutor | SlurmExecutor:
     if kind == "local":
         return LocalExecutor(workers=workers)
     if kind == "torchrun":

@@ -46,7 +46,10 @@ def bind_out_folder(bench: BenchConfig, out: str | Path, record: bool = True) ->
             differ = config_differences(stored if isinstance(stored, dict) else {}, mine)
             if differ:
                 shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
-                raise ConfigError(path, f"{out} holds a benchmark with another config (differs in: {shown}); "
-                                  f"use a new --out folder, or delete {path} to extend this one on purpose")
+                raise ConfigError(
+                    path,
+                    f"{out} holds a benchmark with another config (differs in: {shown}); "
+                    f"use a new --out folder, or delete {path} to extend this one on purpose",
+                )
         elif record:
             atomic_write_text(path, yaml.safe_dump(mine, sort_keys=False))

@@ -77,8 +77,13 @@ class Plan:
             "out": str(self.out),
             "stages": {kind: len(self.stage(kind)) for kind in STAGES},
             "runs": [
-                {"run_id": r.run_id, "kind": r.kind, "depends_on": r.depends_on, "labels": r.labels,
-                 "config": r.config.model_dump(mode="json")}
+                {
+                    "run_id": r.run_id,
+                    "kind": r.kind,
+                    "depends_on": r.depends_on,
+                    "labels": r.labels,
+                    "config": r.config.model_dump(mode="json"),
+                }
                 for r in self.runs
             ],
         }
@@ -126,8 +131,10 @@ def resolve_tasks(bench: BenchConfig, out: str | Path, source: str | Path | None
     names = [t.name for t in tasks]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
-        raise ConfigError(source or "<bench config>", f"tasks: name '{duplicated[0]}' is used twice; "
-                          "give the tasks distinct 'name' fields")
+        raise ConfigError(
+            source or "<bench config>",
+            f"tasks: name '{duplicated[0]}' is used twice; give the tasks distinct 'name' fields",
+        )
     return tasks
 
 
@@ -170,12 +177,18 @@ def check_budgets(task: ResolvedTask, bench: BenchConfig, source: str | Path | N
         return None  # a user task not present yet (e.g. a dry run of a cluster config): checked when it runs
     pool = n_cases - n_test - n_val
     if pool < 1:
-        raise ConfigError(where, f"task '{task.name}' has {n_cases} cases: not enough for n_test={n_test}, "
-                          f"n_val={n_val} and at least one training case")
+        raise ConfigError(
+            where,
+            f"task '{task.name}' has {n_cases} cases: not enough for n_test={n_test}, "
+            f"n_val={n_val} and at least one training case",
+        )
     too_large = [b for b in bench.budgets if isinstance(b, int) and b > pool]
     if too_large:
-        raise ConfigError(where, f"budget {too_large[0]} exceeds the training pool of task '{task.name}' "
-                          f"({pool} cases = {n_cases} - {n_test} test - {n_val} validation)")
+        raise ConfigError(
+            where,
+            f"budget {too_large[0]} exceeds the training pool of task '{task.name}' "
+            f"({pool} cases = {n_cases} - {n_test} test - {n_val} validation)",
+        )
     return pool
 
 
@@ -223,9 +236,14 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
         if method.name == RANDOM_INIT:
             encoders[method.name] = (None, None)
             continue
-        data = {**bench.pretrain.model_dump(mode="json"), "method": method.model_dump(mode="json"),
-                "encoder": bench.encoder.model_dump(mode="json"), "corpus": str(corpus),
-                "preprocess": bench.preprocess.model_dump(mode="json"), "limits": bench.limits.model_dump()}
+        data = {
+            **bench.pretrain.model_dump(mode="json"),
+            "method": method.model_dump(mode="json"),
+            "encoder": bench.encoder.model_dump(mode="json"),
+            "corpus": str(corpus),
+            "preprocess": bench.preprocess.model_dump(mode="json"),
+            "limits": bench.limits.model_dump(),
+        }
         config = validate_config(PretrainConfig, data, where)
         run_id = make_run_id("pretrain", method.name, config)
         runs.append(PlannedRun("pretrain", run_id, config, [], {"method": method.name, "family": family}))
@@ -243,18 +261,33 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
                 for seed in bench.seeds:
                     section = deep_merge(bench.finetune.model_dump(mode="json"), task.finetune)
                     section["schedule"] = {**section["schedule"], "seed": seed}  # a seed varies init and data order
-                    data = {**section, "task": str(task.path), "cache_dir": str(cache_dir),
-                            "splits_path": str(bench_dir.splits_file(task.name)),
-                            "encoder_checkpoint": str(checkpoint) if checkpoint else None,
-                            "encoder": bench.encoder.model_dump(mode="json"), "budget": budget, "seed": seed,
-                            "preprocess": bench.preprocess.model_dump(mode="json"),
-                            "limits": bench.limits.model_dump()}
+                    data = {
+                        **section,
+                        "task": str(task.path),
+                        "cache_dir": str(cache_dir),
+                        "splits_path": str(bench_dir.splits_file(task.name)),
+                        "encoder_checkpoint": str(checkpoint) if checkpoint else None,
+                        "encoder": bench.encoder.model_dump(mode="json"),
+                        "budget": budget,
+                        "seed": seed,
+                        "preprocess": bench.preprocess.model_dump(mode="json"),
+                        "limits": bench.limits.model_dump(),
+                    }
                     config = _task_finetune_config(data, task, where)
                     slug = f"{method.name}-{task.name}-b{budget}-s{seed}"
-                    run = PlannedRun("finetune", make_run_id("finetune", slug, config), config,
-                                     [pretrain_id] if pretrain_id else [],
-                                     {"method": method.name, "family": family, "task": task.name,
-                                      "budget": str(budget), "seed": seed})
+                    run = PlannedRun(
+                        "finetune",
+                        make_run_id("finetune", slug, config),
+                        config,
+                        [pretrain_id] if pretrain_id else [],
+                        {
+                            "method": method.name,
+                            "family": family,
+                            "task": task.name,
+                            "budget": str(budget),
+                            "seed": seed,
+                        },
+                    )
                     runs.append(run)
                     finetunes[(method.name, task.name, str(budget), seed)] = run
 
@@ -266,8 +299,13 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
     return plan
 
 
-def _external_encoders(bench: BenchConfig, out: Path, encoders: dict[str, tuple[Path | None, str | None]],
-                       families: dict[str, str], where: str | Path) -> list[MethodConfig]:
+def _external_encoders(
+    bench: BenchConfig,
+    out: Path,
+    encoders: dict[str, tuple[Path | None, str | None]],
+    families: dict[str, str],
+    where: str | Path,
+) -> list[MethodConfig]:
     """Encoders pretrained elsewhere, each converted once into ``<out>/external/`` and fine-tuned as
     its own row ``external:<name>`` (``medssl.models.foreign``); no pretraining run."""
     from medssl.models.foreign import EXTERNAL_FAMILY, external_method, import_external_encoder
@@ -313,8 +351,9 @@ def _cka_runs(
 
     unknown = sorted(set(bench.cka.tasks or []) - {t.name for t in tasks})
     if unknown:
-        raise ConfigError(where, f"cka.tasks: unknown task(s) {', '.join(unknown)} "
-                                 f"(tasks: {', '.join(t.name for t in tasks)})")
+        raise ConfigError(
+            where, f"cka.tasks: unknown task(s) {', '.join(unknown)} (tasks: {', '.join(t.name for t in tasks)})"
+        )
     seed = bench.seeds[0]
     smallest, largest = str(budgets[0]), str(budgets[-1])
     runs = []
@@ -331,14 +370,31 @@ def _cka_runs(
                 few = finetunes[(method.name, task.name, smallest, seed)]
                 pairs.append(("fewshot_vs_manyshot", _best_model(few, out), [few.run_id], many))
             for comparison, model_a, deps, run_b in pairs:
-                config = validate_config(CKAConfig, {
-                    "model_a": str(model_a), "model_b": str(_best_model(run_b, out)), "task": str(task.path),
-                    "comparison": comparison, "method": method.name, "n_crops": bench.cka.n_crops,
-                    "crop_size": bench.cka.crop_size, "batch_size": bench.cka.batch_size, "seed": seed}, where)
+                config = validate_config(
+                    CKAConfig,
+                    {
+                        "model_a": str(model_a),
+                        "model_b": str(_best_model(run_b, out)),
+                        "task": str(task.path),
+                        "comparison": comparison,
+                        "method": method.name,
+                        "n_crops": bench.cka.n_crops,
+                        "crop_size": bench.cka.crop_size,
+                        "batch_size": bench.cka.batch_size,
+                        "seed": seed,
+                    },
+                    where,
+                )
                 slug = f"{method.name}-{task.name}-{_COMPARISON_SLUGS[comparison]}"
-                runs.append(PlannedRun("cka", make_run_id("cka", slug, config), config,
-                                       [d for d in deps if d] + [run_b.run_id],
-                                       {"method": method.name, "task": task.name, "comparison": comparison}))
+                runs.append(
+                    PlannedRun(
+                        "cka",
+                        make_run_id("cka", slug, config),
+                        config,
+                        [d for d in deps if d] + [run_b.run_id],
+                        {"method": method.name, "task": task.name, "comparison": comparison},
+                    )
+                )
     return runs
 
 

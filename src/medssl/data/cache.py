@@ -107,8 +107,10 @@ def check_plain_entry(path: Path) -> None:
         with os.scandir(path) as entries:
             for entry in entries:
                 if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
-                    raise MedsslInputError(Path(entry.path), "cache entry holds a symbolic link or a non-file; "
-                                           "delete the entry to rebuild it")
+                    raise MedsslInputError(
+                        Path(entry.path),
+                        "cache entry holds a symbolic link or a non-file; delete the entry to rebuild it",
+                    )
     except OSError as err:
         raise MedsslInputError(path, f"unreadable cache entry ({err.strerror or err})") from None
 
@@ -358,7 +360,12 @@ def cache_task(task: TaskFolder, cache: VolumeCache, config: PreprocessConfig) -
         images = list(case.images) if len(case.images or []) > 1 else None
         in_file = task.n_channels if getattr(task, "channels_in_one_file", False) else 1
         result[case.case_id] = cache.get(
-            case.image, case.label, task.modality, config, images=images, case_id=case.case_id,
+            case.image,
+            case.label,
+            task.modality,
+            config,
+            images=images,
+            case_id=case.case_id,
             channels_in_file=in_file,
         )
 

@@ -101,8 +101,11 @@ def _previous_manifest(out: Path, modality: str, config: PreprocessConfig) -> di
         )
     cache_root = (out / CACHE_DIRNAME).resolve()
     volumes = [
-        v for v in previous.get("volumes") or []
-        if isinstance(v, dict) and isinstance(v.get("id"), str) and isinstance(v.get("source"), str)
+        v
+        for v in previous.get("volumes") or []
+        if isinstance(v, dict)
+        and isinstance(v.get("id"), str)
+        and isinstance(v.get("source"), str)
         and _entry_problem(v.get("cache_key"), cache_root) is None
     ]
     skipped = [s for s in previous.get("skipped") or [] if isinstance(s, dict)]

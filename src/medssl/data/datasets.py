@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 EPOCHLESS_LENGTH = 2**31 - 1
 
 
-
 def _axis_start(centre: int, dim: int, size: int) -> int:
     """Start of a ``size`` window around ``centre``, kept inside an axis of length ``dim``.
 

@@ -38,8 +38,13 @@ def distillation_augment(
     if flip:
         x = random_flip(x, rng)
     return intensity_augment(
-        x, rng, scale_prob=intensity_prob, shift_prob=intensity_prob, noise_prob=0.0,
-        blur_prob=blur_prob, blur_sigma=BLUR_SIGMA,
+        x,
+        rng,
+        scale_prob=intensity_prob,
+        shift_prob=intensity_prob,
+        noise_prob=0.0,
+        blur_prob=blur_prob,
+        blur_sigma=BLUR_SIGMA,
     )
 
 

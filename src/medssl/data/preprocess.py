@@ -98,8 +98,9 @@ def check_resampled_size(volume: Volume, config: PreprocessConfig) -> None:
     axis; the product does not depend on how orientation permutes the axes."""
     extent = np.asarray(np.shape(volume.array)[:3], dtype=np.float64) * np.asarray(spacing_of(volume.affine))
     voxels = float(np.prod(np.ceil(extent / np.asarray(config.spacing, dtype=np.float64))))
-    check(volume.source, f"voxels after resampling to spacing {tuple(config.spacing)}", voxels,
-          "voxels_after_resampling")
+    check(
+        volume.source, f"voxels after resampling to spacing {tuple(config.spacing)}", voxels, "voxels_after_resampling"
+    )
 
 
 def preprocess_case(

@@ -69,8 +69,11 @@ def check_detached_data(header: Path, root: Path | None = None) -> None:
         except (OSError, RuntimeError):  # symlink loop
             inside = False
         if not inside:
-            raise MedsslInputError(header, f"data file {name[:200]!r} lies outside {allowed}; detached data "
-                                   "files must be inside the folder of their header")
+            raise MedsslInputError(
+                header,
+                f"data file {name[:200]!r} lies outside {allowed}; detached data "
+                "files must be inside the folder of their header",
+            )
 
 
 def header_voxels(path: Path) -> int | None:

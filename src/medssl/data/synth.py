@@ -69,31 +69,86 @@ TISSUES: dict[str, int] = {
 
 # Contrast-enhanced abdominal CT, HU (portal-venous-like: aorta and kidneys enhanced).
 CT_HU: dict[str, float] = {
-    "air": -1000.0, "fat": -100.0, "muscle": 40.0, "visceral_fat": -90.0, "bowel": 30.0,
-    "bowel_gas": -900.0, "lung": -850.0, "bone": 700.0, "marrow": 220.0, "disc": 80.0, "csf": 10.0,
-    "heart": 140.0, "liver": 60.0, "spleen": 50.0, "kidney": 150.0, "stomach_wall": 45.0,
-    "stomach_fluid": 10.0, "stomach_air": -1000.0, "aorta": 200.0, "ivc": 130.0,
+    "air": -1000.0,
+    "fat": -100.0,
+    "muscle": 40.0,
+    "visceral_fat": -90.0,
+    "bowel": 30.0,
+    "bowel_gas": -900.0,
+    "lung": -850.0,
+    "bone": 700.0,
+    "marrow": 220.0,
+    "disc": 80.0,
+    "csf": 10.0,
+    "heart": 140.0,
+    "liver": 60.0,
+    "spleen": 50.0,
+    "kidney": 150.0,
+    "stomach_wall": 45.0,
+    "stomach_fluid": 10.0,
+    "stomach_air": -1000.0,
+    "aorta": 200.0,
+    "ivc": 130.0,
 }
 
 # Relative MR signal (proton density x relaxation contrast), 0..1. Blood vessels and the heart
 # are flow voids; cortical bone, lung and air have almost no signal.
 MRI_SIGNAL: dict[str, dict[str, float]] = {
     "t1": {
-        "air": 0.0, "fat": 1.0, "muscle": 0.35, "visceral_fat": 0.95, "bowel": 0.40,
-        "bowel_gas": 0.0, "lung": 0.03, "bone": 0.05, "marrow": 0.70, "disc": 0.35, "csf": 0.10,
-        "heart": 0.25, "liver": 0.62, "spleen": 0.42, "kidney": 0.48, "stomach_wall": 0.40,
-        "stomach_fluid": 0.12, "stomach_air": 0.0, "aorta": 0.08, "ivc": 0.10,
+        "air": 0.0,
+        "fat": 1.0,
+        "muscle": 0.35,
+        "visceral_fat": 0.95,
+        "bowel": 0.40,
+        "bowel_gas": 0.0,
+        "lung": 0.03,
+        "bone": 0.05,
+        "marrow": 0.70,
+        "disc": 0.35,
+        "csf": 0.10,
+        "heart": 0.25,
+        "liver": 0.62,
+        "spleen": 0.42,
+        "kidney": 0.48,
+        "stomach_wall": 0.40,
+        "stomach_fluid": 0.12,
+        "stomach_air": 0.0,
+        "aorta": 0.08,
+        "ivc": 0.10,
     },
     "t2": {
-        "air": 0.0, "fat": 0.75, "muscle": 0.20, "visceral_fat": 0.70, "bowel": 0.45,
-        "bowel_gas": 0.0, "lung": 0.03, "bone": 0.05, "marrow": 0.45, "disc": 0.70, "csf": 1.0,
-        "heart": 0.20, "liver": 0.25, "spleen": 0.55, "kidney": 0.60, "stomach_wall": 0.35,
-        "stomach_fluid": 0.95, "stomach_air": 0.0, "aorta": 0.05, "ivc": 0.08,
+        "air": 0.0,
+        "fat": 0.75,
+        "muscle": 0.20,
+        "visceral_fat": 0.70,
+        "bowel": 0.45,
+        "bowel_gas": 0.0,
+        "lung": 0.03,
+        "bone": 0.05,
+        "marrow": 0.45,
+        "disc": 0.70,
+        "csf": 1.0,
+        "heart": 0.20,
+        "liver": 0.25,
+        "spleen": 0.55,
+        "kidney": 0.60,
+        "stomach_wall": 0.35,
+        "stomach_fluid": 0.95,
+        "stomach_air": 0.0,
+        "aorta": 0.05,
+        "ivc": 0.08,
     },
 }
 
-_ORGAN_OF_TISSUE = {"liver": 1, "spleen": 2, "kidney": 3, "stomach_wall": 4, "stomach_fluid": 4,
-                    "stomach_air": 4, "aorta": 5}
+_ORGAN_OF_TISSUE = {
+    "liver": 1,
+    "spleen": 2,
+    "kidney": 3,
+    "stomach_wall": 4,
+    "stomach_fluid": 4,
+    "stomach_air": 4,
+    "aorta": 5,
+}
 _SEED_STRIDE = 1_000_000
 _SEED_OFFSET = {"organs": 0, "lesions": 100_000, "corpus": 500_000}
 _MAX_CASES = 100_000  # keeps the seed ranges of tasks and corpus disjoint
@@ -157,8 +212,9 @@ def _smooth_field(rng: np.random.Generator, shape: Sequence[int], scale: float) 
     """
     sigma = max(float(scale), 0.5)
     if sigma <= 3.0:
-        out = ndimage.gaussian_filter(rng.standard_normal(tuple(shape), dtype=np.float32), sigma=sigma,
-                                      truncate=3.0, mode="wrap")
+        out = ndimage.gaussian_filter(
+            rng.standard_normal(tuple(shape), dtype=np.float32), sigma=sigma, truncate=3.0, mode="wrap"
+        )
     else:
         step, pad = sigma / 2.0, 3.0 * sigma
         coarse = tuple(int(np.ceil((n + 2 * pad) / step)) + 2 for n in shape)
@@ -319,8 +375,7 @@ def make_anatomy(
 
     # Paraspinal muscles.
     for side in (-1.0, 1.0):
-        box, m = _superquadric(frame, (sx + side * 0.13, sy - 0.15, 0.0), (0.1, 0.08, 3.0), rough=rough,
-                               roughness=0.1)
+        box, m = _superquadric(frame, (sx + side * 0.13, sy - 0.15, 0.0), (0.1, 0.08, 3.0), rough=rough, roughness=0.1)
         frame.paint(box, m & interior[box], "muscle")
 
     # Lungs (upper part), heart between them anteriorly.
@@ -328,8 +383,7 @@ def make_anatomy(
     for side in (-1.0, 1.0):
         semi = _jitter(rng, (0.33, 0.45, 0.6), 0.12)
         center = (bx + side * _u(rng, 0.34, 0.42), by + _u(rng, -0.1, 0.0), lung_base + semi[2])
-        box, m = _superquadric(frame, center, semi, _angles(rng, (10.0, 0.0, 0.0), 8.0), rough=rough,
-                               roughness=0.08)
+        box, m = _superquadric(frame, center, semi, _angles(rng, (10.0, 0.0, 0.0), 8.0), rough=rough, roughness=0.08)
         frame.paint(box, m & interior[box], "lung")
     heart_c = (bx + _u(rng, -0.12, -0.02), by + _u(rng, 0.12, 0.2), lung_base + _u(rng, 0.35, 0.5))
     box, m = _superquadric(frame, heart_c, _jitter(rng, (0.26, 0.22, 0.26), 0.15), _angles(rng, (0, 0, 20), 15))
@@ -338,15 +392,24 @@ def make_anatomy(
     # Liver: large wedge on the right, its dome under the right lung.
     liver_semi = _jitter(rng, (0.45, 0.32, 0.29), 0.25)
     liver_c = (bx + _u(rng, 0.2, 0.38), by + _u(rng, -0.1, 0.1), _u(rng, 0.0, 0.25))
-    box, m = _superquadric(frame, liver_c, liver_semi, _angles(rng, (0, 0, 0), 15), _u(rng, 0.8, 1.1),
-                           taper=_u(rng, 0.25, 0.45), rough=rough, roughness=0.15)
+    box, m = _superquadric(
+        frame,
+        liver_c,
+        liver_semi,
+        _angles(rng, (0, 0, 0), 15),
+        _u(rng, 0.8, 1.1),
+        taper=_u(rng, 0.25, 0.45),
+        rough=rough,
+        roughness=0.15,
+    )
     frame.paint(box, m & interior[box], "liver")
 
     # Spleen: left, posterior, long axis along the posterolateral wall.
     spleen_semi = _jitter(rng, (0.1, 0.21, 0.24), 0.25)
     spleen_c = (bx - _u(rng, 0.44, 0.54), by + _u(rng, -0.28, -0.14), _u(rng, 0.1, 0.35))
-    box, m = _superquadric(frame, spleen_c, spleen_semi, _angles(rng, (0, 0, -40), 15), _u(rng, 0.8, 1.0),
-                           rough=rough, roughness=0.12)
+    box, m = _superquadric(
+        frame, spleen_c, spleen_semi, _angles(rng, (0, 0, -40), 15), _u(rng, 0.8, 1.0), rough=rough, roughness=0.12
+    )
     frame.paint(box, m & interior[box], "spleen")
 
     # Kidneys: posterior, beside the spine, the right one lower (pushed down by the liver).
@@ -355,8 +418,15 @@ def make_anatomy(
         semi = _jitter(rng, (0.14, 0.095, 0.27), 0.25)
         drop = 0.08 if side > 0 else 0.0
         center = (sx + side * _u(rng, 0.26, 0.34), sy + _u(rng, 0.0, 0.08), _u(rng, -0.45, -0.25) - drop)
-        box, m = _superquadric(frame, center, semi, _angles(rng, (0, side * 15, side * -20), 10),
-                               _u(rng, 0.85, 1.0), rough=rough, roughness=0.1)
+        box, m = _superquadric(
+            frame,
+            center,
+            semi,
+            _angles(rng, (0, side * 15, side * -20), 10),
+            _u(rng, 0.85, 1.0),
+            rough=rough,
+            roughness=0.1,
+        )
         m &= interior[box]
         frame.paint(box, m, "kidney")
         kidney_masks.append((box, m))
@@ -411,11 +481,16 @@ def make_anatomy(
         organs[tissue == TISSUES[name]] = label
 
     lesions, info = _place_lesions(rng, organs, spacing_t)
-    origin = tuple(
-        -s * n / 2.0 + _u(rng, -20.0, 20.0) for s, n in zip(spacing_t, shape, strict=True)
+    origin = tuple(-s * n / 2.0 + _u(rng, -20.0, 20.0) for s, n in zip(spacing_t, shape, strict=True))
+    return Anatomy(
+        seed=int(seed),
+        spacing=spacing_t,
+        origin=origin,
+        tissue=tissue,
+        organs=organs,
+        lesions=lesions,
+        lesion_info=info,
     )
-    return Anatomy(seed=int(seed), spacing=spacing_t, origin=origin, tissue=tissue, organs=organs,
-                   lesions=lesions, lesion_info=info)
 
 
 def _place_lesions(
@@ -451,8 +526,7 @@ def _place_lesions(
         center = tuple(int(c + b.start) for c, b in zip(local_center, box, strict=True))
         # Blob: a sphere whose radius wobbles by direction (random low-order harmonics).
         reach = [int(np.ceil(1.4 * radius / s)) + 1 for s in spacing]
-        sl = tuple(slice(max(c - r, 0), min(c + r + 1, n)) for c, r, n in
-                   zip(center, reach, organs.shape, strict=True))
+        sl = tuple(slice(max(c - r, 0), min(c + r + 1, n)) for c, r, n in zip(center, reach, organs.shape, strict=True))
         d = [(np.arange(s.start, s.stop) - c) * sp for s, c, sp in zip(sl, center, spacing, strict=True)]
         dx, dy, dz = np.meshgrid(*d, indexing="ij")
         dist = np.sqrt(dx**2 + dy**2 + dz**2) + 1e-6
@@ -461,8 +535,15 @@ def _place_lesions(
         blob = (dist < radius * wobble) & host[sl]
         blob[tuple(c - s.start for c, s in zip(center, sl, strict=True))] = True
         lesions[sl][blob] = len(info) + 1
-        info.append(Lesion(host=host_name, center=center, radius_mm=round(radius, 3),
-                           contrast=1 if rng.random() < 0.4 else -1, strength=_u(rng, 0.6, 1.0)))
+        info.append(
+            Lesion(
+                host=host_name,
+                center=center,
+                radius_mm=round(radius, 3),
+                contrast=1 if rng.random() < 0.4 else -1,
+                strength=_u(rng, 0.6, 1.0),
+            )
+        )
     return lesions, info
 
 
@@ -470,8 +551,9 @@ def _place_lesions(
 # rendering
 
 
-def _lut(values: dict[str, float], rng: np.random.Generator, jitter_abs: float = 0.0,
-         jitter_rel: float = 0.0) -> np.ndarray:
+def _lut(
+    values: dict[str, float], rng: np.random.Generator, jitter_abs: float = 0.0, jitter_rel: float = 0.0
+) -> np.ndarray:
     """Tissue code -> intensity, each tissue jittered per case (contrast timing, scanner)."""
     lut = np.zeros(max(TISSUES.values()) + 1, dtype=np.float32)
     for name, code in TISSUES.items():
@@ -545,8 +627,11 @@ def _case_spacing(seed: int, spacing: Sequence[float], jitter: bool) -> tuple[fl
         return tuple(float(s) for s in spacing)  # type: ignore[return-value]
     rng = np.random.default_rng([int(seed), 3])
     inplane, through = rng.uniform(0.95, 1.05, 2)
-    return (round(float(spacing[0] * inplane), 4), round(float(spacing[1] * inplane), 4),
-            round(float(spacing[2] * through), 4))
+    return (
+        round(float(spacing[0] * inplane), 4),
+        round(float(spacing[1] * inplane), 4),
+        round(float(spacing[2] * through), 4),
+    )
 
 
 def _params(**values: object) -> dict[str, object]:
@@ -603,8 +688,9 @@ def synth_corpus(
     _check_request(n, "corpus cases", shape, spacing)
     out = Path(out)
     names = [f"scan_{i:03d}.nii.gz" for i in range(n)]
-    params = _params(kind="corpus", n=n, seed=seed, shape=list(shape), spacing=list(spacing),
-                     jitter_spacing=jitter_spacing)
+    params = _params(
+        kind="corpus", n=n, seed=seed, shape=list(shape), spacing=list(spacing), jitter_spacing=jitter_spacing
+    )
     if not _is_complete(out, params):
         _start(out, [])
         for i, name in enumerate(names):
@@ -642,8 +728,15 @@ def synth_task(
     if kind == "mri_organs" and mri_weighting not in MRI_SIGNAL:
         raise MedsslInputError("mri_weighting", f"must be one of {', '.join(MRI_SIGNAL)}, got {mri_weighting!r}")
     out = Path(out)
-    params = _params(kind=kind, n=n, seed=seed, shape=list(shape), spacing=list(spacing),
-                     jitter_spacing=jitter_spacing, mri_weighting=mri_weighting if kind == "mri_organs" else None)
+    params = _params(
+        kind=kind,
+        n=n,
+        seed=seed,
+        shape=list(shape),
+        spacing=list(spacing),
+        jitter_spacing=jitter_spacing,
+        mri_weighting=mri_weighting if kind == "mri_organs" else None,
+    )
     if _is_complete(out, params):
         return out
     _start(out, ["imagesTr", "labelsTr"])

@@ -186,7 +186,7 @@ def _parse_labels(raw: Any, dataset_json: Path, problems: _Problems) -> dict[int
             problems.add(dataset_json, f"label {key!r} is a region {value} (region-based labels are unsupported)")
             continue
         else:
-            problems.add(dataset_json, f"label entry {key!r}: {value!r} is neither \"N\": name nor name: N")
+            problems.add(dataset_json, f'label entry {key!r}: {value!r} is neither "N": name nor name: N')
             continue
         if _bad_text(name):
             problems.add(dataset_json, f"label {number}: {_bad_text(name)}")
@@ -217,7 +217,7 @@ def _channel_modality(name: str) -> str | None:
 def _parse_channels(raw: Any, key: str, dataset_json: Path, problems: _Problems) -> tuple[list[str], str]:
     """Channel names in index order and the task modality ("ct" or "mri"; "" when undecidable)."""
     if not isinstance(raw, dict) or not raw:
-        problems.add(dataset_json, f"{key!r} must be a non-empty mapping like {{\"0\": \"CT\"}}")
+        problems.add(dataset_json, f'{key!r} must be a non-empty mapping like {{"0": "CT"}}')
         return [], ""
     if sorted(str(k) for k in raw) != [str(i) for i in range(len(raw))]:
         problems.add(dataset_json, f"{key!r} keys must be 0..{len(raw) - 1}, got {sorted(raw)}")
@@ -239,9 +239,7 @@ def _parse_channels(raw: Any, key: str, dataset_json: Path, problems: _Problems)
 # cases of each layout
 
 
-def _msd_cases(
-    root: Path, data: dict, dataset_json: Path, problems: _Problems
-) -> tuple[list[TaskCase], str]:
+def _msd_cases(root: Path, data: dict, dataset_json: Path, problems: _Problems) -> tuple[list[TaskCase], str]:
     training = data.get("training")
     if not isinstance(training, list):
         problems.add(dataset_json, "missing required key 'training' (a list of image/label pairs)")
@@ -397,9 +395,7 @@ def _scan_task(root: Path, problems: _Problems) -> TaskFolder | None:
     elif "modality" in data:
         layout, channel_key = "msd", "modality"
     else:
-        problems.add(
-            dataset_json, "missing required key 'modality' (MSD) or 'channel_names' (nnU-Net v2)"
-        )
+        problems.add(dataset_json, "missing required key 'modality' (MSD) or 'channel_names' (nnU-Net v2)")
         layout, channel_key = ("nnunet" if "file_ending" in data else "msd"), ""
     channel_names, modality = (
         _parse_channels(data[channel_key], channel_key, dataset_json, problems) if channel_key else ([], "")

@@ -21,9 +21,7 @@ def random_flip(x: Tensor, rng: np.random.Generator, prob: float = 0.5) -> Tenso
     return torch.flip(x, dims=dims) if dims else x
 
 
-def block_mask(
-    grid: tuple[int, int, int], block: int, ratio: float, rng: np.random.Generator
-) -> Tensor:
+def block_mask(grid: tuple[int, int, int], block: int, ratio: float, rng: np.random.Generator) -> Tensor:
     """SimMIM mask over a token grid: cubes of ``block`` tokens, ``round(ratio * n_blocks)`` masked.
 
     Returns a boolean tensor of shape ``grid`` (True = masked). A grid side that is not a multiple

@@ -21,8 +21,12 @@ def predict_volume(
     model.eval()
     x = image.unsqueeze(0).to(device)
     logits = sliding_window_inference(
-        x, roi_size=(roi_size,) * 3, sw_batch_size=sw_batch_size, predictor=model,
-        overlap=overlap, mode="gaussian",
+        x,
+        roi_size=(roi_size,) * 3,
+        sw_batch_size=sw_batch_size,
+        predictor=model,
+        overlap=overlap,
+        mode="gaussian",
     )
     if was_training:
         model.train()

@@ -43,10 +43,16 @@ def case_metrics(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            hd95 = compute_hausdorff_distance(pred_oh, true_oh, include_background=True, percentile=95,
-                                              spacing=spacing)[0]
-            nsd = compute_surface_dice(pred_oh, true_oh, class_thresholds=[nsd_tolerance_mm] * n_classes,
-                                       include_background=True, spacing=spacing)[0]
+            hd95 = compute_hausdorff_distance(
+                pred_oh, true_oh, include_background=True, percentile=95, spacing=spacing
+            )[0]
+            nsd = compute_surface_dice(
+                pred_oh,
+                true_oh,
+                class_thresholds=[nsd_tolerance_mm] * n_classes,
+                include_background=True,
+                spacing=spacing,
+            )[0]
     for c in present:
         row: dict[str, Any] = {"case": case_id, "label": c, "structure": structures[c], "dice": float(dice[c])}
         if c in predicted:

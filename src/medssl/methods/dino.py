@@ -73,9 +73,15 @@ class DINO(DistillationMethod):
     def make_views(self, region: Tensor, rng: np.random.Generator) -> dict[str, Tensor]:
         p = self.params
         return multicrop_views(
-            region, rng, crop_size=self.crop_size, n_local=p.n_local_crops, local_size=self.local_size,
-            global_scale=p.global_crop_scale, local_scale=p.local_crop_scale,
-            global_blur_prob=p.global_blur_prob, local_blur_prob=p.local_blur_prob,
+            region,
+            rng,
+            crop_size=self.crop_size,
+            n_local=p.n_local_crops,
+            local_size=self.local_size,
+            global_scale=p.global_crop_scale,
+            local_scale=p.local_crop_scale,
+            global_blur_prob=p.global_blur_prob,
+            local_blur_prob=p.local_blur_prob,
             intensity_prob=p.intensity_prob,
         )
 
@@ -108,4 +114,3 @@ class DINO(DistillationMethod):
             "teacher_temp": loss.new_tensor(temp).detach(),
             **health_metrics(embedding=student_global, features=student_pooled, teacher_probs=targets),
         }
-

@@ -173,8 +173,9 @@ class DistillationHead(nn.Module):
         self.head = DINOHead(in_dim, p.out_dim, p.hidden_dim, p.bottleneck_dim, p.head_layers, p.norm_last_layer)
         patch_dim = patch_out_dim or p.out_dim
         if patch == "separate":
-            self.patch_head = DINOHead(in_dim, patch_dim, p.hidden_dim, p.bottleneck_dim, p.head_layers,
-                                       p.norm_last_layer)
+            self.patch_head = DINOHead(
+                in_dim, patch_dim, p.hidden_dim, p.bottleneck_dim, p.head_layers, p.norm_last_layer
+            )
         if patch == "shared_mlp":
             self.last_layer2 = prototype_layer(p.bottleneck_dim, patch_dim, p.norm_last_layer)
 
@@ -215,8 +216,10 @@ class DistillationMethod(SSLMethod):
         self.steps_per_epoch = params.steps_per_epoch or 1
         self.init_momentum(params.teacher_momentum)
         self.teacher_temp_schedule = linear_warmup_then_constant(
-            params.teacher_temp_start, params.teacher_temp,
-            self.epochs_to_steps(params.teacher_temp_warmup_epochs), self.total_steps,
+            params.teacher_temp_start,
+            params.teacher_temp,
+            self.epochs_to_steps(params.teacher_temp_warmup_epochs),
+            self.total_steps,
         )
         self.freeze_last_layer_steps = self.epochs_to_steps(params.freeze_last_layer_epochs)
         self.head = self.make_head()
@@ -274,8 +277,11 @@ class DistillationMethod(SSLMethod):
         assert isinstance(p, PatchDistillationParams)
         self.patch_centering = self.make_centering(patch_dim, p.patch_centre_momentum)
         self.patch_temp_schedule = held_then_warmed(
-            p.teacher_patch_temp_start, p.teacher_patch_temp, self.epochs_to_steps(hold_epochs),
-            self.epochs_to_steps(p.teacher_temp_warmup_epochs), self.total_steps,
+            p.teacher_patch_temp_start,
+            p.teacher_patch_temp,
+            self.epochs_to_steps(hold_epochs),
+            self.epochs_to_steps(p.teacher_temp_warmup_epochs),
+            self.total_steps,
         )
 
     def patch_term(self, student_patch: Tensor, teacher_patch: Tensor, token_mask: Tensor, step: int) -> Tensor:

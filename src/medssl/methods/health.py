@@ -108,12 +108,14 @@ def health_metrics(
             log_k = math.log(probs.shape[1]) if probs.shape[1] > 1 else float("nan")
             per_sample = entropy(probs).mean()
             batch_mean = entropy(probs.mean(dim=0)).squeeze(0)
-            out.update({
-                "health/teacher_entropy": per_sample,
-                "health/teacher_batch_entropy": batch_mean,
-                "health/teacher_entropy_ratio": per_sample / log_k,
-                "health/teacher_batch_entropy_ratio": batch_mean / log_k,
-            })
+            out.update(
+                {
+                    "health/teacher_entropy": per_sample,
+                    "health/teacher_batch_entropy": batch_mean,
+                    "health/teacher_entropy_ratio": per_sample / log_k,
+                    "health/teacher_batch_entropy_ratio": batch_mean / log_k,
+                }
+            )
     return out
 
 
@@ -153,21 +155,29 @@ random init or healthy runs from collapse. Below this value the verdict adds a n
 
 THRESHOLDS: dict[str, dict[str, Any]] = {
     "embedding_std_floor": {
-        "key": "health/embedding_std_scaled", "flags": "below", "value": EMBEDDING_STD_FLOOR,
+        "key": "health/embedding_std_scaled",
+        "flags": "below",
+        "value": EMBEDDING_STD_FLOOR,
         "why": "constant embeddings read 0; the lowest healthy value measured (random init and 20-step runs of "
-               "every method, tiny preset, 32^3, batch 2) was 6e-4 (DINO's head output)",
+        "every method, tiny preset, 32^3, batch 2) was 6e-4 (DINO's head output)",
     },
     "teacher_batch_entropy_floor": {
-        "key": "health/teacher_batch_entropy_ratio", "flags": "below", "value": TEACHER_BATCH_ENTROPY_FLOOR,
+        "key": "health/teacher_batch_entropy_ratio",
+        "flags": "below",
+        "value": TEACHER_BATCH_ENTROPY_FLOOR,
         "why": "the batch-mean teacher distribution on one prototype (DINO without centring) reads 0; random "
-               "init reads 0.29-0.31 at tau_t 0.04 (0.05 at 0.02), healthy 20-step runs 0.98",
+        "init reads 0.29-0.31 at tau_t 0.04 (0.05 at 0.02), healthy 20-step runs 0.98",
     },
     "teacher_uniform_warning": {
-        "key": "health/teacher_entropy_ratio", "flags": "above (warning only)", "value": TEACHER_UNIFORM_CEIL,
+        "key": "health/teacher_entropy_ratio",
+        "flags": "above (warning only)",
+        "value": TEACHER_UNIFORM_CEIL,
         "why": "a uniform teacher carries no target; short healthy runs pass through it, so it only warns",
     },
     "feature_std_note": {
-        "key": "health/feature_std_scaled", "flags": "below (note only)", "value": FEATURE_STD_NOTE,
+        "key": "health/feature_std_scaled",
+        "flags": "below (note only)",
+        "value": FEATURE_STD_NOTE,
         "why": "random-init pooled Swin features are near-identical across crops, so this cannot flag",
     },
 }
@@ -196,20 +206,28 @@ def health_verdict(records: list[dict[str, Any]], window: int = HEALTH_WINDOW) -
     warnings: list[str] = []
     spread = final.get("health/embedding_std_scaled")
     if spread is not None and (not math.isfinite(spread) or spread < EMBEDDING_STD_FLOOR):
-        reasons.append(f"embedding spread (std of L2-normalised embeddings x sqrt(d)) {spread:.2e} < "
-                       f"{EMBEDDING_STD_FLOOR:g}: the embeddings collapsed onto one point")
+        reasons.append(
+            f"embedding spread (std of L2-normalised embeddings x sqrt(d)) {spread:.2e} < "
+            f"{EMBEDDING_STD_FLOOR:g}: the embeddings collapsed onto one point"
+        )
     batch_entropy = final.get("health/teacher_batch_entropy_ratio")
     if batch_entropy is not None and (not math.isfinite(batch_entropy) or batch_entropy < TEACHER_BATCH_ENTROPY_FLOOR):
-        reasons.append(f"batch-mean teacher entropy {batch_entropy:.3f} log K < {TEACHER_BATCH_ENTROPY_FLOOR:g} log K: "
-                       "the teacher puts every sample on the same prototype")
+        reasons.append(
+            f"batch-mean teacher entropy {batch_entropy:.3f} log K < {TEACHER_BATCH_ENTROPY_FLOOR:g} log K: "
+            "the teacher puts every sample on the same prototype"
+        )
     uniform = final.get("health/teacher_entropy_ratio")
     if uniform is not None and uniform > TEACHER_UNIFORM_CEIL:
-        warnings.append(f"per-sample teacher entropy {uniform:.3f} log K > {TEACHER_UNIFORM_CEIL:g} log K: the "
-                        "teacher is near uniform (common early in a run; a collapse if it persists)")
+        warnings.append(
+            f"per-sample teacher entropy {uniform:.3f} log K > {TEACHER_UNIFORM_CEIL:g} log K: the "
+            "teacher is near uniform (common early in a run; a collapse if it persists)"
+        )
     features = final.get("health/feature_std_scaled")
     if features is not None and features < FEATURE_STD_NOTE:
-        warnings.append(f"pooled encoder features spread {features:.3f} < {FEATURE_STD_NOTE:g}: near-identical "
-                        "for different crops (as at random init)")
+        warnings.append(
+            f"pooled encoder features spread {features:.3f} < {FEATURE_STD_NOTE:g}: near-identical "
+            "for different crops (as at random init)"
+        )
     return {
         "assessed": bool(keys),
         "collapsed": bool(reasons),

@@ -30,9 +30,7 @@ def teacher_probs(teacher_logits: Tensor, centre: Tensor, temperature: float) ->
         return torch.softmax((teacher_logits.detach().float() - centre.float()) / temperature, dim=-1)
 
 
-def dino_cross_entropy(
-    student_logits: list[Tensor], teacher_probs: list[Tensor], student_temp: float
-) -> Tensor:
+def dino_cross_entropy(student_logits: list[Tensor], teacher_probs: list[Tensor], student_temp: float) -> Tensor:
     """DINO's multi-crop cross-entropy over pairs of *different* views.
 
     ``L = 1/|P| * sum_{(q, v) in P} mean_b sum_k -P_t^q[b, k] * log_softmax(s^v[b] / tau_s)[k]`` with

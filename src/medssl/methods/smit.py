@@ -98,8 +98,9 @@ class SMIT(DistillationMethod):
 
     def __init__(self, encoder: SwinEncoder, params: SMITParams, crop_size: int, total_steps: int) -> None:
         super().__init__(encoder, params, crop_size, total_steps)
-        self.decoder = PixelShuffleDecoder(encoder.out_channels, encoder.config.in_channels,
-                                           encoder.stage_stride(BOTTLENECK))
+        self.decoder = PixelShuffleDecoder(
+            encoder.out_channels, encoder.config.in_channels, encoder.stage_stride(BOTTLENECK)
+        )
         self.init_patch_distillation(params.out_dim, params.patch_temp_hold_epochs)
 
     def make_head(self) -> DistillationHead:
@@ -112,8 +113,9 @@ class SMIT(DistillationMethod):
 
     def make_views(self, region: Tensor, rng: np.random.Generator) -> dict[str, Tensor]:
         p = self.params
-        crops = region_crops(region, self.crop_size, 2, rng, blur_prob=p.blur_prob,
-                             intensity_prob=p.intensity_prob, flip=p.flip)
+        crops = region_crops(
+            region, self.crop_size, 2, rng, blur_prob=p.blur_prob, intensity_prob=p.intensity_prob, flip=p.flip
+        )
         spatial = tuple(crops.shape[2:])
         grid = self.encoder.stage_grid(spatial, DISTILLED)
         factor = self.encoder.stage_stride(DISTILLED) // self.encoder.stage_stride(0)

@@ -103,8 +103,11 @@ class SwinUNETRSSL(TwoCropMethod):
     def make_views(self, region: Tensor, rng: np.random.Generator) -> dict[str, Tensor]:
         p = self.params
         crop = region.float()
-        boxes = {"max_fraction": p.max_cutout, "max_box_fraction": p.max_box_fraction,
-                 "min_box_fraction": p.min_box_fraction}
+        boxes = {
+            "max_fraction": p.max_cutout,
+            "max_box_fraction": p.max_box_fraction,
+            "min_box_fraction": p.min_box_fraction,
+        }
         views: dict[str, Tensor] = {}
         for i in (1, 2):
             k = int(rng.integers(N_ROTATIONS))

@@ -66,8 +66,11 @@ def unwrap_state(payload: Any, path: str | Path) -> tuple[dict[str, Tensor], str
     if isinstance(payload, dict):
         meta = payload.get("meta")
         if "model" in payload and isinstance(meta, dict) and "out_channels" in meta:
-            raise MedsslInputError(path, "is a fine-tuned medssl segmenter, not an encoder checkpoint "
-                                         "(use its pretraining run's checkpoints/encoder.pt)")
+            raise MedsslInputError(
+                path,
+                "is a fine-tuned medssl segmenter, not an encoder checkpoint "
+                "(use its pretraining run's checkpoints/encoder.pt)",
+            )
         if _is_state(payload):
             return payload, "."
         for key in WRAPPER_KEYS:
@@ -79,13 +82,15 @@ def unwrap_state(payload: Any, path: str | Path) -> tuple[dict[str, Tensor], str
                     if _is_state(inner.get(key2)):
                         return inner[key2], f"{key}.{key2}"
     raise MedsslInputError(
-        path, "not a medssl encoder checkpoint (needs 'encoder' and 'meta' entries), nor a state dict of tensors "
-        f"(plain or under {'/'.join(WRAPPER_KEYS)}) such as a MONAI SwinUNETR or model_swinvit.pt")
+        path,
+        "not a medssl encoder checkpoint (needs 'encoder' and 'meta' entries), nor a state dict of tensors "
+        f"(plain or under {'/'.join(WRAPPER_KEYS)}) such as a MONAI SwinUNETR or model_swinvit.pt",
+    )
 
 
 def _strip_module(key: str) -> str:
     while key.startswith("module."):
-        key = key[len("module."):]
+        key = key[len("module.") :]
     return key
 
 
@@ -97,22 +102,28 @@ def encoder_tensors(state: dict[str, Tensor], path: str | Path) -> tuple[dict[st
     if not prefixes:
         others = sorted({k[: -len(ANCHOR)] for k in keys if k.endswith(ANCHOR)})
         hint = f" (found it under {', '.join(repr(o) for o in others)})" if others else ""
-        raise MedsslInputError(path, f"not an encoder checkpoint: no Swin encoder in this state dict: no '{ANCHOR}' "
-                                     f"tensor under 'swinViT.', 'swin_vit.' or at the top level{hint}")
+        raise MedsslInputError(
+            path,
+            f"not an encoder checkpoint: no Swin encoder in this state dict: no '{ANCHOR}' "
+            f"tensor under 'swinViT.', 'swin_vit.' or at the top level{hint}",
+        )
     prefix = prefixes[0]
     encoder, ignored = {}, []
     for key, value in keys.items():
         if not key.startswith(prefix) or (prefix == "" and key.split(".", 1)[0] not in _ENCODER_MODULES):
             ignored.append(key)
             continue
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         for old, new in OLD_MLP_NAMES:
             name = name.replace(old, new)
         encoder[name] = value
     v2 = sorted({k.split(".", 1)[0] for k in encoder if re.fullmatch(r"layers\dc", k.split(".", 1)[0])})
     if v2:
-        raise MedsslInputError(path, f"a SwinUNETR v2 encoder (residual conv blocks {', '.join(v2)}): the medssl "
-                                     "encoder is MONAI's SwinTransformer without use_v2, so these weights do not fit")
+        raise MedsslInputError(
+            path,
+            f"a SwinUNETR v2 encoder (residual conv blocks {', '.join(v2)}): the medssl "
+            "encoder is MONAI's SwinTransformer without use_v2, so these weights do not fit",
+        )
     return encoder, prefix, ignored
 
 
@@ -134,19 +145,26 @@ def infer_encoder_config(state: dict[str, Tensor], path: str | Path) -> EncoderC
         depths.append(max(blocks) + 1)
         table = state.get(f"layers{stage}.0.blocks.0.attn.relative_position_bias_table")
         if table is None or table.ndim != 2:
-            raise MedsslInputError(path, f"stage {stage} lacks 'layers{stage}.0.blocks.0.attn."
-                                         "relative_position_bias_table' (heads and window size come from it)")
+            raise MedsslInputError(
+                path,
+                f"stage {stage} lacks 'layers{stage}.0.blocks.0.attn."
+                "relative_position_bias_table' (heads and window size come from it)",
+            )
         heads.append(int(table.shape[1]))
         side = round(int(table.shape[0]) ** (1 / 3))
         if side**3 != table.shape[0] or side % 2 == 0:
-            raise MedsslInputError(path, f"stage {stage}: relative-position table of {table.shape[0]} rows is not "
-                                         "(2w-1)^3 for a cubic window w")
+            raise MedsslInputError(
+                path,
+                f"stage {stage}: relative-position table of {table.shape[0]} rows is not (2w-1)^3 for a cubic window w",
+            )
         windows.append((side + 1) // 2)
     if len(set(windows)) != 1:
         raise MedsslInputError(path, f"window sizes differ between stages ({windows})")
     fields = dict(feature_size=feature_size, depths=tuple(depths), num_heads=tuple(heads), window_size=windows[0])
-    preset = next((n for n, p in ENCODER_PRESETS.items() if all(p[k] == v for k, v in fields.items())),
-                  next((n for n, p in ENCODER_PRESETS.items() if p["feature_size"] == feature_size), "base"))
+    preset = next(
+        (n for n, p in ENCODER_PRESETS.items() if all(p[k] == v for k, v in fields.items())),
+        next((n for n, p in ENCODER_PRESETS.items() if p["feature_size"] == feature_size), "base"),
+    )
     try:
         return EncoderConfig(preset=preset, in_channels=in_channels, patch_size=patch, **fields)
     except ValueError as err:
@@ -167,13 +185,17 @@ def read_foreign_encoder(payload: Any, path: str | Path, name: str | None = None
     coverage = f"{len(expected) - len(missing)}/{len(expected)} encoder tensors"
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise MedsslInputError(path, f"external encoder is missing {len(missing)} encoder tensors ({coverage} "
-                                     f"present): {shown}")
+        raise MedsslInputError(
+            path, f"external encoder is missing {len(missing)} encoder tensors ({coverage} present): {shown}"
+        )
     wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
     if wrong:
         k = wrong[0]
-        raise MedsslInputError(path, f"encoder tensor '{k}' has shape {tuple(state[k].shape)}, the encoder rebuilt "
-                                     f"from this file expects {tuple(expected[k].shape)}")
+        raise MedsslInputError(
+            path,
+            f"encoder tensor '{k}' has shape {tuple(state[k].shape)}, the encoder rebuilt "
+            f"from this file expects {tuple(expected[k].shape)}",
+        )
     unexpected = sorted(set(state) - set(expected) - {MASK_TOKEN_KEY})
     loaded = {k: state[k].detach().clone() for k in expected}
     token = state.get(MASK_TOKEN_KEY)
@@ -181,13 +203,23 @@ def read_foreign_encoder(payload: Any, path: str | Path, name: str | None = None
     loaded[MASK_TOKEN_KEY] = token.detach().clone() if has_token else torch.zeros(1, config.feature_size, 1, 1, 1)
     layout = "research-contributions model_swinvit" if prefix == "" else "MONAI SwinUNETR"
     source = {
-        "path": str(path.resolve()), "sha256": file_sha256(path), "layout": layout, "wrapper": wrapper,
-        "prefix": prefix or "(none)", "coverage": coverage, "ignored_tensors": len(ignored) + len(unexpected),
+        "path": str(path.resolve()),
+        "sha256": file_sha256(path),
+        "layout": layout,
+        "wrapper": wrapper,
+        "prefix": prefix or "(none)",
+        "coverage": coverage,
+        "ignored_tensors": len(ignored) + len(unexpected),
         "mask_token": "from the source" if has_token else "not in the source: zeros (masked pretraining only)",
     }
     label = name or path.stem
-    meta = encoder_meta(method=external_method(label), family=EXTERNAL_FAMILY, encoder=config, steps=0,
-                        extra={"source": source, "external_name": label, "exported_network": "external"})
+    meta = encoder_meta(
+        method=external_method(label),
+        family=EXTERNAL_FAMILY,
+        encoder=config,
+        steps=0,
+        extra={"source": source, "external_name": label, "exported_network": "external"},
+    )
     return loaded, meta
 
 

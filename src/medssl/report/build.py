@@ -406,15 +406,18 @@ def section_pretraining(ctx: ReportContext) -> Section:
     for alert in _collapse_alerts(ctx.pretrain):
         section.add(alert)
     if not ctx.pretrain["collapsed"].any():
-        section.add(Paragraph(
-            "No pretraining run was flagged by the health verdict: the spread of each method's embedding and, "
-            "for teacher-student methods, the entropy of the batch-mean teacher distribution stayed above their "
-            "floors (calibrated on random init, short healthy runs and deliberately collapsed ones; "
-            "methods/health.py)."
-        ))
+        section.add(
+            Paragraph(
+                "No pretraining run was flagged by the health verdict: the spread of each method's embedding and, "
+                "for teacher-student methods, the entropy of the batch-mean teacher distribution stayed above their "
+                "floors (calibrated on random init, short healthy runs and deliberately collapsed ones; "
+                "methods/health.py)."
+            )
+        )
     for row in ctx.pretrain[ctx.pretrain["health_warnings"].notna()].itertuples():
-        section.add(Paragraph(f"Health note for {display_method(row.method)} (run {row.run_id}): "
-                              f"{row.health_warnings}."))
+        section.add(
+            Paragraph(f"Health note for {display_method(row.method)} (run {row.run_id}): {row.health_warnings}.")
+        )
     collapsed = set(ctx.pretrain.loc[ctx.pretrain["collapsed"], "run_id"])
     section.add(
         ctx.figure(
@@ -424,21 +427,41 @@ def section_pretraining(ctx: ReportContext) -> Section:
     )
     if ctx.pretrain_curves.empty:
         section.add(Missing("The pretraining runs logged no loss curve (metrics.jsonl)."))
-    health_figure = plots.pretrain_health_plot(ctx.pretrain_curves, collapsed,
-                                               ctx.figure_dir / "pretraining_health.png", ctx.colors)
+    health_figure = plots.pretrain_health_plot(
+        ctx.pretrain_curves, collapsed, ctx.figure_dir / "pretraining_health.png", ctx.colors
+    )
     if health_figure is not None:
-        section.add(ctx.figure(
-            health_figure,
-            "Representation health per step (collapsed runs dashed red): embedding spread (about 1 healthy, 0 "
-            "collapsed), RankMe effective rank (bounded by the batch), pooled-feature spread (reported only: "
-            "near-identical at random init) and batch-mean teacher entropy over log K (0: one prototype).",
-        ))
+        section.add(
+            ctx.figure(
+                health_figure,
+                "Representation health per step (collapsed runs dashed red): embedding spread (about 1 healthy, 0 "
+                "collapsed), RankMe effective rank (bounded by the batch), pooled-feature spread (reported only: "
+                "near-identical at random init) and batch-mean teacher entropy over log K (0: one prototype).",
+            )
+        )
     elif not ctx.pretrain_curves.empty:
         section.add(Missing("The pretraining runs logged no health values (health/... in metrics.jsonl)."))
-    columns = ["method", "family", "steps", "final_loss", "collapsed", "embedding_std_scaled", "embedding_rank",
-               "feature_std_scaled", "teacher_batch_entropy_ratio", "wall_seconds", "step_seconds", "run_id"]
-    section.add(frame_table(ctx.pretrain[columns], "Pretraining runs: final health values (mean of the last "
-                            "logged steps).", index="method"))
+    columns = [
+        "method",
+        "family",
+        "steps",
+        "final_loss",
+        "collapsed",
+        "embedding_std_scaled",
+        "embedding_rank",
+        "feature_std_scaled",
+        "teacher_batch_entropy_ratio",
+        "wall_seconds",
+        "step_seconds",
+        "run_id",
+    ]
+    section.add(
+        frame_table(
+            ctx.pretrain[columns],
+            "Pretraining runs: final health values (mean of the last logged steps).",
+            index="method",
+        )
+    )
     return section
 
 
@@ -507,8 +530,12 @@ def section_provenance(ctx: ReportContext) -> Section:
     recipes = pd.DataFrame(prov["finetune_recipes"])
     if not recipes.empty:
         section.add(
-            frame_table(recipes, "Fine-tuning recipe per task, from each run's config.yaml (every encoder "
-                        "of a task should share one row).", index="task")
+            frame_table(
+                recipes,
+                "Fine-tuning recipe per task, from each run's config.yaml (every encoder "
+                "of a task should share one row).",
+                index="task",
+            )
         )
     section.add(Paragraph("Code versions: " + (", ".join(prov["code_versions"]) or "not recorded") + "."))
     if prov["run_hardware"]:
@@ -591,19 +618,42 @@ def _pretrain_recipe_blocks(pretrain: pd.DataFrame) -> list[Block]:
         for n, few in zip(frame["negatives_per_step"], frame["few_negatives"], strict=True)
     ]
     frame["published optimiser"] = frame["published_optimizer"].fillna("—")
-    table = frame[["method", "recipe", "lr", "lr_rule", "weight decay", "clip", "warmup_steps", "batch_size",
-                   "negatives per step", "published optimiser"]]
+    table = frame[
+        [
+            "method",
+            "recipe",
+            "lr",
+            "lr_rule",
+            "weight decay",
+            "clip",
+            "warmup_steps",
+            "batch_size",
+            "negatives per step",
+            "published optimiser",
+        ]
+    ]
     recipes = sorted(str(r) for r in frame["recipe"].dropna().unique())
-    blocks: list[Block] = [frame_table(
-        table, f"Pretraining optimiser per method (recipe: {', '.join(recipes)}; AdamW, cosine schedule; "
-        "'published': each method's recipe from configs/methods/<name>.yaml with its learning rate scaled to "
-        "the run's batch by the published rule; 'shared': one schedule for every method).", index="method")]
+    blocks: list[Block] = [
+        frame_table(
+            table,
+            f"Pretraining optimiser per method (recipe: {', '.join(recipes)}; AdamW, cosine schedule; "
+            "'published': each method's recipe from configs/methods/<name>.yaml with its learning rate scaled to "
+            "the run's batch by the published rule; 'shared': one schedule for every method).",
+            index="method",
+        )
+    ]
     few = frame[frame["few_negatives"].fillna(False).astype(bool)]
     if not few.empty:
-        names = ", ".join(f"{display_method(r.method)} ({int(r.negatives_per_step)} negatives)"
-                          for r in few.itertuples())
-        blocks.append(Alert(f"Small global batch for contrastive methods: {names} per step, against thousands "
-                            "in the published recipes; their scores measure a small-batch variant.", level="warning"))
+        names = ", ".join(
+            f"{display_method(r.method)} ({int(r.negatives_per_step)} negatives)" for r in few.itertuples()
+        )
+        blocks.append(
+            Alert(
+                f"Small global batch for contrastive methods: {names} per step, against thousands "
+                "in the published recipes; their scores measure a small-batch variant.",
+                level="warning",
+            )
+        )
     return blocks
 
 

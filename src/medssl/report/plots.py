@@ -217,8 +217,13 @@ def cost_plot(summary: pd.DataFrame, path: str | Path, colors: dict[str, Any] | 
     fig, (ax,) = _figure(1, panel_size=(5.6, 4.0))
     for row in measured.itertuples():
         ax.scatter(row.total_flops, row.mean_dice, color=colors.get(row.method), s=40, label=display_method(row.method))
-        ax.annotate(display_method(row.method), (row.total_flops, row.mean_dice), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+        ax.annotate(
+            display_method(row.method),
+            (row.total_flops, row.mean_dice),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
     baseline = summary[(summary["method"] == "none") & summary["mean_dice"].notna()]
     if not baseline.empty:
         ax.axhline(float(baseline["mean_dice"].iloc[0]), color="grey", linestyle="--", label="random init")
@@ -255,9 +260,13 @@ def pretrain_health_plot(
             if run.empty:
                 continue
             collapsed = run_id in collapsed_runs
-            ax.plot(run["step"], run[key], color="red" if collapsed else colors.get(method),
-                    linestyle="--" if collapsed else "-",
-                    label=f"{display_method(method)} (COLLAPSED)" if collapsed else display_method(method))
+            ax.plot(
+                run["step"],
+                run[key],
+                color="red" if collapsed else colors.get(method),
+                linestyle="--" if collapsed else "-",
+                label=f"{display_method(method)} (COLLAPSED)" if collapsed else display_method(method),
+            )
         ax.set_title(title)
         ax.set_xlabel("pretraining step")
         ax.grid(alpha=0.3)

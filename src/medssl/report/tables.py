@@ -425,8 +425,20 @@ def frame_table(frame: pd.DataFrame, caption: str = "", index: str | None = None
     return Table(display, caption=caption, index_name=index, show_index=index is not None)
 
 
-COST_COLUMNS = ["method", "family", "pretrain_runs", "steps", "flops_per_step", "total_flops", "wall_seconds",
-                "device_hours", "peak_memory_gib", "peak_memory_kind", "mean_dice", "n_task_budgets"]
+COST_COLUMNS = [
+    "method",
+    "family",
+    "pretrain_runs",
+    "steps",
+    "flops_per_step",
+    "total_flops",
+    "wall_seconds",
+    "device_hours",
+    "peak_memory_gib",
+    "peak_memory_kind",
+    "mean_dice",
+    "n_task_budgets",
+]
 
 
 def cost_summary(results: pd.DataFrame, pretrain: pd.DataFrame) -> pd.DataFrame:
@@ -436,15 +448,27 @@ def cost_summary(results: pd.DataFrame, pretrain: pd.DataFrame) -> pd.DataFrame:
     dice = pd.DataFrame(columns=["method", "family", "mean_dice", "n_task_budgets"])
     if not results.empty:
         per_cell = results.groupby(["method", "family", "task", "budget"], dropna=False)["dice"].mean().reset_index()
-        dice = per_cell.groupby(["method", "family"], dropna=False).agg(
-            mean_dice=("dice", "mean"), n_task_budgets=("dice", "size")).reset_index()
+        dice = (
+            per_cell.groupby(["method", "family"], dropna=False)
+            .agg(mean_dice=("dice", "mean"), n_task_budgets=("dice", "size"))
+            .reset_index()
+        )
     cost = pd.DataFrame(columns=["method", "family"])
     if not pretrain.empty:
-        cost = pretrain.groupby(["method", "family"], dropna=False).agg(
-            pretrain_runs=("run_id", "size"), steps=("steps", "mean"), flops_per_step=("flops_per_step", "mean"),
-            total_flops=("total_flops", "mean"), wall_seconds=("wall_seconds", "mean"),
-            device_hours=("device_hours", "mean"), peak_memory_bytes=("peak_memory_bytes", "max"),
-            peak_memory_kind=("peak_memory_kind", "first")).reset_index()
+        cost = (
+            pretrain.groupby(["method", "family"], dropna=False)
+            .agg(
+                pretrain_runs=("run_id", "size"),
+                steps=("steps", "mean"),
+                flops_per_step=("flops_per_step", "mean"),
+                total_flops=("total_flops", "mean"),
+                wall_seconds=("wall_seconds", "mean"),
+                device_hours=("device_hours", "mean"),
+                peak_memory_bytes=("peak_memory_bytes", "max"),
+                peak_memory_kind=("peak_memory_kind", "first"),
+            )
+            .reset_index()
+        )
         cost["peak_memory_gib"] = cost.pop("peak_memory_bytes") / 2**30
     frame = dice.merge(cost, on=["method", "family"], how="outer")
     frame = frame.reindex(columns=COST_COLUMNS)

@@ -70,8 +70,14 @@ class SegmentationModule(nn.Module):
     first ``freeze_encoder_steps`` steps the encoder's gradients are dropped, so AdamW neither moves
     its weights nor accumulates moments for them (decoder first, then everything)."""
 
-    def __init__(self, model: SwinSegmenter, loss: str = "dice_ce", encoder_lr_scale: float = 1.0,
-                 layer_decay: float = 1.0, freeze_encoder_steps: int = 0) -> None:
+    def __init__(
+        self,
+        model: SwinSegmenter,
+        loss: str = "dice_ce",
+        encoder_lr_scale: float = 1.0,
+        layer_decay: float = 1.0,
+        freeze_encoder_steps: int = 0,
+    ) -> None:
         super().__init__()
         self.model = model
         self.encoder_lr_scale = encoder_lr_scale
@@ -95,7 +101,7 @@ class SegmentationModule(nn.Module):
             return 1.0
         depths = self.model.encoder_config.depths
         top = sum(depths) + 1
-        return self.encoder_lr_scale * self.layer_decay ** (top - swin_layer_id(name[len(ENCODER_PREFIX):], depths))
+        return self.encoder_lr_scale * self.layer_decay ** (top - swin_layer_id(name[len(ENCODER_PREFIX) :], depths))
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         return param_groups(self, weight_decay, lr_scale=self.lr_scale)
@@ -134,19 +140,28 @@ def check_label_values(task: TaskFolder, volumes: dict[str, CachedVolume]) -> No
         undeclared = sorted(set(volume.class_voxels) - declared)
         if undeclared:
             shown = ", ".join(str(v) for v in undeclared[:10]) + (" ..." if len(undeclared) > 10 else "")
-            raise MedsslInputError(volume.label_source or case_id,
-                                   f"label values not declared in {task.root / 'dataset.json'}: {shown}")
+            raise MedsslInputError(
+                volume.label_source or case_id, f"label values not declared in {task.root / 'dataset.json'}: {shown}"
+            )
     if not any(c != 0 and n > 0 for v in volumes.values() for c, n in v.class_voxels.items()):
         raise MedsslInputError(task.root, "no case has any foreground label (every label volume is background)")
 
 
 def finetune_info(config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any], n_train: int) -> dict[str, Any]:
     return {
-        "kind": "finetune", "config_hash": config_hash(config), "method": meta["method"],
-        "family": meta["family"], "encoder_checkpoint": str(config.encoder_checkpoint or ""),
-        "task": task.name, "task_path": str(task.root), "modality": task.modality,
-        "budget": _budget_label(config.budget), "n_train": n_train, "seed": config.seed,
-        "preset": meta.get("preset", config.encoder.preset), "crop_size": config.crop_size,
+        "kind": "finetune",
+        "config_hash": config_hash(config),
+        "method": meta["method"],
+        "family": meta["family"],
+        "encoder_checkpoint": str(config.encoder_checkpoint or ""),
+        "task": task.name,
+        "task_path": str(task.root),
+        "modality": task.modality,
+        "budget": _budget_label(config.budget),
+        "n_train": n_train,
+        "seed": config.seed,
+        "preset": meta.get("preset", config.encoder.preset),
+        "crop_size": config.crop_size,
         "steps": config.schedule.steps,
         **({"encoder_source": meta["source"]} if "source" in meta else {}),  # an external encoder's file
     }
@@ -173,8 +188,9 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
     check_label_values(task, volumes)
     case_ids = sorted(volumes)
     budgets = [config.budget]
-    split = load_or_create_splits(config.splits_path or run.path / "splits.json", case_ids, config.seed, budgets,
-                                  config.n_test, config.n_val)
+    split = load_or_create_splits(
+        config.splits_path or run.path / "splits.json", case_ids, config.seed, budgets, config.n_test, config.n_val
+    )
     train_ids = train_cases(split, config.budget)
     run_info = {**finetune_info(config, task, enc_meta, len(train_ids)), **identity}
     try:
@@ -186,20 +202,32 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 if info.is_main:
                     run.log(f"encoder {enc_meta['method']}: {report.summary()} from {config.encoder_checkpoint}")
                     if "source" in enc_meta:
-                        run.log(f"external encoder {enc_meta['source']['path']} ({enc_meta['source']['layout']}): "
-                                f"{enc_meta['source']['coverage']}, sha256 {enc_meta['source']['sha256'][:12]}")
+                        run.log(
+                            f"external encoder {enc_meta['source']['path']} ({enc_meta['source']['layout']}): "
+                            f"{enc_meta['source']['coverage']}, sha256 {enc_meta['source']['sha256'][:12]}"
+                        )
             elif info.is_main:
                 run.log(f"encoder: random initialisation (seed {config.seed})")
             if info.is_main:
-                run.log(f"task {task.name} ({task.modality}): {len(train_ids)} training cases (budget "
-                        f"{config.budget}), {len(split['val'])} validation, {len(split['test'])} test")
+                run.log(
+                    f"task {task.name} ({task.modality}): {len(train_ids)} training cases (budget "
+                    f"{config.budget}), {len(split['val'])} validation, {len(split['test'])} test"
+                )
 
             structures = task.structures
             val_cases = [load_eval_case(volumes[c]) for c in split["val"]]
-            seg_meta = {"encoder": encoder_config.model_dump(mode="json"), "out_channels": task.n_classes,
-                        "crop_size": config.crop_size, "norm": config.norm, "method": enc_meta["method"],
-                        "family": enc_meta["family"], "task": task.name, "labels": task.labels,
-                        "preprocess": config.preprocess.model_dump(mode="json"), "run_id": run.id}
+            seg_meta = {
+                "encoder": encoder_config.model_dump(mode="json"),
+                "out_channels": task.n_classes,
+                "crop_size": config.crop_size,
+                "norm": config.norm,
+                "method": enc_meta["method"],
+                "family": enc_meta["family"],
+                "task": task.name,
+                "labels": task.labels,
+                "preprocess": config.preprocess.model_dump(mode="json"),
+                "run_id": run.id,
+            }
             best_path = run.checkpoint_dir / "best.pt"
             prior = [r for r in run.read_metrics() if "val_dice" in r]
             best = {"dice": max((r["val_dice"] for r in prior), default=-1.0)}
@@ -208,8 +236,14 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
             def validate(module: SegmentationModule, step: int) -> dict[str, Any]:
                 per_structure: dict[str, list[float]] = {}
                 for case in val_cases:
-                    pred = predict_volume(module.model, case["image"], config.crop_size, config.sw_batch_size,
-                                          config.sw_overlap, info.device)
+                    pred = predict_volume(
+                        module.model,
+                        case["image"],
+                        config.crop_size,
+                        config.sw_batch_size,
+                        config.sw_overlap,
+                        info.device,
+                    )
                     for name, d in mean_dice(pred, case["label"][0], structures).items():
                         per_structure.setdefault(name, []).append(d)
                 means = {k: sum(v) / len(v) for k, v in per_structure.items()}
@@ -218,21 +252,41 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                     best["dice"] = score
                     save_segmenter(best_path, module.model, {**seg_meta, "step": step, "val_dice": score})
                 val_history.append(score)
-                record: dict[str, Any] = {"val_dice": score, "val_dice_per_structure": means,
-                                          "epoch": step * config.schedule.batch_size / max(len(train_ids), 1)}
+                record: dict[str, Any] = {
+                    "val_dice": score,
+                    "val_dice_per_structure": means,
+                    "epoch": step * config.schedule.batch_size / max(len(train_ids), 1),
+                }
                 if config.early_stop_patience is not None and plateau_reached(
-                        val_history, config.early_stop_patience, config.early_stop_min_delta):
+                    val_history, config.early_stop_patience, config.early_stop_min_delta
+                ):
                     record["stop"] = True
                 return record
 
-            dataset = SegmentationCropDataset([volumes[c] for c in train_ids], config.crop_size, seed=config.seed,
-                                              augmentation=config.augment,
-                                              class_balanced=config.crop_sampling == "class_balanced")
-            module = SegmentationModule(model, config.loss, encoder_lr_scale=config.encoder_lr_scale,
-                                        layer_decay=config.layer_decay,
-                                        freeze_encoder_steps=config.freeze_encoder_steps)
-            result = train(module, dataset, config.schedule, run, info, validate=validate,
-                           val_every=config.val_every, description=f"finetune {task.name} b{config.budget}")
+            dataset = SegmentationCropDataset(
+                [volumes[c] for c in train_ids],
+                config.crop_size,
+                seed=config.seed,
+                augmentation=config.augment,
+                class_balanced=config.crop_sampling == "class_balanced",
+            )
+            module = SegmentationModule(
+                model,
+                config.loss,
+                encoder_lr_scale=config.encoder_lr_scale,
+                layer_decay=config.layer_decay,
+                freeze_encoder_steps=config.freeze_encoder_steps,
+            )
+            result = train(
+                module,
+                dataset,
+                config.schedule,
+                run,
+                info,
+                validate=validate,
+                val_every=config.val_every,
+                description=f"finetune {task.name} b{config.budget}",
+            )
             barrier(info)
 
             # Test with the best validation checkpoint (the final weights when validation never ran).
@@ -244,24 +298,33 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
             if info.is_main:
                 for cid in split["test"]:
                     case = load_eval_case(volumes[cid])
-                    pred = predict_volume(model, case["image"], config.crop_size, config.sw_batch_size,
-                                          config.sw_overlap, info.device)
-                    rows += case_metrics(pred, case["label"][0], structures, case["spacing"],
-                                         config.nsd_tolerance_mm, case_id=cid)
-            curve = [{"step": r["step"], "epoch": r.get("epoch"), "val_dice": r["val_dice"]}
-                     for r in run.read_metrics() if "val_dice" in r]
+                    pred = predict_volume(
+                        model, case["image"], config.crop_size, config.sw_batch_size, config.sw_overlap, info.device
+                    )
+                    rows += case_metrics(
+                        pred, case["label"][0], structures, case["spacing"], config.nsd_tolerance_mm, case_id=cid
+                    )
+            curve = [
+                {"step": r["step"], "epoch": r.get("epoch"), "val_dice": r["val_dice"]}
+                for r in run.read_metrics()
+                if "val_dice" in r
+            ]
             best_rec = max(curve, key=lambda r: r["val_dice"], default=None)
             results = {
                 **{k: run_info[k] for k in ("method", "family", "task", "modality", "budget", "n_train", "seed")},
                 "kind": "finetune",
                 "labels": {str(k): v for k, v in structures.items()},
-                "cases": rows, "val_curve": curve,
+                "cases": rows,
+                "val_curve": curve,
                 "best_step": best_rec["step"] if best_rec else None,
                 "best_val_dice": best_rec["val_dice"] if best_rec else None,
                 "model": str(best_path.relative_to(run.path)),
-                "wall_seconds": time.time() - started, "step_seconds": result.step_seconds,
-                "steps": config.schedule.steps, "steps_run": result.steps,
-                "stopped_early_at": result.stopped_at, "early_stop_patience": config.early_stop_patience,
+                "wall_seconds": time.time() - started,
+                "step_seconds": result.step_seconds,
+                "steps": config.schedule.steps,
+                "steps_run": result.steps,
+                "stopped_early_at": result.stopped_at,
+                "early_stop_patience": config.early_stop_patience,
                 **({"encoder_source": run_info["encoder_source"]} if "encoder_source" in run_info else {}),
                 "data_wait_share": result.data_wait_share,
                 "norm": str(resolve_norm(config.norm, config.crop_size, encoder_config.feature_size)),

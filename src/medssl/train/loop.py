@@ -112,8 +112,12 @@ def _progress(description: str, enabled: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"), transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        transient=True,
     )
 
 
@@ -151,9 +155,16 @@ def _resume(opt: Optimisation, run: RunDir, info: DistInfo) -> tuple[int, int | 
 def _save_checkpoint(opt: Optimisation, run: RunDir, info: DistInfo, step: int, stopped: bool = False) -> None:
     if info.is_main:
         optimizer_state = opt.optimizer.state_dict() if opt.optimizer is not None else {}
-        atomic_torch_save({"model": opt.module.state_dict(), "optimizer": optimizer_state,
-                           "scaler": opt.scaler.state_dict(), "step": step, "stopped_at": step if stopped else None},
-                          run.last_checkpoint)
+        atomic_torch_save(
+            {
+                "model": opt.module.state_dict(),
+                "optimizer": optimizer_state,
+                "scaler": opt.scaler.state_dict(),
+                "step": step,
+                "stopped_at": step if stopped else None,
+            },
+            run.last_checkpoint,
+        )
     barrier(info)
 
 
@@ -171,8 +182,9 @@ def _timed_batches(loader: DataLoader, start: int) -> Iterator[tuple[int, Any, f
         step += 1
 
 
-def _log(run: RunDir, info: DistInfo, opt: Optimisation, step: int, result: StepResult,
-         data_wait_share: float | None) -> dict[str, float]:
+def _log(
+    run: RunDir, info: DistInfo, opt: Optimisation, step: int, result: StepResult, data_wait_share: float | None
+) -> dict[str, float]:
     scalars = {k: _scalar(v) for k, v in result.outputs.items()}
     metrics = {k: v for k, v in scalars.items() if v is not None and math.isfinite(v)}
     if result.grad_norm is not None:
@@ -185,8 +197,7 @@ def _log(run: RunDir, info: DistInfo, opt: Optimisation, step: int, result: Step
     return metrics
 
 
-def _validate(validate: Validator, forward: nn.Module, raw: nn.Module, run: RunDir, info: DistInfo,
-              done: int) -> bool:
+def _validate(validate: Validator, forward: nn.Module, raw: nn.Module, run: RunDir, info: DistInfo, done: int) -> bool:
     """Run the validator on rank 0 and record it; True when it asks to stop (every rank agrees)."""
     forward.eval()
     val = dict(validate(raw, done)) if info.is_main else {}
@@ -217,8 +228,13 @@ def train(
     opt = build_optimisation(raw, schedule, total, info.device)
     start, stopped_before = _resume(opt, run, info)
     if stopped_before is not None:
-        return LoopResult(steps=int(stopped_before), wall_seconds=0.0, step_seconds=0.0, resumed_from=start,
-                          stopped_at=int(stopped_before))
+        return LoopResult(
+            steps=int(stopped_before),
+            wall_seconds=0.0,
+            step_seconds=0.0,
+            resumed_from=start,
+            stopped_at=int(stopped_before),
+        )
     loader = DataLoader(
         dataset,
         batch_sampler=StepSampler(schedule.batch_size, total, start, info.rank, info.world_size),
@@ -258,5 +274,12 @@ def train(
     wall = time.perf_counter() - t_start
     steps_done = max((stopped_at or total) - start, 0)
     step_seconds = timer.step / timer.steps if timer.steps else (wall / steps_done if steps_done else 0.0)
-    return LoopResult(steps=stopped_at or total, wall_seconds=wall, step_seconds=step_seconds, last_metrics=last,
-                      resumed_from=start, stopped_at=stopped_at, data_wait_share=timer.share())
+    return LoopResult(
+        steps=stopped_at or total,
+        wall_seconds=wall,
+        step_seconds=step_seconds,
+        last_metrics=last,
+        resumed_from=start,
+        stopped_at=stopped_at,
+        data_wait_share=timer.share(),
+    )

@@ -40,23 +40,39 @@ def optimiser_provenance(config: PretrainConfig) -> dict[str, Any]:
     batch = schedule.batch_size
     negatives = NEGATIVES_PER_STEP[config.method.name](batch) if config.method.name in NEGATIVES_PER_STEP else None
     return {
-        "recipe": config.recipe, "optimizer": "AdamW", "lr": schedule.lr, "min_lr": schedule.min_lr,
+        "recipe": config.recipe,
+        "optimizer": "AdamW",
+        "lr": schedule.lr,
+        "min_lr": schedule.min_lr,
         "weight_decay": schedule.weight_decay,
         "weight_decay_end": schedule.weight_decay if schedule.weight_decay_end is None else schedule.weight_decay_end,
-        "betas": list(schedule.betas), "warmup_steps": schedule.warmup_steps, "grad_clip": schedule.grad_clip,
-        "batch_size": batch, "negatives_per_step": negatives,
+        "betas": list(schedule.betas),
+        "warmup_steps": schedule.warmup_steps,
+        "grad_clip": schedule.grad_clip,
+        "batch_size": batch,
+        "negatives_per_step": negatives,
         "few_negatives": negatives is not None and negatives < FEW_NEGATIVES,
         "published_optimizer": recipe.published_optimizer if recipe else None,
         "published_batch_size": recipe.published_batch_size if recipe else None,
-        "lr_rule": (f"{recipe.base_lr:g} x (batch / {recipe.lr_batch})" + {"linear": "", "sqrt": "^0.5", "none": "^0"}[
-            recipe.lr_scaling]) if recipe else None,
+        "lr_rule": (
+            f"{recipe.base_lr:g} x (batch / {recipe.lr_batch})"
+            + {"linear": "", "sqrt": "^0.5", "none": "^0"}[recipe.lr_scaling]
+        )
+        if recipe
+        else None,
     }
 
 
 def pretrain_info(config: PretrainConfig, cls: type[SSLMethod]) -> dict[str, Any]:
-    return {"kind": "pretrain", "method": config.method.name, "family": cls.family,
-            "config_hash": config_hash(config), "preset": config.encoder.preset,
-            "crop_size": config.crop_size, "steps": config.schedule.steps}
+    return {
+        "kind": "pretrain",
+        "method": config.method.name,
+        "family": cls.family,
+        "config_hash": config_hash(config),
+        "preset": config.encoder.preset,
+        "crop_size": config.crop_size,
+        "steps": config.schedule.steps,
+    }
 
 
 def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | None = None) -> dict[str, Any]:
@@ -88,27 +104,41 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
             result, flops = None, None
             if corpus is not None:
                 preprocess = corpus.preprocess.model_dump(mode="json")
-                dataset = PretrainRegionDataset(corpus, method.region_size(config.crop_size), method.make_views,
-                                                seed=config.schedule.seed)
+                dataset = PretrainRegionDataset(
+                    corpus, method.region_size(config.crop_size), method.make_views, seed=config.schedule.seed
+                )
                 if info.is_main:
                     n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
-                    run.log(f"{cls.name}: {len(corpus)} volumes, crop {config.crop_size}, {n_params / 1e6:.2f} M "
-                            f"trainable parameters, {config.schedule.steps} steps")
+                    run.log(
+                        f"{cls.name}: {len(corpus)} volumes, crop {config.crop_size}, {n_params / 1e6:.2f} M "
+                        f"trainable parameters, {config.schedule.steps} steps"
+                    )
                 reset_peak_memory(info)
                 flops = step_flops(method, dataset, config.schedule.batch_size, info)  # once, leaves no trace
                 result = train(method, dataset, config.schedule, run, info, description=f"pretrain {cls.name}")
             steps = config.schedule.steps if method.trains else 0
-            meta = encoder_meta(method=cls.name, family=cls.family, encoder=config.encoder, preprocess=preprocess,
-                                crop_size=config.crop_size, steps=steps, config_hash=config_hash(config),
-                                exported_network=method.exported_network(), extra={"run_id": run.id})
+            meta = encoder_meta(
+                method=cls.name,
+                family=cls.family,
+                encoder=config.encoder,
+                preprocess=preprocess,
+                crop_size=config.crop_size,
+                steps=steps,
+                config_hash=config_hash(config),
+                exported_network=method.exported_network(),
+                extra={"run_id": run.id},
+            )
             if info.is_main:
                 save_encoder(run.encoder_path, method.encoder_for_export(), meta)
             barrier(info)
             records = run.read_metrics()
             losses = [r["loss"] for r in records if "loss" in r]
             results: dict[str, Any] = {
-                "kind": "pretrain", "method": cls.name, "family": cls.family,
-                "encoder": str(run.encoder_path.relative_to(run.path)), "steps": steps,
+                "kind": "pretrain",
+                "method": cls.name,
+                "family": cls.family,
+                "encoder": str(run.encoder_path.relative_to(run.path)),
+                "steps": steps,
                 "final_loss": losses[-1] if losses else None,
                 "wall_seconds": time.time() - started,
                 "step_seconds": result.step_seconds if result else None,

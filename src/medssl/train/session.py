@@ -21,8 +21,12 @@ def hardware() -> dict[str, Any]:
 
     import torch
 
-    info: dict[str, Any] = {"host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                            "device": "cpu"}
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": "cpu",
+    }
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
         info["gpu_count"] = torch.cuda.device_count()
@@ -50,9 +54,16 @@ def run_session(run: RunDir, info: DistInfo, config_yaml: str, run_info: dict[st
         try:
             if info.is_main:
                 sweep_stale_temporaries(run, started)
-                run.prepare(config_yaml, {"run_id": run.id, "code_version": code_version(),
-                                          "created": run.info().get("created", started),
-                                          "hardware": {**hardware(), "world_size": info.world_size}, **run_info})
+                run.prepare(
+                    config_yaml,
+                    {
+                        "run_id": run.id,
+                        "code_version": code_version(),
+                        "created": run.info().get("created", started),
+                        "hardware": {**hardware(), "world_size": info.world_size},
+                        **run_info,
+                    },
+                )
                 run.set_status("running")
                 run.log(f"start {run_info.get('kind', 'run')} (pid {os.getpid()}, world size {info.world_size})")
             yield started

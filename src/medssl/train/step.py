@@ -50,9 +50,15 @@ def param_groups(
             continue
         apply_wd = not (p.ndim <= 1 or name.endswith(".bias") or "token" in name or "position" in name)
         scale = float(lr_scale(name)) if lr_scale is not None else 1.0
-        group = groups.setdefault((apply_wd, scale), {
-            "params": [], "weight_decay": weight_decay if apply_wd else 0.0, "apply_wd": apply_wd, "lr_scale": scale,
-        })
+        group = groups.setdefault(
+            (apply_wd, scale),
+            {
+                "params": [],
+                "weight_decay": weight_decay if apply_wd else 0.0,
+                "apply_wd": apply_wd,
+                "lr_scale": scale,
+            },
+        )
         group["params"].append(p)
     return [groups[key] for key in sorted(groups, key=lambda k: (not k[0], -k[1]))]
 
@@ -106,8 +112,11 @@ def build_optimisation(
 ) -> Optimisation:
     """AdamW over the module's parameter groups, with the schedule's per-step lr and weight decay."""
     groups = module_param_groups(module, schedule.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay,
-                                  betas=schedule.betas) if groups else None
+    optimizer = (
+        torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay, betas=schedule.betas)
+        if groups
+        else None
+    )
     wd_end = schedule.weight_decay if schedule.weight_decay_end is None else schedule.weight_decay_end
     amp_dtype = autocast_dtype(schedule.amp, device)
     return Optimisation(

@@ -25,8 +25,13 @@ CONVERTERS: dict[str, tuple[Callable[..., Plan], str]] = {
 MODALITY_KINDS = {"amos"}  # datasets that hold both CT and MRI and need --modality
 
 
-def convert_dataset(kind: str, src: str | Path, out: str | Path, modality: str | None = None,
-                    progress: Callable[[str], None] | None = None) -> ConvertSummary:
+def convert_dataset(
+    kind: str,
+    src: str | Path,
+    out: str | Path,
+    modality: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ConvertSummary:
     """Convert the dataset ``kind`` in ``src`` into an nnU-Net v2 raw folder ``out`` (resumes a partial one)."""
     kind = kind.lower()
     src, out = Path(src), Path(out)

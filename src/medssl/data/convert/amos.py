@@ -63,9 +63,14 @@ def plan(src: Path, modality: str | None = None) -> Plan:
 
         cases.append(SourceCase(case_id=match[1], sources=[image, label], read=read))
     if not cases:
-        raise MedsslInputError(listing, f"no {modality.upper()} cases in 'training' "
-                                        f"(CT ids <= {LAST_CT_ID}, MRI ids > {LAST_CT_ID})")
-    return Plan(name=f"AMOS_{modality.upper()}", channel_names=["CT" if modality == "ct" else "MRI"],
-                labels=labels, cases=cases,
-                description=f"AMOS22 {modality.upper()} training cases, converted from its dataset.json",
-                reference="https://amos22.grand-challenge.org")
+        raise MedsslInputError(
+            listing, f"no {modality.upper()} cases in 'training' (CT ids <= {LAST_CT_ID}, MRI ids > {LAST_CT_ID})"
+        )
+    return Plan(
+        name=f"AMOS_{modality.upper()}",
+        channel_names=["CT" if modality == "ct" else "MRI"],
+        labels=labels,
+        cases=cases,
+        description=f"AMOS22 {modality.upper()} training cases, converted from its dataset.json",
+        reference="https://amos22.grand-challenge.org",
+    )

@@ -121,11 +121,11 @@ def read_json(path: Path) -> dict:
 def msd_labels(raw: Any, path: Path) -> dict[str, int]:
     """MSD ``{"0": "background", "1": "liver"}`` as nnU-Net v2 ``{"background": 0, "liver": 1}``."""
     if not isinstance(raw, dict) or not raw:
-        raise MedsslInputError(path, "'labels' must be a non-empty mapping like {\"0\": \"background\"}")
+        raise MedsslInputError(path, '\'labels\' must be a non-empty mapping like {"0": "background"}')
     labels: dict[str, int] = {}
     for key, name in raw.items():
         if not re.fullmatch(r"\d+", str(key)) or not isinstance(name, str) or not name.strip():
-            raise MedsslInputError(path, f"label entry {key!r}: {name!r} is not \"N\": \"name\"")
+            raise MedsslInputError(path, f'label entry {key!r}: {name!r} is not "N": "name"')
         if name in labels:
             raise MedsslInputError(path, f"label name {name!r} is used twice")
         labels[name] = int(key)
@@ -149,17 +149,23 @@ def same_grid(a: Volume, b: Volume) -> bool:
     if a.shape != b.shape:
         return False
     scale = float(max(a.spacing))
-    return bool(np.allclose(a.affine[:3, :3], b.affine[:3, :3], rtol=_GEOMETRY_RTOL, atol=_GEOMETRY_RTOL * scale)
-                and np.allclose(a.affine[:3, 3], b.affine[:3, 3], atol=_GEOMETRY_RTOL * scale))
+    return bool(
+        np.allclose(a.affine[:3, :3], b.affine[:3, :3], rtol=_GEOMETRY_RTOL, atol=_GEOMETRY_RTOL * scale)
+        and np.allclose(a.affine[:3, 3], b.affine[:3, 3], atol=_GEOMETRY_RTOL * scale)
+    )
 
 
 def require_same_grid(reference: Volume, other: Volume, what: str) -> None:
     if other.shape != reference.shape:
-        raise MedsslInputError(other.source, f"{what} shape {other.shape} differs from the image's "
-                                             f"{reference.shape} ({reference.source.name})")
+        raise MedsslInputError(
+            other.source,
+            f"{what} shape {other.shape} differs from the image's {reference.shape} ({reference.source.name})",
+        )
     if not same_grid(reference, other):
-        raise MedsslInputError(other.source, f"{what} voxel grid (spacing, orientation or origin) differs "
-                                             f"from the image's ({reference.source.name})")
+        raise MedsslInputError(
+            other.source,
+            f"{what} voxel grid (spacing, orientation or origin) differs from the image's ({reference.source.name})",
+        )
 
 
 def remap(label: Volume, mapping: dict[int, int]) -> Volume:
@@ -210,20 +216,30 @@ def _load_manifest(out: Path, kind: str, options: dict[str, Any], source: Path) 
     path = out / MANIFEST
     if not path.exists():
         if (out / "dataset.json").exists() or (out / "imagesTr").exists():
-            raise MedsslInputError(out, "holds a dataset that 'medssl data convert' did not write; "
-                                        "choose an empty --out folder")
+            raise MedsslInputError(
+                out, "holds a dataset that 'medssl data convert' did not write; choose an empty --out folder"
+            )
         return {"kind": kind, "options": options, "source": str(source), "cases": {}}
     manifest = read_json(path)
     if manifest.get("kind") != kind or manifest.get("options") != options:
-        raise MedsslInputError(path, f"was written by 'convert {manifest.get('kind')}' with options "
-                                     f"{manifest.get('options')}, not {kind} with {options}; use another --out")
+        raise MedsslInputError(
+            path,
+            f"was written by 'convert {manifest.get('kind')}' with options "
+            f"{manifest.get('options')}, not {kind} with {options}; use another --out",
+        )
     if not isinstance(manifest.get("cases"), dict):
         raise MedsslInputError(path, "'cases' must be a mapping; delete the folder and convert again")
     return manifest
 
 
-def write_nnunet(plan: Plan, kind: str, source: Path, out: Path, options: dict[str, Any],
-                 progress: Callable[[str], None] | None = None) -> ConvertSummary:
+def write_nnunet(
+    plan: Plan,
+    kind: str,
+    source: Path,
+    out: Path,
+    options: dict[str, Any],
+    progress: Callable[[str], None] | None = None,
+) -> ConvertSummary:
     """Write ``plan`` as an nnU-Net v2 raw dataset in ``out``; finished cases of an earlier run are kept."""
     source, out = Path(source), Path(out)
     if out.resolve() == source.resolve() or out.resolve().is_relative_to(source.resolve()):
@@ -248,8 +264,9 @@ def write_nnunet(plan: Plan, kind: str, source: Path, out: Path, options: dict[s
         values = sorted(int(v) for v in np.unique(data.label.array))
         undeclared = [v for v in values if v not in allowed]
         if undeclared:
-            raise MedsslInputError(data.label.source, f"label value(s) {undeclared} are not among the "
-                                                      f"{kind} labels {declared}")
+            raise MedsslInputError(
+                data.label.source, f"label value(s) {undeclared} are not among the {kind} labels {declared}"
+            )
         files: dict[str, int] = {}
         for c, channel in enumerate(data.channels):
             relative = f"imagesTr/{case.case_id}_{c:04d}{FILE_ENDING}"
@@ -285,5 +302,6 @@ def write_nnunet(plan: Plan, kind: str, source: Path, out: Path, options: dict[s
         "converted_by": f"medssl data convert {kind}",
     }
     atomic_write_json(out / "dataset.json", dataset)
-    return ConvertSummary(out=out, converted=converted, resumed=resumed, skipped=list(plan.skipped),
-                          n_training=len(manifest["cases"]))
+    return ConvertSummary(
+        out=out, converted=converted, resumed=resumed, skipped=list(plan.skipped), n_training=len(manifest["cases"])
+    )

@@ -42,6 +42,11 @@ def plan(src: Path, modality: str | None = None) -> Plan:
             return CaseData(channels=[read_image(p) for p in files], label=remap(read_label(label), LABEL_MAP))
 
         cases.append(SourceCase(case_id=folder.name, sources=[*files, label], read=read))
-    return Plan(name="BraTS", channel_names=CHANNEL_NAMES, labels=LABELS, cases=cases,
-                description="BraTS glioma segmentation; labels as nnU-Net Dataset137 (4->3, 2->1, 1->2)",
-                reference="https://www.synapse.org/#!Synapse:syn25829067/wiki/610863")
+    return Plan(
+        name="BraTS",
+        channel_names=CHANNEL_NAMES,
+        labels=LABELS,
+        cases=cases,
+        description="BraTS glioma segmentation; labels as nnU-Net Dataset137 (4->3, 2->1, 1->2)",
+        reference="https://www.synapse.org/#!Synapse:syn25829067/wiki/610863",
+    )

@@ -17,8 +17,22 @@ from pathlib import Path
 from medssl.data.convert.base import CaseData, Plan, SourceCase, inside, read_image, read_label, required_file
 from medssl.errors import MedsslInputError
 
-LABELS = {"background": 0, "spleen": 1, "rkid": 2, "lkid": 3, "gall": 4, "eso": 5, "liver": 6, "sto": 7,
-          "aorta": 8, "IVC": 9, "veins": 10, "pancreas": 11, "rad": 12, "lad": 13}
+LABELS = {
+    "background": 0,
+    "spleen": 1,
+    "rkid": 2,
+    "lkid": 3,
+    "gall": 4,
+    "eso": 5,
+    "liver": 6,
+    "sto": 7,
+    "aorta": 8,
+    "IVC": 9,
+    "veins": 10,
+    "pancreas": 11,
+    "rad": 12,
+    "lad": 13,
+}
 _IMAGE = re.compile(r"^img(\d+)\.nii(\.gz)?$")
 
 
@@ -46,6 +60,11 @@ def plan(src: Path, modality: str | None = None) -> Plan:
         cases.append(SourceCase(case_id=f"btcv_{match[1]}", sources=[image, label], read=read))
     if not cases:
         raise MedsslInputError(training / "img", "no imgNNNN.nii.gz files")
-    return Plan(name="BTCV", channel_names=["CT"], labels=LABELS, cases=cases,
-                description="BTCV abdomen (Synapse multi-atlas labeling), converted from RawData",
-                reference="https://www.synapse.org/#!Synapse:syn3193805")
+    return Plan(
+        name="BTCV",
+        channel_names=["CT"],
+        labels=LABELS,
+        cases=cases,
+        description="BTCV abdomen (Synapse multi-atlas labeling), converted from RawData",
+        reference="https://www.synapse.org/#!Synapse:syn3193805",
+    )

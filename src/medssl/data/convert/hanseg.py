@@ -31,10 +31,35 @@ from medssl.data.readers import Volume
 from medssl.errors import MedsslInputError
 
 STRUCTURES = (
-    "A_Carotid_L", "A_Carotid_R", "Arytenoid", "Bone_Mandible", "Brainstem", "BuccalMucosa", "Cavity_Oral",
-    "Cochlea_L", "Cochlea_R", "Cricopharyngeus", "Esophagus_S", "Eye_AL", "Eye_AR", "Eye_PL", "Eye_PR",
-    "Glnd_Lacrimal_L", "Glnd_Lacrimal_R", "Glnd_Submand_L", "Glnd_Submand_R", "Glnd_Thyroid", "Glottis",
-    "Larynx_SG", "Lips", "OpticChiasm", "OpticNrv_L", "OpticNrv_R", "Parotid_L", "Parotid_R", "Pituitary",
+    "A_Carotid_L",
+    "A_Carotid_R",
+    "Arytenoid",
+    "Bone_Mandible",
+    "Brainstem",
+    "BuccalMucosa",
+    "Cavity_Oral",
+    "Cochlea_L",
+    "Cochlea_R",
+    "Cricopharyngeus",
+    "Esophagus_S",
+    "Eye_AL",
+    "Eye_AR",
+    "Eye_PL",
+    "Eye_PR",
+    "Glnd_Lacrimal_L",
+    "Glnd_Lacrimal_R",
+    "Glnd_Submand_L",
+    "Glnd_Submand_R",
+    "Glnd_Thyroid",
+    "Glottis",
+    "Larynx_SG",
+    "Lips",
+    "OpticChiasm",
+    "OpticNrv_L",
+    "OpticNrv_R",
+    "Parotid_L",
+    "Parotid_R",
+    "Pituitary",
     "SpinalCord",
 )
 LABELS = {"background": 0, **{name: i for i, name in enumerate(STRUCTURES, start=1)}}
@@ -88,7 +113,7 @@ def plan(src: Path, modality: str | None = None) -> Plan:
         prefix, suffix = f"{folder.name}_OAR_", ".seg.nrrd"
         masks: dict[str, Path] = {}
         for path in sorted(folder.glob(f"{prefix}*{suffix}")):
-            structure = path.name[len(prefix):-len(suffix)]
+            structure = path.name[len(prefix) : -len(suffix)]
             if structure not in LABELS or structure == "background":
                 raise MedsslInputError(path, f"unknown HaN-Seg structure {structure!r}; known: {', '.join(STRUCTURES)}")
             masks[structure] = inside(src, path)
@@ -99,10 +124,18 @@ def plan(src: Path, modality: str | None = None) -> Plan:
         def read(ct_path: Path = ct_path, masks: dict[str, Path] = masks) -> CaseData:
             ct = read_image(ct_path)
             label, overlap = merge_masks(ct, ct_path, masks)
-            return CaseData(channels=[ct], label=Volume(array=label, affine=ct.affine, source=ct_path),
-                            notes={"overlap_voxels": overlap, "structures": sorted(masks)})
+            return CaseData(
+                channels=[ct],
+                label=Volume(array=label, affine=ct.affine, source=ct_path),
+                notes={"overlap_voxels": overlap, "structures": sorted(masks)},
+            )
 
         cases.append(SourceCase(case_id=folder.name, sources=[ct_path, *masks.values()], read=read))
-    return Plan(name="HaN-Seg", channel_names=["CT"], labels=LABELS, cases=cases,
-                description="HaN-Seg organs at risk on CT; per-structure masks merged (smaller structure wins)",
-                reference="https://han-seg2023.grand-challenge.org")
+    return Plan(
+        name="HaN-Seg",
+        channel_names=["CT"],
+        labels=LABELS,
+        cases=cases,
+        description="HaN-Seg organs at risk on CT; per-structure masks merged (smaller structure wins)",
+        reference="https://han-seg2023.grand-challenge.org",
+    )

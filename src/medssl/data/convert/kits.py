@@ -26,8 +26,14 @@ _CASE = re.compile(r"^case_\d{5}$")
 
 def plan(src: Path, modality: str | None = None) -> Plan:
     # SRC is the folder of case_XXXXX folders or the repository root holding data/ (KiTS19/21) or dataset/ (23).
-    root = next((p for p in (src, src / "data", src / "dataset", src / "kits21" / "data")
-                 if p.is_dir() and any(_CASE.match(c.name) for c in p.iterdir())), None)
+    root = next(
+        (
+            p
+            for p in (src, src / "data", src / "dataset", src / "kits21" / "data")
+            if p.is_dir() and any(_CASE.match(c.name) for c in p.iterdir())
+        ),
+        None,
+    )
     if root is None:
         raise MedsslInputError(src, "no KiTS case_XXXXX folders found")
     inside(src, root)
@@ -46,6 +52,13 @@ def plan(src: Path, modality: str | None = None) -> Plan:
             return CaseData(channels=[read_image(image)], label=read_label(label))
 
         cases.append(SourceCase(case_id=folder.name, sources=[image, label], read=read))
-    return Plan(name="KiTS", channel_names=["CT"], labels=LABELS, optional_labels=OPTIONAL, cases=cases,
-                skipped=skipped, description="KiTS kidney tumour segmentation, converted from case folders",
-                reference="https://kits-challenge.org")
+    return Plan(
+        name="KiTS",
+        channel_names=["CT"],
+        labels=LABELS,
+        optional_labels=OPTIONAL,
+        cases=cases,
+        skipped=skipped,
+        description="KiTS kidney tumour segmentation, converted from case folders",
+        reference="https://kits-challenge.org",
+    )

@@ -40,7 +40,7 @@ def plan(src: Path, modality: str | None = None) -> Plan:
     data = read_json(listing)
     raw = data.get("modality")
     if not isinstance(raw, dict) or sorted(map(str, raw)) != [str(i) for i in range(len(raw))] or not raw:
-        raise MedsslInputError(listing, "'modality' must map channel numbers 0..N-1 to names, like {\"0\": \"CT\"}")
+        raise MedsslInputError(listing, '\'modality\' must map channel numbers 0..N-1 to names, like {"0": "CT"}')
     channel_names = [str(raw[str(i)]) for i in range(len(raw))]
     labels = msd_labels(data.get("labels"), listing)
     training = data.get("training")
@@ -63,6 +63,11 @@ def plan(src: Path, modality: str | None = None) -> Plan:
         cases.append(SourceCase(case_id=case_id, sources=[image, label], read=read))
     match = _TASK.match(src.resolve().name)
     name = str(data.get("name") or (match[2] if match else src.name))
-    return Plan(name=name, channel_names=channel_names, labels=labels, cases=cases,
-                description=f"Medical Segmentation Decathlon {src.resolve().name}, 4D images split into channels",
-                reference=str(data.get("reference", "http://medicaldecathlon.com")))
+    return Plan(
+        name=name,
+        channel_names=channel_names,
+        labels=labels,
+        cases=cases,
+        description=f"Medical Segmentation Decathlon {src.resolve().name}, 4D images split into channels",
+        reference=str(data.get("reference", "http://medicaldecathlon.com")),
+    )
