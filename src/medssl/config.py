@@ -383,7 +383,10 @@ class _CountingLoader(yaml.SafeLoader):
 def safe_load_yaml(text: str, source: str | Path) -> Any:
     """``yaml.safe_load`` within the limits; any problem is a ``ConfigError`` naming ``source``."""
     check(source, "config size in bytes", len(text.encode("utf-8", "surrogatepass")), "yaml_bytes")
-    loader = _CountingLoader(text)
+    try:
+        loader = _CountingLoader(text)  # the reader already rejects control characters here
+    except yaml.YAMLError as err:
+        raise ConfigError(source, f"not valid YAML ({str(err).splitlines()[0][:120]})") from None
     loader.source = str(source)
     try:
         return loader.get_single_data()
@@ -549,7 +552,7 @@ class ExecutorConfig(StrictModel):
 
 class ExternalEncoderConfig(StrictModel):
     """An encoder pretrained elsewhere (MONAI SwinUNETR state dict, research-contributions'
-    model_swinvit.pt) fine-tuned beside the methods as row ``external:<name>``."""
+    model_swinvit.pt) fine-tuned beside the methods as row ``external-<name>``."""
 
     name: str = Field(min_length=1)
     path: Path

@@ -72,7 +72,7 @@ def test_a_monai_swinunetr_state_dict_is_read_with_its_config_from_the_shapes(tm
     )
     assert config.preset == ("base" if feature_size == 48 else "tiny")
     assert config.in_channels == 1 and config.patch_size == 2
-    assert meta["method"] == "external:swin_unetr" and meta["family"] == "external"
+    assert meta["method"] == "external-swin_unetr" and meta["family"] == "external"
     source = meta["source"]
     n = len([k for k in state if k.startswith("swinViT.")])
     assert source["coverage"] == f"{n}/{n} encoder tensors" and source["layout"] == "MONAI SwinUNETR"
@@ -92,7 +92,7 @@ def test_research_contributions_model_swinvit_layout_is_read_and_renamed(tmp_pat
     assert encoder.config.window_size == 4 and encoder.config.preset == "tiny"
     assert meta["source"]["layout"] == "research-contributions model_swinvit"
     assert meta["source"]["ignored_tensors"] == 2  # rotation and contrastive heads
-    assert meta["method"] == "external:model_swinvit"
+    assert meta["method"] == "external-model_swinvit"
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert torch.allclose(encoder(x)[-1], source(x)[-1])
@@ -140,7 +140,7 @@ def test_finetune_cli_takes_a_monai_state_dict_and_exits_2_when_a_tensor_is_miss
     assert code == 0, err
     results = json.loads((tmp_path / "ft" / "results.json").read_text())
     info = json.loads((tmp_path / "ft" / "run.json").read_text())
-    assert results["method"] == "external:monai" and results["family"] == "external"
+    assert results["method"] == "external-monai" and results["family"] == "external"
     assert results["encoder_source"]["sha256"] == info["encoder_source"]["sha256"]
     n = len([k for k in state if k.startswith("swinViT.")])
     assert f"{n}/{n} encoder tensors" in (tmp_path / "ft" / "log.txt").read_text()
@@ -157,7 +157,7 @@ def test_cka_accepts_an_external_encoder(tmp_path):
     task = synth_task(tmp_path / "task", "ct_organs", 2, seed=2, shape=(32, 32, 32))
     torch.save({"state_dict": _monai_state(12)}, tmp_path / "monai.pt")
     results = run_cka(tmp_path / "monai.pt", tmp_path / "monai.pt", task, tmp_path / "cka", n_crops=2, max_tokens=8)
-    assert results["model_a_kind"] == "external" and results["method"] == "external:monai"
+    assert results["model_a_kind"] == "external" and results["method"] == "external-monai"
     assert all(v == pytest.approx(1.0) for v in results["reuse"].values())
 
 
@@ -173,11 +173,11 @@ def test_bench_external_encoders_become_their_own_rows(tmp_path):
     }
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench))
     plan = expand_plan(load_bench_config(tmp_path / "bench.yaml"), tmp_path / "out")
-    external = [r for r in plan.stage("finetune") if r.labels["method"] == "external:swinunetr_btcv"]
+    external = [r for r in plan.stage("finetune") if r.labels["method"] == "external-swinunetr_btcv"]
     assert len(external) == 1 and external[0].labels["family"] == "external" and external[0].depends_on == []
     checkpoint = external[0].config.encoder_checkpoint
     assert checkpoint.parent == tmp_path / "out" / "external"
-    assert read_encoder_checkpoint(checkpoint)[1]["method"] == "external:swinunetr_btcv"
+    assert read_encoder_checkpoint(checkpoint)[1]["method"] == "external-swinunetr_btcv"
     assert [r.labels["comparison"] for r in plan.stage("cka")] == ["pretrained_vs_finetuned"]
     assert (
         import_external_encoder(tmp_path / "published.pt", "swinunetr_btcv", tmp_path / "out" / "external")

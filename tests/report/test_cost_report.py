@@ -25,11 +25,11 @@ def test_cost_summary_sets_measured_cost_beside_mean_dice(fake, tmp_path):
 
 def test_report_has_the_cost_table_and_the_dice_vs_compute_plot(fake, tmp_path):
     runs = fake.write_benchmark(tmp_path / "bench", cka=False)
-    fake.write_finetune_run(runs, "external:published", "ct_organs", "all")  # pretrained elsewhere: no cost
+    fake.write_finetune_run(runs, "external-published", "ct_organs", "all")  # pretrained elsewhere: no cost
     index = build_report(runs, tmp_path / "report")
     assert (index.parent / "figures" / "cost.png").stat().st_size > 1000
     markdown = (index.parent / "report.md").read_text(encoding="utf-8")
     section = markdown.split("## Cost beside accuracy", 1)[1].split("\n## ", 1)[0]
     assert "flops_per_step" in section and "cost.png" in section
-    assert "No measured pretraining cost for external:published" in section
+    assert "No measured pretraining cost for external-published" in section
     assert "simmim" in section and "device_hours" in section

@@ -307,7 +307,7 @@ def _external_encoders(
     where: str | Path,
 ) -> list[MethodConfig]:
     """Encoders pretrained elsewhere, each converted once into ``<out>/external/`` and fine-tuned as
-    its own row ``external:<name>`` (``medssl.models.foreign``); no pretraining run."""
+    its own row ``external-<name>`` (``medssl.models.foreign``); no pretraining run."""
     from medssl.models.foreign import EXTERNAL_FAMILY, external_method, import_external_encoder
 
     added = []

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 import yaml
 
-from medssl import __version__
 from medssl.errors import MedsslInputError
 from medssl.fileio import atomic_write_json, atomic_write_text
 from medssl.models.checkpoint import atomic_torch_save, load_segmenter, read_encoder_checkpoint, safe_torch_load
 from medssl.models.encoder import MASK_TOKEN_KEY
 from medssl.models.segmenter import resolve_norm
+from medssl.version import __version__, code_version
 
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
 RAS_LABELS = [["L", "R"], ["P", "A"], ["I", "S"]]  # as medssl.data.preprocess.RAS_LABELS
@@ -312,7 +312,7 @@ def export_segmenter_bundle(ckpt: str | Path, out: str | Path) -> Path:
             **sw,
             "encoder": meta["encoder"],
             "encoder_source": results.get("encoder_source"),
-            "code_version": __version__,
+            "code_version": meta.get("code_version") or code_version(),
             "exported_on": platform.node(),
         },
     }

@@ -17,7 +17,7 @@ The encoder config (feature size, depths, heads, window, patch size, input chann
 from the tensors' shapes; every tensor of that encoder must then be present with its shape, or
 loading fails naming the first missing ones. The only encoder tensor no foreign checkpoint has is
 medssl's ``mask_token`` (masked pretraining only, frozen in the segmenter): it is set to zeros.
-The result is labelled ``method: external:<name>``, ``family: external``, with its source file
+The result is labelled ``method: external-<name>``, ``family: external``, with its source file
 (path, sha256, layout, coverage) in the metadata, so a fine-tuning run from it is its own row.
 """
 
@@ -36,7 +36,7 @@ from medssl.errors import MedsslInputError
 from medssl.models.encoder import MASK_TOKEN_KEY, SwinEncoder
 
 EXTERNAL_FAMILY = "external"
-EXTERNAL_PREFIX = "external:"
+EXTERNAL_PREFIX = "external-"
 WRAPPER_KEYS = ("state_dict", "model", "net", "network", "model_state_dict")
 ANCHOR = "patch_embed.proj.weight"
 # research-contributions' weights predate MONAI's MLPBlock renaming fc1/fc2 -> linear1/linear2
