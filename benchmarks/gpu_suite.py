@@ -17,10 +17,9 @@ Numerics: for each module one step (forward, backward) runs in fp32 and under bf
 autocast from the same weights, batch and seed; the table gives |loss_amp - loss_fp32| / |loss_fp32|
 and ||grad_amp - grad_fp32|| / ||grad_fp32|| over all parameters.
 
-The step is :func:`train_step`, a copy of the per-step body of ``train/loop.py``'s ``train``
-(autocast, backward, the module's ``cancel_gradients``, clipping or the module's ``clip_gradients``,
-optimizer step, ``on_after_step``). When ``train/loop.py`` exports its own single-step function, this
-function's body becomes a call to it (one place to change).
+The step is the training loop's own :func:`medssl.train.step.train_step` (autocast, backward, the
+module's ``cancel_gradients``, clipping or the module's ``clip_gradients``, optimizer step,
+``on_after_step``) at a constant lr of 1e-5 and global-norm clip 1.0.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -77,34 +75,6 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
         if key in name:
             return PEAK_BF16_TFLOPS[key]
     return None
-
-
-def train_step(
-    module: nn.Module,
-    batch: Any,
-    step: int,
-    optimizer: torch.optim.Optimizer,
-    amp_dtype: torch.dtype | None,
-    grad_clip: float | None,
-    forward: Callable | None = None,
-) -> Tensor:
-    """One training step as ``train/loop.py``'s ``train`` runs it (without logging, checkpointing, LR schedule)."""
-    device_type = next(module.parameters()).device.type
-    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss = (forward or module)(batch, step)["loss"]
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if hasattr(module, "cancel_gradients"):
-        module.cancel_gradients(step)
-    if grad_clip:
-        if hasattr(module, "clip_gradients"):
-            module.clip_gradients(grad_clip)
-        else:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
-    optimizer.step()
-    if hasattr(module, "on_after_step"):
-        module.on_after_step(step)
-    return loss.detach()
 
 
 Tensor = torch.Tensor
@@ -155,21 +125,26 @@ def time_module(
     device: torch.device,
     warmup_step: bool = True,
 ) -> dict[str, float]:
+    from medssl.config import ScheduleConfig
+    from medssl.train.step import build_optimisation, train_step
+
     forward = torch.compile(module) if compiled else None
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+    schedule = ScheduleConfig(steps=steps + 1, lr=1e-5, min_lr=1e-5, warmup_steps=0, grad_clip=1.0)
+    opt = build_optimisation(module, schedule, steps + 1, device)
+    opt.amp_dtype = amp_dtype  # the dtype under test, whatever the device supports by default
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     t0 = time.perf_counter()
     if warmup_step:  # kernel selection, allocator growth and compilation
-        train_step(module, data, 0, optimizer, amp_dtype, 1.0, forward)
+        train_step(opt, data, 0, forward)
     _sync(device)
     warmup = time.perf_counter() - t0
     times = []
     for i in range(1, steps + 1):
         _sync(device)
         t0 = time.perf_counter()
-        train_step(module, data, i, optimizer, amp_dtype, 1.0, forward)
+        train_step(opt, data, i, forward)
         _sync(device)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
