@@ -493,6 +493,9 @@ class SynthDataConfig(StrictModel):
     shape: tuple[int, int, int] = (64, 64, 64)
     spacing: Spacing = (3.0, 3.0, 3.0)  # voxel size in mm (jittered a little per case)
     seed: Seed = 0
+    # "standard": one CT protocol; "scanners": each scan its own contrast phase, dose, kernel and
+    # calibration (MRI: coil bias, noise, contrast) — what few labeled cases cannot cover (data/synth.py)
+    variation: Literal["standard", "scanners"] = "standard"
 
 
 class BenchDataConfig(StrictModel):
@@ -560,6 +563,8 @@ class ExternalEncoderConfig(StrictModel):
 
 class BenchConfig(StrictModel):
     name: Slug = "bench"
+    # What this study can and cannot show, in the author's words: the first paragraph of its report.
+    about: str | None = Field(None, max_length=4000)
     data: BenchDataConfig = Field(default_factory=BenchDataConfig)
     tasks: list[BenchTaskConfig] = Field(min_length=1)
     methods: Literal["all"] | list[str | MethodConfig] = "all"

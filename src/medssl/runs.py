@@ -335,6 +335,19 @@ class BenchDir:
     def plan(self) -> Path:
         return self.path / "plan.json"
 
+    @property
+    def identity_file(self) -> Path:  # the benchmark config the folder belongs to (bench/identity.py)
+        return self.path / "bench.yaml"
+
+    def about(self) -> str | None:
+        """The recorded benchmark's ``about`` text (what the study can show); None when absent or unreadable."""
+        try:
+            stored = yaml.safe_load(self.identity_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+        about = stored.get("about") if isinstance(stored, dict) else None
+        return about.strip() if isinstance(about, str) and about.strip() else None
+
 
 def list_runs(runs_root: str | Path) -> list[RunDir]:
     root = Path(runs_root)

@@ -261,3 +261,24 @@ def test_critical_difference_plot_writes_a_png(tmp_path):
     assert (tmp_path / "no_cd.png").stat().st_size > 1000
     with pytest.raises(ValueError):
         critical_difference_plot({}, 1.0, tmp_path / "empty.png")
+
+
+def test_paired_wilcoxon_on_case_seed_pairs_keeps_every_evaluation():
+    # Each seed has its own test split: a (case, seed) pair is one evaluation, not averaged away.
+    rows = []
+    rng = np.random.default_rng(2)
+    differences = []
+    for seed in range(3):
+        for i in range(4):
+            base, gain = rng.uniform(0.3, 0.8), rng.uniform(-0.05, 0.2)
+            rows.append(_rows("none", "t1", "1", seed, f"c{seed}{i}", "liver", base))
+            rows.append(_rows("simmim", "t1", "1", seed, f"c{seed}{i}", "liver", base + gain))
+            differences.append(gain)
+    table = pd.DataFrame(rows)
+    units = per_case_scores(table, unit="case_seed")
+    assert len(units) == 2 * 12 and units["case"].str.contains("@s").all()
+    result = paired_wilcoxon(table, reference="none", unit="case_seed").query("comparison == 'reference'")
+    assert result["n"].iloc[0] == 12
+    assert result["p"].iloc[0] == pytest.approx(sps.wilcoxon(np.array(differences)).pvalue, rel=1e-9)
+    with pytest.raises(ValueError, match="unit"):
+        per_case_scores(table, unit="seed")

@@ -234,3 +234,50 @@ def test_bad_requests_are_input_errors(tmp_path: Path) -> None:
     with pytest.raises(MedsslInputError, match="mri_weighting"):
         synth_task(tmp_path, "mri_organs", 2, mri_weighting="flair")
     assert not any(tmp_path.iterdir())  # nothing written for a bad request
+
+
+def _organ_means(anatomy, image: np.ndarray) -> dict[str, float]:
+    return {name: float(image[anatomy.organs == label].mean()) for label, name in ORGAN_LABELS.items()}
+
+
+def test_scanner_variation_spreads_the_acquisitions_and_keeps_the_standard_bytes(tmp_path: Path) -> None:
+    from medssl.data.synth import CT_PHASES, ct_protocol
+
+    anatomy = make_anatomy(21, SMALL)
+    # "standard" is the one protocol of before: unchanged render, defaults in every folder's marker.
+    np.testing.assert_array_equal(render_ct(anatomy, 21), render_ct(anatomy, 21, "standard"))
+    np.testing.assert_array_equal(render_mri(anatomy, 21), render_mri(anatomy, 21, variation="standard"))
+    # Deterministic per seed, and the anatomy (hence the labels) does not depend on the variation.
+    np.testing.assert_array_equal(render_ct(anatomy, 21, "scanners"), render_ct(anatomy, 21, "scanners"))
+    protocols = [ct_protocol(seed, "scanners") for seed in range(40)]
+    assert {p.phase for p in protocols} == set(CT_PHASES)  # every contrast phase occurs
+    noise = [p.noise for p in protocols]
+    assert max(noise) > 2.5 * min(noise)  # dose / kernel spread, not one scanner
+    # The organs' contrast changes with the phase: the aorta ranges from unenhanced to arterial.
+    aorta = []
+    for seed in range(12):
+        image = render_ct(anatomy, seed, "scanners")
+        aorta.append(_organ_means(anatomy, image)["aorta"] - float(image[anatomy.tissue == TISSUES["muscle"]].mean()))
+    standard = []
+    for seed in range(12):
+        image = render_ct(anatomy, seed)
+        standard.append(
+            _organ_means(anatomy, image)["aorta"] - float(image[anatomy.tissue == TISSUES["muscle"]].mean())
+        )
+    assert max(aorta) - min(aorta) > 2.0 * (max(standard) - min(standard))  # partial volume spreads both
+
+    # MRI: a stronger spread of bias and noise between scans than the standard phantoms.
+    def spread(variation: str) -> float:
+        liver = [_organ_means(anatomy, render_mri(anatomy, s, variation=variation))["liver"] for s in range(12)]
+        kidney = [_organ_means(anatomy, render_mri(anatomy, s, variation=variation))["kidney"] for s in range(12)]
+        return float(np.std(np.array(liver) / np.array(kidney)))
+
+    assert spread("scanners") > 1.5 * spread("standard")
+    with pytest.raises(ValueError, match="variation"):
+        render_ct(anatomy, 1, "hospital")
+    # The folders record the variation, so a change regenerates them.
+    a = synth_task(tmp_path / "t", "ct_organs", 2, seed=1, shape=SMALL)
+    first = (a / "imagesTr" / "case_000.nii.gz").read_bytes()
+    synth_task(tmp_path / "t", "ct_organs", 2, seed=1, shape=SMALL, variation="scanners")
+    assert (a / "imagesTr" / "case_000.nii.gz").read_bytes() != first
+    assert "scanners" in json.loads((a / "dataset.json").read_text())["description"]

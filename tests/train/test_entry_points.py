@@ -111,3 +111,49 @@ def test_segmentation_losses_are_monais() -> None:
             assert torch.allclose(got, reference(to_onehot_y=True, softmax=True)(logits, batch["label"]))
     with pytest.raises(ValueError, match="unknown segmentation loss 'focal'"):
         SegmentationModule(model, "focal")
+
+
+def test_pretrained_weights_reach_the_segmenter_and_preprocessing_is_compared(corpus, tmp_path):
+    """The transfer chain end to end: a pretrained encoder's tensors all land in the segmenter, change its
+    first outputs against random init of the same seed, and the run records whether the corpus and the task
+    were resampled and scaled alike (issue 8: a mismatch would silently erase what was learned)."""
+    pre = PretrainConfig(
+        method=MethodConfig(name="simmim"),
+        encoder=TINY,
+        corpus=corpus,
+        crop_size=32,
+        preprocess=PRE,
+        schedule=ScheduleConfig(steps=2, batch_size=2, lr=5e-4, warmup_steps=0, log_every=1),
+    )
+    checkpoint = RunDir(tmp_path / "pt").path / run_pretrain(pre, tmp_path / "pt")["encoder"]
+    task = synth_task(tmp_path / "task", "ct_organs", 5, seed=6, shape=(32, 32, 32))
+    common = dict(task=task, encoder=TINY, budget=1, crop_size=32, val_every=1, n_test=1, n_val=1)
+    schedule = ScheduleConfig(steps=1, batch_size=1, lr=1e-3, warmup_steps=0)
+    run_finetune(
+        FinetuneConfig(**common, encoder_checkpoint=checkpoint, preprocess=PRE, schedule=schedule), tmp_path / "ft"
+    )
+    info = RunDir(tmp_path / "ft").info()
+    assert info["pretraining_preprocessing"] == {"spacing": "same", "intensity": "same"}
+    log = (tmp_path / "ft" / "log.txt").read_text()
+    encoder, _ = load_encoder(checkpoint)
+    n = len(encoder.state_dict())
+    assert f"{n}/{n}" in log and "spacing same, intensity same" in log
+    # A task resampled to another spacing is run, but the disagreement is named in run.json.
+    other = PreprocessConfig(spacing=(3.0, 3.0, 3.0))
+    run_finetune(
+        FinetuneConfig(**common, encoder_checkpoint=checkpoint, preprocess=other, schedule=schedule), tmp_path / "ft3"
+    )
+    spacing = RunDir(tmp_path / "ft3").info()["pretraining_preprocessing"]["spacing"]
+    assert spacing.startswith("differs") and "[4.0, 4.0, 4.0]" in spacing and "[3.0, 3.0, 3.0]" in spacing
+    # First outputs: the loaded segmenter differs from random init of the same seed.
+    torch.manual_seed(0)
+    scratch = SwinSegmenter(TINY, out_channels=6, crop_size=32)
+    torch.manual_seed(0)
+    loaded = SwinSegmenter(TINY, out_channels=6, crop_size=32)
+    load_encoder_state(loaded, encoder.state_dict(), prefix="swinViT.")
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(scratch(x), loaded(x))
+        assert torch.equal(
+            loaded.swinViT.layers4[0].blocks[0].attn.qkv.weight, encoder.layers4[0].blocks[0].attn.qkv.weight
+        )

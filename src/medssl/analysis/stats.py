@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -39,15 +39,29 @@ def _higher_is_better(metric: str) -> bool:
     return metric not in LOWER_IS_BETTER
 
 
-def per_case_scores(results: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
-    """Method × case matrices per task × budget: a case's score is its mean over structures,
-    then over seeds. Returns a long table ``task, budget, method, case, score``."""
+PairingUnit = Literal["case", "case_seed"]
+
+
+def per_case_scores(results: pd.DataFrame, metric: str = "dice", unit: PairingUnit = "case") -> pd.DataFrame:
+    """Method × unit scores per task × budget: a unit's score is its mean over structures.
+
+    ``unit="case"``: one score per test case, the mean over seeds (long table ``task, budget, method,
+    case, score``). ``unit="case_seed"``: one score per (test case, seed) — each seed trains its own
+    model on its own cases, so every (case, seed) is a separate evaluation; the ``case`` column then
+    reads ``<case>@s<seed>`` so the same pivot pairs methods on it.
+    """
     if results.empty:
         return pd.DataFrame(columns=["task", "budget", "method", "case", "score"])
+    if unit not in ("case", "case_seed"):
+        raise ValueError(f"unit must be 'case' or 'case_seed', got {unit!r}")
     frame = results.assign(budget=results["budget"].astype(str))
     per_seed = frame.groupby(["task", "budget", "method", "seed", "case"], sort=True)[metric].mean()
-    per_case = per_seed.groupby(["task", "budget", "method", "case"], sort=True).mean()
-    return per_case.rename("score").reset_index()
+    if unit == "case":
+        per_case = per_seed.groupby(["task", "budget", "method", "case"], sort=True).mean()
+        return per_case.rename("score").reset_index()
+    table = per_seed.rename("score").reset_index()
+    table["case"] = table["case"].astype(str) + "@s" + table["seed"].astype(str)
+    return table.drop(columns="seed")[["task", "budget", "method", "case", "score"]]
 
 
 def _wilcoxon(differences: np.ndarray) -> tuple[float, float]:
@@ -60,18 +74,23 @@ def _wilcoxon(differences: np.ndarray) -> tuple[float, float]:
 
 
 def paired_wilcoxon(
-    results: pd.DataFrame, reference: str = "none", metric: str = "dice", alpha: float = 0.05
+    results: pd.DataFrame,
+    reference: str = "none",
+    metric: str = "dice",
+    alpha: float = 0.05,
+    unit: PairingUnit = "case",
 ) -> pd.DataFrame:
     """Per task × budget: paired Wilcoxon signed-rank tests on per-case scores of every method vs
     ``reference`` (``comparison="reference"``) and vs the best method by mean (``"best"``).
 
-    Cases are paired within a task × budget (the test split is the same for every method); a case
+    Units (``unit``: test cases averaged over seeds, or (case, seed) pairs, see ``per_case_scores``)
+    are paired within a task × budget (the test split of a seed is the same for every method); a unit
     missing for either method is left out of that pair. ``mean_diff`` = mean(method − other) (for
     hd95, lower is better: the best method is the one with the lowest mean). Holm correction runs
     over the tests of one comparison kind within one task × budget — each kind is its own family
     of hypotheses (is it better than random init? is it worse than the best?).
     """
-    scores = per_case_scores(results, metric)
+    scores = per_case_scores(results, metric, unit)
     rows: list[dict[str, Any]] = []
     for (task, budget), cell in scores.groupby(["task", "budget"], sort=True):
         wide = cell.pivot_table(index="case", columns="method", values="score", aggfunc="mean")

@@ -67,7 +67,7 @@ def prepare_data(bench: BenchConfig, out: Path, source: str | Path | None = None
         s = bench.data.synth or SynthDataConfig()
         _console(stderr=True).print(
             f"synthetic data: {s.cases} cases per task, {s.corpus_cases} corpus scans "
-            f"of {tuple(s.shape)} in {synth_data_dir(out)}"
+            f"of {tuple(s.shape)} ({s.variation} variation) in {synth_data_dir(out)}"
         )
         made = synth_all(
             synth_data_dir(out),
@@ -76,6 +76,7 @@ def prepare_data(bench: BenchConfig, out: Path, source: str | Path | None = None
             seed=s.seed,
             shape=tuple(s.shape),
             spacing=tuple(s.spacing),
+            variation=s.variation,
         )
         for task in tasks:
             if task.synth_kind and Path(made[task.synth_kind]).resolve() != task.path:

@@ -25,6 +25,8 @@ from medssl.runs import config_differences
 IDENTITY_FILE = "bench.yaml"
 # How runs are executed and the resource limits change no result.
 NOT_PART_OF_IDENTITY = ("executor", "limits")
+# Stored (the report shows it) but not compared: rewording what a study can show changes no result.
+DESCRIPTIVE = ("about",)
 
 
 def bench_identity(bench: BenchConfig) -> dict[str, Any]:
@@ -43,7 +45,11 @@ def bind_out_folder(bench: BenchConfig, out: str | Path, record: bool = True) ->
                 stored = yaml.safe_load(path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
                 raise ConfigError(path, f"unreadable ({type(err).__name__}); use a new --out folder") from None
-            differ = config_differences(stored if isinstance(stored, dict) else {}, mine)
+            stored = stored if isinstance(stored, dict) else {}
+            differ = config_differences(
+                {k: v for k, v in stored.items() if k not in DESCRIPTIVE},
+                {k: v for k, v in mine.items() if k not in DESCRIPTIVE},
+            )
             if differ:
                 shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
                 raise ConfigError(
@@ -51,5 +57,7 @@ def bind_out_folder(bench: BenchConfig, out: str | Path, record: bool = True) ->
                     f"{out} holds a benchmark with another config (differs in: {shown}); "
                     f"use a new --out folder, or delete {path} to extend this one on purpose",
                 )
+            if record and any(stored.get(k) != mine.get(k) for k in DESCRIPTIVE):
+                atomic_write_text(path, yaml.safe_dump(mine, sort_keys=False))
         elif record:
             atomic_write_text(path, yaml.safe_dump(mine, sort_keys=False))

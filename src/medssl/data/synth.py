@@ -42,6 +42,12 @@ LESION_LABELS: dict[int, str] = {1: "lesion"}
 
 TaskKind = Literal["ct_organs", "ct_lesions", "mri_organs"]
 TASK_KINDS: tuple[str, ...] = ("ct_organs", "ct_lesions", "mri_organs")
+# "standard": one portal-venous protocol, little scanner spread (the demo's phantoms, unchanged).
+# "scanners": every scan its own acquisition (contrast phase, dose/noise, reconstruction kernel,
+# calibration; MRI: coil bias, noise, contrast), drawn from a separate seeded stream, so one or two
+# labeled cases cannot show a network every appearance an organ has, while an unlabeled corpus can.
+Variation = Literal["standard", "scanners"]
+VARIATIONS: tuple[str, ...] = ("standard", "scanners")
 
 # Tissue codes of the anatomy's tissue map.
 TISSUES: dict[str, int] = {
@@ -138,6 +144,15 @@ MRI_SIGNAL: dict[str, dict[str, float]] = {
         "aorta": 0.05,
         "ivc": 0.08,
     },
+}
+
+# HU of the enhancing tissues per contrast phase ("portal" is CT_HU itself). Typical abdominal values:
+# unenhanced organs within ~25 HU of muscle; arterial: bright aorta and renal cortex; delayed: washout.
+CT_PHASES: dict[str, dict[str, float]] = {
+    "native": {"aorta": 45.0, "ivc": 40.0, "heart": 45.0, "kidney": 35.0, "liver": 58.0, "spleen": 48.0},
+    "arterial": {"aorta": 320.0, "ivc": 70.0, "heart": 260.0, "kidney": 190.0, "liver": 72.0, "spleen": 110.0},
+    "portal": {},
+    "delayed": {"aorta": 120.0, "ivc": 115.0, "heart": 110.0, "kidney": 140.0, "liver": 85.0, "spleen": 80.0},
 }
 
 _ORGAN_OF_TISSUE = {
@@ -564,25 +579,74 @@ def _lut(
     return lut
 
 
-def render_ct(anatomy: Anatomy, seed: int) -> np.ndarray:
-    """CT of ``anatomy`` in HU (float32): per-tissue HU, texture, lesions, blur, noise sd 10-18 HU."""
+@dataclass(frozen=True)
+class CTProtocol:
+    """The acquisition of one CT scan. ``None`` fields are drawn by the render itself (the standard
+    protocol's per-case spread); ``gain``/``offset`` are the scanner's HU calibration."""
+
+    phase: str = "portal"  # a key of CT_PHASES
+    noise: float | None = None  # noise sd, HU
+    blur: float | None = None  # reconstruction blur sigma, voxels
+    texture: float | None = None  # soft-tissue texture amplitude, HU
+    gain: float = 1.0
+    offset: float = 0.0
+
+
+def ct_protocol(seed: int, variation: Variation = "standard") -> CTProtocol:
+    """The acquisition of a scan: ``"standard"`` is the one portal-venous protocol; ``"scanners"`` draws
+    phase, dose, kernel, texture and calibration from ``default_rng([seed, 4])``, a stream of its own, so
+    the anatomy and the standard renders do not change."""
+    if variation not in VARIATIONS:
+        raise ValueError(f"phantom variation must be one of {', '.join(VARIATIONS)}, got {variation!r}")
+    if variation == "standard":
+        return CTProtocol()
+    rng = np.random.default_rng([int(seed), 4])
+    return CTProtocol(
+        phase=str(rng.choice(list(CT_PHASES))),
+        noise=_u(rng, 6.0, 35.0),  # low-dose to smooth-kernel
+        blur=_u(rng, 0.4, 1.3),  # sharp kernel to soft kernel / thick slices
+        texture=_u(rng, 3.0, 12.0),
+        gain=_u(rng, 0.93, 1.07),  # calibration drift between scanners
+        offset=_u(rng, -20.0, 20.0),
+    )
+
+
+def render_ct(anatomy: Anatomy, seed: int, variation: Variation = "standard") -> np.ndarray:
+    """CT of ``anatomy`` in HU (float32): per-tissue HU, texture, lesions, blur, noise sd 10-18 HU.
+
+    ``variation="scanners"``: the acquisition of ``ct_protocol`` (contrast phase, noise, blur, texture,
+    calibration) instead of one portal-venous protocol.
+    """
+    protocol = ct_protocol(seed, variation)
     rng = np.random.default_rng([int(seed), 1])
-    image = _lut(CT_HU, rng, jitter_abs=6.0)[anatomy.tissue]
+    image = _lut({**CT_HU, **CT_PHASES[protocol.phase]}, rng, jitter_abs=6.0)[anatomy.tissue]
     soft = (anatomy.tissue != TISSUES["air"]) & (image > -200)
-    image += np.where(soft, np.float32(_u(rng, 4.0, 8.0)) * _smooth_field(rng, anatomy.shape, 2.0), 0)
+    texture = _u(rng, 4.0, 8.0) if protocol.texture is None else protocol.texture
+    image += np.where(soft, np.float32(texture) * _smooth_field(rng, anatomy.shape, 2.0), 0)
     for k, lesion in enumerate(anatomy.lesion_info, start=1):
         image[anatomy.lesions == k] += np.float32(lesion.contrast * lesion.strength * 70.0)
-    image = ndimage.gaussian_filter(image, sigma=_u(rng, 0.5, 0.8))  # partial volume / reconstruction
-    image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(_u(rng, 10.0, 18.0))
+    blur = _u(rng, 0.5, 0.8) if protocol.blur is None else protocol.blur
+    image = ndimage.gaussian_filter(image, sigma=blur)  # partial volume / reconstruction
+    noise = rng.standard_normal(image.shape, dtype=np.float32)
+    image += noise * np.float32(_u(rng, 10.0, 18.0) if protocol.noise is None else protocol.noise)
+    image = image * np.float32(protocol.gain) + np.float32(protocol.offset)
     return np.clip(image, -1024.0, 3071.0).astype(np.float32, copy=False)
 
 
-def render_mri(anatomy: Anatomy, seed: int, weighting: str = "t1") -> np.ndarray:
-    """MRI of ``anatomy`` (float32, >= 0, arbitrary units): T1/T2-like contrast, bias field, Rician noise."""
+def render_mri(anatomy: Anatomy, seed: int, weighting: str = "t1", variation: Variation = "standard") -> np.ndarray:
+    """MRI of ``anatomy`` (float32, >= 0, arbitrary units): T1/T2-like contrast, bias field, Rician noise.
+
+    ``variation="scanners"``: per-scan contrast spread 15% instead of 6%, a bias field up to twice as
+    strong and noise sd 1-6% instead of 1.5-3% of the signal range (drawn from ``[seed, 5]``).
+    """
     if weighting not in MRI_SIGNAL:
         raise ValueError(f"MRI weighting must be one of {sorted(MRI_SIGNAL)}, got {weighting!r}")
+    if variation not in VARIATIONS:
+        raise ValueError(f"phantom variation must be one of {', '.join(VARIATIONS)}, got {variation!r}")
+    scanner = np.random.default_rng([int(seed), 5]) if variation == "scanners" else None
     rng = np.random.default_rng([int(seed), 2])
-    signal = _lut(MRI_SIGNAL[weighting], rng, jitter_rel=0.06)[anatomy.tissue]
+    contrast_spread = 0.15 if scanner is not None else 0.06
+    signal = _lut(MRI_SIGNAL[weighting], rng, jitter_rel=contrast_spread)[anatomy.tissue]
     signal *= 1.0 + np.float32(_u(rng, 0.02, 0.05)) * _smooth_field(rng, anatomy.shape, 2.0)
     for k, lesion in enumerate(anatomy.lesion_info, start=1):
         # Cyst-like (hypodense) lesions: dark on T1, bright on T2; hypervascular ones: bright on both.
@@ -592,8 +656,13 @@ def render_mri(anatomy: Anatomy, seed: int, weighting: str = "t1") -> np.ndarray
             factor = 1.0 + lesion.strength * (0.9 if lesion.contrast < 0 else 0.45)
         signal[anatomy.lesions == k] *= np.float32(factor)
     signal = ndimage.gaussian_filter(signal, sigma=_u(rng, 0.6, 0.9))
-    signal *= _bias_field(rng, anatomy.shape)
+    bias = _bias_field(rng, anatomy.shape)
+    if scanner is not None:
+        bias = bias ** np.float32(_u(scanner, 1.0, 2.0))  # a stronger coil profile
+    signal *= bias
     sigma = np.float32(_u(rng, 0.015, 0.03))
+    if scanner is not None:
+        sigma = np.float32(_u(scanner, 0.01, 0.06))
     real = signal + sigma * rng.standard_normal(signal.shape, dtype=np.float32)
     imag = sigma * rng.standard_normal(signal.shape, dtype=np.float32)
     magnitude = np.sqrt(real * real + imag * imag)  # Rician: magnitude of complex Gaussian data
@@ -680,26 +749,40 @@ def synth_corpus(
     shape: Sequence[int] = (64, 64, 64),
     spacing: Sequence[float] = (3.0, 3.0, 3.0),
     jitter_spacing: bool = True,
+    variation: Variation = "standard",
 ) -> list[Path]:
     """Unlabeled CT corpus: ``out/scan_XXX.nii.gz`` (int16 HU), anatomy seeds disjoint from every task.
 
-    A folder already complete with the same parameters is left as it is.
+    A folder already complete with the same parameters is left as it is. ``variation``: see VARIATIONS.
     """
     _check_request(n, "corpus cases", shape, spacing)
     out = Path(out)
     names = [f"scan_{i:03d}.nii.gz" for i in range(n)]
     params = _params(
-        kind="corpus", n=n, seed=seed, shape=list(shape), spacing=list(spacing), jitter_spacing=jitter_spacing
+        kind="corpus",
+        n=n,
+        seed=seed,
+        shape=list(shape),
+        spacing=list(spacing),
+        jitter_spacing=jitter_spacing,
+        **_variation_param(variation),
     )
     if not _is_complete(out, params):
         _start(out, [])
         for i, name in enumerate(names):
             cs = case_seed(seed, "corpus", i)
             anatomy = make_anatomy(cs, shape, _case_spacing(cs, spacing, jitter_spacing))
-            write_nifti(out / name, _ct_int16(render_ct(anatomy, cs)), anatomy.affine)
+            write_nifti(out / name, _ct_int16(render_ct(anatomy, cs, variation)), anatomy.affine)
         _remove_stale(out, "scan", set(names))
         atomic_write_text(out / _MARKER, json.dumps(params))
     return [out / name for name in names]
+
+
+def _variation_param(variation: Variation) -> dict[str, str]:
+    """The variation in a folder's marker; absent for "standard", so folders made before it stay complete."""
+    if variation not in VARIATIONS:
+        raise MedsslInputError("variation", f"must be one of {', '.join(VARIATIONS)}, got {variation!r}")
+    return {} if variation == "standard" else {"variation": variation}
 
 
 def _ct_int16(image: np.ndarray) -> np.ndarray:
@@ -715,6 +798,7 @@ def synth_task(
     spacing: Sequence[float] = (3.0, 3.0, 3.0),
     jitter_spacing: bool = True,
     mri_weighting: str = "t1",
+    variation: Variation = "standard",
 ) -> Path:
     """A labeled task in MSD layout (``dataset.json``, ``imagesTr/``, ``labelsTr/``); returns ``out``.
 
@@ -736,6 +820,7 @@ def synth_task(
         spacing=list(spacing),
         jitter_spacing=jitter_spacing,
         mri_weighting=mri_weighting if kind == "mri_organs" else None,
+        **_variation_param(variation),
     )
     if _is_complete(out, params):
         return out
@@ -747,9 +832,9 @@ def synth_task(
         cs = case_seed(seed, domain, i)
         anatomy = make_anatomy(cs, shape, _case_spacing(cs, spacing, jitter_spacing))
         if kind == "mri_organs":
-            image = render_mri(anatomy, cs, weighting=mri_weighting)
+            image = render_mri(anatomy, cs, weighting=mri_weighting, variation=variation)
         else:
-            image = _ct_int16(render_ct(anatomy, cs))
+            image = _ct_int16(render_ct(anatomy, cs, variation))
         label = anatomy.lesion_labels() if kind == "ct_lesions" else anatomy.organ_labels()
         write_nifti(out / "imagesTr" / name, image, anatomy.affine)
         write_nifti(out / "labelsTr" / name, label.astype(np.uint8), anatomy.affine)
@@ -758,7 +843,8 @@ def synth_task(
     modality = "MRI" if kind == "mri_organs" else "CT"
     dataset = {
         "name": kind,
-        "description": f"medssl synthetic torso phantoms ({kind}), seed {seed}",
+        "description": f"medssl synthetic torso phantoms ({kind}), seed {seed}"
+        + ("" if variation == "standard" else f", {variation} variation"),
         "reference": "medssl.data.synth (procedural phantoms)",
         "licence": "CC0",
         "release": "1.0",
@@ -784,6 +870,7 @@ def synth_all(
     shape: Sequence[int] = (64, 64, 64),
     spacing: Sequence[float] = (3.0, 3.0, 3.0),
     jitter_spacing: bool = True,
+    variation: Variation = "standard",
 ) -> dict[str, Path]:
     """Corpus and tasks under ``out``: ``corpus``, ``ct_organs``, ``ct_lesions``, ``mri_organs``.
 
@@ -794,7 +881,13 @@ def synth_all(
         raise MedsslInputError("modality", f"must be 'ct' or 'mri', got {modality!r}")
     out = Path(out)
     made: dict[str, Path] = {}
-    common = {"seed": seed, "shape": shape, "spacing": spacing, "jitter_spacing": jitter_spacing}
+    common = {
+        "seed": seed,
+        "shape": shape,
+        "spacing": spacing,
+        "jitter_spacing": jitter_spacing,
+        "variation": variation,
+    }
     if modality in (None, "ct"):
         synth_corpus(out / "corpus", corpus_cases, **common)
         made["corpus"] = out / "corpus"

@@ -27,6 +27,7 @@ from medssl.fileio import atomic_write_text, file_lock
 from medssl.report import plots
 from medssl.report.html import Alert, Block, Heading, Image, Missing, Paragraph, Section, render_html, render_markdown
 from medssl.report.tables import (
+    PAIRING_UNIT,
     RANDOM_INIT,
     at_largest_budget,
     budget_summary,
@@ -56,6 +57,7 @@ from medssl.results import (
     results_table,
     write_tables,
 )
+from medssl.runs import BenchDir
 
 SECTIONS = (
     ("leaderboard", "Leaderboard"),
@@ -120,7 +122,7 @@ class ReportContext:
         if not self._wilcoxon_done:
             self._wilcoxon_done = True
             if len(self.methods) >= 2:
-                self._wilcoxon = paired_wilcoxon(self.results, reference=RANDOM_INIT)
+                self._wilcoxon = paired_wilcoxon(self.results, reference=RANDOM_INIT, unit=PAIRING_UNIT)
         return self._wilcoxon
 
 
@@ -185,7 +187,7 @@ def section_budgets(ctx: ReportContext) -> Section:
             "Mean test Dice vs number of training cases, per task; one line per method.",
         )
     )
-    section.add(budget_table(ctx.results))
+    section.add(budget_table(ctx.results, ctx.wilcoxon()))
     budgets_per_task = ctx.results.groupby("task")["budget"].nunique()
     single = sorted(budgets_per_task[budgets_per_task < 2].index)
     if single:
@@ -353,9 +355,9 @@ def section_statistics(ctx: ReportContext) -> Section:
         section.add(
             frame_table(
                 shown,
-                "Per task × budget, on per-case Dice (mean over structures, then seeds): each method vs random "
-                "init and vs the best method; Holm correction within each comparison kind of a task × budget. "
-                "mean_diff = method − other.",
+                "Per task × budget, on the Dice of each (test case, seed) pair (mean over structures): each "
+                "method vs random init and vs the best method; Holm correction within each comparison kind of "
+                "a task × budget. n = pairs; mean_diff = method − other.",
             )
         )
         if RANDOM_INIT not in ctx.methods:
@@ -455,10 +457,14 @@ def section_pretraining(ctx: ReportContext) -> Section:
         "step_seconds",
         "run_id",
     ]
+    table = ctx.pretrain.merge(loss_trend(ctx.pretrain_curves).drop(columns="method"), on="run_id", how="left")
+    columns.insert(columns.index("final_loss"), "loss_first")
+    columns.insert(columns.index("final_loss"), "loss_last")
     section.add(
         frame_table(
-            ctx.pretrain[columns],
-            "Pretraining runs: final health values (mean of the last logged steps).",
+            table[columns],
+            "Pretraining runs: loss over the first and last three logged steps, final health values (mean of the "
+            "last logged steps).",
             index="method",
         )
     )
@@ -696,18 +702,54 @@ def _guarded(section_id: str, title: str, builder: Callable[[ReportContext], Sec
 def _preamble(ctx: ReportContext) -> list[Block]:
     n = ctx.provenance["n_runs"]
     blocks: list[Block] = [
+        Paragraph(f"About this study: {about}")
+        for about in dict.fromkeys(BenchDir(root.parent).about() for root in ctx.roots if root.name == "runs")
+        if about
+    ]
+    blocks += [
         Paragraph(
             f"Built {time.strftime('%Y-%m-%d %H:%M:%S')} from {', '.join(str(r) for r in ctx.roots)}: "
             f"{n['finetune']} fine-tuning, {n['pretrain']} pretraining and {n['cka']} CKA runs (finished only); "
             f"{len(ctx.methods)} methods, {ctx.results['task'].nunique() if not ctx.results.empty else 0} tasks."
         )
     ]
+    budget = _pretraining_budget(ctx.pretrain, ctx.pretrain_curves)
+    if budget:
+        blocks.append(Paragraph(budget))
     if not ctx.pretrain.empty and ctx.pretrain["collapsed"].any():
         names = ", ".join(sorted(display_method(m) for m in ctx.pretrain.loc[ctx.pretrain["collapsed"], "method"]))
         blocks.append(Alert(f"COLLAPSED PRETRAINING: {names} — see Pretraining.", level="danger"))
     if ctx.provenance["not_finished"]:
         blocks.append(Alert(f"{sum(ctx.provenance['not_finished'].values())} runs are not finished and are left out."))
     return blocks
+
+
+def loss_trend(curves: pd.DataFrame, window: int = 3) -> pd.DataFrame:
+    """Per pretraining run: the mean loss of its first and last ``window`` logged steps."""
+    rows = []
+    for (method, run_id), run in curves.dropna(subset=["loss"]).groupby(["method", "run_id"], sort=True):
+        losses = run.sort_values("step")["loss"].to_numpy(dtype=float)
+        if len(losses) >= 2:
+            k = min(window, len(losses) // 2)
+            rows.append(
+                {"method": method, "run_id": run_id, "loss_first": losses[:k].mean(), "loss_last": losses[-k:].mean()}
+            )
+    return pd.DataFrame(rows, columns=["method", "run_id", "loss_first", "loss_last"])
+
+
+def _pretraining_budget(pretrain: pd.DataFrame, curves: pd.DataFrame) -> str | None:
+    """One sentence: how long each encoder was pretrained and whether its loss went down."""
+    steps = sorted({int(s) for s in pretrain["steps"].dropna()}) if not pretrain.empty else []
+    if not steps:
+        return None
+    shown = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+    text = f"Pretraining budget: {shown} steps per method ({len(pretrain)} pretraining runs)"
+    trend = loss_trend(curves)
+    if not trend.empty:
+        up = sorted({display_method(r.method) for r in trend.itertuples() if not r.loss_last < r.loss_first})
+        text += f"; the loss went down in {len(trend) - len(up)} of {len(trend)}"
+        text += f" (not for {', '.join(up)})" if up else ""
+    return text + " (see Pretraining)."
 
 
 def _remove_stale_figures(figure_dir: Path, keep: list[Path]) -> None:

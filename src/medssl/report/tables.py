@@ -21,6 +21,9 @@ from medssl.analysis.gap import budget_key, order_budgets
 from medssl.analysis.stats import bootstrap_ci, per_case_scores
 
 RANDOM_INIT = "none"
+# The unit of the report's paired tests and CIs: one (test case, seed) evaluation. Each seed has its
+# own split and trains its own model, so a case scored under two seeds is two evaluations.
+PAIRING_UNIT = "case_seed"
 NOT_SIGNIFICANT_FROM_BEST = "†"
 SIGNIFICANT_VS_RANDOM = "*"
 MISSING = "–"
@@ -214,11 +217,11 @@ def _wilcoxon_lookup(wilcoxon: pd.DataFrame | None, task: str, budget: str) -> d
 def leaderboard(results: pd.DataFrame, wilcoxon: pd.DataFrame | None = None) -> tuple[Table, pd.DataFrame]:
     """Method × task mean Dice [95% CI] at each task's largest budget, with significance marks.
 
-    Returns the display table and the numeric means (method × task). The CI is a bootstrap over test
-    cases of the per-case Dice (mean over structures and seeds), the unit the Wilcoxon test pairs.
+    Returns the display table and the numeric means (method × task). The CI is a bootstrap over the
+    (test case, seed) Dice (mean over structures), the unit the Wilcoxon test pairs.
     """
     top = at_largest_budget(results)
-    cases = per_case_scores(top)
+    cases = per_case_scores(top, unit=PAIRING_UNIT)
     tasks = sorted(cases["task"].unique())
     methods = method_order(results)
     means = pd.DataFrame(np.nan, index=methods, columns=tasks)
@@ -251,13 +254,16 @@ def leaderboard(results: pd.DataFrame, wilcoxon: pd.DataFrame | None = None) -> 
     bold = _best_mask(means).rename(columns=column_labels, index=display_method)
     table = Table(
         display,
-        caption="Mean test Dice [bootstrap 95% CI over cases] at each task's largest label budget (in brackets).",
+        caption=(
+            "Mean test Dice [bootstrap 95% CI over (test case, seed) pairs] at each task's largest label "
+            "budget (in brackets)."
+        ),
         bold=bold,
         index_name="method",
         notes=[
             f"Bold: best per column. {SIGNIFICANT_VS_RANDOM} significantly different from random init "
-            f"(paired Wilcoxon over cases, Holm-corrected, p < 0.05); {NOT_SIGNIFICANT_FROM_BEST} not "
-            "significantly different from the best method of the column."
+            "(paired Wilcoxon over (test case, seed) pairs, Holm-corrected, p < 0.05); "
+            f"{NOT_SIGNIFICANT_FROM_BEST} not significantly different from the best method of the column."
         ],
     )
     return table, means
@@ -299,23 +305,36 @@ def budget_summary(results: pd.DataFrame) -> pd.DataFrame:
     return summary.sort_values(["task", "method", "budget_order"]).drop(columns="budget_order")
 
 
-def budget_table(results: pd.DataFrame) -> Table:
-    """Method × (task, budget) mean Dice."""
-    summary = budget_summary(results)
-    summary["column"] = summary["task"] + " / " + summary["budget"].astype(str)
+def budget_table(results: pd.DataFrame, wilcoxon: pd.DataFrame | None = None) -> Table:
+    """Method × (task, budget) mean Dice [bootstrap 95% CI over (case, seed) pairs], with the
+    leaderboard's significance marks at every budget (few-shot included)."""
+    units = per_case_scores(results, unit=PAIRING_UNIT)
+    units["column"] = units["task"] + " / " + units["budget"].astype(str)
     order = (
-        summary.assign(k=summary["budget"].map(budget_key))
-        .sort_values(["task", "k"])["column"]
-        .drop_duplicates()
-        .tolist()
+        units.assign(k=units["budget"].map(budget_key)).sort_values(["task", "k"])["column"].drop_duplicates().tolist()
     )
-    values = summary.pivot(index="method", columns="column", values="dice").reindex(columns=order)
-    values = values.reindex([m for m in method_order(results) if m in values.index])
+    methods = [m for m in method_order(results) if m in set(units["method"])]
+    means = pd.DataFrame(np.nan, index=methods, columns=order)
+    cells = pd.DataFrame(MISSING, index=methods, columns=order)
+    for (method, column), group in units.groupby(["method", "column"]):
+        mean, lo, hi = bootstrap_ci(group["score"].to_numpy(dtype=float))
+        means.loc[method, column] = mean
+        cells.loc[method, column] = f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
+    for column in order:
+        task, budget = column.rsplit(" / ", 1)
+        significance = _wilcoxon_lookup(wilcoxon, task, budget)
+        for method in means[column].dropna().index:
+            if method != RANDOM_INIT and significance.get((method, "reference")):
+                cells.loc[method, column] += SIGNIFICANT_VS_RANDOM
     return Table(
-        values.map(fmt).rename(index=display_method),
-        caption="Mean test Dice per task / label budget.",
-        bold=_best_mask(values).rename(index=display_method),
+        cells.rename(index=display_method),
+        caption="Mean test Dice per task / label budget [bootstrap 95% CI over (test case, seed) pairs].",
+        bold=_best_mask(means).rename(index=display_method),
         index_name="method",
+        notes=[
+            f"{SIGNIFICANT_VS_RANDOM} significantly different from random init at that budget (paired Wilcoxon "
+            "over (test case, seed) pairs, Holm-corrected, p < 0.05; see Statistics)."
+        ],
     )
 
 

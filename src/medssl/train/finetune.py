@@ -15,7 +15,7 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 from torch import Tensor, nn
 
-from medssl.config import FinetuneConfig, config_hash, dump_yaml
+from medssl.config import FinetuneConfig, PreprocessConfig, config_hash, dump_yaml
 from medssl.data.cache import CachedVolume, VolumeCache, cache_task
 from medssl.data.datasets import SegmentationCropDataset, load_eval_case
 from medssl.data.splits import load_or_create_splits, train_cases
@@ -130,6 +130,32 @@ def encoder_identity(config: FinetuneConfig) -> dict[str, str]:
     return {"encoder_sha256": file_sha256(path)} if path is not None and Path(path).is_file() else {}
 
 
+def preprocessing_agreement(meta: dict[str, Any], preprocess: PreprocessConfig, modality: str) -> dict[str, str]:
+    """How the encoder's pretraining preprocessing compares with this task's (recorded in run.json).
+
+    A pretrained encoder only transfers what it saw: a corpus resampled to another spacing or scaled
+    with another CT window gives the segmenter inputs the encoder never met. ``spacing`` and
+    ``intensity`` read ``"same"``, ``"differs: ..."`` (both sides named), or ``"unknown"`` (random init,
+    an external encoder without metadata). MRI tasks are normalised by percentiles by design (CT->MRI
+    transfer), so for them only the spacing is compared and the intensity reads ``"ct->mri"``.
+    """
+    if "spacing" not in meta:
+        return {"spacing": "unknown", "intensity": "unknown"}
+    ours = [float(v) for v in preprocess.spacing]
+    theirs = [float(v) for v in meta["spacing"]]
+    spacing = "same" if ours == theirs else f"differs: pretrained {theirs} mm, task {ours} mm"
+    intensity_meta = meta.get("intensity") or {}
+    if modality != "ct":
+        intensity = "ct->mri"
+    elif "ct_window" not in intensity_meta:
+        intensity = "unknown"
+    else:
+        window = [float(v) for v in intensity_meta["ct_window"]]
+        task_window = [float(v) for v in preprocess.ct_window]
+        intensity = "same" if window == task_window else f"differs: pretrained CT window {window}, task {task_window}"
+    return {"spacing": spacing, "intensity": intensity}
+
+
 def check_label_values(task: TaskFolder, volumes: dict[str, CachedVolume]) -> None:
     """Refuse, before training, labels that dataset.json does not declare and tasks without foreground
     (the network has ``max(labels) + 1`` outputs: a stray value fails mid-run, and a task with no
@@ -192,7 +218,12 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
         config.splits_path or run.path / "splits.json", case_ids, config.seed, budgets, config.n_test, config.n_val
     )
     train_ids = train_cases(split, config.budget)
-    run_info = {**finetune_info(config, task, enc_meta, len(train_ids)), **identity}
+    agreement = preprocessing_agreement(enc_meta, config.preprocess, task.modality) if enc_state is not None else {}
+    run_info = {
+        **finetune_info(config, task, enc_meta, len(train_ids)),
+        **identity,
+        **({"pretraining_preprocessing": agreement} if agreement else {}),
+    }
     try:
         with run_session(run, info, dump_yaml(config), run_info) as started:
             torch.manual_seed(config.seed)
@@ -201,6 +232,10 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 report = load_encoder_state(model, enc_state, source=config.encoder_checkpoint, prefix="swinViT.")
                 if info.is_main:
                     run.log(f"encoder {enc_meta['method']}: {report.summary()} from {config.encoder_checkpoint}")
+                    run.log(
+                        f"pretraining vs task preprocessing: spacing {agreement['spacing']}, "
+                        f"intensity {agreement['intensity']}"
+                    )
                     if "source" in enc_meta:
                         run.log(
                             f"external encoder {enc_meta['source']['path']} ({enc_meta['source']['layout']}): "
