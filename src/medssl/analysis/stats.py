@@ -18,6 +18,7 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
 from medssl.analysis.gap import budget_key, order_budgets
+from medssl.config import RANDOM_INIT
 
 LOWER_IS_BETTER = {"hd95"}
 WILCOXON_COLUMNS = [
@@ -60,7 +61,7 @@ def _wilcoxon(differences: np.ndarray) -> tuple[float, float]:
 
 
 def paired_wilcoxon(
-    results: pd.DataFrame, reference: str = "none", metric: str = "dice", alpha: float = 0.05
+    results: pd.DataFrame, reference: str = RANDOM_INIT, metric: str = "dice", alpha: float = 0.05
 ) -> pd.DataFrame:
     """Per task × budget: paired Wilcoxon signed-rank tests on per-case scores of every method vs
     ``reference`` (``comparison="reference"``) and vs the best method by mean (``"best"``).

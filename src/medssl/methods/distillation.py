@@ -223,7 +223,7 @@ class DistillationMethod(SSLMethod):
         )
         self.freeze_last_layer_steps = self.epochs_to_steps(params.freeze_last_layer_epochs)
         self.head = self.make_head()
-        self.teacher_encoder = EMATeacher(encoder)
+        self.teacher_encoder: EMATeacher = EMATeacher(encoder)
         self.teacher_head = EMATeacher(self.head)
         self.centering = self.make_centering(params.out_dim)
 
@@ -275,8 +275,8 @@ class DistillationMethod(SSLMethod):
         ``teacher_temp_warmup_epochs``); ``self.params`` must be :class:`PatchDistillationParams`."""
         p = self.params
         assert isinstance(p, PatchDistillationParams)
-        self.patch_centering = self.make_centering(patch_dim, p.patch_centre_momentum)
-        self.patch_temp_schedule = held_then_warmed(
+        self.patch_centering: Centering = self.make_centering(patch_dim, p.patch_centre_momentum)
+        self.patch_temp_schedule: np.ndarray = held_then_warmed(
             p.teacher_patch_temp_start,
             p.teacher_patch_temp,
             self.epochs_to_steps(hold_epochs),

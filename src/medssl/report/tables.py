@@ -19,8 +19,8 @@ import pandas as pd
 
 from medssl.analysis.gap import budget_key, order_budgets
 from medssl.analysis.stats import bootstrap_ci, per_case_scores
+from medssl.config import RANDOM_INIT
 
-RANDOM_INIT = "none"
 NOT_SIGNIFICANT_FROM_BEST = "†"
 SIGNIFICANT_VS_RANDOM = "*"
 MISSING = "–"
