@@ -223,7 +223,7 @@ class DistillationMethod(SSLMethod):
         )
         self.freeze_last_layer_steps = self.epochs_to_steps(params.freeze_last_layer_epochs)
         self.head = self.make_head()
-        self.teacher_encoder: EMATeacher = EMATeacher(encoder)
+        self.teacher_encoder = EMATeacher(encoder)
         self.teacher_head = EMATeacher(self.head)
         self.centering = self.make_centering(params.out_dim)
 
