@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from medssl.config import EXECUTOR_KINDS, RANDOM_INIT
 from medssl.errors import MedsslInputError, describe_error
 
 app = typer.Typer(
@@ -66,10 +67,7 @@ def _set_limits(items: list[str]) -> None:
     set_limits(validate_config(Limits, values, "--limit"))
 
 
-class Executor(str, Enum):
-    local = "local"
-    torchrun = "torchrun"
-    slurm = "slurm"
+Executor = Enum("Executor", {kind: kind for kind in EXECUTOR_KINDS}, type=str)  # typer's choices
 
 
 class Modality(str, Enum):
@@ -143,7 +141,7 @@ def pretrain(
 @app.command()
 def finetune(
     task: Path = typer.Option(..., "--task", help="MSD / nnU-Net task folder."),
-    encoder: str = typer.Option(..., "--encoder", help="Encoder checkpoint, or 'none' for random init."),
+    encoder: str = typer.Option(..., "--encoder", help=f"Encoder checkpoint, or '{RANDOM_INIT}' for random init."),
     budget: str = typer.Option("all", "--budget", help="Number of training cases, or 'all'."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(..., "--out", help="Run directory."),
@@ -156,7 +154,7 @@ def finetune(
 
     data = load_yaml(config) if config else {}
     data = apply_overrides(data, [f"task={task}", f"budget={budget}", f"seed={seed}", *(overrides or [])])
-    data["encoder_checkpoint"] = None if encoder.lower() == "none" else encoder
+    data["encoder_checkpoint"] = None if encoder.lower() == RANDOM_INIT else encoder
     cfg = validate_config(FinetuneConfig, data, config or "<command line>")
     results = run_finetune(cfg, out)
     dice = [r["dice"] for r in results.get("cases", [])]
@@ -189,9 +187,11 @@ def cka(
     out: Path = typer.Option(..., "--out", help="Output directory."),
 ) -> None:
     """Layer-wise CKA between two encoders on fixed crops of a task."""
-    from medssl.analysis.cka import run_cka
+    from medssl.analysis.cka_run import run_cka
+    from medssl.config import CKARunConfig, validate_config
 
-    results = run_cka(ckpt_a, ckpt_b, task, out)
+    paths = {"model_a": ckpt_a.resolve(), "model_b": ckpt_b.resolve(), "task": task.resolve()}
+    results = run_cka(validate_config(CKARunConfig, paths, "<command line>"), out)
     _echo(f"reuse per stage: {results.get('reuse')}; matrices: {out / 'results.json'}")
 
 

@@ -11,12 +11,12 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medssl.errors import ConfigError
+from medssl.errors import ConfigError, unknown_name_message
 from medssl.limits import Limits, check
 
 Modality = Literal["ct", "mri"]
@@ -65,6 +65,9 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
 # --------------------------------------------------------------------------- model
 
 ENCODER_PRESETS: dict[str, dict[str, Any]] = {
@@ -96,7 +99,7 @@ class EncoderConfig(StrictModel):
         for key, value in preset.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
-        if self.feature_size % 12 != 0:
+        if self.feature_size is not None and self.feature_size % 12 != 0:
             raise ValueError("feature_size must be a multiple of 12 (MONAI SwinUNETR requirement)")
         return self
 
@@ -114,6 +117,9 @@ class PreprocessConfig(StrictModel):
 
     def key(self) -> str:
         return config_hash(self)
+
+
+RANDOM_INIT = "none"  # the method name of a randomly initialised encoder (no pretraining run)
 
 
 class MethodConfig(StrictModel):
@@ -244,7 +250,7 @@ class AugmentConfig(StrictModel):
 
 class FinetuneConfig(StrictModel):
     task: Path | None = None
-    encoder_checkpoint: Path | None = None  # None = random init (method "none")
+    encoder_checkpoint: Path | None = None  # None = random init (method RANDOM_INIT)
     cache_dir: Path | None = None  # preprocessed volumes; default <run>/cache (shared across a benchmark)
     splits_path: Path | None = None  # default <run>/splits.json (shared per task across a benchmark)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
@@ -282,6 +288,28 @@ class FinetuneConfig(StrictModel):
     limits: Limits = Field(default_factory=Limits)  # resource limits; not part of the config hash
 
 
+CKAComparison = Literal["pretrained_vs_finetuned", "fewshot_vs_manyshot", "custom"]
+
+
+class CKARunConfig(StrictModel):
+    """Everything that determines a CKA run's result (its hash is the run's ``config_hash``):
+    two models (encoder checkpoints or fine-tuned segmenters) compared stage by stage on fixed crops
+    of ``task`` (``medssl.analysis.cka_run.run_cka``)."""
+
+    model_a: Path
+    model_b: Path
+    task: Path
+    cache_dir: Path | None = None  # preprocessed volumes; default <run>/cache (a benchmark's <out>/cache)
+    n_crops: int = Field(16, ge=1)
+    crop_size: CropSize = 32
+    batch_size: int = Field(4, ge=1)
+    max_tokens: int = Field(64, ge=1)
+    seed: Seed = 0
+    comparison: CKAComparison = "custom"
+    method: str | None = None
+    cases: list[str] | None = None
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -299,21 +327,22 @@ def config_hash(model: BaseModel, length: int = 12) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line for a pydantic error: ``key.path: problem`` per error (``prefix`` goes before each key)."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = prefix + (".".join(str(p) for p in e["loc"]) or "<root>")
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 
 
-def validate_config(model_cls: type[StrictModel], data: dict[str, Any], source: str | Path | None):
+def validate_config(model_cls: type[ModelT], data: dict[str, Any], source: str | Path | None) -> ModelT:
     """Build ``model_cls`` from ``data``; on failure raise ``ConfigError`` naming key and file."""
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(source or "<config>", _format_validation_error(err)) from None
+        raise ConfigError(source or "<config>", format_validation_error(err)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -423,7 +452,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(model_cls: type[StrictModel], path: str | Path | None, overrides: list[str] | None = None):
+def load_config(model_cls: type[ModelT], path: str | Path | None, overrides: list[str] | None = None) -> ModelT:
     """Load a config model from an optional YAML file plus command-line overrides."""
     data = load_yaml(path) if path is not None else {}
     if overrides:
@@ -442,6 +471,7 @@ def dump_yaml(model: BaseModel) -> str:
 # into one PretrainConfig/FinetuneConfig per run (``medssl.bench.plan``).
 
 SYNTH_TASK_PREFIX = "synth:"
+Budget = int | Literal["all"]  # training cases of a fine-tuning run
 SYNTH_TASK_KINDS = ("ct_organs", "ct_lesions", "mri_organs")
 
 
@@ -454,35 +484,42 @@ def _section_model(name: str, source: type[StrictModel], exclude: set[str], doc:
     """
     from pydantic import create_model  # kept local: the bench section is appended to this module
 
-    fields = {k: (f.annotation, f) for k, f in source.model_fields.items() if k not in exclude}
+    fields: dict[str, Any] = {k: (f.annotation, f) for k, f in source.model_fields.items() if k not in exclude}
 
     def check_against_source(self: StrictModel) -> StrictModel:
         try:
             source.model_validate(self.model_dump())
         except ValidationError as err:
-            raise ValueError(_format_validation_error(err).replace("Value error, ", "")) from None
+            raise ValueError(format_validation_error(err).replace("Value error, ", "")) from None
         return self
 
-    validators = {"check_against_source": model_validator(mode="after")(check_against_source)}
+    # pydantic's stub types __validators__ as plain callables; a decorated validator is what it takes
+    validators: dict[str, Any] = {"check_against_source": model_validator(mode="after")(check_against_source)}
     return create_model(name, __base__=StrictModel, __doc__=doc, __validators__=validators, **fields)
 
 
-BenchPretrainConfig = _section_model(
-    "BenchPretrainConfig",
-    PretrainConfig,
-    {"method", "encoder", "corpus", "preprocess", "published_recipe", "limits"},
-    "PretrainConfig fields shared by every pretraining run of a benchmark.",
-)
 # FinetuneConfig fields the bench sets for each run (the rest come from the `finetune` section)
 FINETUNE_PLANNED_FIELDS = frozenset(
     {"task", "encoder_checkpoint", "cache_dir", "splits_path", "encoder", "budget", "seed", "preprocess", "limits"}
 )
-BenchFinetuneConfig = _section_model(
-    "BenchFinetuneConfig",
-    FinetuneConfig,
-    set(FINETUNE_PLANNED_FIELDS),
-    "FinetuneConfig fields shared by every fine-tuning run of a benchmark.",
-)
+if TYPE_CHECKING:
+    # A model built at run time is no type to mypy: it sees the source models, whose fields are a superset
+    # of each section's (every field a section has, it has with the source's type).
+    BenchPretrainConfig = PretrainConfig
+    BenchFinetuneConfig = FinetuneConfig
+else:
+    BenchPretrainConfig = _section_model(
+        "BenchPretrainConfig",
+        PretrainConfig,
+        {"method", "encoder", "corpus", "preprocess", "published_recipe", "limits"},
+        "PretrainConfig fields shared by every pretraining run of a benchmark.",
+    )
+    BenchFinetuneConfig = _section_model(
+        "BenchFinetuneConfig",
+        FinetuneConfig,
+        set(FINETUNE_PLANNED_FIELDS),
+        "FinetuneConfig fields shared by every fine-tuning run of a benchmark.",
+    )
 
 
 class SynthDataConfig(StrictModel):
@@ -515,11 +552,8 @@ class BenchTaskConfig(StrictModel):
     @classmethod
     def _known_synth(cls, v: str) -> str:
         if v.startswith(SYNTH_TASK_PREFIX) and v[len(SYNTH_TASK_PREFIX) :] not in SYNTH_TASK_KINDS:
-            raise ValueError(
-                f"unknown synthetic task '{v}' (known: "
-                + ", ".join(SYNTH_TASK_PREFIX + k for k in SYNTH_TASK_KINDS)
-                + ")"
-            )
+            known = [SYNTH_TASK_PREFIX + k for k in SYNTH_TASK_KINDS]
+            raise ValueError(unknown_name_message("synthetic task", v, known))
         return v
 
     @property
@@ -536,6 +570,10 @@ class BenchCKAConfig(StrictModel):
 
 
 class SlurmConfig(StrictModel):
+    # > 1: a run (pretrain/finetune) spans this many nodes: ``srun torchrun --nnodes N`` meeting at a c10d
+    # rendezvous on the job's first node, port ``rdzv_port`` (CKA runs stay on one node)
+    nodes: int = Field(1, ge=1)
+    rdzv_port: int = Field(29500, ge=1024, le=65535)
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -546,8 +584,12 @@ class SlurmConfig(StrictModel):
     folder: Path | None = None  # submitit logs; default <out>/slurm
 
 
+ExecutorKind = Literal["local", "torchrun", "slurm"]
+EXECUTOR_KINDS: tuple[str, ...] = get_args(ExecutorKind)  # the one list of executors (CLI, bench, factory)
+
+
 class ExecutorConfig(StrictModel):
-    kind: Literal["local", "torchrun", "slurm"] = "local"
+    kind: ExecutorKind = "local"
     workers: int = Field(1, ge=1)  # local: runs in parallel (worker processes)
     nproc_per_node: int = Field(1, ge=1)  # torchrun/slurm: processes (GPUs) per run
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
@@ -570,9 +612,9 @@ class BenchConfig(StrictModel):
     methods: Literal["all"] | list[str | MethodConfig] = "all"
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    pretrain: BenchPretrainConfig = Field(default_factory=BenchPretrainConfig)  # type: ignore[valid-type]
-    finetune: BenchFinetuneConfig = Field(default_factory=BenchFinetuneConfig)  # type: ignore[valid-type]
-    budgets: list[int | Literal["all"]] = Field(default_factory=lambda: ["all"], min_length=1)
+    pretrain: BenchPretrainConfig = Field(default_factory=BenchPretrainConfig)
+    finetune: BenchFinetuneConfig = Field(default_factory=BenchFinetuneConfig)
+    budgets: list[Budget] = Field(default_factory=lambda: list[Budget](["all"]), min_length=1)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     cka: BenchCKAConfig = Field(default_factory=BenchCKAConfig)
     external_encoders: list[ExternalEncoderConfig] = Field(default_factory=list)

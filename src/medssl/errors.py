@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -28,3 +29,8 @@ def describe_error(err: BaseException, limit: int = 500) -> str:
         return err.one_line()[:limit]
     text = " ".join(str(err).split())
     return (f"{type(err).__name__}: {text}" if text else type(err).__name__)[:limit]
+
+
+def unknown_name_message(what: str, name: object, known: Iterable[object]) -> str:
+    """The one wording of a name that is not one of a known set: ``unknown executor 'x' (known: a, b)``."""
+    return f"unknown {what} '{name}' (known: {', '.join(str(k) for k in known)})"

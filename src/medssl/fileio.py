@@ -7,6 +7,7 @@ a crash leaves the old content or the new, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -40,18 +41,31 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
             os.unlink(tmp)
 
 
+class LockHeldError(RuntimeError):
+    """A non-blocking :func:`file_lock` found the lock held by another process."""
+
+
 @contextlib.contextmanager
-def file_lock(lock_path: str | Path) -> Iterator[None]:
-    """Hold an exclusive, blocking OS lock on ``lock_path`` (released if the process dies), so that
-    processes sharing an output folder take turns at a read-modify-write of shared files."""
+def file_lock(lock_path: str | Path, blocking: bool = True) -> Iterator[None]:
+    """Hold an exclusive OS lock on ``lock_path`` (released if the process dies), so that processes
+    sharing an output folder take turns at a read-modify-write of shared files.
+
+    ``blocking=False``: raise ``LockHeldError`` at once when another process holds it (a run claim)."""
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError as err:
+            if not blocking and err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise LockHeldError(f"{lock_path} is held by another process") from None
+            raise
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 
@@ -62,7 +76,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps``'s ``default`` for everything medssl writes: paths, numpy/torch scalars and arrays."""
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item"):
@@ -73,7 +88,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def to_json(data: Any, indent: int | None = 2) -> str:
-    return json.dumps(data, indent=indent, default=_json_default)
+    return json.dumps(data, indent=indent, default=json_default)
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:

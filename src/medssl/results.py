@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from medssl.errors import MedsslInputError
+from medssl.errors import MedsslInputError, unknown_name_message
 from medssl.fileio import atomic_path, atomic_write_text
 from medssl.runs import RunDir, list_runs
 from medssl.version import describe_code_version
@@ -205,7 +205,7 @@ def collect_runs(runs_root: RunsRoot) -> RunCollection:
                 continue
             finished = FinishedRun(run, info, results)
             if finished.kind not in KINDS:
-                collection.skipped.append((run.id, f"unknown run kind {finished.kind!r}"))
+                collection.skipped.append((run.id, unknown_name_message("run kind", finished.kind, KINDS)))
                 continue
             if finished.kind == "finetune":
                 try:

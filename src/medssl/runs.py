@@ -18,8 +18,6 @@ so a crash leaves either the old or the new content, never half of one.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import math
 import os
@@ -33,7 +31,7 @@ import yaml
 
 from medssl.config import NOT_HASHED
 from medssl.errors import ConfigError
-from medssl.fileio import _json_default, atomic_write_json, atomic_write_text
+from medssl.fileio import LockHeldError, atomic_write_json, atomic_write_text, file_lock, json_default
 
 __all__ = ["BenchDir", "RunDir", "RunLockedError", "atomic_write_json", "atomic_write_text", "list_runs", "read_json"]
 
@@ -61,7 +59,7 @@ def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 IDENTITY_INFO = ("encoder_sha256",)
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(LockHeldError):
     """Another process holds this run."""
 
 
@@ -208,7 +206,7 @@ class RunDir:
     def append_metrics(self, record: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+            f.write(json.dumps(record, default=json_default) + "\n")
         self._write_tensorboard(record)
 
     def _write_tensorboard(self, record: dict[str, Any]) -> None:
@@ -269,18 +267,12 @@ class RunDir:
 
         ``name`` selects the lock file, so a scheduler can hold its own claim on a run while the
         run's entry point takes the run lock inside it."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
+        with contextlib.ExitStack() as held:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise RunLockedError(f"run {self.id} is held by another process") from None
-                raise
+                held.enter_context(file_lock(self.path / name, blocking=False))
+            except LockHeldError:
+                raise RunLockedError(f"run {self.id} is held by another process") from None
             yield
-        finally:
-            os.close(fd)
 
 
 def flatten_scalars(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -298,11 +290,6 @@ class BenchDir:
 
     def __init__(self, out: str | Path) -> None:
         self.path = Path(out).resolve()
-
-    @classmethod
-    def of_run(cls, run_dir: str | Path) -> BenchDir:
-        """The benchmark folder holding ``<out>/runs/<run-id>``."""
-        return cls(Path(run_dir).resolve().parent.parent)
 
     @property
     def runs(self) -> Path:

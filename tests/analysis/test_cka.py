@@ -12,21 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.analysis.cka import (
-    LAYER_NAMES,
-    MinibatchCKA,
-    batch_bounds,
-    cka_matrices,
-    extract_crop,
-    linear_cka,
-    minibatch_cka,
-    preprocess_from_meta,
-    run_cka,
-    sample_token_positions,
-    stage_activations,
-    unbiased_hsic,
-)
-from medssl.config import EncoderConfig, PreprocessConfig
+from medssl.analysis.activations import LAYER_NAMES, sample_token_positions, stage_activations
+from medssl.analysis.cka import MinibatchCKA, batch_bounds, linear_cka, minibatch_cka, unbiased_hsic
+from medssl.analysis.cka_run import cka_matrices, extract_crop, preprocess_from_meta, run_cka
+from medssl.config import CKARunConfig, EncoderConfig, PreprocessConfig
 from medssl.errors import MedsslInputError
 from medssl.models import SwinEncoder
 from medssl.models.checkpoint import encoder_meta, save_encoder, save_segmenter
@@ -307,6 +296,11 @@ def _save_tiny_encoder(path: Path, seed: int) -> SwinEncoder:
     return encoder
 
 
+def _run(model_a: Path, model_b: Path, task: Path, out: Path, **options: object) -> dict:
+    """``run_cka`` on a config of these models and task (paths as given: tmp_path is absolute)."""
+    return run_cka(CKARunConfig(model_a=model_a, model_b=model_b, task=task, **options), out)
+
+
 def test_run_cka_writes_matrices_with_a_unit_diagonal_for_the_same_model(tmp_path):
     task = _write_msd_task(tmp_path / "task")
     encoder = _save_tiny_encoder(tmp_path / "a.pt", seed=0)
@@ -314,7 +308,7 @@ def test_run_cka_writes_matrices_with_a_unit_diagonal_for_the_same_model(tmp_pat
     kwargs = dict(n_crops=3, crop_size=32, batch_size=2, max_tokens=16, seed=0, cache_dir=cache)
 
     out = tmp_path / "runs" / "cka-simmim-same"
-    results = run_cka(tmp_path / "a.pt", tmp_path / "a.pt", task, out, comparison="custom", **kwargs)
+    results = _run(tmp_path / "a.pt", tmp_path / "a.pt", task, out, comparison="custom", **kwargs)
     stored = json.loads((out / "results.json").read_text())
     assert stored == json.loads(json.dumps(results))
     assert stored["kind"] == "cka" and stored["method"] == "simmim" and stored["task"] == "toy_organs"
@@ -333,7 +327,7 @@ def test_run_cka_writes_matrices_with_a_unit_diagonal_for_the_same_model(tmp_pat
 
     # Finished runs are returned as stored, never rewritten.
     mtime = (out / "results.json").stat().st_mtime_ns
-    assert run_cka(tmp_path / "a.pt", tmp_path / "a.pt", task, out, **kwargs) == stored
+    assert _run(tmp_path / "a.pt", tmp_path / "a.pt", task, out, **kwargs) == stored
     assert (out / "results.json").stat().st_mtime_ns == mtime
 
     # A fine-tuned segmenter is compared through its swinViT: same weights -> diagonal 1 again.
@@ -349,7 +343,7 @@ def test_run_cka_writes_matrices_with_a_unit_diagonal_for_the_same_model(tmp_pat
         "preprocess": PreprocessConfig().model_dump(mode="json"),
     }
     save_segmenter(tmp_path / "seg.pt", segmenter, seg_meta)
-    vs_segmenter = run_cka(
+    vs_segmenter = _run(
         tmp_path / "a.pt",
         tmp_path / "seg.pt",
         task,
@@ -368,10 +362,10 @@ def test_run_cka_rejects_a_file_that_is_no_model_and_records_the_failure(tmp_pat
     torch.save({"something": torch.zeros(1)}, tmp_path / "junk.pt")
     out = tmp_path / "runs" / "cka-bad"
     with pytest.raises(MedsslInputError, match="not an encoder checkpoint: no Swin encoder"):
-        run_cka(tmp_path / "a.pt", tmp_path / "junk.pt", task, out, n_crops=2, max_tokens=8, cache_dir=tmp_path / "c")
+        _run(tmp_path / "a.pt", tmp_path / "junk.pt", task, out, n_crops=2, max_tokens=8, cache_dir=tmp_path / "c")
     assert RunDir(out).status() == "failed"
     with pytest.raises(MedsslInputError, match="cases not in the task: nope"):
-        run_cka(
+        _run(
             tmp_path / "a.pt",
             tmp_path / "a.pt",
             task,
@@ -381,4 +375,4 @@ def test_run_cka_rejects_a_file_that_is_no_model_and_records_the_failure(tmp_pat
             cache_dir=tmp_path / "c",
         )
     with pytest.raises(MedsslInputError, match="checkpoint file not found"):
-        run_cka(tmp_path / "missing.pt", tmp_path / "a.pt", task, tmp_path / "runs" / "cka-missing", n_crops=2)
+        _run(tmp_path / "missing.pt", tmp_path / "a.pt", task, tmp_path / "runs" / "cka-missing", n_crops=2)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import medssl.bench.executors as executors
+import medssl.bench.executors.dispatch as dispatch
 from medssl.bench import run_bench
 from medssl.runs import RunDir
 
@@ -144,7 +144,7 @@ def test_second_run_executes_nothing(shared_out: tuple[Path, Path, list[int]], m
     def must_not_run(run, run_dir):
         raise AssertionError(f"{run.run_id} executed again")
 
-    monkeypatch.setattr(executors, "run_in_process", must_not_run)
+    monkeypatch.setattr(dispatch, "run_in_process", must_not_run)
     assert run_bench(config, out) == 0
     assert finished_results(out) == before and len(before) == 4
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/status.json")} == status_mtimes

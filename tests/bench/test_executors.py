@@ -65,8 +65,9 @@ def not_called(run: PlannedRun, run_dir: Path) -> None:
 
 
 def make_plan(out: Path, spec: dict[str, tuple[list[str], dict]]) -> Plan:
+    digest = "000000000000"  # a fake config: the id's hash part is fixed
     runs = [
-        PlannedRun("finetune", f"finetune-{name}-000000000000", FakeConfig(**options), deps, {"method": name})
+        PlannedRun("finetune", f"finetune-{name}-{digest}", FakeConfig(**options), digest, deps, {"method": name})
         for name, (deps, options) in spec.items()
     ]
     ids = {name: f"finetune-{name}-000000000000" for name in spec}
@@ -290,10 +291,10 @@ def test_slurm_jobs_are_chained_with_afterok(tmp_path: Path, monkeypatch: pytest
 
 def test_idle_worker_exits_when_its_bench_process_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
     # A bench killed by a signal never sends the workers their stop message: they must notice.
-    import medssl.bench.executors as executors
+    import medssl.bench.executors.local as local
 
-    monkeypatch.setattr(executors, "WORKER_PARENT_CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(local, "WORKER_PARENT_CHECK_SECONDS", 0.05)
     tasks = multiprocessing.get_context("spawn").Queue()
     started = time.time()
-    executors._worker_main(0, tasks, None, "/nonexistent", None, 1, parent=os.getppid() + 10**6)
+    local._worker_main(0, tasks, None, "/nonexistent", None, 1, parent=os.getppid() + 10**6)
     assert time.time() - started < 5

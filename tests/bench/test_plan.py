@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medssl.analysis.cka import CKAConfig
 from medssl.bench.engine import demo_config_path
 from medssl.bench.plan import corpus_dir, expand_plan
-from medssl.config import BenchConfig, FinetuneConfig, PretrainConfig, load_bench_config
+from medssl.config import BenchConfig, CKARunConfig, FinetuneConfig, PretrainConfig, config_hash, load_bench_config
 from medssl.errors import ConfigError
 from medssl.methods import REGISTRY
 
@@ -65,7 +64,10 @@ def test_plan_counts_stages_and_dependencies(tmp_path: Path) -> None:
     by_id = plan.by_id()
     cka = {r.labels["comparison"]: r for r in plan.stage("cka")}
     pvf, fvm = cka["pretrained_vs_finetuned"], cka["fewshot_vs_manyshot"]
-    assert isinstance(pvf.config, CKAConfig)
+    assert isinstance(pvf.config, CKARunConfig)
+    assert pvf.config.cache_dir == tmp_path.resolve() / "cache"  # the volumes the fine-tuning runs cached
+    for run in plan.runs:  # the hash is stored where the id is made, never parsed back out of it
+        assert run.config_hash == config_hash(run.config) and run.run_id.endswith("-" + run.config_hash)
     assert str(pvf.config.model_a).endswith(f"{pretrain.run_id}/checkpoints/encoder.pt")
     assert pvf.depends_on[0] == pretrain.run_id
     many = by_id[pvf.depends_on[1]]

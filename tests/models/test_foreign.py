@@ -11,9 +11,9 @@ import yaml
 from monai.networks.nets import SwinUNETR
 
 from medssl import cli
-from medssl.analysis.cka import run_cka
+from medssl.analysis.cka_run import run_cka
 from medssl.bench.plan import expand_plan
-from medssl.config import EncoderConfig, load_bench_config
+from medssl.config import CKARunConfig, EncoderConfig, load_bench_config
 from medssl.data.synth import synth_task
 from medssl.errors import MedsslInputError
 from medssl.models import load_encoder
@@ -156,7 +156,10 @@ def test_finetune_cli_takes_a_monai_state_dict_and_exits_2_when_a_tensor_is_miss
 def test_cka_accepts_an_external_encoder(tmp_path):
     task = synth_task(tmp_path / "task", "ct_organs", 2, seed=2, shape=(32, 32, 32))
     torch.save({"state_dict": _monai_state(12)}, tmp_path / "monai.pt")
-    results = run_cka(tmp_path / "monai.pt", tmp_path / "monai.pt", task, tmp_path / "cka", n_crops=2, max_tokens=8)
+    config = CKARunConfig(
+        model_a=tmp_path / "monai.pt", model_b=tmp_path / "monai.pt", task=task, n_crops=2, max_tokens=8
+    )
+    results = run_cka(config, tmp_path / "cka")
     assert results["model_a_kind"] == "external" and results["method"] == "external-monai"
     assert all(v == pytest.approx(1.0) for v in results["reuse"].values())
 

@@ -1,7 +1,9 @@
 """Analyses of finished runs: convergence, few/many-shot gap, CT vs MRI, statistics, and CKA.
 
-The table-based analyses are re-exported here; they need pandas/scipy only. CKA needs torch and
-models: import it as ``medssl.analysis.cka`` (kept out of this module so the report loads fast).
+The table-based analyses are re-exported here; they need pandas/scipy only. CKA needs torch:
+its estimators are ``medssl.analysis.cka``, encoder activations ``medssl.analysis.activations`` and a
+CKA run (models, crops, run directory) ``medssl.analysis.cka_run`` (kept out of this module so the
+report loads fast).
 """
 
 from medssl.analysis.convergence import convergence_summary, convergence_table, normalised_auc, steps_to_fraction

@@ -18,6 +18,7 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
 from medssl.analysis.gap import budget_key, order_budgets
+from medssl.config import RANDOM_INIT
 
 LOWER_IS_BETTER = {"hd95"}
 WILCOXON_COLUMNS = [
@@ -75,7 +76,7 @@ def _wilcoxon(differences: np.ndarray) -> tuple[float, float]:
 
 def paired_wilcoxon(
     results: pd.DataFrame,
-    reference: str = "none",
+    reference: str = RANDOM_INIT,
     metric: str = "dice",
     alpha: float = 0.05,
     unit: PairingUnit = "case",

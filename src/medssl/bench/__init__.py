@@ -11,6 +11,7 @@ from medssl.bench.executors import (
     execute_run,
     make_executor,
 )
+from medssl.bench.kinds import RUN_KINDS, RunConfig, run_kind
 from medssl.bench.plan import Plan, PlannedRun, expand_plan, make_run_id
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "LocalExecutor",
     "Plan",
     "PlannedRun",
+    "RUN_KINDS",
+    "RunConfig",
     "RunOutcome",
     "SlurmExecutor",
     "TorchrunExecutor",
@@ -28,4 +31,5 @@ __all__ = [
     "make_run_id",
     "prepare_data",
     "run_bench",
+    "run_kind",
 ]

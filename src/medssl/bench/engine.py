@@ -6,16 +6,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from medssl.config import (
+    EXECUTOR_KINDS,
     BenchConfig,
+    ExecutorKind,
     SynthDataConfig,
     apply_overrides,
     resolve_bench_paths,
     validate_config,
 )
-from medssl.errors import ConfigError
+from medssl.errors import ConfigError, unknown_name_message
 from medssl.runs import RunDir
 
 from .estimate import TOO_LARGE_FOR_CPU, RunEstimate, estimate_plan
@@ -35,12 +37,11 @@ from .plan import (
 )
 
 REAL_CT_PATH = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
-EXECUTOR_KINDS = ("local", "torchrun", "slurm")
 
 
 def demo_config_path() -> Path:
     """The packaged ``configs/demo.yaml``."""
-    return Path(str(resources.files("medssl").joinpath("configs", "demo.yaml")))
+    return Path(str(resources.files("medssl") / "configs" / "demo.yaml"))
 
 
 def _console(stderr: bool = False) -> Any:
@@ -211,6 +212,13 @@ def load_bench(
     return resolve_bench_paths(bench.model_copy(deep=True), Path.cwd())
 
 
+def executor_kind(name: str) -> ExecutorKind:
+    """``name`` as an executor kind; a ``ConfigError`` (exit 2) naming the known ones otherwise."""
+    if name not in EXECUTOR_KINDS:
+        raise ConfigError("--executor", unknown_name_message("executor", name, EXECUTOR_KINDS))
+    return cast(ExecutorKind, name)  # checked against the Literal's own values just above
+
+
 def run_bench(
     config_path: str | Path | None,
     out: str | Path,
@@ -228,9 +236,7 @@ def run_bench(
     out = Path(out).resolve()
     source = config_path or "<bench config>"
     bench = load_bench(config_path, overrides, bench)
-    kind = executor or bench.executor.kind
-    if kind not in EXECUTOR_KINDS:
-        raise ConfigError("--executor", f"unknown executor '{kind}' (known: {', '.join(EXECUTOR_KINDS)})")
+    kind = executor_kind(executor) if executor is not None else bench.executor.kind
 
     bind_out_folder(bench, out, record=not dry_run)  # exit 2 when out holds another benchmark
     if dry_run:

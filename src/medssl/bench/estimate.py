@@ -141,7 +141,7 @@ def estimate_plan(plan: Plan, out: str | Path, measure: bool = True, measure_ste
     estimates = []
     for run in plan.runs:
         key = planned_step_key(run)
-        steps = run.config.schedule.steps if key is not None else None  # type: ignore[attr-defined]
+        steps = run.config.schedule.steps if isinstance(run.config, PretrainConfig | FinetuneConfig) else None
         if RunDir(run.run_dir(out)).is_finished():
             estimates.append(RunEstimate(run.run_id, run.kind, steps, None, "finished"))
         elif key is None:

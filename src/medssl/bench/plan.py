@@ -1,9 +1,10 @@
 """Expand a benchmark config into a plan of runs: pretrain -> finetune -> cka.
 
-Every run is a fully resolved config (a pydantic model with absolute paths) and its run id is
-``<kind>-<slug>-<config_hash12>``. A fine-tune config holds the path of its encoder checkpoint,
-which lies in the pretrain run's directory, so a change to a pretraining recipe changes the ids
-of every run downstream of it and nothing is mistaken for finished.
+Every run is a fully resolved config (a pydantic model with absolute paths) of its kind
+(``medssl.bench.kinds.RUN_KINDS``) and its run id is ``<kind>-<slug>-<config_hash12>``; the hash is
+computed once, where the id is made, and stored on the planned run. A fine-tune config holds the
+path of its encoder checkpoint, which lies in the pretrain run's directory, so a change to a
+pretraining recipe changes the ids of every run downstream of it and nothing is mistaken for finished.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel
+from typing import Any
 
 from medssl.config import (
     FINETUNE_PLANNED_FIELDS,
+    RANDOM_INIT,
     BenchConfig,
+    Budget,
+    CKARunConfig,
     FinetuneConfig,
     MethodConfig,
     PretrainConfig,
@@ -25,23 +27,29 @@ from medssl.config import (
     deep_merge,
     validate_config,
 )
-from medssl.errors import ConfigError
+from medssl.errors import ConfigError, unknown_name_message
 from medssl.runs import BenchDir, RunDir, atomic_write_json
 
-STAGES = ("pretrain", "finetune", "cka")
-RANDOM_INIT = "none"
-_COMPARISON_SLUGS = {"pretrained_vs_finetuned": "pvf", "fewshot_vs_manyshot": "fvm"}
+from .kinds import STAGES, RunConfig, run_kind
 
-Budget = int | Literal["all"]
+_COMPARISON_SLUGS = {"pretrained_vs_finetuned": "pvf", "fewshot_vs_manyshot": "fvm"}
 
 
 @dataclass
 class PlannedRun:
-    kind: str  # "pretrain" | "finetune" | "cka"
+    kind: str  # a key of medssl.bench.kinds.RUN_KINDS
     run_id: str
-    config: BaseModel  # PretrainConfig | FinetuneConfig | medssl.analysis.cka.CKAConfig
+    config: RunConfig  # the kind's config model
+    config_hash: str  # config_hash(config), the last part of run_id
     depends_on: list[str] = field(default_factory=list)
     labels: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, kind: str, slug: str, config: RunConfig, depends_on: list[str], labels: dict[str, Any]) -> PlannedRun:
+        """A run of ``kind`` whose id is made from ``slug`` and the config's hash (computed here, once)."""
+        run_kind(kind)  # a ValueError for a kind the table does not have
+        digest = config_hash(config)
+        return cls(kind, make_run_id(kind, slug, digest), config, digest, list(depends_on), dict(labels))
 
     def run_dir(self, out: str | Path) -> Path:
         return runs_root(out) / self.run_id
@@ -80,6 +88,7 @@ class Plan:
                 {
                     "run_id": r.run_id,
                     "kind": r.kind,
+                    "config_hash": r.config_hash,
                     "depends_on": r.depends_on,
                     "labels": r.labels,
                     "config": r.config.model_dump(mode="json"),
@@ -147,7 +156,7 @@ def resolve_methods(bench: BenchConfig, source: str | Path | None = None) -> lis
     seen: set[str] = set()
     for method in methods:
         if method.name not in REGISTRY:
-            raise ConfigError(where, f"methods: unknown method '{method.name}' (known: {', '.join(sorted(REGISTRY))})")
+            raise ConfigError(where, "methods: " + unknown_name_message("method", method.name, sorted(REGISTRY)))
         if method.name in seen:
             raise ConfigError(where, f"methods: '{method.name}' is listed twice")
         seen.add(method.name)
@@ -207,8 +216,9 @@ def slugify(text: str) -> str:
     return text.strip("_-.")[:64].rstrip("_-.") or "run"
 
 
-def make_run_id(kind: str, slug: str, config: BaseModel) -> str:
-    return f"{kind}-{slugify(slug)}-{config_hash(config)}"
+def make_run_id(kind: str, slug: str, digest: str) -> str:
+    """``<kind>-<slug>-<digest>``; ``digest`` is the run config's ``config_hash``."""
+    return f"{kind}-{slugify(slug)}-{digest}"
 
 
 # --------------------------------------------------------------------------- expansion
@@ -245,9 +255,9 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
             "limits": bench.limits.model_dump(),
         }
         config = validate_config(PretrainConfig, data, where)
-        run_id = make_run_id("pretrain", method.name, config)
-        runs.append(PlannedRun("pretrain", run_id, config, [], {"method": method.name, "family": family}))
-        encoders[method.name] = (RunDir(runs_root(out) / run_id).encoder_path, run_id)
+        pretrain = PlannedRun.make("pretrain", method.name, config, [], {"method": method.name, "family": family})
+        runs.append(pretrain)
+        encoders[method.name] = (RunDir(pretrain.run_dir(out)).encoder_path, pretrain.run_id)
 
     families = {method.name: REGISTRY[method.name].family for method in methods}
     methods = methods + _external_encoders(bench, out, encoders, families, where)
@@ -273,12 +283,12 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
                         "preprocess": bench.preprocess.model_dump(mode="json"),
                         "limits": bench.limits.model_dump(),
                     }
-                    config = _task_finetune_config(data, task, where)
+                    finetune = _task_finetune_config(data, task, where)
                     slug = f"{method.name}-{task.name}-b{budget}-s{seed}"
-                    run = PlannedRun(
+                    run = PlannedRun.make(
                         "finetune",
-                        make_run_id("finetune", slug, config),
-                        config,
+                        slug,
+                        finetune,
                         [pretrain_id] if pretrain_id else [],
                         {
                             "method": method.name,
@@ -347,13 +357,9 @@ def _cka_runs(
     budget, and fine-tuned at the smallest <-> the largest budget (when they differ). The config
     is the CKA run's own (its hash is the run's ``config_hash``); the volume cache is the
     benchmark's ``<out>/cache``, shared with the fine-tuning runs."""
-    from medssl.analysis.cka import CKAConfig
-
     unknown = sorted(set(bench.cka.tasks or []) - {t.name for t in tasks})
     if unknown:
-        raise ConfigError(
-            where, f"cka.tasks: unknown task(s) {', '.join(unknown)} (tasks: {', '.join(t.name for t in tasks)})"
-        )
+        raise ConfigError(where, "cka.tasks: " + unknown_name_message("task", unknown[0], [t.name for t in tasks]))
     seed = bench.seeds[0]
     smallest, largest = str(budgets[0]), str(budgets[-1])
     runs = []
@@ -371,11 +377,12 @@ def _cka_runs(
                 pairs.append(("fewshot_vs_manyshot", _best_model(few, out), [few.run_id], many))
             for comparison, model_a, deps, run_b in pairs:
                 config = validate_config(
-                    CKAConfig,
+                    CKARunConfig,
                     {
                         "model_a": str(model_a),
                         "model_b": str(_best_model(run_b, out)),
                         "task": str(task.path),
+                        "cache_dir": str(BenchDir(out).cache),
                         "comparison": comparison,
                         "method": method.name,
                         "n_crops": bench.cka.n_crops,
@@ -387,9 +394,9 @@ def _cka_runs(
                 )
                 slug = f"{method.name}-{task.name}-{_COMPARISON_SLUGS[comparison]}"
                 runs.append(
-                    PlannedRun(
+                    PlannedRun.make(
                         "cka",
-                        make_run_id("cka", slug, config),
+                        slug,
                         config,
                         [d for d in deps if d] + [run_b.run_id],
                         {"method": method.name, "task": task.name, "comparison": comparison},

@@ -39,7 +39,7 @@ import numpy as np
 from medssl.config import PreprocessConfig, config_hash
 from medssl.data.preprocess import MODALITIES, preprocess_case
 from medssl.data.readers import read_volume
-from medssl.errors import MedsslInputError
+from medssl.errors import MedsslInputError, unknown_name_message
 
 if TYPE_CHECKING:
     from medssl.data.tasks import TaskFolder
@@ -264,7 +264,7 @@ class VolumeCache:
         is the first) or is one 4D file with ``channels_in_file`` channels (MSD).
         """
         if modality not in MODALITIES:
-            raise MedsslInputError(image_path, f"unknown modality '{modality}' (ct or mri)")
+            raise MedsslInputError(image_path, unknown_name_message("modality", modality, MODALITIES))
         files = [Path(p) for p in images] if images else [Path(image_path)]
         if channels_in_file < 1 or (channels_in_file > 1 and len(files) > 1):
             raise ValueError("channels_in_file > 1 needs exactly one image file")

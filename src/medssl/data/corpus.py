@@ -32,7 +32,7 @@ from medssl.config import PreprocessConfig, validate_config
 from medssl.data.cache import CachedVolume, VolumeCache, case_id_from_path
 from medssl.data.preprocess import MODALITIES
 from medssl.data.readers import find_volumes
-from medssl.errors import MedsslInputError
+from medssl.errors import MedsslInputError, unknown_name_message
 from medssl.runs import atomic_write_json
 
 MANIFEST_VERSION = 1
@@ -158,7 +158,7 @@ def ingest_corpus(
     been made with the same modality and preprocessing).
     """
     if modality not in MODALITIES:
-        raise MedsslInputError(str(src), f"unknown modality '{modality}' (ct or mri)")
+        raise MedsslInputError(str(src), unknown_name_message("modality", modality, MODALITIES))
     sources = [Path(src)] if isinstance(src, (str, Path)) else [Path(s) for s in src]
     if not sources:
         raise MedsslInputError("<corpus>", "no source folders given")

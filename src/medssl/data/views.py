@@ -7,6 +7,7 @@ its seed: resumed and multi-process runs see the same views for the same global 
 from __future__ import annotations
 
 import math
+from typing import Final
 
 import numpy as np
 import torch
@@ -198,7 +199,7 @@ _ROTATION_PLANES = {0: (2, 3), 1: (1, 3), 2: (1, 2)}
 SWINUNETR_ROTATION_AXIS = 0
 # The 4-way RotNet rotates a 2D image in its own plane; its 3D default turns the axial (X, Y)
 # plane, about the last spatial axis (Z).
-DEFAULT_ROTATION_AXIS = 2
+DEFAULT_ROTATION_AXIS: Final = 2  # Final: typed as the literal 2 (a valid Literal[0, 1, 2] axis)
 
 
 def rotate90_view(x: Tensor, k: int, axis: int) -> Tensor:

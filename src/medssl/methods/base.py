@@ -25,7 +25,7 @@ array lookup, identical after resume and across processes.
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -33,8 +33,8 @@ from monai.networks.layers import DropPath
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from medssl.config import MethodConfig, StrictModel
-from medssl.errors import ConfigError
+from medssl.config import MethodConfig, StrictModel, format_validation_error
+from medssl.errors import ConfigError, unknown_name_message
 from medssl.models.encoder import SwinEncoder
 
 FAMILIES = ("contrastive", "rotation", "mim", "self_distillation", "none")
@@ -164,12 +164,7 @@ class SSLMethod(nn.Module):
         try:
             return cls.Params.model_validate(options)
         except ValidationError as err:
-            parts = []
-            for e in err.errors():
-                loc = ".".join(str(p) for p in e["loc"])
-                msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-                parts.append(f"{source}.{loc}: {msg}")
-            raise ConfigError(f"method '{cls.name}'", "; ".join(parts)) from None
+            raise ConfigError(f"method '{cls.name}'", format_validation_error(err, prefix=f"{source}.")) from None
 
 
 def build_method(
@@ -182,8 +177,7 @@ def build_method(
     epochs (DINO, iBOT, SMIT) convert them with it.
     """
     if config.name not in REGISTRY:
-        known = ", ".join(sorted(REGISTRY))
-        raise ConfigError("method.name", f"unknown method '{config.name}' (known: {known})")
+        raise ConfigError("method.name", unknown_name_message("method", config.name, sorted(REGISTRY)))
     cls = REGISTRY[config.name]
     params = cls.parse_params(config.options)
     if steps_per_epoch is not None and getattr(params, "steps_per_epoch", 0) is None:
@@ -227,7 +221,10 @@ def schedule_at(schedule: np.ndarray, step: int) -> float:
 # --------------------------------------------------------------------------- EMA teacher
 
 
-def without_stochastic_depth(module: nn.Module) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def without_stochastic_depth(module: ModuleT) -> ModuleT:
     """Set every drop-path rate in ``module`` to 0 (in place) and return it.
 
     DINO, iBOT and SMIT build their teacher without stochastic depth (``main_dino.py``: the
@@ -244,7 +241,7 @@ def without_stochastic_depth(module: nn.Module) -> nn.Module:
     return module
 
 
-class EMATeacher(nn.Module):
+class EMATeacher(nn.Module, Generic[ModuleT]):
     """A frozen copy of an online network, updated only by EMA (``t = m * t + (1 - m) * s``).
 
     Built from a deep copy of ``online`` (same weights at step 0, as DINO's
@@ -259,10 +256,10 @@ class EMATeacher(nn.Module):
     updates them after every optimizer step with one momentum schedule.
     """
 
-    def __init__(self, online: nn.Module, batch_norm_batch_stats: bool = False) -> None:
+    def __init__(self, online: ModuleT, batch_norm_batch_stats: bool = False) -> None:
         super().__init__()
         self.batch_norm_batch_stats = batch_norm_batch_stats
-        self.module = without_stochastic_depth(copy.deepcopy(online))
+        self.module: ModuleT = without_stochastic_depth(copy.deepcopy(online))
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.train(False)
@@ -281,8 +278,8 @@ class EMATeacher(nn.Module):
         """``t = m * t + (1 - m) * s`` for parameters; buffers are copied."""
         for t, s in zip(self.module.parameters(), online.parameters(), strict=True):
             t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
-        for t, s in zip(self.module.buffers(), online.buffers(), strict=True):
-            t.copy_(s)
+        for buffer, source in zip(self.module.buffers(), online.buffers(), strict=True):
+            buffer.copy_(source)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():

@@ -275,8 +275,8 @@ class DistillationMethod(SSLMethod):
         ``teacher_temp_warmup_epochs``); ``self.params`` must be :class:`PatchDistillationParams`."""
         p = self.params
         assert isinstance(p, PatchDistillationParams)
-        self.patch_centering = self.make_centering(patch_dim, p.patch_centre_momentum)
-        self.patch_temp_schedule = held_then_warmed(
+        self.patch_centering: Centering = self.make_centering(patch_dim, p.patch_centre_momentum)
+        self.patch_temp_schedule: np.ndarray = held_then_warmed(
             p.teacher_patch_temp_start,
             p.teacher_patch_temp,
             self.epochs_to_steps(hold_epochs),

@@ -22,7 +22,7 @@ class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward sums every process's gradient of its own rows."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor) -> Tensor:
         rank, world = rank_and_world()
         ctx.rank, ctx.rows = rank, x.shape[0]
         parts = [torch.empty_like(x) for _ in range(world)]
@@ -30,7 +30,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> Tensor:
         # Every process computed the loss on the full gathered batch: the gradient of its rows is
         # the sum over processes (DDP then averages parameter gradients, giving the true gradient).
         grad = grad.contiguous()

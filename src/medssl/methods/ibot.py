@@ -141,8 +141,12 @@ class IBOT(DINO):
         return p.out_dim if p.shared_head or p.shared_head_teacher else p.patch_out_dim
 
     def make_head(self) -> DistillationHead:
-        layout = "shared" if self.params.shared_head else "shared_mlp"
-        return DistillationHead(self.encoder.out_channels, self.params, patch=layout, patch_out_dim=self.patch_dim())
+        return DistillationHead(
+            self.encoder.out_channels,
+            self.params,
+            patch="shared" if self.params.shared_head else "shared_mlp",
+            patch_out_dim=self.patch_dim(),
+        )
 
     # data side -----------------------------------------------------------------------------
     def pred_ratio(self, rng: np.random.Generator) -> float:

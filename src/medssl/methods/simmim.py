@@ -54,7 +54,8 @@ class SimMIM(SSLMethod):
         p = self.params
         crop = random_resized_crop_3d(region, self.crop_size, p.crop_scale, rng, p.crop_ratio)
         image = random_flip(crop, rng, p.flip_prob)
-        grid = tuple(s // self.patch for s in image.shape[1:])
+        depth, height, width = (s // self.patch for s in image.shape[1:])
+        grid = (depth, height, width)
         block = max(p.mask_patch // self.patch, 1)
         return {"image": image, "mask": block_mask(grid, block, p.mask_ratio, rng)}
 

@@ -104,8 +104,12 @@ class SMIT(DistillationMethod):
         self.init_patch_distillation(params.out_dim, params.patch_temp_hold_epochs)
 
     def make_head(self) -> DistillationHead:
-        layout = "shared" if self.params.shared_head else "separate"
-        return DistillationHead(self.encoder.stage_channels[DISTILLED], self.params, patch=layout, token_norm=True)
+        return DistillationHead(
+            self.encoder.stage_channels[DISTILLED],
+            self.params,
+            patch="shared" if self.params.shared_head else "separate",
+            token_norm=True,
+        )
 
     # data side -----------------------------------------------------------------------------
     def region_size(self, crop_size: int) -> int:

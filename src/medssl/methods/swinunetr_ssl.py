@@ -108,6 +108,8 @@ class SwinUNETRSSL(TwoCropMethod):
             "max_box_fraction": p.max_box_fraction,
             "min_box_fraction": p.min_box_fraction,
         }
+        depth, height, width = (int(s) for s in crop.shape[1:])
+        spatial = (depth, height, width)
         views: dict[str, Tensor] = {}
         for i in (1, 2):
             k = int(rng.integers(N_ROTATIONS))
@@ -117,7 +119,7 @@ class SwinUNETRSSL(TwoCropMethod):
             views[f"target{i}"] = rotated
             views[f"rotation{i}"] = torch.tensor(k, dtype=torch.long)
             views[f"cut_fraction{i}"] = mask.float().mean()
-            views[f"donor_mask{i}"] = boxes_mask(cutout_boxes(tuple(crop.shape[1:]), rng, **boxes), crop.shape[1:])
+            views[f"donor_mask{i}"] = boxes_mask(cutout_boxes(spatial, rng, **boxes), spatial)
             views[f"donor_draw{i}"] = torch.tensor(rng.random(), dtype=torch.float32)
         return views
 

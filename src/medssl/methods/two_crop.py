@@ -19,7 +19,7 @@ SwinUNETR-SSL overrides the views (one crop taken twice, see its module).
 
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -113,7 +113,8 @@ class UnmaskedMethod(SSLMethod):
         encoder.mask_token.requires_grad_(False)
         self.build_heads(encoder, params)
 
-    def build_heads(self, encoder: SwinEncoder, params: StrictModel) -> None:
+    def build_heads(self, encoder: SwinEncoder, params: Any) -> None:
+        """``params`` is the subclass's own ``Params`` model, as :attr:`SSLMethod.params` is."""
         raise NotImplementedError
 
 
@@ -180,12 +181,14 @@ class MomentumTwoCropMethod(TwoCropMethod):
     after every step by the base class at ``params.base_momentum`` -> 1 (cosine over global steps).
     """
 
-    def build_heads(self, encoder: SwinEncoder, params: StrictModel) -> None:
+    def build_heads(self, encoder: SwinEncoder, params: MomentumTwoCropParams) -> None:
         self.projector, self.predictor = self.projector_and_predictor(encoder, params)
         self.teacher = EMATeacher(self.online(), batch_norm_batch_stats=True)  # never trained by gradients
         self.init_momentum(params.base_momentum)
 
-    def projector_and_predictor(self, encoder: SwinEncoder, params: StrictModel) -> tuple[nn.Module, nn.Module]:
+    def projector_and_predictor(self, encoder: SwinEncoder, params: Any) -> tuple[nn.Module, nn.Module]:
+        """The online projector and predictor; ``params`` is the subclass's own ``Params`` (a
+        :class:`MomentumTwoCropParams`), as :attr:`SSLMethod.params` is."""
         raise NotImplementedError
 
     def online(self) -> ProjectedEncoder:

@@ -8,7 +8,6 @@ the report is written.
 
 from __future__ import annotations
 
-import json
 import time
 import traceback
 import warnings
@@ -17,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from medssl.analysis.convergence import convergence_table
 from medssl.analysis.gap import budget_key, few_many_gap, gap_ranks, modality_summary, order_budgets
 from medssl.analysis.stats import critical_difference_plot, friedman_ranks, paired_wilcoxon
-from medssl.fileio import atomic_write_text, file_lock
+from medssl.fileio import atomic_write_text, file_lock, to_json
 from medssl.report import plots
 from medssl.report.html import Alert, Block, Heading, Image, Missing, Paragraph, Section, render_html, render_markdown
 from medssl.report.tables import (
@@ -802,7 +800,7 @@ def _write_report(roots: list[Path], out: Path) -> Path:
     write_tables(collection, out)
 
     sections = [_guarded(sid, title, SECTION_BUILDERS[sid], ctx) for sid, title in SECTIONS]
-    atomic_write_text(out / "provenance.json", json.dumps(ctx.provenance, indent=2, default=_json_default) + "\n")
+    atomic_write_text(out / "provenance.json", to_json(ctx.provenance) + "\n")
     if "leaderboard" not in ctx.latex:
         ctx.latex["leaderboard"] = "% no finished fine-tuning runs: no leaderboard\n"
     atomic_write_text(out / "leaderboard.tex", ctx.latex["leaderboard"])
@@ -815,9 +813,3 @@ def _write_report(roots: list[Path], out: Path) -> Path:
     index = out / "index.html"
     atomic_write_text(index, render_html(title, sections, preamble))
     return index
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    return str(obj)

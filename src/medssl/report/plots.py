@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from medssl.analysis.gap import budget_key
+from medssl.config import RANDOM_INIT
 from medssl.fileio import atomic_path
 from medssl.report.tables import display_method
 
@@ -224,7 +225,7 @@ def cost_plot(summary: pd.DataFrame, path: str | Path, colors: dict[str, Any] | 
             xytext=(4, 4),
             fontsize=8,
         )
-    baseline = summary[(summary["method"] == "none") & summary["mean_dice"].notna()]
+    baseline = summary[(summary["method"] == RANDOM_INIT) & summary["mean_dice"].notna()]
     if not baseline.empty:
         ax.axhline(float(baseline["mean_dice"].iloc[0]), color="grey", linestyle="--", label="random init")
     ax.set_xscale("log")

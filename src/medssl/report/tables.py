@@ -19,8 +19,8 @@ import pandas as pd
 
 from medssl.analysis.gap import budget_key, order_budgets
 from medssl.analysis.stats import bootstrap_ci, per_case_scores
+from medssl.config import RANDOM_INIT
 
-RANDOM_INIT = "none"
 # The unit of the report's paired tests and CIs: one (test case, seed) evaluation. Each seed has its
 # own split and trains its own model, so a case scored under two seeds is two evaluations.
 PAIRING_UNIT = "case_seed"

@@ -15,12 +15,12 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 from torch import Tensor, nn
 
-from medssl.config import FinetuneConfig, PreprocessConfig, config_hash, dump_yaml
+from medssl.config import RANDOM_INIT, FinetuneConfig, PreprocessConfig, config_hash, dump_yaml
 from medssl.data.cache import CachedVolume, VolumeCache, cache_task
 from medssl.data.datasets import SegmentationCropDataset, load_eval_case
 from medssl.data.splits import load_or_create_splits, train_cases
 from medssl.data.tasks import TaskFolder, load_task
-from medssl.errors import ConfigError, MedsslInputError
+from medssl.errors import ConfigError, MedsslInputError, unknown_name_message
 from medssl.evaluate import case_metrics, mean_dice, predict_volume
 from medssl.fileio import file_sha256
 from medssl.limits import set_limits
@@ -88,7 +88,7 @@ class SegmentationModule(nn.Module):
         elif loss == "dice":
             self.loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
         else:
-            raise ValueError(f"unknown segmentation loss '{loss}' (known: dice_ce, dice)")
+            raise ValueError(unknown_name_message("segmentation loss", loss, ("dice_ce", "dice")))
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         logits = self.model(batch["image"])
@@ -100,6 +100,7 @@ class SegmentationModule(nn.Module):
         if not name.startswith(ENCODER_PREFIX):
             return 1.0
         depths = self.model.encoder_config.depths
+        assert depths is not None  # EncoderConfig fills it from its preset
         top = sum(depths) + 1
         return self.encoder_lr_scale * self.layer_decay ** (top - swin_layer_id(name[len(ENCODER_PREFIX) :], depths))
 
@@ -119,7 +120,7 @@ def _budget_label(budget: int | str) -> str:
 def resolve_encoder(config: FinetuneConfig) -> tuple[dict[str, Tensor] | None, dict[str, Any]]:
     """Encoder state and metadata (method, family) for the run; random init when no checkpoint."""
     if config.encoder_checkpoint is None:
-        return None, {"method": "none", "family": "none", "encoder": config.encoder.model_dump(mode="json")}
+        return None, {"method": RANDOM_INIT, "family": "none", "encoder": config.encoder.model_dump(mode="json")}
     state, meta = read_encoder_checkpoint(config.encoder_checkpoint)
     return state, meta
 
@@ -229,7 +230,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
             torch.manual_seed(config.seed)
             model = SwinSegmenter(encoder_config, task.n_classes, crop_size=config.crop_size, norm=config.norm)
             if enc_state is not None:
-                report = load_encoder_state(model, enc_state, source=config.encoder_checkpoint, prefix="swinViT.")
+                report = load_encoder_state(model, enc_state, source=str(config.encoder_checkpoint), prefix="swinViT.")
                 if info.is_main:
                     run.log(f"encoder {enc_meta['method']}: {report.summary()} from {config.encoder_checkpoint}")
                     run.log(
@@ -268,7 +269,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
             best = {"dice": max((r["val_dice"] for r in prior), default=-1.0)}
             val_history = [r["val_dice"] for r in prior]
 
-            def validate(module: SegmentationModule, step: int) -> dict[str, Any]:
+            def validate(module: nn.Module, step: int) -> dict[str, Any]:
+                assert isinstance(module, SegmentationModule)  # the loop passes the module it was given
                 per_structure: dict[str, list[float]] = {}
                 for case in val_cases:
                     pred = predict_volume(
@@ -345,6 +347,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 if "val_dice" in r
             ]
             best_rec = max(curve, key=lambda r: r["val_dice"], default=None)
+            feature_size = encoder_config.feature_size
+            assert feature_size is not None  # EncoderConfig fills it from its preset
             results = {
                 **{k: run_info[k] for k in ("method", "family", "task", "modality", "budget", "n_train", "seed")},
                 "kind": "finetune",
@@ -362,7 +366,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 "early_stop_patience": config.early_stop_patience,
                 **({"encoder_source": run_info["encoder_source"]} if "encoder_source" in run_info else {}),
                 "data_wait_share": result.data_wait_share,
-                "norm": str(resolve_norm(config.norm, config.crop_size, encoder_config.feature_size)),
+                "norm": str(resolve_norm(config.norm, config.crop_size, feature_size)),
             }
             finish(run, info, results)
     except AlreadyFinished:

@@ -12,7 +12,7 @@ import torch
 from medssl.config import PretrainConfig, config_hash, dump_yaml
 from medssl.data.corpus import Corpus
 from medssl.data.datasets import PretrainRegionDataset
-from medssl.errors import ConfigError
+from medssl.errors import ConfigError, unknown_name_message
 from medssl.limits import set_limits
 from medssl.methods import build_method
 from medssl.methods.base import SSLMethod
@@ -85,8 +85,7 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
     if run.is_finished():
         return run.results() or {}
     if config.method.name not in REGISTRY:
-        known = ", ".join(sorted(REGISTRY))
-        raise ConfigError("method.name", f"unknown method '{config.method.name}' (known: {known})")
+        raise ConfigError("method.name", unknown_name_message("method", config.method.name, sorted(REGISTRY)))
     cls = REGISTRY[config.method.name]
     info = info or init_distributed()
     try:
@@ -96,7 +95,7 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
             trains = cls.trains and config.schedule.steps > 0
             if trains and config.corpus is None:
                 raise ConfigError("corpus", f"method '{cls.name}' needs a corpus to pretrain on")
-            corpus = Corpus.open(config.corpus) if trains else None
+            corpus = Corpus.open(config.corpus) if trains and config.corpus is not None else None
             # One epoch = one region of every corpus volume at the global batch (epoch-counted recipes).
             epoch = math.ceil(len(corpus) / config.schedule.batch_size) if corpus is not None else None
             method = build_method(config.method, encoder, config.crop_size, config.schedule.steps, epoch)

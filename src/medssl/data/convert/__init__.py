@@ -11,7 +11,7 @@ from pathlib import Path
 
 from medssl.data.convert import amos, brats, btcv, hanseg, kits, msd
 from medssl.data.convert.base import ConvertSummary, Plan, write_nnunet
-from medssl.errors import MedsslInputError
+from medssl.errors import MedsslInputError, unknown_name_message
 
 # kind → (plan builder, one-line description of what it expects)
 CONVERTERS: dict[str, tuple[Callable[..., Plan], str]] = {
@@ -36,7 +36,7 @@ def convert_dataset(
     kind = kind.lower()
     src, out = Path(src), Path(out)
     if kind not in CONVERTERS:
-        raise MedsslInputError(None, f"unknown dataset kind {kind!r}; known: {', '.join(CONVERTERS)}")
+        raise MedsslInputError(None, unknown_name_message("dataset kind", kind, CONVERTERS))
     if not src.is_dir():
         raise MedsslInputError(src, "not a folder")
     if modality is not None and kind not in MODALITY_KINDS:
