@@ -2,7 +2,7 @@
 
     python benchmarks/estimate_accuracy.py --short                 # tiny preset, 32^3, simmim + dino, 12 steps
     python benchmarks/estimate_accuracy.py --methods simmim dino smit --crop 64 --steps 30 --device cuda
-    python benchmarks/estimate_accuracy.py --short --proxy-crop 32 --crop 48   # also the CPU proxy's error
+    python benchmarks/estimate_accuracy.py --short --proxy-crop 32 --crop 64   # also the CPU proxy's error
 
 For each method it runs ``run_pretrain`` on a phantom corpus (the run's ``step_seconds``: the loop's
 mean step, data loading excluded, first step excluded) and then the dry-run estimate of that same
