@@ -3,6 +3,7 @@
     python benchmarks/encoder_speed.py                  # 64^3 and 96^3, tiny/base/smit, batch 1, fp32
     python benchmarks/encoder_speed.py --quick          # tiny at 32^3 and 64^3, 1 step
     python benchmarks/encoder_speed.py --device cuda --amp bf16
+    python benchmarks/encoder_speed.py --presets base smit --sizes 96 --steps 3 --budget-s 240
 
 Both models hold the same weights (MONAI's module is loaded strictly from medssl's state dict).
 Steps are interleaved (MONAI, fast, MONAI, fast, ...) after one warm-up step each, so load from
@@ -54,21 +55,33 @@ def time_step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def compare(preset: str, size: int, steps: int, device: torch.device, dtype: torch.dtype | None) -> dict:
+def compare(
+    preset: str, size: int, steps: int, device: torch.device, dtype: torch.dtype | None, budget_s: float | None = None
+) -> dict:
+    """Medians of ``steps`` interleaved steps per model; with ``budget_s``, fewer steps (at least one)
+    when the warm-up steps say ``steps`` pairs would take longer than that."""
     torch.manual_seed(0)
     config = EncoderConfig(preset=preset)
     fast = SwinEncoder(config).to(device)
     reference = monai_encoder(config).to(device)
     reference.load_state_dict({k: v for k, v in fast.state_dict().items() if k != "mask_token"}, strict=True)
     x = torch.randn(1, config.in_channels, size, size, size, device=device)
-    time_step(reference, x, dtype)
-    time_step(fast, x, dtype)
+    warmup = time_step(reference, x, dtype)[0] + time_step(fast, x, dtype)[0]
+    if budget_s is not None:
+        steps = max(1, min(steps, int(budget_s // warmup)))
     times: dict[str, list[tuple[float, float]]] = {"monai": [], "fast": []}
     for _ in range(steps):
         times["monai"].append(time_step(reference, x, dtype))
         times["fast"].append(time_step(fast, x, dtype))
     med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()}
-    return {"preset": preset, "size": size, "window": config.window_size, "monai": med["monai"], "fast": med["fast"]}
+    return {
+        "preset": preset,
+        "size": size,
+        "window": config.window_size,
+        "monai": med["monai"],
+        "fast": med["fast"],
+        "steps": steps,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,6 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny preset at 32^3 and 64^3, 1 step")
     parser.add_argument("--presets", nargs="+", default=["tiny", "base", "smit"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[64, 96])
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="per preset and size: fewer timed steps (>= 1) when the warm-up says --steps would take longer",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
@@ -89,14 +108,14 @@ def main(argv: list[str] | None = None) -> None:
         f"device {device}, amp {args.amp}, batch 1, forward+backward, median of {steps} interleaved steps, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    header = f"{'preset':<6} {'size':>4} {'win':>3} | {'MONAI s':>8} {'fast s':>8} {'ratio':>6} |"
+    header = f"{'preset':<6} {'size':>4} {'win':>3} {'steps':>5} | {'MONAI s':>8} {'fast s':>8} {'ratio':>6} |"
     header += f" {'MONAI cpu-s':>11} {'fast cpu-s':>10} {'ratio':>6}" if device.type == "cpu" else ""
     print(header)
     for preset in presets:
         for size in sizes:
-            r = compare(preset, size, steps, device, dtype)
+            r = compare(preset, size, steps, device, dtype, args.budget_s)
             (mw, mc), (fw, fc) = r["monai"], r["fast"]
-            line = f"{preset:<6} {size:>4} {r['window']:>3} | {mw:8.2f} {fw:8.2f} {mw / fw:6.2f} |"
+            line = f"{preset:<6} {size:>4} {r['window']:>3} {r['steps']:>5} | {mw:8.2f} {fw:8.2f} {mw / fw:6.2f} |"
             line += f" {mc:11.2f} {fc:10.2f} {mc / fc:6.2f}" if device.type == "cpu" else ""
             print(line, flush=True)
 

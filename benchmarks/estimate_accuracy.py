@@ -2,12 +2,15 @@
 
     python benchmarks/estimate_accuracy.py --short                 # tiny preset, 32^3, simmim + dino, 12 steps
     python benchmarks/estimate_accuracy.py --methods simmim dino smit --crop 64 --steps 30 --device cuda
+    python benchmarks/estimate_accuracy.py --short --proxy-crop 32 --crop 64   # also the CPU proxy's error
 
 For each method it runs ``run_pretrain`` on a phantom corpus (the run's ``step_seconds``: the loop's
 mean step, data loading excluded, first step excluded) and then the dry-run estimate of that same
 config (``medssl.bench.estimate.time_pretrain_step``: the same ``train_step`` on random regions), and
 prints estimate/measured. The issue's bar is |ratio - 1| <= 0.2; the exit code is 1 when a method
-misses it. Timings on a shared CPU are noisy: run it on an idle machine for a verdict.
+misses it. ``--proxy-crop C`` adds the CPU proxy of large configurations (medssl.bench.estimate.measure_run):
+the same step at batch 2 and C^3, scaled by batch x voxels, against the same measured run. Timings on a
+shared CPU are noisy: run it on an idle machine for a verdict.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", default="auto")
     parser.add_argument("--tolerance", type=float, default=0.2)
+    parser.add_argument("--proxy-crop", type=int, default=None, help="also the CPU proxy's estimate at this crop")
     args = parser.parse_args()
     if args.short:
-        args.methods, args.crop, args.steps, args.estimate_steps = ["simmim", "dino"], 32, 12, 5
+        args.methods, args.steps, args.estimate_steps = ["simmim", "dino"], 12, 5
+        args.crop = args.crop if args.proxy_crop else 32
 
-    from medssl.bench.estimate import time_pretrain_step
+    from medssl.bench.estimate import PROXY_BATCH, time_pretrain_step, work_scale
     from medssl.config import EncoderConfig, MethodConfig, PreprocessConfig, PretrainConfig, ScheduleConfig
     from medssl.data.corpus import ingest_corpus
     from medssl.data.synth import synth_corpus
@@ -62,9 +67,9 @@ def main() -> int:
             f"device {device}, preset {args.preset}, crop {args.crop}^3, batch {args.batch}, "
             f"{args.steps} run steps, threads {torch.get_num_threads()}"
         )
-        print(
-            f"  {'method':10s} {'measured ms':>12s} {'estimate ms':>12s} {'estimate/measured':>18s} {'data wait':>10s}"
-        )
+        header = f"  {'method':10s} {'measured ms':>12s} {'estimate ms':>12s} {'estimate/measured':>18s}"
+        header += f" {'proxy ms':>10s} {'proxy/measured':>15s}" if args.proxy_crop else ""
+        print(header + f" {'data wait':>10s}")
         for name in args.methods:
             config = PretrainConfig(
                 method=MethodConfig(name=name, options=small.get(name, {})),
@@ -87,10 +92,14 @@ def main() -> int:
             ratio = estimate / measured
             wait = results.get("data_wait_share")
             failed |= abs(ratio - 1.0) > args.tolerance
-            print(
-                f"  {name:10s} {measured * 1e3:12.1f} {estimate * 1e3:12.1f} {ratio:18.3f} "
-                f"{'-' if wait is None else f'{wait:.1%}':>10s}"
-            )
+            line = f"  {name:10s} {measured * 1e3:12.1f} {estimate * 1e3:12.1f} {ratio:18.3f}"
+            if args.proxy_crop:
+                schedule = config.schedule.model_copy(update={"batch_size": PROXY_BATCH})
+                proxy = config.model_copy(update={"crop_size": args.proxy_crop, "schedule": schedule})
+                proxy_seconds = time_pretrain_step(proxy, steps=args.estimate_steps, device=device)
+                proxy_seconds *= work_scale(args.batch, args.crop, PROXY_BATCH, args.proxy_crop)
+                line += f" {proxy_seconds * 1e3:10.1f} {proxy_seconds / measured:15.3f}"
+            print(line + f" {'-' if wait is None else f'{wait:.1%}':>10s}")
             sys.stdout.flush()
     print(f"bar: |estimate/measured - 1| <= {args.tolerance}: {'missed' if failed else 'met'}")
     return 1 if failed else 0

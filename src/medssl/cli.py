@@ -263,13 +263,16 @@ def data_ingest(
         max=256,
         help="Scans decoded in parallel (processes). A killed ingest resumes: cached scans are not decoded again.",
     ),
+    cache_format: str = typer.Option(
+        "npy", "--cache-format", help="npy (fastest reads) or blosc2 (compressed; pip install 'medssl[blosc2]')."
+    ),
 ) -> None:
     """Preprocess a folder of scans into a pretraining corpus with a manifest."""
     from medssl.config import PreprocessConfig, load_config
     from medssl.data.corpus import ingest_corpus
 
     pre = load_config(PreprocessConfig, config, overrides)
-    corpus = ingest_corpus(list(src), out, pre, workers=workers)
+    corpus = ingest_corpus(list(src), out, pre, workers=workers, image_format=cache_format)
     skipped = getattr(corpus, "skipped", [])
     _echo(f"corpus: {out} ({len(corpus)} volumes, {len(skipped)} skipped)")
     for item in skipped:

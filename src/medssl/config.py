@@ -588,6 +588,14 @@ ExecutorKind = Literal["local", "torchrun", "slurm"]
 EXECUTOR_KINDS: tuple[str, ...] = get_args(ExecutorKind)  # the one list of executors (CLI, bench, factory)
 
 
+class CacheConfig(StrictModel):
+    """How the pretraining corpus's volume cache stores images (lossless either way; see data/cache.py):
+    ``npy`` memory-mapped float16 (fastest crop reads), ``blosc2`` chunked zstd-1 (a fifth to a quarter
+    of the disk on real CT/MRI; needs ``pip install 'medssl[blosc2]'``)."""
+
+    format: Literal["npy", "blosc2"] = "npy"
+
+
 class ExecutorConfig(StrictModel):
     kind: ExecutorKind = "local"
     workers: int = Field(1, ge=1)  # local: runs in parallel (worker processes)
@@ -619,6 +627,7 @@ class BenchConfig(StrictModel):
     cka: BenchCKAConfig = Field(default_factory=BenchCKAConfig)
     external_encoders: list[ExternalEncoderConfig] = Field(default_factory=list)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)  # storage only: no result depends on it
     limits: Limits = Field(default_factory=Limits)  # resource limits, passed to every run
 
     @field_validator("budgets")

@@ -248,7 +248,7 @@ def test_dry_run_estimates_from_finished_runs_and_measures_the_rest(
     assert estimates["finetune-none"].source == "from 2 finished runs"  # same preset and crop: same step cost
     assert estimates["finetune-none"].seconds == pytest.approx(3 * estimates["finetune-none"].step_seconds)
     assert estimates["pretrain-simmim"].source == "from 1 finished runs"
-    assert estimates["cka-simmim"].seconds is None
+    assert estimates["cka-simmim"].source == "measured now (cpu)"  # its encoder forwards, timed now
 
     empty = tmp_path / "empty"
     measured = estimate_plan(expand_plan(bench, empty), empty, measure_steps=1)

@@ -20,7 +20,7 @@ from medssl.config import (
 from medssl.errors import ConfigError, unknown_name_message
 from medssl.runs import RunDir
 
-from .estimate import TOO_LARGE_FOR_CPU, RunEstimate, estimate_plan
+from .estimate import RunEstimate, device_description, estimate_plan, short_source, stage_rows
 from .executors import ExecutionSummary, make_executor
 from .identity import bind_out_folder
 from .plan import (
@@ -99,7 +99,7 @@ def prepare_data(bench: BenchConfig, out: Path, source: str | Path | None = None
         sources.append(REAL_CT_PATH)
     from medssl.data.corpus import ingest_corpus
 
-    corpus = ingest_corpus(sources, target, bench.preprocess)
+    corpus = ingest_corpus(sources, target, bench.preprocess, image_format=bench.cache.format)
     _console(stderr=True).print(f"corpus: {len(corpus)} volumes in {target}")
 
 
@@ -116,7 +116,14 @@ def format_seconds(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def print_plan(plan: Plan, out: Path, estimates: list[RunEstimate], parallel: int = 1, max_rows: int = 80) -> None:
+def print_plan(
+    plan: Plan,
+    out: Path,
+    estimates: list[RunEstimate],
+    parallel: int = 1,
+    max_rows: int = 80,
+    measure_steps: int = 1,
+) -> None:
     """The dry run: per stage, how many runs, how many finished, estimated cost; then each run."""
     from rich.table import Table
 
@@ -136,7 +143,7 @@ def print_plan(plan: Plan, out: Path, estimates: list[RunEstimate], parallel: in
         known = [s for s in seconds if s is not None]
         unknown += len(seconds) - len(known)
         total += sum(known)
-        sources = sorted({by_id[r.run_id].source for r in runs if by_id[r.run_id].source != "finished"})
+        sources = sorted({short_source(by_id[r.run_id].source) for r in runs if by_id[r.run_id].source != "finished"})
         table.add_row(
             kind,
             str(len(runs)),
@@ -156,11 +163,7 @@ def print_plan(plan: Plan, out: Path, estimates: list[RunEstimate], parallel: in
             "step time; validation, testing and data preparation not included"
             + (f"; {unknown} runs not estimated)" if unknown else ")")
         )
-    if any(e.source.endswith(TOO_LARGE_FOR_CPU) for e in estimates):
-        console.print(
-            "step times of large configurations come from finished runs: run one pretraining and one "
-            "fine-tuning run on the target machine, then dry runs estimate the rest from them"
-        )
+    print_device_hours(estimates, measure_steps)
     if len(plan.runs) > max_rows:
         console.print(f"{len(plan.runs)} runs: see {out / 'plan.json'} for each one")
         return
@@ -179,6 +182,63 @@ def print_plan(plan: Plan, out: Path, estimates: list[RunEstimate], parallel: in
             run.run_id + deps,
         )
     console.print(runs_table)
+
+
+def print_device_hours(estimates: list[RunEstimate], measure_steps: int = 1) -> None:
+    """Device-hours of the unfinished runs: pretraining per method, fine-tuning per task x budget
+    (summed over seeds and encoders), CKA per comparison; each stage's total and the whole; and how
+    the step times were obtained."""
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title="estimated device-hours of the unfinished runs (steps x step time)")
+    for column in ("stage", "runs", "steps", "step time", "device-hours", "step time from"):
+        table.add_column(column, justify="left" if column in ("stage", "step time from") else "right")
+    rows = stage_rows(estimates, STAGES)
+    grand, grand_unknown = 0.0, 0
+    for kind in STAGES:
+        of_stage = [r for r in rows if r.stage == kind]
+        if not of_stage:
+            continue
+        for row in of_stage:
+            step = ", ".join(f"{s:.3g} s" for s in row.step_seconds) or "-"
+            hours = f"{row.device_hours:.3g}" + (f" + {row.unknown} runs ?" if row.unknown else "")
+            table.add_row(
+                f"{kind} {row.label}",
+                str(row.runs),
+                str(row.steps),
+                step,
+                hours,
+                "; ".join(sorted({short_source(s) for s in row.sources})) or "-",
+            )
+        seconds, unknown = sum(r.seconds for r in of_stage), sum(r.unknown for r in of_stage)
+        grand, grand_unknown = grand + seconds, grand_unknown + unknown
+        total = f"{seconds / 3600:.3g}" + (f" + {unknown} runs ?" if unknown else "")
+        table.add_row(f"{kind} total", str(sum(r.runs for r in of_stage)), "", "", total, "", style="bold")
+    grand_text = f"{grand / 3600:.3g}" + (f" + {grand_unknown} runs ?" if grand_unknown else "")
+    table.add_row("total", str(len(estimates)), "", "", grand_text, "", style="bold")
+    console.print(table)
+    reasons: dict[str, list[str]] = {}
+    for row in rows:
+        for source in row.sources:
+            if source.startswith("not estimated: "):
+                reasons.setdefault(source.removeprefix("not estimated: "), []).append(f"{row.stage} {row.label}")
+    for reason, labels in reasons.items():
+        shown = ", ".join(labels[:4]) + (f" and {len(labels) - 4} more" if len(labels) > 4 else "")
+        console.print(f"not estimated: {shown}: {reason}")
+    if any(e.source.startswith("measured now") for e in estimates):
+        console.print(
+            f"step times measured now on {device_description()}: per configuration, random input of the run's "
+            f"batch and crop size, 1 warm-up step (excluded) then the mean of {max(measure_steps, 1)} timed "
+            "step(s) of the training loop's train_step (CKA: no-gradient encoder forwards); data loading, "
+            "validation and testing not included"
+        )
+    if any("proxy" in e.source for e in estimates):
+        console.print(
+            "proxy: a configuration too large to time on this CPU is timed at batch 2 and a smaller crop and "
+            "scaled by batch x voxels (the factor after the last 'x'); on the target machine a dry run times "
+            "the real sizes, and finished runs there replace every estimate of their kind"
+        )
 
 
 def print_summary(summary: ExecutionSummary, plan: Plan) -> None:

@@ -23,8 +23,8 @@ from medssl.fileio import atomic_write_text, file_lock
 from medssl.runs import config_differences
 
 IDENTITY_FILE = "bench.yaml"
-# How runs are executed and the resource limits change no result.
-NOT_PART_OF_IDENTITY = ("executor", "limits")
+# How runs are executed, the resource limits and the (lossless) cache format change no result.
+NOT_PART_OF_IDENTITY = ("executor", "limits", "cache")
 # Stored (the report shows it) but not compared: rewording what a study can show changes no result.
 DESCRIPTIVE = ("about",)
 

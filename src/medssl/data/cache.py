@@ -3,6 +3,7 @@
 Layout of one entry, ``<root>/<key>/``::
 
     image.npy   float16 (X, Y, Z), or (C, X, Y, Z) for multi-channel cases, values in [0, 1]
+                (or image.b2nd, the same array as a chunked blosc2 NDArray: ``cache.format: blosc2``)
     label.npy   uint8 (int16 beyond 255 classes), (X, Y, Z); absent for unlabeled scans
     fg.npy      int32 (N, 4) rows [class, x, y, z]: up to ``FG_SAMPLES`` random voxels per class,
                 so a positive crop centre costs an index lookup instead of a scan of the label
@@ -12,6 +13,13 @@ Why float16: the arrays are in [0, 1] after intensity normalisation, where float
 most 2^-11, so the round-trip error is at most 2^-12 ~ 2.4e-4 (checked in the tests) — a tenth of
 one HU step of the default CT window (1/425) — and it halves the disk and the page-cache reads of
 every crop.
+
+Image format (``VolumeCache(root, image_format=...)``, the benchmark's ``cache.format``): ``npy``
+(default) is memory-mapped and the fastest to train from; ``blosc2`` stores 64^3 chunks compressed
+with zstd level 1 and byte shuffle (nnssl's choice), lossless, and on real CT and MRI takes a fifth to
+a quarter of the disk at a cost in crop reads per second (benchmarks/cache_format.py). blosc2 is an
+optional extra (``pip install 'medssl[blosc2]'``). The format is not part of the key: an entry is read
+in whichever format it was built, so switching formats affects new entries only.
 
 The key hashes the resolved source paths with their size and mtime, the modality and the
 preprocess config, so an edited file or another preprocessing gets a fresh entry. An entry is
@@ -47,8 +55,53 @@ if TYPE_CHECKING:
 CACHE_VERSION = 1
 FG_SAMPLES = 2000
 IMAGE_DTYPE = np.float16
+IMAGE_FORMATS = ("npy", "blosc2")
+IMAGE_FILES = {"npy": "image.npy", "blosc2": "image.b2nd"}
+BLOSC2_CHUNKS = 64
+BLOSC2_BLOCKS = 16
 STALE_TEMP_SECONDS = 6 * 3600
 _KEY_LENGTH = 32  # hex characters of the sha256: collisions are not a practical concern
+
+
+def _blosc2(where: str | Path) -> Any:
+    try:
+        import blosc2
+    except ImportError:
+        raise MedsslInputError(
+            where, "cache format blosc2 needs the blosc2 package: pip install 'medssl[blosc2]' (or use format npy)"
+        ) from None
+    return blosc2
+
+
+def write_image(path: str | Path, image: np.ndarray, image_format: str = "npy") -> None:
+    """Write a cache image array as ``.npy`` or as a chunked, zstd-1 + shuffle compressed blosc2 NDArray."""
+    if image_format == "npy":
+        np.save(path, image)
+        return
+    if image_format != "blosc2":
+        raise MedsslInputError(path, f"unknown cache format '{image_format}' ({' or '.join(IMAGE_FORMATS)})")
+    blosc2 = _blosc2(path)
+    spatial = tuple(min(BLOSC2_CHUNKS, d) for d in image.shape[-3:])
+    blocks = tuple(min(BLOSC2_BLOCKS, d) for d in spatial)
+    lead = (1,) * (image.ndim - 3)  # one channel per chunk
+    cparams = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=1, filters=[blosc2.Filter.SHUFFLE])
+    blosc2.asarray(
+        np.ascontiguousarray(image),
+        urlpath=str(path),
+        mode="w",
+        chunks=lead + spatial,
+        blocks=lead + blocks,
+        cparams=cparams,
+    )
+
+
+def read_image(path: str | Path, image_format: str = "npy", mmap: bool = True) -> Any:
+    """A cache image array: memory-mapped ``.npy``, or an opened blosc2 NDArray that decompresses only the
+    chunks a slice touches (``mmap=False``: the whole array in memory, either way)."""
+    if image_format == "npy":
+        return np.load(path, mmap_mode="r" if mmap else None)
+    array = _blosc2(path).open(str(path), mode="r")
+    return array if mmap else array[...]
 
 
 def _stat_entry(path: Path) -> list[Any]:
@@ -192,9 +245,15 @@ class CachedVolume:
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.model_validate(self.meta["preprocess"])
 
+    @property
+    def image_format(self) -> str:
+        return "blosc2" if (self.path / IMAGE_FILES["blosc2"]).is_file() else "npy"
+
     def image(self, mmap: bool = True) -> np.ndarray:
-        """The stored float16 image, (X, Y, Z) or (C, X, Y, Z); read-only when memory-mapped."""
-        return np.load(self.path / "image.npy", mmap_mode="r" if mmap else None)
+        """The stored float16 image, (X, Y, Z) or (C, X, Y, Z); read-only when memory-mapped (a blosc2
+        entry: an array whose slices decompress only the chunks they touch)."""
+        fmt = self.image_format
+        return read_image(self.path / IMAGE_FILES[fmt], fmt, mmap=mmap)
 
     def label(self, mmap: bool = True) -> np.ndarray | None:
         if not self.has_label:
@@ -230,8 +289,13 @@ def sample_foreground(label: np.ndarray, rng: np.random.Generator, per_class: in
 class VolumeCache:
     """A directory of preprocessed volumes keyed by source files, modality and preprocessing."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, image_format: str = "npy") -> None:
+        if image_format not in IMAGE_FORMATS:
+            raise MedsslInputError(root, f"unknown cache format '{image_format}' ({' or '.join(IMAGE_FORMATS)})")
+        if image_format == "blosc2":
+            _blosc2(root)  # fail before any scan is decoded
         self.root = Path(root)
+        self.image_format = image_format
 
     def entry(self, key: str) -> CachedVolume:
         return CachedVolume(self.root / key)
@@ -330,7 +394,7 @@ class VolumeCache:
         self._sweep_stale(final.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.root))
         try:
-            np.save(tmp / "image.npy", stored)
+            write_image(tmp / IMAGE_FILES[self.image_format], stored, self.image_format)
             rows = np.zeros((0, 4), dtype=np.int32)
             if label is not None:
                 counts = np.bincount(label.reshape(-1).astype(np.int64))

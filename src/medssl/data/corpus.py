@@ -43,11 +43,13 @@ _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _BAD_FILE_ERRORS = (MedsslInputError, OSError, ValueError, RuntimeError, EOFError, MemoryError)
 
 
-def _cache_one(cache_root: str, path: str, modality: str, config_json: dict[str, Any]) -> dict[str, Any]:
+def _cache_one(
+    cache_root: str, path: str, modality: str, config_json: dict[str, Any], image_format: str = "npy"
+) -> dict[str, Any]:
     """Worker: cache one scan; returns its entry or the problem (picklable either way)."""
     config = PreprocessConfig.model_validate(config_json)
     try:
-        entry = VolumeCache(cache_root).get(path, None, modality, config)
+        entry = VolumeCache(cache_root, image_format).get(path, None, modality, config)
     except _BAD_FILE_ERRORS as err:
         problem = err.problem if isinstance(err, MedsslInputError) else f"{type(err).__name__}: {err}"
         return {"source": path, "problem": " ".join(str(problem).split())}
@@ -122,10 +124,16 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
 
 def _cache_all(
-    paths: list[str], cache_root: Path, modality: str, config: PreprocessConfig, workers: int
+    paths: list[str], cache_root: Path, modality: str, config: PreprocessConfig, workers: int, image_format: str
 ) -> Iterator[dict[str, Any]]:
     """Cache results in ``paths`` order, from ``workers`` processes, with a progress bar on a terminal."""
-    args = (repeat(str(cache_root)), paths, repeat(modality), repeat(config.model_dump(mode="json")))
+    args = (
+        repeat(str(cache_root)),
+        paths,
+        repeat(modality),
+        repeat(config.model_dump(mode="json")),
+        repeat(image_format),
+    )
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) if workers > 1 else None
     results = pool.map(_cache_one, *args) if pool is not None else map(_cache_one, *args)
     try:
@@ -151,8 +159,12 @@ def ingest_corpus(
     config: PreprocessConfig,
     modality: str = "ct",
     workers: int = 1,
+    image_format: str = "npy",
 ) -> Corpus:
     """Preprocess every scan under ``src`` into ``out/cache`` and write ``out/manifest.json``.
+
+    ``image_format``: how new cache entries store their image (``npy`` or ``blosc2``, see
+    :mod:`medssl.data.cache`).
 
     An existing corpus in ``out`` is extended: its volumes from other sources are kept (it must have
     been made with the same modality and preprocessing).
@@ -162,6 +174,7 @@ def ingest_corpus(
     sources = [Path(src)] if isinstance(src, (str, Path)) else [Path(s) for s in src]
     if not sources:
         raise MedsslInputError("<corpus>", "no source folders given")
+    VolumeCache(Path(out) / CACHE_DIRNAME, image_format)  # an unknown format or missing blosc2 fails here
     out = Path(out)
     shown = ", ".join(str(s) for s in sources)
     found = _discover(sources, exclude=out)
@@ -185,7 +198,9 @@ def ingest_corpus(
         used.add(vid)
         ids.append(vid)
 
-    results = _cache_all([str(p) for p, _ in found], out / CACHE_DIRNAME, modality, config, max(int(workers), 1))
+    results = _cache_all(
+        [str(p) for p, _ in found], out / CACHE_DIRNAME, modality, config, max(int(workers), 1), image_format
+    )
     volumes: list[dict[str, Any]] = list(kept)
     skipped = [s for s in (previous or {}).get("skipped", []) if s.get("source") not in now]
     for vid, result in zip(ids, results, strict=True):
