@@ -157,7 +157,8 @@ def section_leaderboard(ctx: ReportContext) -> Section:
     section.add(
         Paragraph(
             f"{ctx.results['run_id'].nunique()} fine-tuning runs; seeds per method × task × budget: {seed_range}. "
-            "Per-case Dice (mean over structures) is averaged over seeds before the CI and the tests."
+            "The CIs and tests take one Dice (mean over structures) per (test case, seed) pair: each seed has "
+            "its own split and its own fine-tuned model."
         )
     )
     return section
