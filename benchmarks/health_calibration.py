@@ -36,8 +36,10 @@ SMALL_HEADS = {
 SHOWN = (
     "embedding_std_scaled",
     "embedding_rank",
+    "embedding_window_rank",
     "feature_std_scaled",
     "feature_rank",
+    "feature_window_rank",
     "teacher_entropy_ratio",
     "teacher_batch_entropy_ratio",
 )

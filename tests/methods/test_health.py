@@ -87,3 +87,43 @@ def test_values_are_detached_float_scalars() -> None:
     for value in out.values():
         assert value.ndim == 0 and value.dtype == torch.float32 and not value.requires_grad
     assert health_metrics() == {}
+
+
+def test_singular_values_match_svd_for_wide_and_tall_matrices() -> None:
+    from medssl.methods.health import singular_values
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((6, 300), (300, 6), (5, 5)):
+        x = torch.randn(*shape, generator=gen) * torch.logspace(0, -3, shape[1])
+        assert torch.allclose(singular_values(x), torch.linalg.svdvals(x), rtol=1e-4, atol=1e-6 * float(x.norm()))
+
+
+def test_window_rank_counts_directions_beyond_the_batch_and_flags_one_direction() -> None:
+    from medssl.methods.health import (
+        RANK_HISTORY_MIN_ROWS,
+        WINDOW_RANK_FLOOR,
+        RankHistory,
+        health_metrics,
+        health_verdict,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    healthy, line = RankHistory(), RankHistory()
+    centre, direction = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    records_healthy, records_line = [], []
+    for step in range(RANK_HISTORY_MIN_ROWS + 4):
+        spread = torch.randn(2, 64, generator=gen)  # two samples per step: a batch rank of at most 2
+        along = torch.randn(2, 1, generator=gen) * direction  # varies along one direction only
+        out_h = health_metrics(embedding=centre + spread, history=healthy)
+        out_l = health_metrics(embedding=centre + 0.01 * along, history=line)
+        assert float(out_h["health/embedding_rank"]) <= 2.0 + 1e-4
+        if step + 1 < RANK_HISTORY_MIN_ROWS:  # one independent row per step of two samples
+            assert "health/embedding_window_rank" not in out_h
+        records_healthy.append({k: float(v) for k, v in out_h.items()})
+        records_line.append({k: float(v) for k, v in out_l.items()})
+    assert records_healthy[-1]["health/embedding_window_rank"] > 0.8 * RANK_HISTORY_MIN_ROWS
+    assert records_line[-1]["health/embedding_window_rank"] == pytest.approx(1.0, abs=0.05)
+    assert not health_verdict(records_healthy)["collapsed"]
+    line_verdict = health_verdict(records_line)
+    assert line_verdict["collapsed"] and "dimensional collapse" in line_verdict["reason"]
+    assert records_line[-1]["health/embedding_window_rank"] < WINDOW_RANK_FLOOR

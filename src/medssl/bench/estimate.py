@@ -294,9 +294,7 @@ def measure_run(run: PlannedRun, plan: Plan, steps: int) -> Measurement:
     return error
 
 
-def _time_config(
-    run: PlannedRun, config: Any, encoder: Any, batch: int, crop: int, steps: int, device: Any
-) -> float:
+def _time_config(run: PlannedRun, config: Any, encoder: Any, batch: int, crop: int, steps: int, device: Any) -> float:
     if run.kind == "cka":
         return time_encoder_forward(encoder, crop, batch, steps=steps, device=device)
     sized = config.model_copy(update={"crop_size": crop, "schedule": _with_batch(config.schedule, batch)})

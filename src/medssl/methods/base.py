@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from medssl.config import MethodConfig, StrictModel, format_validation_error
 from medssl.errors import ConfigError, unknown_name_message
+from medssl.methods.health import RankHistory
 from medssl.models.encoder import SwinEncoder
 
 FAMILIES = ("contrastive", "rotation", "mim", "self_distillation", "none")
@@ -84,6 +85,8 @@ class SSLMethod(nn.Module):
         self.momentum_schedule: np.ndarray | None = None
         # ``method.options.export_network`` (set by ``build_method``): export the other network.
         self.export_override: str | None = None
+        # Recent steps' embeddings, for an effective rank a two-sample batch does not bound (health.py).
+        self.rank_history = RankHistory()
 
     # data side -----------------------------------------------------------------------------
     def region_size(self, crop_size: int) -> int:
@@ -275,11 +278,20 @@ class EMATeacher(nn.Module, Generic[ModuleT]):
 
     @torch.no_grad()
     def update(self, online: nn.Module, momentum: float) -> None:
-        """``t = m * t + (1 - m) * s`` for parameters; buffers are copied."""
-        for t, s in zip(self.module.parameters(), online.parameters(), strict=True):
-            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
-        for buffer, source in zip(self.module.buffers(), online.buffers(), strict=True):
-            buffer.copy_(source)
+        """``t = m * t + (1 - m) * s`` for parameters; buffers are copied.
+
+        DINO's ``main_dino.py`` update (``param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)``)
+        as two ``torch._foreach`` calls over all parameters instead of two kernels per parameter
+        (issue #10); the same per-element arithmetic as the per-parameter loop it replaces."""
+        teacher: list[Tensor] = list(self.module.parameters())
+        student = [s.detach() for s in online.parameters()]
+        if len(teacher) != len(student):
+            raise ValueError(f"EMA teacher has {len(teacher)} parameters, its online network {len(student)}")
+        if teacher:
+            torch._foreach_mul_(teacher, momentum)
+            torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+        for t, s in zip(self.module.buffers(), online.buffers(), strict=True):
+            t.copy_(s)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():

@@ -112,5 +112,7 @@ class DINO(DistillationMethod):
             "loss": loss,
             "dino_ce": loss.detach(),
             "teacher_temp": loss.new_tensor(temp).detach(),
-            **health_metrics(embedding=student_global, features=student_pooled, teacher_probs=targets),
+            **health_metrics(
+                embedding=student_global, features=student_pooled, teacher_probs=targets, history=self.rank_history
+            ),
         }

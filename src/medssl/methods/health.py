@@ -2,14 +2,17 @@
 
 Every method's ``forward`` puts ``**health_metrics(...)`` in its output dict; the training loop logs
 every scalar of that dict per step (``metrics.jsonl``) and ``train/pretrain.py`` turns the logged
-values into a verdict (``health_verdict``). Three signals, each on the tensor it is meaningful for:
+values into a verdict (``health_verdict``). Three kinds of signal, each on the tensor it is meaningful for:
 
 - **Effective rank** (RankMe, Garrido et al. 2023, "RankMe: Assessing the downstream performance of
   pretrained self-supervised representations by their rank", eq. 1): ``exp(H(p))`` with
   ``p_k = s_k / sum(s) + eps`` over the singular values ``s`` of the (uncentred) batch matrix. It lies in
   ``[1, min(B, d)]``: 1 when every row is the same vector (or all rows are parallel), ``min(B, d)`` when the
   rows are orthogonal with equal norms. It is bounded by the batch size, so with the few-sample batches of a
-  3D pretraining step it is reported beside ``*_rank_ratio = rank / min(B, d)`` (1 is full rank).
+  3D pretraining step it is reported beside ``*_rank_ratio = rank / min(B, d)`` (1 is full rank), and the
+  verdict uses the **window rank** instead (:class:`RankHistory`: the same effective rank over the last
+  :data:`RANK_HISTORY_STEPS` steps' within-batch-centred unit rows, ``*_window_rank``), which counts the
+  directions the embeddings vary along beyond the batch size: 1 flags dimensional collapse.
 - **Normalised-embedding spread** (SimSiam, Chen & He 2021, §4.1): the mean over dimensions of the
   per-dimension standard deviation of the L2-normalised rows. Healthy embeddings spread over the sphere read
   about ``1 / sqrt(d)``; collapse onto one point reads 0. Reported raw (``*_std``) and times ``sqrt(d)``
@@ -42,6 +45,17 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def singular_values(rows: Tensor) -> Tensor:
+    """Singular values of a (n, d) matrix from the eigenvalues of its double-precision Gram matrix on the
+    smaller side (``sqrt(eig(X X^T))``): the values of ``torch.linalg.svdvals`` to about 1e-7 relative to
+    the largest (float32 rows), at a fraction of its cost for wide matrices (a (64, 65536) window: 13 ms
+    against 570 ms on one CPU thread; issue #10), returned as float32."""
+    x = rows.double()
+    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
+    eig = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
+    return eig.sqrt().to(rows.dtype)
+
+
 def effective_rank(x: Tensor) -> Tensor:
     """RankMe's effective rank ``exp(-sum p_k log p_k)``, ``p = s / ||s||_1 + eps``, of the rows of ``x``.
 
@@ -50,7 +64,7 @@ def effective_rank(x: Tensor) -> Tensor:
     rows = _rows(x)
     if not torch.isfinite(rows).all():  # the SVD would raise; the loop reports the non-finite loss itself
         return rows.new_tensor(float("nan"))
-    singular = torch.linalg.svdvals(rows)
+    singular = singular_values(rows)
     total = singular.sum()
     if total <= 0:
         return rows.new_tensor(0.0)
@@ -85,8 +99,72 @@ def _vector_health(prefix: str, x: Tensor) -> dict[str, Tensor]:
     }
 
 
+RANK_HISTORY_STEPS = 16
+"""Steps of embeddings :class:`RankHistory` keeps (the window its effective rank is computed over)."""
+
+RANK_HISTORY_MIN_ROWS = 8
+"""Fewest independent rows (sum over the window of batch rows - 1) before the window rank is reported:
+with fewer, a healthy run cannot read far from 1 and the value means nothing."""
+
+SPREAD_RESOLUTION = 1e-6
+"""Below this RMS norm of a step's centred unit rows (float32 resolution of unit vectors) the step has no
+direction to count; a window of such steps reads rank 1 (every row the same point)."""
+
+
+class RankHistory:
+    """A rolling buffer of the last :data:`RANK_HISTORY_STEPS` steps' embeddings for an effective rank that a
+    two-sample batch does not bound.
+
+    RankMe on one step's batch lies in ``[1, B]`` (2 at the batch of a 3D step), so it cannot tell a healthy
+    run from one whose embeddings vary along one direction only (dimensional collapse, Jing et al. 2022,
+    "Understanding dimensional collapse in contrastive self-supervised learning", §3). Each step's rows are
+    L2-normalised and centred on that step's batch mean (so the drift of the weights between steps, one
+    direction per step, is not counted as spread) and scaled to unit RMS row norm (every step weighs the
+    same, whatever its spread); the window stacks them and RankMe's effective rank
+    (:func:`effective_rank`) of the stack counts the directions the batch-to-batch differences use, up to
+    ``sum(B_step - 1)`` over the window. Departure from RankMe (which takes the uncentred matrix of one large
+    set of embeddings from one network): centred rows from the networks of the last steps; named
+    ``*_window_rank``. Not part of the state dict: after a resume the window fills again.
+    """
+
+    def __init__(self, steps: int = RANK_HISTORY_STEPS, min_rows: int = RANK_HISTORY_MIN_ROWS) -> None:
+        self.steps = steps
+        self.min_rows = min_rows
+        self._rows: list[Tensor] = []
+
+    def add(self, x: Tensor) -> None:
+        """Append one step's rows (detached, float32, on their device); the oldest step leaves a full window."""
+        rows = _rows(x)
+        if rows.shape[0] < 2 or not torch.isfinite(rows).all():
+            return
+        unit = torch.nn.functional.normalize(rows, dim=1)
+        centred = unit - unit.mean(dim=0, keepdim=True)
+        scale = centred.pow(2).sum(dim=1).mean().sqrt()
+        # Each step scaled to unit RMS row norm, so that the step with the largest spread (the first,
+        # often) does not decide the directions; a step without spread adds no direction.
+        self._rows.append(centred / scale if scale >= SPREAD_RESOLUTION else torch.zeros_like(centred))
+        del self._rows[: -self.steps]
+
+    def independent_rows(self) -> int:
+        return sum(r.shape[0] - 1 for r in self._rows)
+
+    def rank(self) -> tuple[Tensor, Tensor] | None:
+        """(effective rank, rank / min(independent rows, d)) of the window, None while it holds fewer than
+        ``min_rows`` independent rows."""
+        n = self.independent_rows()
+        if n < self.min_rows:
+            return None
+        stack = torch.cat(self._rows)
+        bound = min(n, stack.shape[1])
+        rank = effective_rank(stack) if bool(stack.any()) else stack.new_tensor(1.0)
+        return rank, rank / bound
+
+
 def health_metrics(
-    embedding: Tensor | None = None, features: Tensor | None = None, teacher_probs: Tensor | None = None
+    embedding: Tensor | None = None,
+    features: Tensor | None = None,
+    teacher_probs: Tensor | None = None,
+    history: RankHistory | None = None,
 ) -> dict[str, Tensor]:
     """Detached health scalars under ``health/...`` keys for whatever is given.
 
@@ -96,6 +174,9 @@ def health_metrics(
     ``teacher_probs`` (B, K): the teacher distribution after centring and temperature ->
     ``health/teacher_entropy`` (mean per-sample), ``health/teacher_batch_entropy`` (entropy of the batch mean)
     and both divided by ``log K`` (``health/teacher_entropy_ratio``, ``health/teacher_batch_entropy_ratio``).
+    ``history``: the method's :class:`RankHistory`; the embedding (the features when there is none, SimMIM)
+    is added to it and, once it holds enough rows, ``health/{embedding,feature}_window_rank`` and
+    ``..._window_rank_ratio`` are reported (the rank :func:`health_verdict` uses).
     """
     out: dict[str, Tensor] = {}
     with torch.no_grad():
@@ -103,6 +184,13 @@ def health_metrics(
             out.update(_vector_health("embedding", embedding))
         if features is not None:
             out.update(_vector_health("feature", features))
+        tracked = embedding if embedding is not None else features
+        if history is not None and tracked is not None:
+            history.add(tracked)
+            window = history.rank()
+            if window is not None:
+                prefix = "embedding" if embedding is not None else "feature"
+                out[f"health/{prefix}_window_rank"], out[f"health/{prefix}_window_rank_ratio"] = window
         if teacher_probs is not None:
             probs = _rows(teacher_probs)
             log_k = math.log(probs.shape[1]) if probs.shape[1] > 1 else float("nan")
@@ -153,7 +241,31 @@ tiny Swin gives near-identical pooled features for different crops (0.11-0.54 at
 embedding reads about 1), and healthy 20-step runs went down to 0.010 (RotNet, DINO), so no floor separates
 random init or healthy runs from collapse. Below this value the verdict adds a note."""
 
+WINDOW_RANK_FLOOR = 1.5
+"""``health/{embedding,feature}_window_rank`` (:class:`RankHistory`: centred unit rows of the last
+``RANK_HISTORY_STEPS`` steps, reported once they hold ``RANK_HISTORY_MIN_ROWS`` independent rows) below this
+flags dimensional collapse: the batch-to-batch differences of the embeddings use fewer than ~1.5 directions
+(one direction reads 1, a collapse onto a point 1 by definition). Not read from a single batch, whose rank is
+bounded by its 2-4 rows. Measured (``WINDOW_RANK_CALIBRATION``): the first reported value (step 3-8, near
+random init) 3.1 (RotNet, whose 4-class logits bound it by 4) to 6.4; after 30 steps 3.4 (RotNet), 13.6
+(SimMIM's features, bound 16), 24.6-37.5 of 48 for the others; DINO without centring at lr 1e-3: 10
+(its collapse is onto one prototype, caught by the teacher entropy, not a dimensional one); embeddings that
+vary along one direction read 1.00-1.05 (``tests/methods/test_health.py``)."""
+
+WINDOW_RANK_CALIBRATION = (
+    "benchmarks/pretrain_curves.py --short (the demo's phantom corpus and heads, 32^3, batch 2, 30 steps) and "
+    "benchmarks/health_calibration.py --short: see benchmarks/README.md"
+)
+
 THRESHOLDS: dict[str, dict[str, Any]] = {
+    "window_rank_floor": {
+        "key": "health/embedding_window_rank (health/feature_window_rank without an embedding)",
+        "flags": "below",
+        "value": WINDOW_RANK_FLOOR,
+        "why": "embeddings varying along one direction only read 1; computed over the last "
+        f"{RANK_HISTORY_STEPS} steps' within-batch-centred unit rows (>= {RANK_HISTORY_MIN_ROWS} rows), since "
+        "one batch of 2-4 rows bounds the rank; calibrated by " + WINDOW_RANK_CALIBRATION,
+    },
     "embedding_std_floor": {
         "key": "health/embedding_std_scaled",
         "flags": "below",
@@ -194,8 +306,9 @@ def _tail_mean(records: list[dict[str, Any]], key: str, window: int) -> float | 
 def health_verdict(records: list[dict[str, Any]], window: int = HEALTH_WINDOW) -> dict[str, Any]:
     """The ``health`` block of a pretraining run's results from its logged metrics (``metrics.jsonl`` rows).
 
-    ``collapsed`` is True when the embedding spread fell under ``EMBEDDING_STD_FLOOR`` or the batch-mean
-    teacher entropy under ``TEACHER_BATCH_ENTROPY_FLOOR`` (each the mean of the last ``window`` logs), or a
+    ``collapsed`` is True when the embedding spread fell under ``EMBEDDING_STD_FLOOR``, the batch-mean
+    teacher entropy under ``TEACHER_BATCH_ENTROPY_FLOOR`` or the window effective rank (of the embedding,
+    else of the features) under ``WINDOW_RANK_FLOOR`` (each the mean of the last ``window`` logs), or a
     health value became non-finite. ``final`` holds every ``health/...`` key's tail mean; ``reasons`` why it
     is flagged, ``warnings`` what is worth a look but is seen in healthy short runs too; ``thresholds`` the
     constants and their justification. A run that logged no health (random init, zero steps) is not assessed.
@@ -216,6 +329,14 @@ def health_verdict(records: list[dict[str, Any]], window: int = HEALTH_WINDOW) -
             f"batch-mean teacher entropy {batch_entropy:.3f} log K < {TEACHER_BATCH_ENTROPY_FLOOR:g} log K: "
             "the teacher puts every sample on the same prototype"
         )
+    for prefix in ("embedding", "feature"):
+        rank = final.get(f"health/{prefix}_window_rank")
+        if rank is not None and (not math.isfinite(rank) or rank < WINDOW_RANK_FLOOR):
+            reasons.append(
+                f"{prefix} effective rank over the last {RANK_HISTORY_STEPS} steps {rank:.2f} < "
+                f"{WINDOW_RANK_FLOOR:g}: the {prefix}s vary along one direction (dimensional collapse)"
+            )
+            break
     uniform = final.get("health/teacher_entropy_ratio")
     if uniform is not None and uniform > TEACHER_UNIFORM_CEIL:
         warnings.append(

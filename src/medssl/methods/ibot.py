@@ -204,5 +204,10 @@ class IBOT(DINO):
             "patch_ce": patch_ce.detach(),
             "teacher_temp": loss.new_tensor(temp).detach(),
             "mask_fraction": token_masks.float().mean(),
-            **health_metrics(embedding=s_global, features=s_tokens.mean(dim=1), teacher_probs=global_targets),
+            **health_metrics(
+                embedding=s_global,
+                features=s_tokens.mean(dim=1),
+                teacher_probs=global_targets,
+                history=self.rank_history,
+            ),
         }

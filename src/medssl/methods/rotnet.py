@@ -79,5 +79,5 @@ class RotNet(UnmaskedMethod):
             "loss": loss,
             "rotation_ce": loss.detach(),
             "rotation_accuracy": accuracy,
-            **health_metrics(embedding=logits, features=pooled),
+            **health_metrics(embedding=logits, features=pooled, history=self.rank_history),
         }

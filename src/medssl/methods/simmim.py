@@ -69,5 +69,5 @@ class SimMIM(SSLMethod):
             "loss": loss,
             "reconstruction_l1": loss.detach(),
             "mask_fraction": voxel_mask.float().mean(),
-            **health_metrics(features=global_pool(features[-1])),
+            **health_metrics(features=global_pool(features[-1]), history=self.rank_history),
         }

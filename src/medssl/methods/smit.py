@@ -159,5 +159,10 @@ class SMIT(DistillationMethod):
             "reconstruction_l1": l1.detach(),
             "teacher_temp": loss.new_tensor(temp).detach(),
             "mask_fraction": token_masks.float().mean(),
-            **health_metrics(embedding=s_global, features=global_pool(outs[BOTTLENECK]), teacher_probs=global_targets),
+            **health_metrics(
+                embedding=s_global,
+                features=global_pool(outs[BOTTLENECK]),
+                teacher_probs=global_targets,
+                history=self.rank_history,
+            ),
         }

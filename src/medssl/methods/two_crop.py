@@ -139,14 +139,13 @@ class TwoCropMethod(UnmaskedMethod):
         """Bottleneck feature map of the concatenated views (one encoder pass)."""
         return self.encoder(torch.cat(views, dim=0))[-1]
 
-    @staticmethod
-    def report(loss: Tensor, embedding: Tensor, features: Tensor, **diagnostics: Tensor) -> dict[str, Tensor]:
+    def report(self, loss: Tensor, embedding: Tensor, features: Tensor, **diagnostics: Tensor) -> dict[str, Tensor]:
         """The output dict: ``loss``, detached ``diagnostics`` (loss terms, accuracies), and the health
         of the embedding the loss uses and of the pooled encoder features (``methods/health.py``)."""
         return {
             "loss": loss,
             **{key: value.detach() for key, value in diagnostics.items()},
-            **health_metrics(embedding=embedding, features=features),
+            **health_metrics(embedding=embedding, features=features, history=self.rank_history),
         }
 
 
