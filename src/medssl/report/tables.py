@@ -214,6 +214,19 @@ def _wilcoxon_lookup(wilcoxon: pd.DataFrame | None, task: str, budget: str) -> d
     return {(row.method, str(row.comparison)): bool(row.significant) for row in rows.itertuples()}
 
 
+def _mean_ci_cells(
+    units: pd.DataFrame, column: str, methods: list[str], columns: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Method × ``column`` means of the unit scores and their "mean [bootstrap 95% CI]" display cells."""
+    means = pd.DataFrame(np.nan, index=methods, columns=columns)
+    cells = pd.DataFrame(MISSING, index=methods, columns=columns)
+    for (method, key), group in units.groupby(["method", column]):
+        mean, lo, hi = bootstrap_ci(group["score"].to_numpy(dtype=float))
+        means.loc[method, key] = mean
+        cells.loc[method, key] = f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
+    return means, cells
+
+
 def leaderboard(results: pd.DataFrame, wilcoxon: pd.DataFrame | None = None) -> tuple[Table, pd.DataFrame]:
     """Method × task mean Dice [95% CI] at each task's largest budget, with significance marks.
 
@@ -223,13 +236,7 @@ def leaderboard(results: pd.DataFrame, wilcoxon: pd.DataFrame | None = None) -> 
     top = at_largest_budget(results)
     cases = per_case_scores(top, unit=PAIRING_UNIT)
     tasks = sorted(cases["task"].unique())
-    methods = method_order(results)
-    means = pd.DataFrame(np.nan, index=methods, columns=tasks)
-    cells = pd.DataFrame(MISSING, index=methods, columns=tasks)
-    for (method, task), group in cases.groupby(["method", "task"]):
-        mean, lo, hi = bootstrap_ci(group["score"].to_numpy(dtype=float))
-        means.loc[method, task] = mean
-        cells.loc[method, task] = f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
+    means, cells = _mean_ci_cells(cases, "task", method_order(results), tasks)
     for task in tasks:
         column = means[task].dropna()
         if column.empty:
@@ -314,12 +321,7 @@ def budget_table(results: pd.DataFrame, wilcoxon: pd.DataFrame | None = None) ->
         units.assign(k=units["budget"].map(budget_key)).sort_values(["task", "k"])["column"].drop_duplicates().tolist()
     )
     methods = [m for m in method_order(results) if m in set(units["method"])]
-    means = pd.DataFrame(np.nan, index=methods, columns=order)
-    cells = pd.DataFrame(MISSING, index=methods, columns=order)
-    for (method, column), group in units.groupby(["method", "column"]):
-        mean, lo, hi = bootstrap_ci(group["score"].to_numpy(dtype=float))
-        means.loc[method, column] = mean
-        cells.loc[method, column] = f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
+    means, cells = _mean_ci_cells(units, "column", methods, order)
     for column in order:
         task, budget = column.rsplit(" / ", 1)
         significance = _wilcoxon_lookup(wilcoxon, task, budget)
