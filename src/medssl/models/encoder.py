@@ -24,6 +24,12 @@ from medssl.models.swin_fast import SwinCache, run_stage
 MASK_TOKEN_KEY = "mask_token"
 
 
+def _clear_fast_cache(module: nn.Module, keys: object) -> None:
+    """Load-state-dict post hook; a module-level function so an encoder (and a method holding one, whose
+    ``make_views`` a spawned DataLoader worker receives) pickles."""
+    module.fast_cache.clear()
+
+
 class SwinEncoder(SwinTransformer):
     """Swin encoder returning the five multi-scale feature maps of MONAI's ``SwinTransformer``.
 
@@ -51,7 +57,7 @@ class SwinEncoder(SwinTransformer):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.fast_cache = SwinCache()
         # loaded weights may bring another relative-position index: drop what was derived from it
-        self.register_load_state_dict_post_hook(lambda module, keys: module.fast_cache.clear())
+        self.register_load_state_dict_post_hook(_clear_fast_cache)
 
     @property
     def stage_channels(self) -> list[int]:

@@ -168,6 +168,16 @@ def _save_checkpoint(opt: Optimisation, run: RunDir, info: DistInfo, step: int, 
     barrier(info)
 
 
+def _worker_context(num_workers: int) -> str | None:
+    """Fork the loader's workers on Linux (PyTorch's own default there) even when the run itself was
+    spawned (the bench's local executor spawns runs, and a spawned process spawns its workers): a spawned
+    worker would receive the dataset by pickle, and with it the method whose ``make_views`` it calls —
+    weight-normalised heads (DINO, iBOT, SMIT) do not pickle. Elsewhere: the platform's default."""
+    if num_workers > 0 and sys.platform.startswith("linux"):
+        return "fork"
+    return None
+
+
 def _timed_batches(loader: DataLoader, start: int) -> Iterator[tuple[int, Any, float]]:
     """(step, batch, seconds waited for it) from the loader."""
     it = iter(loader)
@@ -241,6 +251,7 @@ def train(
         num_workers=schedule.num_workers,
         pin_memory=info.device.type == "cuda",
         persistent_workers=False,
+        multiprocessing_context=_worker_context(schedule.num_workers),
     )
     forward = torch.compile(wrapped) if schedule.compile and hasattr(torch, "compile") else wrapped
 
