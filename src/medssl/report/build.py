@@ -745,9 +745,11 @@ def _pretraining_budget(pretrain: pd.DataFrame, curves: pd.DataFrame) -> str | N
     text = f"Pretraining budget: {shown} steps per method ({len(pretrain)} pretraining runs)"
     trend = loss_trend(curves)
     if not trend.empty:
-        up = sorted({display_method(r.method) for r in trend.itertuples() if not r.loss_last < r.loss_first})
-        text += f"; the loss went down in {len(trend) - len(up)} of {len(trend)}"
-        text += f" (not for {', '.join(up)})" if up else ""
+        rising = trend[~(trend["loss_last"] < trend["loss_first"])]
+        text += f"; the loss went down in {len(trend) - len(rising)} of {len(trend)} runs"
+        if not rising.empty:
+            text += f" (not for {', '.join(sorted({display_method(m) for m in rising['method']}))}"
+            text += "; a self-distillation loss also rises while its teacher's entropy grows from its start)"
     return text + " (see Pretraining)."
 
 
