@@ -592,12 +592,16 @@ class CTProtocol:
     offset: float = 0.0
 
 
+def _check_variation(variation: str) -> None:
+    if variation not in VARIATIONS:
+        raise ValueError(f"phantom variation must be one of {', '.join(VARIATIONS)}, got {variation!r}")
+
+
 def ct_protocol(seed: int, variation: Variation = "standard") -> CTProtocol:
     """The acquisition of a scan: ``"standard"`` is the one portal-venous protocol; ``"scanners"`` draws
     phase, dose, kernel, texture and calibration from ``default_rng([seed, 4])``, a stream of its own, so
     the anatomy and the standard renders do not change."""
-    if variation not in VARIATIONS:
-        raise ValueError(f"phantom variation must be one of {', '.join(VARIATIONS)}, got {variation!r}")
+    _check_variation(variation)
     if variation == "standard":
         return CTProtocol()
     rng = np.random.default_rng([int(seed), 4])
@@ -641,8 +645,7 @@ def render_mri(anatomy: Anatomy, seed: int, weighting: str = "t1", variation: Va
     """
     if weighting not in MRI_SIGNAL:
         raise ValueError(f"MRI weighting must be one of {sorted(MRI_SIGNAL)}, got {weighting!r}")
-    if variation not in VARIATIONS:
-        raise ValueError(f"phantom variation must be one of {', '.join(VARIATIONS)}, got {variation!r}")
+    _check_variation(variation)
     scanner = np.random.default_rng([int(seed), 5]) if variation == "scanners" else None
     rng = np.random.default_rng([int(seed), 2])
     contrast_spread = 0.15 if scanner is not None else 0.06
