@@ -89,6 +89,16 @@ def test_smit_temperatures_follow_the_released_epoch_schedules() -> None:
     assert len(held_then_warmed(0.04, 0.07, 500, 10, 100)) == 100
 
 
+@pytest.mark.parametrize("name", ["dino", "ibot", "smit"])
+def test_a_run_shorter_than_the_temperature_warm_up_stops_mid_warm_up(name: str) -> None:
+    # 10 steps of a 30-epoch (60-step) warm-up: tau_t at the last step is DINO's at step 9, unless
+    # the named departure squeezes the warm-up into the run.
+    truncated = build(name, total_steps=10, steps_per_epoch=2)
+    assert truncated.teacher_temperature(9) == pytest.approx(0.04 + 0.03 * 9 / 59)
+    compressed = build(name, total_steps=10, steps_per_epoch=2, teacher_temp_short_run="compress")
+    assert compressed.teacher_temperature(9) == pytest.approx(0.07)
+
+
 def test_steps_per_epoch_comes_from_the_corpus_rule_unless_given() -> None:
     encoder = SwinEncoder(EncoderConfig(preset="tiny", window_size=4))
     method = build_method(MethodConfig(name="smit", options={"out_dim": 32}), encoder, 32, 100, steps_per_epoch=7)

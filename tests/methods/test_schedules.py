@@ -44,6 +44,18 @@ def test_linear_warmup_then_constant_teacher_temperature() -> None:
     assert linear_warmup_then_constant(0.04, 0.07, 0, 5).tolist() == pytest.approx([0.07] * 5)
 
 
+def test_a_run_shorter_than_the_warm_up_stops_mid_warm_up() -> None:
+    # DINO's schedule at step t is start + (end - start) * t / (warmup - 1), whatever the run's length:
+    # a 4-step run of a 7-step warm-up ends at 0.055, not at 0.07.
+    values = linear_warmup_then_constant(0.04, 0.07, warmup_steps=7, total_steps=4)
+    assert values.tolist() == pytest.approx([0.04, 0.045, 0.05, 0.055])
+    full = linear_warmup_then_constant(0.04, 0.07, warmup_steps=7, total_steps=20)
+    assert values.tolist() == pytest.approx(full[:4].tolist())
+    # The named departure squeezes the whole warm-up into the run.
+    squeezed = linear_warmup_then_constant(0.04, 0.07, 7, 4, short_run="compress")
+    assert squeezed.tolist() == pytest.approx([0.04, 0.05, 0.06, 0.07])
+
+
 def test_schedule_at_holds_the_ends() -> None:
     values = linear_warmup_then_constant(0.0, 1.0, 3, 5)
     assert schedule_at(values, -2) == pytest.approx(0.0)

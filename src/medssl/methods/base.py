@@ -25,7 +25,7 @@ array lookup, identical after resume and across processes.
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -208,12 +208,26 @@ def cosine_schedule(
     return np.concatenate([warm, cos]).astype(np.float64)
 
 
-def linear_warmup_then_constant(start: float, end: float, warmup_steps: int, total_steps: int) -> np.ndarray:
-    """DINO's teacher temperature: linear from ``start`` to ``end`` over warm-up, then constant."""
+ShortRunWarmup = Literal["truncate", "compress"]
+
+
+def linear_warmup_then_constant(
+    start: float, end: float, warmup_steps: int, total_steps: int, short_run: ShortRunWarmup = "truncate"
+) -> np.ndarray:
+    """DINO's teacher temperature: linear from ``start`` to ``end`` over warm-up, then constant.
+
+    A run shorter than the warm-up: ``truncate`` keeps the warm-up's slope and stops where the run
+    ends, so every step has the value DINO's ``DINOLoss.teacher_temp_schedule`` gives it (DINO itself
+    refuses such a run: its ``np.ones(nepochs - warmup_teacher_temp_epochs)`` is negative);
+    ``compress`` squeezes the whole warm-up into the run, reaching ``end`` by its last step (medssl's
+    schedule up to commit 7e8c2e7; no reference does this).
+    """
     total_steps = max(int(total_steps), 1)
-    warmup_steps = min(int(warmup_steps), total_steps)
-    warm = np.linspace(start, end, warmup_steps) if warmup_steps else np.array([])
-    return np.concatenate([warm, np.full(total_steps - warmup_steps, end)]).astype(np.float64)
+    warmup_steps = max(int(warmup_steps), 0)
+    if short_run == "compress":
+        warmup_steps = min(warmup_steps, total_steps)
+    warm = np.linspace(start, end, warmup_steps)[:total_steps] if warmup_steps else np.array([])
+    return np.concatenate([warm, np.full(total_steps - len(warm), end)]).astype(np.float64)
 
 
 def schedule_at(schedule: np.ndarray, step: int) -> float:

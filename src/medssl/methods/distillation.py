@@ -14,10 +14,11 @@ What the three released codes have in common, written once:
   (an ablation only: without centring the teacher collapses onto one prototype, which the
   representation-health tests use);
 * :class:`DistillationMethod`: the teacher-temperature schedule (linear warm-up then constant,
-  ``DINOLoss.teacher_temp_schedule``), the EMA momentum (via :meth:`SSLMethod.init_momentum`),
-  last-layer freezing during the first epoch (``utils.cancel_gradients_last_layer``: every
-  parameter named ``last_layer*``), and per-parameter gradient clipping (``utils.clip_gradients``)
-  through the training loop's ``clip_gradients(max_norm)`` hook.
+  ``DINOLoss.teacher_temp_schedule``, per step where DINO indexes it per epoch; a run shorter than the
+  warm-up stops mid-warm-up, ``teacher_temp_short_run: truncate``), the EMA momentum (via
+  :meth:`SSLMethod.init_momentum`), last-layer freezing during the first epoch
+  (``utils.cancel_gradients_last_layer``: every parameter named ``last_layer*``), and per-parameter
+  gradient clipping (``utils.clip_gradients``) through the training loop's ``clip_gradients(max_norm)`` hook.
 
 Epochs. The recipes count warm-ups in epochs; medssl trains by steps. ``steps_per_epoch`` converts
 them: an explicit value, or (``null``) one pass over the corpus at the global batch,
@@ -38,7 +39,13 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from medssl.config import StrictModel
-from medssl.methods.base import EMATeacher, SSLMethod, linear_warmup_then_constant, schedule_at
+from medssl.methods.base import (
+    EMATeacher,
+    ShortRunWarmup,
+    SSLMethod,
+    linear_warmup_then_constant,
+    schedule_at,
+)
 from medssl.methods.losses import masked_patch_ce, teacher_probs, update_centre
 from medssl.models.encoder import SwinEncoder
 from medssl.models.heads import DINOHead, prototype_layer
@@ -73,15 +80,22 @@ def token_mask_to_patches(token_mask: Tensor, factor: int, patch_grid: tuple[int
     return m[: patch_grid[0], : patch_grid[1], : patch_grid[2]].contiguous()
 
 
-def held_then_warmed(start: float, end: float, hold_steps: int, warmup_steps: int, total_steps: int) -> np.ndarray:
+def held_then_warmed(
+    start: float,
+    end: float,
+    hold_steps: int,
+    warmup_steps: int,
+    total_steps: int,
+    short_run: ShortRunWarmup = "truncate",
+) -> np.ndarray:
     """Per-step patch teacher temperature as iBOT's ``iBOTLoss.teacher_temp2_schedule`` (and SMIT's
     ``Cls_Patch_Loss``): ``start`` for ``hold_steps`` (the masked-prediction start), then linear to
-    ``end`` over ``warmup_steps``, then ``end``."""
+    ``end`` over ``warmup_steps``, then ``end``; ``short_run`` as :func:`linear_warmup_then_constant`."""
     total_steps = max(int(total_steps), 1)
     hold = np.full(min(max(int(hold_steps), 0), total_steps), start, dtype=np.float64)
     if len(hold) == total_steps:
         return hold
-    rest = linear_warmup_then_constant(start, end, warmup_steps, total_steps - len(hold))
+    rest = linear_warmup_then_constant(start, end, warmup_steps, total_steps - len(hold), short_run)
     return np.concatenate([hold, rest])
 
 
@@ -131,6 +145,11 @@ class DistillationParams(StrictModel):
     teacher_temp_start: float = Field(0.04, gt=0, description="tau_t at the first step")
     teacher_temp: float = Field(0.07, gt=0, description="tau_t after the warm-up")
     teacher_temp_warmup_epochs: float = Field(30, ge=0, description="linear tau_t warm-up, epochs")
+    teacher_temp_short_run: ShortRunWarmup = Field(
+        "truncate",
+        description="a run shorter than the warm-up: truncate (stop mid-warm-up, each step's tau_t as in the "
+        "reference) or compress (the whole warm-up squeezed into the run; a departure)",
+    )
     centre: bool = Field(True, description="centre the teacher; false is an ablation (collapses)")
     centre_momentum: float = Field(0.9, ge=0.0, le=1.0)
     teacher_momentum: float = Field(0.996, ge=0.0, le=1.0, description="EMA momentum at step 0, cosine to 1")
@@ -220,6 +239,7 @@ class DistillationMethod(SSLMethod):
             params.teacher_temp,
             self.epochs_to_steps(params.teacher_temp_warmup_epochs),
             self.total_steps,
+            params.teacher_temp_short_run,
         )
         self.freeze_last_layer_steps = self.epochs_to_steps(params.freeze_last_layer_epochs)
         self.head = self.make_head()
@@ -293,6 +313,7 @@ class DistillationMethod(SSLMethod):
             self.epochs_to_steps(hold_epochs),
             self.epochs_to_steps(p.teacher_temp_warmup_epochs),
             self.total_steps,
+            self.params.teacher_temp_short_run,
         )
 
     def patch_term(self, student_patch: Tensor, teacher_patch: Tensor, token_mask: Tensor, step: int) -> Tensor:
