@@ -116,7 +116,7 @@ def test_config_loading_of_any_yaml(tmp_path_factory, model, content, as_bytes, 
     if use_bytes:
         path.write_bytes(as_bytes)
     else:
-        path.write_text(yaml.safe_dump(content, allow_unicode=True))
+        path.write_text(yaml.safe_dump(content, allow_unicode=True), encoding="utf-8")
     with contextlib.suppress(MedsslInputError):
         load_config(model, path)
 

@@ -65,8 +65,20 @@ def test_verdict_on_known_cases() -> None:
     verdict = health_verdict(_as_records(health_metrics(teacher_probs=one_prototype)))
     assert verdict["collapsed"] and "same prototype" in verdict["reason"]
 
-    uniform = health_verdict(_as_records(health_metrics(teacher_probs=torch.full((8, 64), 1 / 64))))
+    uniform_probs = torch.full((8, 64), 1 / 64)
+    uniform = health_verdict(_as_records(health_metrics(teacher_probs=uniform_probs)))
     assert not uniform["collapsed"] and "near uniform" in uniform["warnings"][0]
+    # A uniform teacher the student still differs from (KL 0.2 nats) is the early phase: a warning only; once
+    # the student matches it (cross-entropy = log K, KL 0) it is DINO's uniform collapse.
+    log_k = torch.tensor(64.0).log()
+    early = health_verdict(_as_records(health_metrics(teacher_probs=uniform_probs, distillation_ce=log_k + 0.2)))
+    assert not early["collapsed"] and early["final"]["health/teacher_student_kl"] == pytest.approx(0.2, abs=1e-5)
+    matched = health_verdict(_as_records(health_metrics(teacher_probs=uniform_probs, distillation_ce=log_k)))
+    assert matched["collapsed"] and "uniform collapse" in matched["reason"]
+    # A student matching a peaked teacher (low entropy, KL 0) is what training aims at, not a collapse.
+    peaked = torch.softmax(torch.randn(8, 64, generator=torch.Generator().manual_seed(1)) * 5, -1)
+    ce = -(peaked * peaked.log()).sum(-1).mean()
+    assert not health_verdict(_as_records(health_metrics(teacher_probs=peaked, distillation_ce=ce)))["collapsed"]
 
     assert health_verdict([{"step": 1, "loss": 1.0}]) == {**health_verdict([]), "assessed": False}
     # The tail mean: one collapsed log after healthy ones is not yet a verdict; three are.
@@ -93,6 +105,8 @@ def test_random_init_is_not_flagged(name, corpus) -> None:
         assert verdict["final"]["health/embedding_std_scaled"] > 10 * EMBEDDING_STD_FLOOR
     if "health/teacher_batch_entropy_ratio" in verdict["final"]:
         assert verdict["final"]["health/teacher_batch_entropy_ratio"] > 2 * TEACHER_BATCH_ENTROPY_FLOOR
+        # Every teacher-student method logs the KL its uniform-collapse check reads (Gibbs: never negative).
+        assert verdict["final"]["health/teacher_student_kl"] > -1e-5
 
 
 def _short_run(name: str, options: dict, corpus, out, steps: int = 4, lr: float = 5e-4) -> dict:

@@ -113,6 +113,10 @@ class DINO(DistillationMethod):
             "dino_ce": loss.detach(),
             "teacher_temp": loss.new_tensor(temp).detach(),
             **health_metrics(
-                embedding=student_global, features=student_pooled, teacher_probs=targets, history=self.rank_history
+                embedding=student_global,
+                features=student_pooled,
+                teacher_probs=targets,
+                history=self.rank_history,
+                distillation_ce=loss,
             ),
         }

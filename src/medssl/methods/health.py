@@ -165,6 +165,7 @@ def health_metrics(
     features: Tensor | None = None,
     teacher_probs: Tensor | None = None,
     history: RankHistory | None = None,
+    distillation_ce: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Detached health scalars under ``health/...`` keys for whatever is given.
 
@@ -174,6 +175,10 @@ def health_metrics(
     ``teacher_probs`` (B, K): the teacher distribution after centring and temperature ->
     ``health/teacher_entropy`` (mean per-sample), ``health/teacher_batch_entropy`` (entropy of the batch mean)
     and both divided by ``log K`` (``health/teacher_entropy_ratio``, ``health/teacher_batch_entropy_ratio``).
+    ``distillation_ce`` (with ``teacher_probs``): the distillation cross-entropy computed on those teacher
+    probabilities, every teacher row used equally often (DINO's pairs of different views) ->
+    ``health/teacher_student_kl`` = cross-entropy - mean teacher entropy, the mean KL(teacher || student)
+    (the quantity DINO's paper, section 5.3 and Fig. 7, reads with the teacher entropy to see collapse).
     ``history``: the method's :class:`RankHistory`; the embedding (the features when there is none, SimMIM)
     is added to it and, once it holds enough rows, ``health/{embedding,feature}_window_rank`` and
     ``..._window_rank_ratio`` are reported (the rank :func:`health_verdict` uses).
@@ -204,6 +209,8 @@ def health_metrics(
                     "health/teacher_batch_entropy_ratio": batch_mean / log_k,
                 }
             )
+            if distillation_ce is not None:
+                out["health/teacher_student_kl"] = distillation_ce.detach().float() - per_sample
     return out
 
 
@@ -233,7 +240,20 @@ longer than a short run and is flagged when it happens."""
 TEACHER_UNIFORM_CEIL = 0.99
 """``health/teacher_entropy_ratio`` above this (every sample's teacher near uniform) is reported as a warning,
 not a collapse: short healthy runs of DINO, iBOT and SMIT reach 0.987-0.989 after 20 steps while the centre
-absorbs the near-identical outputs of a young encoder, so flagging it would flag them."""
+absorbs the near-identical outputs of a young encoder, so flagging it would flag them; it is a collapse once
+the student matches it as well (``TEACHER_UNIFORM_COLLAPSE_CEIL``)."""
+
+TEACHER_UNIFORM_COLLAPSE_CEIL = 0.999
+TEACHER_STUDENT_KL_FLOOR = 0.01
+"""Uniform collapse, DINO's other failure (Caron et al. 2021, section 5.3, Fig. 7: centring without enough
+sharpening makes the output uniform whatever the input; collapse is where KL(teacher || student) reaches 0):
+flagged when ``health/teacher_entropy_ratio`` is above ``TEACHER_UNIFORM_COLLAPSE_CEIL`` *and*
+``health/teacher_student_kl`` below ``TEACHER_STUDENT_KL_FLOOR`` nats, i.e. every teacher row is uniform and
+the student matches it, so no target is left. Measured (``benchmarks/pretrain_curves.py``, the demo's heads,
+K = 1024, 32^3, batch 2): random init 0.72-0.74 log K; DINO at step 21 0.989 log K with KL 0.13 nats, step 41
+0.9986 / 0.011, step 61 0.9995 / 0.003, steps 181-200 0.99999 / 1e-4 (its loss log K to four decimals), and
+the same for iBOT and SMIT's global term; the 30-step runs end at 0.990-0.995 with KL 0.15-0.2 (not flagged).
+A near-uniform teacher with a student still far from it is the early phase and only warns."""
 
 FEATURE_STD_NOTE = 1e-3
 """``health/feature_std_scaled`` (pooled encoder features) is reported, never flagged: a randomly initialised
@@ -286,6 +306,14 @@ THRESHOLDS: dict[str, dict[str, Any]] = {
         "value": TEACHER_UNIFORM_CEIL,
         "why": "a uniform teacher carries no target; short healthy runs pass through it, so it only warns",
     },
+    "teacher_uniform_collapse": {
+        "key": "health/teacher_entropy_ratio and health/teacher_student_kl",
+        "flags": "above and below",
+        "value": [TEACHER_UNIFORM_COLLAPSE_CEIL, TEACHER_STUDENT_KL_FLOOR],
+        "why": "a uniform teacher that the student matches (KL near 0) is DINO's uniform collapse (paper section "
+        "5.3); random init reads 0.72-0.74 log K, 30-step runs 0.990-0.995 with KL 0.15-0.2 nats, DINO after "
+        "60-200 steps on the phantom corpus 0.9995-0.99999 with KL 3e-3 to 1e-4",
+    },
     "feature_std_note": {
         "key": "health/feature_std_scaled",
         "flags": "below (note only)",
@@ -307,11 +335,13 @@ def health_verdict(records: list[dict[str, Any]], window: int = HEALTH_WINDOW) -
     """The ``health`` block of a pretraining run's results from its logged metrics (``metrics.jsonl`` rows).
 
     ``collapsed`` is True when the embedding spread fell under ``EMBEDDING_STD_FLOOR``, the batch-mean
-    teacher entropy under ``TEACHER_BATCH_ENTROPY_FLOOR`` or the window effective rank (of the embedding,
-    else of the features) under ``WINDOW_RANK_FLOOR`` (each the mean of the last ``window`` logs), or a
-    health value became non-finite. ``final`` holds every ``health/...`` key's tail mean; ``reasons`` why it
-    is flagged, ``warnings`` what is worth a look but is seen in healthy short runs too; ``thresholds`` the
-    constants and their justification. A run that logged no health (random init, zero steps) is not assessed.
+    teacher entropy under ``TEACHER_BATCH_ENTROPY_FLOOR``, the teacher became uniform with the student
+    matching it (``TEACHER_UNIFORM_COLLAPSE_CEIL``, ``TEACHER_STUDENT_KL_FLOOR``) or the window effective
+    rank (of the embedding, else of the features) under ``WINDOW_RANK_FLOOR`` (each the mean of the last
+    ``window`` logs), or a health value became non-finite. ``final`` holds every ``health/...`` key's tail
+    mean; ``reasons`` why it is flagged, ``warnings`` what is worth a look but is seen in healthy short runs
+    too; ``thresholds`` the constants and their justification. A run that logged no health (random init,
+    zero steps) is not assessed.
     """
     keys = sorted({k for r in records for k in r if k.startswith("health/")})
     final = {k: _tail_mean(records, k, window) for k in keys}
@@ -338,7 +368,19 @@ def health_verdict(records: list[dict[str, Any]], window: int = HEALTH_WINDOW) -
             )
             break
     uniform = final.get("health/teacher_entropy_ratio")
-    if uniform is not None and uniform > TEACHER_UNIFORM_CEIL:
+    kl = final.get("health/teacher_student_kl")
+    if (
+        uniform is not None
+        and kl is not None
+        and uniform > TEACHER_UNIFORM_COLLAPSE_CEIL
+        and kl < TEACHER_STUDENT_KL_FLOOR
+    ):
+        reasons.append(
+            f"per-sample teacher entropy {uniform:.5f} log K > {TEACHER_UNIFORM_COLLAPSE_CEIL:g} log K and "
+            f"KL(teacher || student) {kl:.1e} < {TEACHER_STUDENT_KL_FLOOR:g} nats: teacher and student are "
+            "uniform whatever the input (DINO's uniform collapse), no target is left"
+        )
+    elif uniform is not None and uniform > TEACHER_UNIFORM_CEIL:
         warnings.append(
             f"per-sample teacher entropy {uniform:.3f} log K > {TEACHER_UNIFORM_CEIL:g} log K: the "
             "teacher is near uniform (common early in a run; a collapse if it persists)"

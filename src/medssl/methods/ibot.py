@@ -209,5 +209,6 @@ class IBOT(DINO):
                 features=s_tokens.mean(dim=1),
                 teacher_probs=global_targets,
                 history=self.rank_history,
+                distillation_ce=global_ce,
             ),
         }

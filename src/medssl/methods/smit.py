@@ -164,5 +164,6 @@ class SMIT(DistillationMethod):
                 features=global_pool(outs[BOTTLENECK]),
                 teacher_probs=global_targets,
                 history=self.rank_history,
+                distillation_ce=global_ce,
             ),
         }
