@@ -409,9 +409,10 @@ def section_pretraining(ctx: ReportContext) -> Section:
     if not ctx.pretrain["collapsed"].any():
         section.add(
             Paragraph(
-                "No pretraining run was flagged by the health verdict: the spread of each method's embedding and, "
-                "for teacher-student methods, the entropy of the batch-mean teacher distribution stayed above their "
-                "floors (calibrated on random init, short healthy runs and deliberately collapsed ones; "
+                "No pretraining run was flagged by the health verdict: the spread and the effective rank of each "
+                "method's embedding and, for teacher-student methods, the entropy of the batch-mean teacher "
+                "distribution stayed above their floors, and no teacher became uniform with its student matching "
+                "it (calibrated on random init, short healthy runs and deliberately collapsed ones; "
                 "methods/health.py)."
             )
         )
