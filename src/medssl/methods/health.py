@@ -252,7 +252,7 @@ flagged when ``health/teacher_entropy_ratio`` is above ``TEACHER_UNIFORM_COLLAPS
 the student matches it, so no target is left. Measured (``benchmarks/pretrain_curves.py``, the demo's heads,
 K = 1024, 32^3, batch 2): random init 0.72-0.74 log K; DINO at step 21 0.989 log K with KL 0.13 nats, step 41
 0.9986 / 0.011, step 61 0.9995 / 0.003, steps 181-200 0.99999 / 1e-4 (its loss log K to four decimals), and
-the same for iBOT and SMIT's global term; the 30-step runs end at 0.990-0.995 with KL 0.15-0.2 (not flagged).
+the same for iBOT and SMIT's global term; the 30-step runs end at 0.990-0.995 with KL 0.20-0.23 (not flagged).
 A near-uniform teacher with a student still far from it is the early phase and only warns."""
 
 FEATURE_STD_NOTE = 1e-3
@@ -311,7 +311,7 @@ THRESHOLDS: dict[str, dict[str, Any]] = {
         "flags": "above and below",
         "value": [TEACHER_UNIFORM_COLLAPSE_CEIL, TEACHER_STUDENT_KL_FLOOR],
         "why": "a uniform teacher that the student matches (KL near 0) is DINO's uniform collapse (paper section "
-        "5.3); random init reads 0.72-0.74 log K, 30-step runs 0.990-0.995 with KL 0.15-0.2 nats, DINO after "
+        "5.3); random init reads 0.72-0.74 log K, 30-step runs 0.990-0.995 with KL 0.20-0.23 nats, DINO after "
         "60-200 steps on the phantom corpus 0.9995-0.99999 with KL 3e-3 to 1e-4",
     },
     "feature_std_note": {
