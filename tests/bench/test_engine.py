@@ -5,6 +5,7 @@ cluster) honours a dependency."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,6 +20,9 @@ import yaml
 
 import medssl.bench.executors.dispatch as dispatch
 from medssl.bench import run_bench
+from medssl.bench.engine import load_bench
+from medssl.bench.executors import CLAIM_FILE
+from medssl.bench.plan import expand_plan
 from medssl.runs import RunDir
 
 pytestmark = pytest.mark.slow
@@ -166,31 +170,51 @@ def test_concurrent_reports_on_one_folder_both_succeed(shared_out: tuple[Path, P
 # --------------------------------------------------------------------------- interrupts
 
 
+def hold_claims(stack: contextlib.ExitStack, out: Path, run_ids: list[str]) -> None:
+    """Claim runs from this process, as a second bench would: the bench under test waits for them.
+
+    That makes the interrupts below land where they are meant to, however slowly this test process
+    is scheduled (the runs take about a second each, less than a loaded CI machine can stall it)."""
+    for run_id in run_ids:
+        stack.enter_context(RunDir(out / "runs" / run_id).lock(CLAIM_FILE))
+
+
 def test_interrupted_bench_resumes_and_never_rewrites_finished_runs(tiny_data: Path, tmp_path: Path) -> None:
-    config, out = write_bench(tmp_path, tiny_data), tmp_path / "out"
+    # fine-tuning long enough that a kill between its first checkpoint and its results is easy to hit
+    schedule = {"steps": 8, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "log_every": 1}
+    finetune = {"crop_size": 32, "schedule": schedule, "val_every": 4, "n_test": 1, "n_val": 1, "sw_batch_size": 1}
+    config, out = write_bench(tmp_path, tiny_data, finetune=finetune), (tmp_path / "out").resolve()
+    ids = [run.run_id for run in expand_plan(load_bench(config, [], None), out, config).runs]
+    pretrain_id, cka_id = ids[0], ids[-1]
+    assert pretrain_id.startswith("pretrain-") and cka_id.startswith("cka-")
 
-    # SIGINT (Ctrl-C) once the first run has finished
-    proc = start_cli(config, out, "first")
-    wait_until(lambda: len(finished_results(out)) >= 1, proc)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    # SIGINT (Ctrl-C) once the first run has finished, while the bench waits for the others
+    with contextlib.ExitStack() as claims:
+        hold_claims(claims, out, ids[1:])
+        proc = start_cli(config, out, "first")
+        wait_until(lambda: len(finished_results(out)) >= 1, proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()
     after_sigint = finished_results(out)
-    assert 1 <= len(after_sigint) < 4  # it stopped: the remaining runs take seconds each
+    assert list(after_sigint) == [pretrain_id] and planned_ids(out) == ids
 
-    # SIGKILL in the middle of a run: a checkpoint written, results not yet
+    # SIGKILL in the middle of a run (a checkpoint written, results not yet); the last run is held,
+    # so the plan cannot complete before the kill
     def mid_run() -> bool:
-        for run_dir in (out / "runs").iterdir():
-            run = RunDir(run_dir)
+        for run_id in ids[1:-1]:
+            run = RunDir(out / "runs" / run_id)
             if run.last_checkpoint.exists() and run.status() == "running" and not run.is_finished():
                 return True
         return False
 
-    proc = start_cli(config, out, "second")
-    wait_until(mid_run, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    with contextlib.ExitStack() as claims:
+        hold_claims(claims, out, [cka_id])
+        proc = start_cli(config, out, "second")
+        wait_until(mid_run, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
     after_sigkill = finished_results(out)
-    assert len(after_sigkill) < 4
+    assert pretrain_id in after_sigkill and cka_id not in after_sigkill
     assert {k: after_sigkill[k] for k in after_sigint} == after_sigint
 
     # the third start completes the plan; what had finished is byte-for-byte untouched
@@ -198,7 +222,7 @@ def test_interrupted_bench_resumes_and_never_rewrites_finished_runs(tiny_data: P
     final = finished_results(out)
     assert {k: final[k] for k in after_sigkill} == after_sigkill
     assert_complete_and_executed_once(out)
-    killed = [rid for rid in planned_ids(out) if rid not in after_sigkill]
+    killed = [rid for rid in ids if rid not in after_sigkill]
     assert any(
         "bench: started" in (out / "runs" / rid / "log.txt").read_text().split("bench: completed")[0] for rid in killed
     )

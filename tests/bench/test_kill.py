@@ -84,6 +84,7 @@ def test_sigkill_at_random_moments_gives_the_uninterrupted_results(tmp_path: Pat
     # point inside a run, however fast or slow the machine is today
     total = records(tmp_path / "reference")
     moments = sorted(random.Random(9).sample(range(1, total), KILLS))
+    finished_after_kill = []
     for index, moment in enumerate(moments):
         log = open(tmp_path / f"kill{index}.log", "w")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(
@@ -97,7 +98,9 @@ def test_sigkill_at_random_moments_gives_the_uninterrupted_results(tmp_path: Pat
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         log.close()
-    assert sum(RunDir(p).is_finished() for p in (out / "runs").iterdir()) < 3  # it was stopped part-way
+        finished_after_kill.append(sum(RunDir(p).is_finished() for p in (out / "runs").iterdir()))
+    # at least one kill stopped it part-way (a loaded machine may let a late moment's kill land after the end)
+    assert min(finished_after_kill) < 3, finished_after_kill
     assert run_bench(config, out) == 0
     final = table(out)
 
