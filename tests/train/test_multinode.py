@@ -92,8 +92,9 @@ def _assert_same_training(one_dir, two_dir, path, key):
     one process and two (all-reduce), and Adam divides each gradient by its own RMS, so a weight whose
     gradient is near Adam's eps (1e-8), or whose gradient is a sum that cancels to the size of its rounding
     (convolutions before an instance norm), moves by a noisy fraction of the lr: some weights part by more
-    than 2e-5. Measured for fine-tuning: 0.35% on an Intel CPU, 2.0% (78,246 of 3,913,596, nearly all in the
-    decoder convolutions) on an AMD EPYC with AVX-512, deterministic on each; pretraining 0%. The kernels'
+    than 2e-5. Measured for fine-tuning: 0.35% on an earlier development machine, 2.0% (78,246 of 3,913,596,
+    nearly all in the decoder convolutions) on an AMD EPYC with AVX-512, deterministic on each; pretraining
+    0%. The kernels'
     summation order is the CPU's, so the bound leaves room: 5%. Adam's first step is the gradient's sign, so
     different data would move every weight whose gradient changes sign, not a few percent."""
     for name in ("loss", "grad_norm"):
