@@ -20,9 +20,9 @@ import yaml
 
 import medssl.bench.executors.dispatch as dispatch
 from medssl.bench import run_bench
-from medssl.bench.engine import load_bench
 from medssl.bench.executors import CLAIM_FILE
 from medssl.bench.plan import expand_plan
+from medssl.config import load_bench_config
 from medssl.runs import RunDir
 
 pytestmark = pytest.mark.slow
@@ -40,8 +40,11 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+SCHEDULE = {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "log_every": 1}
+FINETUNE = {"crop_size": 32, "schedule": SCHEDULE, "val_every": 2, "n_test": 1, "n_val": 1, "sw_batch_size": 1}
+
+
 def write_bench(folder: Path, data: Path, **changes: object) -> Path:
-    schedule = {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "log_every": 1}
     bench = {
         "name": "tiny",
         "data": {"corpus": [str(data / "corpus")]},
@@ -50,15 +53,8 @@ def write_bench(folder: Path, data: Path, **changes: object) -> Path:
         "encoder": {"preset": "tiny", "window_size": 4},
         # 3.5 mm voxels: each ~30^3 phantom fits one 32^3 window, so inference is a single forward pass
         "preprocess": {"spacing": [3.5, 3.5, 3.5]},
-        "pretrain": {"crop_size": 32, "schedule": schedule},
-        "finetune": {
-            "crop_size": 32,
-            "schedule": schedule,
-            "val_every": 2,
-            "n_test": 1,
-            "n_val": 1,
-            "sw_batch_size": 1,
-        },
+        "pretrain": {"crop_size": 32, "schedule": SCHEDULE},
+        "finetune": FINETUNE,
         "budgets": ["all"],
         "seeds": [0],
         "cka": {"enabled": True, "n_crops": 2, "crop_size": 32, "batch_size": 2},
@@ -181,10 +177,9 @@ def hold_claims(stack: contextlib.ExitStack, out: Path, run_ids: list[str]) -> N
 
 def test_interrupted_bench_resumes_and_never_rewrites_finished_runs(tiny_data: Path, tmp_path: Path) -> None:
     # fine-tuning long enough that a kill between its first checkpoint and its results is easy to hit
-    schedule = {"steps": 8, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "log_every": 1}
-    finetune = {"crop_size": 32, "schedule": schedule, "val_every": 4, "n_test": 1, "n_val": 1, "sw_batch_size": 1}
+    finetune = {**FINETUNE, "schedule": {**SCHEDULE, "steps": 8}, "val_every": 4}
     config, out = write_bench(tmp_path, tiny_data, finetune=finetune), (tmp_path / "out").resolve()
-    ids = [run.run_id for run in expand_plan(load_bench(config, [], None), out, config).runs]
+    ids = [run.run_id for run in expand_plan(load_bench_config(config), out, config).runs]
     pretrain_id, cka_id = ids[0], ids[-1]
     assert pretrain_id.startswith("pretrain-") and cka_id.startswith("cka-")
 
@@ -260,8 +255,6 @@ def test_dry_run_estimates_from_finished_runs_and_measures_the_rest(
     shared_out: tuple[Path, Path, list[int]], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from medssl.bench.estimate import estimate_plan
-    from medssl.bench.plan import expand_plan
-    from medssl.config import load_bench_config
 
     config, out, _ = shared_out
     bench = load_bench_config(config, ["finetune.schedule.steps=3"])  # new fine-tune runs, same pretraining
@@ -290,7 +283,6 @@ def test_dry_run_estimates_from_finished_runs_and_measures_the_rest(
 
 def test_prepare_data_synthesises_and_ingests_where_the_plan_expects(tmp_path: Path) -> None:
     from medssl.bench.engine import REAL_CT_PATH, prepare_data
-    from medssl.bench.plan import expand_plan
     from medssl.config import BenchConfig
 
     bench = BenchConfig.model_validate(
