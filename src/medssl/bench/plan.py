@@ -16,13 +16,17 @@ from typing import Any
 
 from medssl.config import (
     FINETUNE_PLANNED_FIELDS,
+    IDENTITY_TRANSFORMER,
     RANDOM_INIT,
+    SUPERVISED,
     BenchConfig,
     Budget,
     CKARunConfig,
     FinetuneConfig,
     MethodConfig,
     PretrainConfig,
+    ProbeRunConfig,
+    SynthDataConfig,
     config_hash,
     deep_merge,
     validate_config,
@@ -207,6 +211,75 @@ def _default_synth_cases() -> int:
     return SynthDataConfig().cases
 
 
+# --------------------------------------------------------------------------- controls
+
+
+def control_data_seed(bench: BenchConfig) -> int:
+    """The anatomy seed of the supervised control's phantoms: the study's data seed plus the control's
+    ``seed_offset`` (>= 1, so never the study's own: no study case is among them)."""
+    synth = bench.data.synth or SynthDataConfig()
+    return (synth.seed + bench.controls.supervised.seed_offset) % 2**32
+
+
+def control_task_name(bench: BenchConfig) -> str:
+    return f"control_{bench.controls.supervised.task}"
+
+
+def control_task_dir(bench: BenchConfig, out: str | Path) -> Path:
+    """Where the control's labelled phantoms are written (``<out>/data/control/<kind>``)."""
+    return synth_data_dir(out) / "control" / bench.controls.supervised.task
+
+
+def needs_control_data(bench: BenchConfig) -> bool:
+    """The supervised control trains on the control phantoms, and an online probe without its own task
+    is scored on them."""
+    probe = bench.pretrain.probe
+    return bench.controls.supervised.enabled or (probe.every is not None and probe.task is None)
+
+
+@dataclass
+class EncoderRow:
+    """A row of the study: how its fine-tuning (and probe) runs get their encoder."""
+
+    method: str
+    family: str
+    checkpoint: Path | None = None
+    depends_on: str | None = None  # the run that writes the checkpoint
+    finetune: dict[str, Any] = field(default_factory=dict)  # finetune fields of this row only
+    probed: bool = True  # the identity-transformer has no encoder to probe
+
+
+def _supervised_control(bench: BenchConfig, out: Path, where: str | Path) -> tuple[PlannedRun, EncoderRow]:
+    """The supervised control's training run (kind ``supervised``) and its row."""
+    control = bench.controls.supervised
+    bench_dir = BenchDir(out)
+    section = deep_merge(bench.finetune.model_dump(mode="json"), control.finetune)
+    planned = sorted(FINETUNE_PLANNED_FIELDS & set(control.finetune))
+    if planned:
+        raise ConfigError(where, f"controls.supervised.finetune.{planned[0]} is set by the benchmark")
+    data = {
+        **section,
+        "task": str(control_task_dir(bench, out)),
+        "cache_dir": str(bench_dir.cache),
+        "splits_path": str(bench_dir.splits_file(control_task_name(bench))),
+        "encoder_checkpoint": None,
+        "encoder": bench.encoder.model_dump(mode="json"),
+        "budget": "all",
+        "seed": bench.seeds[0],
+        "n_test": control.n_test,
+        "n_val": control.n_val,
+        "preprocess": bench.preprocess.model_dump(mode="json"),
+        "limits": bench.limits.model_dump(),
+    }
+    try:
+        config = validate_config(FinetuneConfig, data, where)
+    except ConfigError as err:
+        raise ConfigError(where, f"controls.supervised: {err.problem}") from None
+    labels = {"method": SUPERVISED, "family": SUPERVISED, "task": control_task_name(bench)}
+    run = PlannedRun.make("supervised", f"{SUPERVISED}-{control.task}", config, [], labels)
+    return run, EncoderRow(SUPERVISED, SUPERVISED, RunDir(run.run_dir(out)).encoder_path, run.run_id)
+
+
 # --------------------------------------------------------------------------- run ids
 
 
@@ -247,7 +320,7 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
             encoders[method.name] = (None, None)
             continue
         data = {
-            **bench.pretrain.model_dump(mode="json"),
+            **_with_probe_task(bench.pretrain.model_dump(mode="json"), bench, out),
             "method": method.model_dump(mode="json"),
             "encoder": bench.encoder.model_dump(mode="json"),
             "corpus": str(corpus),
@@ -261,11 +334,18 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
 
     families = {method.name: REGISTRY[method.name].family for method in methods}
     methods = methods + _external_encoders(bench, out, encoders, families, where)
+    rows = [EncoderRow(m.name, families[m.name], *encoders[m.name]) for m in methods]
+    if bench.controls.supervised.enabled:
+        control_run, control_row = _supervised_control(bench, out, where)
+        runs.append(control_run)
+        rows.append(control_row)
+    if bench.controls.identity_transformer:
+        rows.append(EncoderRow(IDENTITY_TRANSFORMER, "control", finetune={"transformer": "identity"}, probed=False))
 
     finetunes: dict[tuple[str, str, str, int], PlannedRun] = {}
-    for method in methods:
-        family = families[method.name]
-        checkpoint, pretrain_id = encoders[method.name]
+    for row in rows:
+        family = row.family
+        checkpoint, pretrain_id = row.checkpoint, row.depends_on
         for task in tasks:
             for budget in budgets:
                 for seed in bench.seeds:
@@ -282,16 +362,17 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
                         "seed": seed,
                         "preprocess": bench.preprocess.model_dump(mode="json"),
                         "limits": bench.limits.model_dump(),
+                        **row.finetune,
                     }
                     finetune = _task_finetune_config(data, task, where)
-                    slug = f"{method.name}-{task.name}-b{budget}-s{seed}"
+                    slug = f"{row.method}-{task.name}-b{budget}-s{seed}"
                     run = PlannedRun.make(
                         "finetune",
                         slug,
                         finetune,
                         [pretrain_id] if pretrain_id else [],
                         {
-                            "method": method.name,
+                            "method": row.method,
                             "family": family,
                             "task": task.name,
                             "budget": str(budget),
@@ -299,7 +380,10 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
                         },
                     )
                     runs.append(run)
-                    finetunes[(method.name, task.name, str(budget), seed)] = run
+                    finetunes[(row.method, task.name, str(budget), seed)] = run
+
+    if bench.probe.enabled:
+        runs += _probe_runs(bench, out, [r for r in rows if r.probed], tasks, finetunes, where)
 
     if bench.cka.enabled:
         runs += _cka_runs(bench, out, methods, tasks, budgets, finetunes, encoders, where)
@@ -329,6 +413,68 @@ def _external_encoders(
         families[label] = EXTERNAL_FAMILY
         added.append(MethodConfig(name=label))
     return added
+
+
+def _with_probe_task(pretrain: dict[str, Any], bench: BenchConfig, out: Path) -> dict[str, Any]:
+    """The pretraining section with the online probe's task and cache filled in: the control phantoms,
+    held out from every study task, unless the benchmark names its own probe task."""
+    probe = dict(pretrain.get("probe") or {})
+    if probe.get("every") is not None and probe.get("task") is None:
+        probe["task"] = str(control_task_dir(bench, out))
+    if probe.get("every") is not None and probe.get("cache_dir") is None:
+        probe["cache_dir"] = str(BenchDir(out).cache)
+    return {**pretrain, "probe": probe}
+
+
+def _probe_runs(
+    bench: BenchConfig,
+    out: Path,
+    rows: list[EncoderRow],
+    tasks: list[ResolvedTask],
+    finetunes: dict[tuple[str, str, str, int], PlannedRun],
+    where: str | Path,
+) -> list[PlannedRun]:
+    """A probe run per encoder row x task x budget x seed, on the split, cache and preprocessing of the
+    fine-tuning run of the same row, task, budget and seed."""
+    budgets = budget_order(list(bench.probe.budgets or bench.budgets))
+    unknown = [b for b in budgets if str(b) not in {str(x) for x in bench.budgets}]
+    if unknown:
+        raise ConfigError(where, f"probe.budgets: {unknown[0]} is not one of the benchmark's budgets")
+    head = bench.probe.model_dump(mode="json", exclude={"enabled", "budgets"})
+    runs = []
+    for row in rows:
+        for task in tasks:
+            for budget in budgets:
+                for seed in bench.seeds:
+                    finetune = finetunes[(row.method, task.name, str(budget), seed)].config
+                    assert isinstance(finetune, FinetuneConfig)  # the fine-tuning stage's config
+                    data = {
+                        "task": str(finetune.task),
+                        "encoder_checkpoint": str(row.checkpoint) if row.checkpoint else None,
+                        "cache_dir": str(finetune.cache_dir),
+                        "splits_path": str(finetune.splits_path),
+                        "encoder": finetune.encoder.model_dump(mode="json"),
+                        "budget": budget,
+                        "seed": seed,
+                        "crop_size": finetune.crop_size,
+                        "preprocess": finetune.preprocess.model_dump(mode="json"),
+                        "n_test": finetune.n_test,
+                        "n_val": finetune.n_val,
+                        "probe": head,
+                        "limits": bench.limits.model_dump(),
+                    }
+                    config = validate_config(ProbeRunConfig, data, where)
+                    labels = {
+                        "method": row.method,
+                        "family": row.family,
+                        "task": task.name,
+                        "budget": str(budget),
+                        "seed": seed,
+                    }
+                    slug = f"{row.method}-{task.name}-b{budget}-s{seed}"
+                    deps = [row.depends_on] if row.depends_on else []
+                    runs.append(PlannedRun.make("probe", slug, config, deps, labels))
+    return runs
 
 
 def _task_finetune_config(data: dict[str, Any], task: ResolvedTask, where: str | Path) -> FinetuneConfig:

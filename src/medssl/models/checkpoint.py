@@ -238,7 +238,13 @@ def load_segmenter(path: str | Path):
     check_meta(path, {"method": "", "family": "", **meta} if isinstance(meta, dict) else meta)
     try:
         config = EncoderConfig.model_validate(meta["encoder"])
-        model = SwinSegmenter(config, int(meta["out_channels"]), crop_size=int(meta["crop_size"]), norm=meta["norm"])
+        model = SwinSegmenter(
+            config,
+            int(meta["out_channels"]),
+            crop_size=int(meta["crop_size"]),
+            norm=meta["norm"],
+            transformer=meta.get("transformer", "swin"),
+        )
     except (KeyError, TypeError, ValueError) as err:
         raise MedsslInputError(path, f"segmenter metadata is invalid ({type(err).__name__}: {err})") from None
     try:

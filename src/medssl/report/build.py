@@ -43,6 +43,7 @@ from medssl.report.tables import (
     metric_summary,
     structure_tables,
 )
+from medssl.report.transfer import section_controls, section_probe
 from medssl.results import (
     RunCollection,
     cka_runs,
@@ -61,6 +62,8 @@ SECTIONS = (
     ("leaderboard", "Leaderboard"),
     ("families", "Pretext families"),
     ("budgets", "Label budgets: few-shot vs many-shot"),
+    ("controls", "Controls and transfer effects"),
+    ("probe", "Frozen-encoder probe"),
     ("convergence", "Convergence"),
     ("modality", "CT vs MRI"),
     ("cka", "Feature reuse (CKA)"),
@@ -568,6 +571,8 @@ def section_provenance(ctx: ReportContext) -> Section:
 
 
 SECTION_BUILDERS: dict[str, Callable[[ReportContext], Section]] = {
+    "controls": section_controls,  # medssl.report.transfer
+    "probe": section_probe,
     "leaderboard": section_leaderboard,
     "families": section_families,
     "budgets": section_budgets,

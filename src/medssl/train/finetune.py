@@ -8,6 +8,7 @@ positive/negative crops, validation Dice every ``val_every`` steps with sliding-
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 from torch import Tensor, nn
 
-from medssl.config import RANDOM_INIT, FinetuneConfig, PreprocessConfig, config_hash, dump_yaml
+from medssl.config import IDENTITY_TRANSFORMER, RANDOM_INIT, FinetuneConfig, PreprocessConfig, config_hash, dump_yaml
 from medssl.data.cache import CachedVolume, VolumeCache, cache_task
 from medssl.data.datasets import SegmentationCropDataset, load_eval_case
 from medssl.data.splits import load_or_create_splits, train_cases
@@ -24,10 +25,18 @@ from medssl.errors import ConfigError, MedsslInputError, unknown_name_message
 from medssl.evaluate import case_metrics, mean_dice, predict_volume
 from medssl.fileio import file_sha256
 from medssl.limits import set_limits
-from medssl.models.checkpoint import load_encoder_state, read_encoder_checkpoint, safe_torch_load, save_segmenter
+from medssl.models.checkpoint import (
+    encoder_meta,
+    load_encoder_state,
+    read_encoder_checkpoint,
+    safe_torch_load,
+    save_encoder,
+    save_segmenter,
+)
 from medssl.models.segmenter import SwinSegmenter, resolve_norm
 from medssl.runs import RunDir
 from medssl.train.distributed import DistInfo, barrier, init_distributed
+from medssl.train.drift import encoder_drift, encoder_snapshot
 from medssl.train.loop import param_groups, train
 from medssl.train.session import AlreadyFinished, finish, run_session
 
@@ -48,6 +57,16 @@ def swin_layer_id(name: str, depths: list[int] | tuple[int, ...]) -> int:
             return sum(depths[:stage]) + int(parts[3]) + 1
         return sum(depths[: stage + 1])  # downsample (patch merging) of the stage
     return sum(depths) + 1
+
+
+@dataclass(frozen=True)
+class EncoderExport:
+    """Where a run also saves the encoder of its tested segmenter, and the row name and family it gets
+    (the positive control: a supervised encoder, ``medssl.train.supervised``)."""
+
+    path: Path
+    method: str
+    family: str
 
 
 def plateau_reached(curve: list[float], patience: int, min_delta: float = 0.0) -> bool:
@@ -120,7 +139,10 @@ def _budget_label(budget: int | str) -> str:
 def resolve_encoder(config: FinetuneConfig) -> tuple[dict[str, Tensor] | None, dict[str, Any]]:
     """Encoder state and metadata (method, family) for the run; random init when no checkpoint."""
     if config.encoder_checkpoint is None:
-        return None, {"method": RANDOM_INIT, "family": "none", "encoder": config.encoder.model_dump(mode="json")}
+        method, family = (
+            (IDENTITY_TRANSFORMER, "control") if config.transformer == "identity" else (RANDOM_INIT, "none")
+        )
+        return None, {"method": method, "family": family, "encoder": config.encoder.model_dump(mode="json")}
     state, meta = read_encoder_checkpoint(config.encoder_checkpoint)
     return state, meta
 
@@ -174,9 +196,11 @@ def check_label_values(task: TaskFolder, volumes: dict[str, CachedVolume]) -> No
         raise MedsslInputError(task.root, "no case has any foreground label (every label volume is background)")
 
 
-def finetune_info(config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any], n_train: int) -> dict[str, Any]:
+def finetune_info(
+    config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any], n_train: int, kind: str = "finetune"
+) -> dict[str, Any]:
     return {
-        "kind": "finetune",
+        "kind": kind,
         "config_hash": config_hash(config),
         "method": meta["method"],
         "family": meta["family"],
@@ -194,8 +218,19 @@ def finetune_info(config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any]
     }
 
 
-def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | None = None) -> dict[str, Any]:
-    """Fine-tune into ``run_dir``; resume if interrupted; return stored results when finished."""
+def run_finetune(
+    config: FinetuneConfig,
+    run_dir: str | Path,
+    info: DistInfo | None = None,
+    kind: str = "finetune",
+    export: EncoderExport | None = None,
+) -> dict[str, Any]:
+    """Fine-tune into ``run_dir``; resume if interrupted; return stored results when finished.
+
+    ``kind`` names the run in run.json and results.json: ``finetune``, or ``supervised`` for the segmenter
+    that trains the positive control's encoder (``medssl.train.supervised``), which no report counts as a
+    fine-tuning result. ``export``: the tested segmenter's encoder is saved there too, with its metadata,
+    before the run is marked finished."""
     run = RunDir(run_dir)
     set_limits(config.limits)
     identity = encoder_identity(config)
@@ -221,14 +256,20 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
     train_ids = train_cases(split, config.budget)
     agreement = preprocessing_agreement(enc_meta, config.preprocess, task.modality) if enc_state is not None else {}
     run_info = {
-        **finetune_info(config, task, enc_meta, len(train_ids)),
+        **finetune_info(config, task, enc_meta, len(train_ids), kind),
         **identity,
         **({"pretraining_preprocessing": agreement} if agreement else {}),
     }
     try:
         with run_session(run, info, dump_yaml(config), run_info) as started:
             torch.manual_seed(config.seed)
-            model = SwinSegmenter(encoder_config, task.n_classes, crop_size=config.crop_size, norm=config.norm)
+            model = SwinSegmenter(
+                encoder_config,
+                task.n_classes,
+                crop_size=config.crop_size,
+                norm=config.norm,
+                transformer=config.transformer,
+            )
             if enc_state is not None:
                 report = load_encoder_state(model, enc_state, source=str(config.encoder_checkpoint), prefix="swinViT.")
                 if info.is_main:
@@ -243,7 +284,9 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                             f"{enc_meta['source']['coverage']}, sha256 {enc_meta['source']['sha256'][:12]}"
                         )
             elif info.is_main:
-                run.log(f"encoder: random initialisation (seed {config.seed})")
+                blocks = ", Swin blocks replaced by identity" if config.transformer == "identity" else ""
+                run.log(f"encoder: random initialisation (seed {config.seed}){blocks}")
+            start_weights = encoder_snapshot(model.swinViT)  # where the encoder starts: its drift is measured
             if info.is_main:
                 run.log(
                     f"task {task.name} ({task.modality}): {len(train_ids)} training cases (budget "
@@ -257,6 +300,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 "out_channels": task.n_classes,
                 "crop_size": config.crop_size,
                 "norm": config.norm,
+                "transformer": config.transformer,
                 "method": enc_meta["method"],
                 "family": enc_meta["family"],
                 "task": task.name,
@@ -326,6 +370,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
             )
             barrier(info)
 
+            drift_final = encoder_drift(start_weights, model.swinViT)
             # Test with the best validation checkpoint (the final weights when validation never ran).
             if best_path.exists():
                 model.load_state_dict(safe_torch_load(best_path)["model"], strict=True)
@@ -347,11 +392,15 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 if "val_dice" in r
             ]
             best_rec = max(curve, key=lambda r: r["val_dice"], default=None)
+            drift = encoder_drift(start_weights, model.swinViT)
+            if info.is_main:
+                shown = ", ".join(f"{k} {v:.3f}" for k, v in drift.items() if v is not None)
+                run.log(f"encoder drift of the tested weights (relative change from the start): {shown}")
             feature_size = encoder_config.feature_size
             assert feature_size is not None  # EncoderConfig fills it from its preset
             results = {
                 **{k: run_info[k] for k in ("method", "family", "task", "modality", "budget", "n_train", "seed")},
-                "kind": "finetune",
+                "kind": kind,
                 "labels": {str(k): v for k, v in structures.items()},
                 "cases": rows,
                 "val_curve": curve,
@@ -367,8 +416,40 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 **({"encoder_source": run_info["encoder_source"]} if "encoder_source" in run_info else {}),
                 "data_wait_share": result.data_wait_share,
                 "norm": str(resolve_norm(config.norm, config.crop_size, feature_size)),
+                "transformer": config.transformer,
+                "encoder_drift": drift,  # of the tested (best validation) weights
+                "encoder_drift_final": drift_final,  # of the weights the last step left
             }
+            if export is not None:
+                results["encoder"] = _export_encoder(export, model, encoder_config, config, run, results)
             finish(run, info, results)
     except AlreadyFinished:
         return run.results() or {}
     return results
+
+
+def _export_encoder(
+    export: EncoderExport,
+    model: SwinSegmenter,
+    encoder_config: Any,
+    config: FinetuneConfig,
+    run: RunDir,
+    results: dict[str, Any],
+) -> str:
+    """Save the tested segmenter's encoder as an encoder checkpoint; returns its path in the run."""
+    per_case: dict[str, list[float]] = {}
+    for row in results["cases"]:
+        per_case.setdefault(row["case"], []).append(float(row["dice"]))
+    test_dice = sum(sum(v) / len(v) for v in per_case.values()) / len(per_case) if per_case else None
+    meta = encoder_meta(
+        method=export.method,
+        family=export.family,
+        encoder=encoder_config,
+        preprocess=config.preprocess.model_dump(mode="json"),
+        crop_size=config.crop_size,
+        steps=int(results["steps_run"]),
+        config_hash=config_hash(config),
+        extra={"run_id": run.id, "trained_on": results["task"], "test_dice": test_dice},
+    )
+    save_encoder(export.path, model.swinViT, meta)  # type: ignore[arg-type]  # a SwinEncoder inside
+    return str(export.path.relative_to(run.path)) if export.path.is_relative_to(run.path) else str(export.path)

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from medssl.config import PretrainConfig, config_hash, dump_yaml
+from medssl.config import PreprocessConfig, PretrainConfig, config_hash, dump_yaml
 from medssl.data.corpus import Corpus
 from medssl.data.datasets import PretrainRegionDataset
 from medssl.errors import ConfigError, unknown_name_message
+from medssl.evaluate.probe import load_probe_set, online_probe
 from medssl.limits import set_limits
 from medssl.methods import build_method
 from medssl.methods.base import SSLMethod
@@ -22,7 +23,7 @@ from medssl.models.encoder import SwinEncoder
 from medssl.runs import RunDir
 from medssl.train.cost import reset_peak_memory, run_cost, step_flops
 from medssl.train.distributed import DistInfo, barrier, init_distributed
-from medssl.train.loop import train
+from medssl.train.loop import Validator, train
 from medssl.train.session import AlreadyFinished, finish, run_session
 
 # Negatives each query is contrasted with in one step at global batch B (DDP gathers make it global):
@@ -114,7 +115,17 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
                     )
                 reset_peak_memory(info)
                 flops = step_flops(method, dataset, config.schedule.batch_size, info)  # once, leaves no trace
-                result = train(method, dataset, config.schedule, run, info, description=f"pretrain {cls.name}")
+                probe = online_probe_validator(config, method, corpus.preprocess, run, info)
+                result = train(
+                    method,
+                    dataset,
+                    config.schedule,
+                    run,
+                    info,
+                    validate=probe,
+                    val_every=config.probe.every,
+                    description=f"pretrain {cls.name}",
+                )
             steps = config.schedule.steps if method.trains else 0
             meta = encoder_meta(
                 method=cls.name,
@@ -152,3 +163,32 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
     except AlreadyFinished:
         return run.results() or {}
     return results
+
+
+def online_probe_validator(
+    config: PretrainConfig, method: SSLMethod, preprocess: PreprocessConfig, run: RunDir, info: DistInfo
+) -> Validator | None:
+    """The online frozen-encoder probe as the loop's validator (every ``probe.every`` steps, rank 0): the
+    exported network (the teacher for DINO and iBOT) probed on the held-out probe set, logged as the
+    ``probe`` record (``probe/dice`` in TensorBoard). The encoder before the first step is probed here too
+    (step 0), once. None when the probe is off."""
+    if config.probe.every is None:
+        return None
+    if not info.is_main:
+        return lambda module, step: {}
+    probe_set = load_probe_set(config.probe, preprocess, run.path / "cache")
+    run.log(
+        f"online probe every {config.probe.every} steps on {probe_set.task}: {len(probe_set.train)} training, "
+        f"{len(probe_set.test)} test cases"
+    )
+
+    def validate(module: torch.nn.Module, step: int) -> dict[str, Any]:
+        assert isinstance(module, SSLMethod)  # the loop passes the module it was given
+        encoder = module.encoder_for_export()
+        return {
+            "probe": online_probe(encoder, probe_set, config.probe, config.crop_size, config.schedule.seed, info.device)
+        }
+
+    if not any(r.get("step") == 0 and "probe" in r for r in run.read_metrics()):
+        run.append_metrics({"step": 0, **validate(method, 0)})
+    return validate

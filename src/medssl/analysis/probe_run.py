@@ -1,0 +1,107 @@
+"""A probe run (run kind ``probe``, ``medssl probe``): one frozen encoder probed on one task, budget and
+seed, scored on the test cases of the same ``splits.json`` the fine-tuning runs of that task use.
+
+The probe itself (features, head, Dice) is ``medssl.evaluate.probe``; this module resolves the encoder
+(an encoder checkpoint, a fine-tuned segmenter's encoder, or random init at the seed), the cases and the
+split, and writes the run directory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from medssl.analysis.cka_run import load_model_encoder
+from medssl.config import RANDOM_INIT, ProbeRunConfig
+from medssl.data.cache import VolumeCache, cache_task
+from medssl.data.datasets import load_eval_case
+from medssl.data.splits import load_or_create_splits, train_cases
+from medssl.data.tasks import load_task
+from medssl.errors import MedsslInputError
+from medssl.evaluate.probe import probe_cases
+from medssl.models.encoder import SwinEncoder
+from medssl.runs import RunDir
+
+
+def probe_encoder(config: ProbeRunConfig) -> tuple[SwinEncoder, dict[str, Any]]:
+    """The frozen encoder of a probe run and its row name (``method``) and ``family``."""
+    if config.encoder_checkpoint is None:
+        torch.manual_seed(config.seed)  # random init differs by seed, as in fine-tuning
+        return SwinEncoder(config.encoder), {"method": RANDOM_INIT, "family": "none"}
+    encoder, meta = load_model_encoder(config.encoder_checkpoint)
+    if encoder.patch_embed.proj.in_channels != 1:
+        raise MedsslInputError(config.encoder_checkpoint, "the probe reads single-channel volumes")
+    return encoder, {**meta, "method": meta.get("method", "unknown"), "family": meta.get("family", "unknown")}
+
+
+def probe_info(config: ProbeRunConfig, meta: dict[str, Any], task: Any, n_train: int) -> dict[str, Any]:
+    """run.json fields of a probe run."""
+    return {
+        "kind": "probe",
+        "method": meta["method"],
+        "family": meta["family"],
+        "encoder_checkpoint": str(config.encoder_checkpoint or ""),
+        "task": task.name,
+        "task_path": str(task.root),
+        "modality": task.modality,
+        "budget": str(config.budget),
+        "n_train": n_train,
+        "seed": config.seed,
+    }
+
+
+def open_probe(
+    config: ProbeRunConfig, run: RunDir, device: str | torch.device | None = None
+) -> tuple[dict[str, Any], Callable[[float], dict[str, Any]]]:
+    """Open the encoder, the task, its cache and split (a refusal here binds nothing) and return the
+    run.json fields and the work: ``body(started)`` probes and returns the results (``kind: probe``,
+    per-case Dice rows in ``cases``)."""
+    task = load_task(config.task)
+    encoder, meta = probe_encoder(config)
+    cache = VolumeCache(config.cache_dir if config.cache_dir is not None else run.path / "cache")
+    volumes = cache_task(task, cache, config.preprocess)
+    split = load_or_create_splits(
+        config.splits_path or run.path / "splits.json",
+        sorted(volumes),
+        config.seed,
+        [config.budget],
+        config.n_test,
+        config.n_val,
+    )
+    train_ids = train_cases(split, config.budget)
+    info = probe_info(config, meta, task, len(train_ids))
+
+    def body(started: float) -> dict[str, Any]:
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        encoder.to(target)
+        outcome = probe_cases(
+            encoder,
+            [load_eval_case(volumes[c]) for c in train_ids],
+            [load_eval_case(volumes[c]) for c in split["test"]],
+            task.structures,
+            config.probe,
+            config.crop_size,
+            config.seed,
+            target,
+        )
+        run.log(
+            f"probe {meta['method']} on {task.name} budget {config.budget} seed {config.seed}: mean test Dice "
+            f"{outcome.mean_dice:.3f} ({len(train_ids)} training cases, {outcome.n_points} voxels, "
+            f"{outcome.n_channels} feature channels)"
+        )
+        return {
+            **info,
+            "labels": {str(k): v for k, v in task.structures.items()},
+            "cases": outcome.rows,
+            "mean_dice": outcome.mean_dice,
+            "head_loss": outcome.losses,
+            "n_points": outcome.n_points,
+            "n_channels": outcome.n_channels,
+            "probe": config.probe.model_dump(mode="json"),
+            "wall_seconds": round(time.time() - started, 3),
+        }
+
+    return info, body
