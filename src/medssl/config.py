@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medssl.errors import ConfigError, unknown_name_message
+from medssl.errors import ConfigError, look_up_option
 from medssl.limits import Limits, check
 
 Modality = Literal["ct", "mri"]
@@ -551,9 +551,8 @@ class BenchTaskConfig(StrictModel):
     @field_validator("path")
     @classmethod
     def _known_synth(cls, v: str) -> str:
-        if v.startswith(SYNTH_TASK_PREFIX) and v[len(SYNTH_TASK_PREFIX) :] not in SYNTH_TASK_KINDS:
-            known = [SYNTH_TASK_PREFIX + k for k in SYNTH_TASK_KINDS]
-            raise ValueError(unknown_name_message("synthetic task", v, known))
+        if v.startswith(SYNTH_TASK_PREFIX):
+            look_up_option("synthetic task", v, [SYNTH_TASK_PREFIX + k for k in SYNTH_TASK_KINDS])
         return v
 
     @property

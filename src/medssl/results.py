@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from medssl.errors import MedsslInputError, unknown_name_message
+from medssl.errors import MedsslInputError, UnknownNameError, look_up_option
 from medssl.fileio import atomic_path, atomic_write_text
 from medssl.runs import RunDir, list_runs
 from medssl.version import describe_code_version
@@ -204,8 +204,10 @@ def collect_runs(runs_root: RunsRoot) -> RunCollection:
                 collection.skipped.append((run.id, "results.json is not a JSON object"))
                 continue
             finished = FinishedRun(run, info, results)
-            if finished.kind not in KINDS:
-                collection.skipped.append((run.id, unknown_name_message("run kind", finished.kind, KINDS)))
+            try:
+                look_up_option("run kind", finished.kind, KINDS)
+            except UnknownNameError as err:
+                collection.skipped.append((run.id, err.problem))
                 continue
             if finished.kind == "finetune":
                 try:
