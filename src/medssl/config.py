@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medssl.budget import Budget
 from medssl.errors import ConfigError, look_up_option
 from medssl.limits import Limits, check
 
@@ -254,7 +255,7 @@ class FinetuneConfig(StrictModel):
     cache_dir: Path | None = None  # preprocessed volumes; default <run>/cache (shared across a benchmark)
     splits_path: Path | None = None  # default <run>/splits.json (shared per task across a benchmark)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
-    budget: int | Literal["all"] = "all"
+    budget: Budget = Budget.all()  # training cases: a positive number or "all"
     seed: Seed = 0
     crop_size: CropSize = 64
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
@@ -471,7 +472,6 @@ def dump_yaml(model: BaseModel) -> str:
 # into one PretrainConfig/FinetuneConfig per run (``medssl.bench.plan``).
 
 SYNTH_TASK_PREFIX = "synth:"
-Budget = int | Literal["all"]  # training cases of a fine-tuning run
 SYNTH_TASK_KINDS = ("ct_organs", "ct_lesions", "mri_organs")
 
 
@@ -621,7 +621,7 @@ class BenchConfig(StrictModel):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     pretrain: BenchPretrainConfig = Field(default_factory=BenchPretrainConfig)
     finetune: BenchFinetuneConfig = Field(default_factory=BenchFinetuneConfig)
-    budgets: list[Budget] = Field(default_factory=lambda: list[Budget](["all"]), min_length=1)
+    budgets: list[Budget] = Field(default_factory=lambda: [Budget.all()], min_length=1)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     cka: BenchCKAConfig = Field(default_factory=BenchCKAConfig)
     external_encoders: list[ExternalEncoderConfig] = Field(default_factory=list)
@@ -631,10 +631,8 @@ class BenchConfig(StrictModel):
 
     @field_validator("budgets")
     @classmethod
-    def _budgets(cls, v: list[int | str]) -> list[int | str]:
-        if any(isinstance(b, int) and b < 1 for b in v):
-            raise ValueError("budgets must be positive case counts or 'all'")
-        if len({str(b) for b in v}) != len(v):
+    def _budgets(cls, v: list[Budget]) -> list[Budget]:
+        if len(set(v)) != len(v):
             raise ValueError("budgets are listed twice")
         return v
 

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from medssl.budget import Budget
 from medssl.errors import MedsslInputError, UnknownNameError, look_up_option
 from medssl.fileio import atomic_path, atomic_write_text
 from medssl.runs import RunDir, list_runs
@@ -211,7 +212,7 @@ def collect_runs(runs_root: RunsRoot) -> RunCollection:
                 continue
             if finished.kind == "finetune":
                 try:
-                    _budget_label(finished.get("budget", "all"))
+                    Budget.parse(finished.get("budget", "all"))
                 except (TypeError, ValueError):
                     budget = finished.get("budget")
                     collection.skipped.append((run.id, f"label budget {budget!r} is neither an integer nor 'all'"))
@@ -228,10 +229,6 @@ def collect_runs(runs_root: RunsRoot) -> RunCollection:
 
 def _as_collection(runs: RunsRoot | RunCollection) -> RunCollection:
     return runs if isinstance(runs, RunCollection) else collect_runs(runs)
-
-
-def _budget_label(value: Any) -> str:
-    return "all" if value is None or str(value) == "all" else str(int(value))
 
 
 def _float_or_nan(value: Any) -> float:
@@ -257,7 +254,7 @@ def _finetune_keys(run: FinishedRun) -> dict[str, Any]:
         "family": str(run.get("family", "unknown")),
         "task": str(run.get("task", "unknown")),
         "modality": str(run.get("modality", "unknown")).lower(),
-        "budget": _budget_label(run.get("budget", "all")),
+        "budget": Budget.parse(run.get("budget", "all")).label,
         "n_train": run.get("n_train"),
         "seed": run.get("seed", 0),
     }

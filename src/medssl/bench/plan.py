@@ -166,11 +166,6 @@ def resolve_methods(bench: BenchConfig, source: str | Path | None = None) -> lis
     return methods
 
 
-def budget_order(budgets: list[Budget]) -> list[Budget]:
-    """Smallest to largest, ``all`` last."""
-    return sorted(budgets, key=lambda b: (b == "all", b if isinstance(b, int) else 0))
-
-
 def check_budgets(task: ResolvedTask, bench: BenchConfig, source: str | Path | None = None) -> int | None:
     """The task's training pool size, after checking every budget fits in it (None: task absent)."""
     where = source or "<bench config>"
@@ -190,7 +185,7 @@ def check_budgets(task: ResolvedTask, bench: BenchConfig, source: str | Path | N
             f"task '{task.name}' has {n_cases} cases: not enough for n_test={n_test}, "
             f"n_val={n_val} and at least one training case",
         )
-    too_large = [b for b in bench.budgets if isinstance(b, int) and b > pool]
+    too_large = [b for b in bench.budgets if b.cases is not None and b.cases > pool]
     if too_large:
         raise ConfigError(
             where,
@@ -234,7 +229,7 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
     for task in tasks:
         check_budgets(task, bench, source)
     corpus = corpus_dir(bench, out)
-    budgets = budget_order(list(bench.budgets))
+    budgets = sorted(bench.budgets)  # smallest first, all last
     bench_dir = BenchDir(out)
     cache_dir = bench_dir.cache
 

@@ -113,10 +113,6 @@ class SegmentationModule(nn.Module):
                 p.grad = None
 
 
-def _budget_label(budget: int | str) -> str:
-    return str(budget)
-
-
 def resolve_encoder(config: FinetuneConfig) -> tuple[dict[str, Tensor] | None, dict[str, Any]]:
     """Encoder state and metadata (method, family) for the run; random init when no checkpoint."""
     if config.encoder_checkpoint is None:
@@ -183,7 +179,7 @@ def finetune_info(config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any]
         "task": task.name,
         "task_path": str(task.root),
         "modality": task.modality,
-        "budget": _budget_label(config.budget),
+        "budget": config.budget.label,
         "n_train": n_train,
         "seed": config.seed,
         "preset": meta.get("preset", config.encoder.preset),
