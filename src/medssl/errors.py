@@ -12,16 +12,27 @@ V = TypeVar("V")
 
 
 class MedsslInputError(Exception):
-    """Bad input or config: a user-fixable problem with a named file (or key)."""
+    """Bad input or config: a user-fixable problem with a named file (or key).
 
-    def __init__(self, source: str | Path | None, problem: str) -> None:
+    ``problems``: several problems of one source (a config with two bad fields), each its own line
+    in :meth:`lines`; ``problem`` and :meth:`one_line` join them with "; "."""
+
+    def __init__(self, source: str | Path | None, problem: str = "", *, problems: list[str] | None = None) -> None:
         self.source = str(source) if source is not None else None
-        self.problem = problem
+        self.problems = list(problems) if problems else [problem]
+        self.problem = "; ".join(self.problems)
         super().__init__(self.one_line())
 
-    def one_line(self) -> str:
-        text = " ".join(self.problem.split())
+    def _with_source(self, problem: str) -> str:
+        text = " ".join(problem.split())
         return f"{self.source}: {text}" if self.source else text
+
+    def one_line(self) -> str:
+        return self._with_source(self.problem)
+
+    def lines(self) -> list[str]:
+        """One line per problem, each naming the source: what the CLI prints."""
+        return [self._with_source(p) for p in self.problems]
 
 
 class ConfigError(MedsslInputError):

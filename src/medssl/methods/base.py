@@ -167,7 +167,9 @@ class SSLMethod(nn.Module):
         try:
             return cls.Params.model_validate(options)
         except ValidationError as err:
-            raise ConfigError(f"method '{cls.name}'", format_validation_error(err, prefix=f"{source}.")) from None
+            raise ConfigError(
+                f"method '{cls.name}'", format_validation_error(err, prefix=f"{source}.", model=cls.Params)
+            ) from None
 
 
 def build_method(
