@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from medssl.budget import Budget
 from medssl.errors import ConfigError, closest_name, look_up_option
@@ -796,18 +805,11 @@ class BenchConfig(StrictModel):
     cache: CacheConfig = Field(default_factory=CacheConfig)  # storage only: no result depends on it
     limits: Limits = Field(default_factory=Limits)  # resource limits, passed to every run
 
-    @field_validator("budgets")
+    @field_validator("budgets", "seeds")
     @classmethod
-    def _budgets(cls, v: list[Budget]) -> list[Budget]:
+    def _distinct(cls, v: list[Any], info: ValidationInfo) -> list[Any]:
         if len(set(v)) != len(v):
-            raise ValueError("budgets are listed twice")
-        return v
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
-            raise ValueError("seeds are listed twice")
+            raise ValueError(f"{info.field_name} are listed twice")
         return v
 
     def method_configs(self) -> list[MethodConfig]:

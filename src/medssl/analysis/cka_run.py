@@ -203,15 +203,8 @@ def open_cka_work(config: CKARunConfig, run: RunDir, device: str | torch.device 
     method = config.method or meta_a.get("method") or meta_b.get("method") or "unknown"
     preprocess = preprocess_from_meta(meta_a, config.model_a)
     cache = VolumeCache(config.cache_dir if config.cache_dir is not None else run.path / "cache")
-    crops, origins = task_crops(
-        task,
-        cache,
-        preprocess,
-        n_crops=config.n_crops,
-        crop_size=config.crop_size,
-        seed=config.seed,
-        cases=config.cases,
-    )
+    sampling = config.model_dump(include={"n_crops", "crop_size", "seed", "cases"})  # how the crops are drawn
+    crops, origins = task_crops(task, cache, preprocess, **sampling)
 
     def compare(started: float) -> dict[str, Any]:
         run.log(f"cka {config.comparison}: {config.model_a} vs {config.model_b}")

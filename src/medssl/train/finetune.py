@@ -24,11 +24,11 @@ from medssl.data.tasks import TaskFolder, load_task
 from medssl.errors import ConfigError, MedsslInputError, look_up_option
 from medssl.evaluate import case_metrics, mean_dice, predict_volume
 from medssl.fileio import file_sha256
-from medssl.limits import set_limits
 from medssl.models.checkpoint import load_encoder_state, read_encoder_checkpoint, safe_torch_load, save_segmenter
 from medssl.models.segmenter import SwinSegmenter, resolve_norm
-from medssl.runs import RunDir, RunWork, perform_run
-from medssl.train.distributed import DistInfo, barrier, init_distributed
+from medssl.runs import RunDir, RunWork
+from medssl.train.distributed import DistInfo, barrier
+from medssl.train.entry import perform_training_run
 from medssl.train.loop import param_groups, train
 
 ENCODER_PREFIX = "model.swinViT."
@@ -191,17 +191,12 @@ def finetune_info(config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any]
 
 def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | None = None) -> dict[str, Any]:
     """Fine-tune into ``run_dir``; resume if interrupted; return stored results when finished."""
-    run = RunDir(run_dir)
-    set_limits(config.limits)
-    dist = info or init_distributed()
 
-    def open_work() -> RunWork:
+    def open_work(run: RunDir, dist: DistInfo) -> RunWork:
         inputs = open_finetune_inputs(config, run)
         return RunWork("finetune", inputs.run_info, lambda started: finetune_body(config, inputs, run, dist, started))
 
-    return perform_run(
-        run, config, open_work, identity=encoder_identity(config), is_main=dist.is_main, world_size=dist.world_size
-    )
+    return perform_training_run(config, run_dir, open_work, info, identity=encoder_identity(config))
 
 
 @dataclass

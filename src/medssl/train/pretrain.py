@@ -13,15 +13,15 @@ from medssl.config import PretrainConfig, config_hash
 from medssl.data.corpus import Corpus
 from medssl.data.datasets import PretrainRegionDataset
 from medssl.errors import ConfigError, look_up_option
-from medssl.limits import set_limits
 from medssl.methods import build_method
 from medssl.methods.base import SSLMethod
 from medssl.methods.health import health_verdict
 from medssl.models.checkpoint import encoder_meta, save_encoder
 from medssl.models.encoder import SwinEncoder
-from medssl.runs import RunDir, RunWork, perform_run
+from medssl.runs import RunDir, RunWork
 from medssl.train.cost import reset_peak_memory, run_cost, step_flops
-from medssl.train.distributed import DistInfo, barrier, init_distributed
+from medssl.train.distributed import DistInfo, barrier
+from medssl.train.entry import perform_training_run
 from medssl.train.loop import train
 
 # Negatives each query is contrasted with in one step at global batch B (DDP gathers make it global):
@@ -75,11 +75,8 @@ def pretrain_info(config: PretrainConfig, cls: type[SSLMethod]) -> dict[str, Any
 
 def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | None = None) -> dict[str, Any]:
     """Pretrain ``config.method`` into ``run_dir``; resume if interrupted; no-op when finished."""
-    run = RunDir(run_dir)
-    set_limits(config.limits)
-    dist = info or init_distributed()
 
-    def open_work() -> RunWork:
+    def open_work(run: RunDir, dist: DistInfo) -> RunWork:
         from medssl.methods import REGISTRY
 
         cls = REGISTRY[look_up_option("method", config.method.name, sorted(REGISTRY), source="method.name")]
@@ -87,13 +84,10 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
         if trains and config.corpus is None:
             raise ConfigError("corpus", f"method '{cls.name}' needs a corpus to pretrain on")
         corpus = Corpus.open(config.corpus) if trains and config.corpus is not None else None
-        return RunWork(
-            "pretrain",
-            pretrain_info(config, cls),
-            lambda started: pretrain_body(config, cls, corpus, run, dist, started),
-        )
+        info = pretrain_info(config, cls)
+        return RunWork("pretrain", info, lambda started: pretrain_body(config, cls, corpus, run, dist, started))
 
-    return perform_run(run, config, open_work, is_main=dist.is_main, world_size=dist.world_size)
+    return perform_training_run(config, run_dir, open_work, info)
 
 
 def pretrain_body(
