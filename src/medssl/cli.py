@@ -332,7 +332,8 @@ def main() -> None:
     except MedsslInputError as err:
         if _state["debug"]:
             raise
-        typer.echo(f"error: {err.one_line()}", err=True)
+        for line in err.lines():  # one per problem: a config with two bad fields gives two lines
+            typer.echo(f"error: {line}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted: finished runs are kept; run the same command again to resume", err=True)

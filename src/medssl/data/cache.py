@@ -47,7 +47,7 @@ import numpy as np
 from medssl.config import PreprocessConfig, config_hash
 from medssl.data.preprocess import MODALITIES, preprocess_case
 from medssl.data.readers import read_volume
-from medssl.errors import MedsslInputError, unknown_name_message
+from medssl.errors import MedsslInputError, look_up_option
 
 if TYPE_CHECKING:
     from medssl.data.tasks import TaskFolder
@@ -327,8 +327,7 @@ class VolumeCache:
         A multi-channel case either lists one file per channel in ``images`` (nnU-Net; ``image_path``
         is the first) or is one 4D file with ``channels_in_file`` channels (MSD).
         """
-        if modality not in MODALITIES:
-            raise MedsslInputError(image_path, unknown_name_message("modality", modality, MODALITIES))
+        look_up_option("modality", modality, MODALITIES, source=image_path)
         files = [Path(p) for p in images] if images else [Path(image_path)]
         if channels_in_file < 1 or (channels_in_file > 1 and len(files) > 1):
             raise ValueError("channels_in_file > 1 needs exactly one image file")

@@ -19,7 +19,7 @@ from monai.transforms import Orientation, ScaleIntensityRange, ScaleIntensityRan
 
 from medssl.config import PreprocessConfig
 from medssl.data.readers import Volume
-from medssl.errors import MedsslInputError, unknown_name_message
+from medssl.errors import MedsslInputError, look_up_option
 from medssl.limits import check
 
 MODALITIES = ("ct", "mri")
@@ -115,8 +115,7 @@ def preprocess_case(
     share a grid). Returns the image as float32 ``(X, Y, Z)`` (``(C, X, Y, Z)`` for several
     channels) in [0, 1], the label as uint8/int16 ``(X, Y, Z)`` (or None), and the final spacing.
     """
-    if modality not in MODALITIES:
-        raise MedsslInputError(getattr(image, "source", None), unknown_name_message("modality", modality, MODALITIES))
+    look_up_option("modality", modality, MODALITIES, source=getattr(image, "source", None))
     channels = [image] if isinstance(image, Volume) else list(image)
     if not channels:
         raise ValueError("preprocess_case needs at least one image volume")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from medssl.data.convert import amos, brats, btcv, hanseg, kits, msd
 from medssl.data.convert.base import ConvertSummary, Plan, write_nnunet
-from medssl.errors import MedsslInputError, unknown_name_message
+from medssl.errors import MedsslInputError, look_up_option
 
 # kind → (plan builder, one-line description of what it expects)
 CONVERTERS: dict[str, tuple[Callable[..., Plan], str]] = {
@@ -35,8 +35,7 @@ def convert_dataset(
     """Convert the dataset ``kind`` in ``src`` into an nnU-Net v2 raw folder ``out`` (resumes a partial one)."""
     kind = kind.lower()
     src, out = Path(src), Path(out)
-    if kind not in CONVERTERS:
-        raise MedsslInputError(None, unknown_name_message("dataset kind", kind, CONVERTERS))
+    look_up_option("dataset kind", kind, CONVERTERS)
     if not src.is_dir():
         raise MedsslInputError(src, "not a folder")
     if modality is not None and kind not in MODALITY_KINDS:

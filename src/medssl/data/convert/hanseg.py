@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 from medssl.data.convert.base import CaseData, Plan, SourceCase, inside, read_image, read_label, same_grid
 from medssl.data.readers import Volume
-from medssl.errors import MedsslInputError, unknown_name_message
+from medssl.errors import MedsslInputError, look_up_option
 
 STRUCTURES = (
     "A_Carotid_L",
@@ -115,7 +115,7 @@ def plan(src: Path, modality: str | None = None) -> Plan:
         for path in sorted(folder.glob(f"{prefix}*{suffix}")):
             structure = path.name[len(prefix) : -len(suffix)]
             if structure not in LABELS or structure == "background":
-                raise MedsslInputError(path, unknown_name_message("HaN-Seg structure", structure, STRUCTURES))
+                look_up_option("HaN-Seg structure", structure, STRUCTURES, source=path)
             masks[structure] = inside(src, path)
         if not masks:
             raise MedsslInputError(folder, f"no {prefix}<Structure>{suffix} masks")
