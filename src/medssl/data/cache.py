@@ -46,7 +46,7 @@ import numpy as np
 
 from medssl.config import PreprocessConfig, config_hash
 from medssl.data.preprocess import MODALITIES, preprocess_case
-from medssl.data.readers import read_volume
+from medssl.data.readers import read_channels, read_volume
 from medssl.errors import MedsslInputError, unknown_name_message
 
 if TYPE_CHECKING:
@@ -362,10 +362,8 @@ class VolumeCache:
         config: PreprocessConfig,
         channels_in_file: int,
     ) -> None:
-        if channels_in_file > 1:
-            volumes = [read_volume(files[0], channel=c) for c in range(channels_in_file)]
-        else:
-            volumes = [read_volume(p) for p in files]
+        # an MSD case holds its channels in one 4D file: all of them, and exactly as many as declared
+        volumes = read_channels(files[0], channels_in_file) if channels_in_file > 1 else [read_volume(p) for p in files]
         label_volume = read_volume(label_path, label=True) if label_path is not None else None
         image, label, spacing = preprocess_case(
             volumes if len(volumes) > 1 else volumes[0], label_volume, modality, config
