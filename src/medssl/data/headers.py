@@ -17,8 +17,8 @@ its first bytes:
 
 Patterns are expanded (at most :data:`MAX_PATTERN_FILES` names) with one integer conversion
 (``%d``/``%i``/``%u``, optional zero padding and width) and nothing else: MetaIO passes the pattern to
-``snprintf``, so any other conversion is refused. Lines end at ``\\n`` or ``\\r`` as both libraries
-read them; a header line longer than :data:`MAX_LINE_BYTES` is refused.
+``snprintf``, so any other conversion is refused. Lines end as teem ends them (``\\n``, ``\\r``, or the
+two together); a header line longer than :data:`MAX_LINE_BYTES` is refused.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ _NRRD_DATA_FILE = re.compile(r"^\s*data\s*file\s*:(?!=)\s*(?P<value>.*?)\s*$", r
 _NRRD_FIELD = re.compile(r"^\s*(?P<key>[^:#][^:]*?)\s*:(?!=)\s*(?P<value>.*?)\s*$")
 _META_FIELD = re.compile(r"^\s*(?P<key>[^=:]+?)\s*[=:]\s*(?P<value>.*?)\s*$")
 _META_DATA_FILE_KEY = "ElementDataFile"
+_EOL = re.compile(r"\r\n|\n\r|\r|\n")
 # One integer conversion: %d, %5d, %05d, %i, %u (no other conversion, no %% escapes).
 _PATTERN = re.compile(r"^(?P<head>[^%]*)%(?P<flags>0?)(?P<width>\d{0,3})[diu](?P<tail>[^%]*)$")
 
@@ -53,17 +54,27 @@ class TextHeader:
 
 
 def _lines(path: Path) -> Iterator[str]:
-    """The file's lines, streamed; ``\\r``, ``\\n`` and ``\\r\\n`` all end a line."""
+    """The file's lines, streamed. As teem's ``airOneLine``: ``\n`` or ``\r`` ends a line, and ``\r\n`` or
+    ``\n\r`` is one ending (so ``a\r\n\r\n`` is ``a`` and an empty line, the end of an NRRD header)."""
+    buffer = ""
     try:
         with open(path, "rb") as f:
             while True:
-                raw = f.readline(MAX_LINE_BYTES + 1)
-                if not raw:
-                    return
-                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                chunk = f.read(1 << 16)
+                buffer += chunk.decode("latin-1")
+                start = 0
+                for end in _EOL.finditer(buffer):
+                    if chunk and end.end() == len(buffer):
+                        break  # a "\r" at the end of the chunk may have its "\n" in the next
+                    yield buffer[start : end.start()]
+                    start = end.end()
+                buffer = buffer[start:]
+                if len(buffer) > MAX_LINE_BYTES:
                     raise MedsslInputError(path, f"header line longer than {MAX_LINE_BYTES} bytes")
-                text = raw.decode("latin-1").rstrip("\n")
-                yield from text.split("\r")
+                if not chunk:
+                    if buffer:
+                        yield buffer
+                    return
     except OSError as err:
         raise MedsslInputError(path, f"unreadable header ({err.strerror or err})") from None
 
