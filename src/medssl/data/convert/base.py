@@ -88,7 +88,9 @@ def listed_path(root: Path, relative: Any, listing: Path, what: str) -> Path:
         raise MedsslInputError(listing, f"{what} {relative!r} is absolute; paths must be relative to {root}")
     candidate = Path(os.path.normpath(root / relative))
     if not inside_root(candidate, root):
-        raise MedsslInputError(listing, f"{what} {relative!r} resolves outside the dataset folder {root}")
+        raise MedsslInputError(
+            candidate, f"{what} of {listing} resolves outside the dataset folder {root} (a symlink or '..' leading out)"
+        )
     return candidate
 
 
@@ -113,8 +115,8 @@ def msd_labels(raw: Any, path: Path) -> dict[str, int]:
     for key, name in raw.items():
         if not re.fullmatch(r"\d+", str(key)) or not isinstance(name, str) or not name.strip():
             raise MedsslInputError(path, f'label entry {str(key)[:40]!r}: {str(name)[:40]!r} is not "N": "name"')
-        if name in labels:
-            raise MedsslInputError(path, f"label name {name[:40]!r} is used twice")
+        if name in labels or (name == "background" and int(key) != 0):
+            raise MedsslInputError(path, f"label name {name[:40]!r} is used twice (background is 0)")
         labels[name] = int(key)
     if 0 not in labels.values():
         labels = {"background": 0, **labels}

@@ -13,10 +13,10 @@
   again, and a case the source no longer has is removed with its files.
 - **Bound to its source.** An OUT written from another source folder, or by another kind or options,
   is refused, never reported "already done" with the first source's data.
-- **No partial file where nnU-Net looks.** Files are written in ``OUT/.partial/`` and renamed into
-  ``imagesTr``/``labelsTr`` whole (one filesystem, so the rename is atomic); a killed run leaves
-  debris only there, and the next run sweeps it (and any hidden file in ``imagesTr``/``labelsTr``,
-  which nnU-Net's case listing would take for a case).
+- **No partial file where nnU-Net looks.** A case's files are written in ``OUT/.partial/`` and then
+  renamed into ``imagesTr``/``labelsTr`` together (one filesystem, so each rename is atomic); a killed
+  run leaves debris only there, and the next run sweeps it (and any hidden file in
+  ``imagesTr``/``labelsTr``, which nnU-Net's case listing would take for a case).
 - **Output that ``data check`` accepts.** What dataset.json will say (name, channels, labels, regions)
   is checked with the task reader's own rules before any case is converted (so ``limits.labels``,
   ``limits.label_value`` and names apply), case ids are unique (ignoring case), and the written
@@ -215,13 +215,17 @@ def _compact_image(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _write(out: Path, relative: str, array: np.ndarray, affine: np.ndarray) -> int:
-    """Write ``out/relative`` through ``out/.partial/`` (renamed whole into place); its size in bytes."""
-    partial = out / PARTIAL / Path(relative).name
-    write_nifti(partial, array, affine)
-    (out / relative).parent.mkdir(exist_ok=True)
-    os.replace(partial, out / relative)
-    return (out / relative).stat().st_size
+def _write_case(out: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, int]:
+    """Write a case's files (``relative path: (array, affine)``) in ``out/.partial/``, then rename them
+    into place together: nnU-Net never lists an image whose label is not there yet. Sizes in bytes."""
+    for relative, (array, affine) in arrays.items():
+        write_nifti(out / PARTIAL / Path(relative).name, array, affine)
+    sizes = {}
+    for relative in arrays:
+        (out / relative).parent.mkdir(exist_ok=True)
+        os.replace(out / PARTIAL / Path(relative).name, out / relative)
+        sizes[relative] = (out / relative).stat().st_size
+    return sizes
 
 
 def _convert_case(out: Path, case: SourceCase, plan: Plan, kind: str) -> tuple[dict[str, int], list[int], dict]:
@@ -239,14 +243,14 @@ def _convert_case(out: Path, case: SourceCase, plan: Plan, kind: str) -> tuple[d
         raise MedsslInputError(
             data.label.source, f"label value(s) {undeclared} are not among the {kind} labels {declared}"
         )
-    files: dict[str, int] = {}
-    for c, channel in enumerate(data.channels):
-        relative = f"imagesTr/{case.case_id}_{c:04d}{FILE_ENDING}"
-        files[relative] = _write(out, relative, _compact_image(channel.array), channel.affine)
-    relative = f"labelsTr/{case.case_id}{FILE_ENDING}"
+    arrays = {
+        f"imagesTr/{case.case_id}_{c:04d}{FILE_ENDING}": (_compact_image(channel.array), channel.affine)
+        for c, channel in enumerate(data.channels)
+    }
     label = data.label.array.astype(np.uint8 if max(values) <= 255 else np.int32)
-    files[relative] = _write(out, relative, label, data.channels[0].affine)  # the image's grid, checked equal
-    return files, values, data.notes
+    # on the image's grid, checked equal above
+    arrays[f"labelsTr/{case.case_id}{FILE_ENDING}"] = (label, data.channels[0].affine)
+    return _write_case(out, arrays), values, data.notes
 
 
 def write_nnunet(
