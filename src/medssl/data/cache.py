@@ -297,21 +297,6 @@ class VolumeCache:
         self.root = Path(root)
         self.image_format = image_format
 
-    def entry(self, key: str) -> CachedVolume:
-        return CachedVolume(self.root / key)
-
-    def key_for(
-        self,
-        image_path: str | Path,
-        label_path: str | Path | None,
-        modality: str,
-        config: PreprocessConfig,
-        images: Sequence[str | Path] | None = None,
-        channels_in_file: int = 1,
-    ) -> str:
-        files = list(images) if images else [image_path]
-        return cache_key(files, label_path, modality, config, channels_in_file)
-
     def get(
         self,
         image_path: str | Path,

@@ -26,6 +26,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -146,18 +147,26 @@ def check_text_header_spacing(path: Path) -> None:
         raise MedsslInputError(path, f"{problem} (would be read as 1 mm or lose its sign)")
 
 
+def _image_information(path: str | Path, image_io: str) -> Any | None:
+    """SimpleITK's reader of ``path`` with its header read (the given ImageIO); None when unreadable."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(image_io)
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return reader
+
+
 def check_dicom_spacing(files: Sequence[str | Path]) -> None:
     """Every slice of a DICOM series states a Pixel Spacing of two positive numbers (GDCM reads a missing,
     zero, negative or unparsable one as 1 mm)."""
-    import SimpleITK as sitk
-
     for file in files:
-        reader = sitk.ImageFileReader()
-        reader.SetImageIO(DICOM_IMAGE_IO)
-        reader.SetFileName(str(file))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
+        reader = _image_information(file, DICOM_IMAGE_IO)
+        if reader is None:
             continue  # unreadable: the series reader says why
         value = reader.GetMetaData(_PIXEL_SPACING).strip() if reader.HasMetaDataKey(_PIXEL_SPACING) else ""
         parts = value.split("\\")
@@ -179,18 +188,12 @@ def check_dicom_spacing(files: Sequence[str | Path]) -> None:
 
 def header_voxels(path: Path) -> int | None:
     """Voxels (times channels) the file declares, from its header alone; None when undecidable."""
-    import SimpleITK as sitk
-
     name = _name_of(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
         for first in files[:8]:
-            reader = sitk.ImageFileReader()
-            reader.SetImageIO(DICOM_IMAGE_IO)
-            reader.SetFileName(str(first))
-            try:
-                reader.ReadImageInformation()
-            except RuntimeError:
+            reader = _image_information(first, DICOM_IMAGE_IO)
+            if reader is None:
                 continue
             size = reader.GetSize()
             return math.prod(size[:2]) * max(len(files), 1) * reader.GetNumberOfComponents()
@@ -204,14 +207,8 @@ def header_voxels(path: Path) -> int | None:
             return None
         return math.prod(int(s) for s in shape) if shape else None
     if name.endswith(tuple(ITK_IMAGE_IO)):
-        reader = sitk.ImageFileReader()
-        reader.SetImageIO(itk_image_io(path))
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            return None
-        return math.prod(reader.GetSize()) * reader.GetNumberOfComponents()
+        reader = _image_information(path, itk_image_io(path))
+        return math.prod(reader.GetSize()) * reader.GetNumberOfComponents() if reader is not None else None
     return None  # .inv3: checked from main.plist and the tar headers by its reader
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -745,9 +745,42 @@ def _check_request(n: int, what: str, shape: Sequence[int], spacing: Sequence[fl
         raise MedsslInputError("spacing", f"voxel spacing must be 3 positive values in mm, got {list(spacing)}")
 
 
+def _folder_params(
+    kind: str,
+    n: int,
+    seed: int,
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    jitter_spacing: bool,
+    variation: Variation,
+    **extra: object,
+) -> dict[str, object]:
+    """What a generated folder's marker records (and a later call must match to skip it)."""
+    return _params(
+        kind=kind,
+        n=n,
+        seed=seed,
+        shape=list(shape),
+        spacing=list(spacing),
+        jitter_spacing=jitter_spacing,
+        **extra,
+        **_variation_param(variation),
+    )
+
+
+def _anatomies(
+    seed: int, domain: str, n: int, shape: Sequence[int], spacing: Sequence[float], jitter_spacing: bool
+) -> Iterator[tuple[int, Anatomy]]:
+    """(anatomy seed, anatomy) of the cases 0..n-1 of a domain."""
+    for i in range(n):
+        cs = case_seed(seed, domain, i)
+        yield cs, make_anatomy(cs, shape, _case_spacing(cs, spacing, jitter_spacing))
+
+
 def synth_corpus(
     out: str | Path,
     n: int,
+    *,
     seed: int = 0,
     shape: Sequence[int] = (64, 64, 64),
     spacing: Sequence[float] = (3.0, 3.0, 3.0),
@@ -761,20 +794,12 @@ def synth_corpus(
     _check_request(n, "corpus cases", shape, spacing)
     out = Path(out)
     names = [f"scan_{i:03d}.nii.gz" for i in range(n)]
-    params = _params(
-        kind="corpus",
-        n=n,
-        seed=seed,
-        shape=list(shape),
-        spacing=list(spacing),
-        jitter_spacing=jitter_spacing,
-        **_variation_param(variation),
-    )
+    params = _folder_params("corpus", n, seed, shape, spacing, jitter_spacing, variation)
     if not _is_complete(out, params):
         _start(out, [])
-        for i, name in enumerate(names):
-            cs = case_seed(seed, "corpus", i)
-            anatomy = make_anatomy(cs, shape, _case_spacing(cs, spacing, jitter_spacing))
+        for name, (cs, anatomy) in zip(
+            names, _anatomies(seed, "corpus", n, shape, spacing, jitter_spacing), strict=True
+        ):
             write_nifti(out / name, _ct_int16(render_ct(anatomy, cs, variation)), anatomy.affine)
         _remove_stale(out, "scan", set(names))
         atomic_write_text(out / _MARKER, json.dumps(params))
@@ -796,11 +821,12 @@ def synth_task(
     out: str | Path,
     kind: TaskKind,
     n: int,
+    *,
+    mri_weighting: str = "t1",
     seed: int = 0,
     shape: Sequence[int] = (64, 64, 64),
     spacing: Sequence[float] = (3.0, 3.0, 3.0),
     jitter_spacing: bool = True,
-    mri_weighting: str = "t1",
     variation: Variation = "standard",
 ) -> Path:
     """A labeled task in MSD layout (``dataset.json``, ``imagesTr/``, ``labelsTr/``); returns ``out``.
@@ -815,25 +841,15 @@ def synth_task(
     if kind == "mri_organs" and mri_weighting not in MRI_SIGNAL:
         raise MedsslInputError("mri_weighting", f"must be one of {', '.join(MRI_SIGNAL)}, got {mri_weighting!r}")
     out = Path(out)
-    params = _params(
-        kind=kind,
-        n=n,
-        seed=seed,
-        shape=list(shape),
-        spacing=list(spacing),
-        jitter_spacing=jitter_spacing,
-        mri_weighting=mri_weighting if kind == "mri_organs" else None,
-        **_variation_param(variation),
-    )
+    weighting = mri_weighting if kind == "mri_organs" else None
+    params = _folder_params(kind, n, seed, shape, spacing, jitter_spacing, variation, mri_weighting=weighting)
     if _is_complete(out, params):
         return out
     _start(out, ["imagesTr", "labelsTr"])
     domain = "lesions" if kind == "ct_lesions" else "organs"
     labels = LESION_LABELS if kind == "ct_lesions" else ORGAN_LABELS
     names = [f"case_{i:03d}.nii.gz" for i in range(n)]
-    for i, name in enumerate(names):
-        cs = case_seed(seed, domain, i)
-        anatomy = make_anatomy(cs, shape, _case_spacing(cs, spacing, jitter_spacing))
+    for name, (cs, anatomy) in zip(names, _anatomies(seed, domain, n, shape, spacing, jitter_spacing), strict=True):
         if kind == "mri_organs":
             image = render_mri(anatomy, cs, weighting=mri_weighting, variation=variation)
         else:

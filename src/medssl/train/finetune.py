@@ -295,19 +295,17 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
             best = {"dice": max((r["val_dice"] for r in prior), default=-1.0)}
             val_history = [r["val_dice"] for r in prior]
 
+            def predict(network: nn.Module, image: Tensor) -> Tensor:
+                """A label map, by sliding windows (regions: sigmoids painted in regions_class_order)."""
+                return predict_volume(
+                    network, image, config.crop_size, config.sw_batch_size, config.sw_overlap, info.device, task.regions
+                )
+
             def validate(module: nn.Module, step: int) -> dict[str, Any]:
                 assert isinstance(module, SegmentationModule)  # the loop passes the module it was given
                 per_structure: dict[str, list[float]] = {}
                 for case in val_cases:
-                    pred = predict_volume(
-                        module.model,
-                        case["image"],
-                        config.crop_size,
-                        config.sw_batch_size,
-                        config.sw_overlap,
-                        info.device,
-                        regions=task.regions,
-                    )
+                    pred = predict(module.model, case["image"])
                     for name, d in mean_dice(pred, case["label"][0], structures, task.regions).items():
                         per_structure.setdefault(name, []).append(d)
                 means = {k: sum(v) / len(v) for k, v in per_structure.items()}
@@ -363,17 +361,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
             if info.is_main:
                 for cid in split["test"]:
                     case = load_eval_case(volumes[cid])
-                    pred = predict_volume(
-                        model,
-                        case["image"],
-                        config.crop_size,
-                        config.sw_batch_size,
-                        config.sw_overlap,
-                        info.device,
-                        regions=task.regions,
-                    )
                     rows += case_metrics(
-                        pred,
+                        predict(model, case["image"]),
                         case["label"][0],
                         structures,
                         case["spacing"],

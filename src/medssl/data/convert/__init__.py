@@ -7,22 +7,25 @@ bound to its source).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from medssl.data.convert import amos, brats, btcv, hanseg, kits, msd
-from medssl.data.convert.base import Plan, check_label_style
+from medssl.data.convert.base import check_label_style
 from medssl.data.convert.writer import ConvertSummary, write_nnunet
 from medssl.errors import MedsslInputError, unknown_name_message
 
-# kind → (plan builder, one-line description of what it expects)
-CONVERTERS: dict[str, tuple[Callable[..., Plan], str]] = {
-    "btcv": (btcv.plan, "BTCV RawData: Training/img/imgNNNN.nii.gz + Training/label/labelNNNN.nii.gz"),
-    "amos": (amos.plan, "AMOS22: dataset.json 'training' list; --modality ct (ids <= 500) or mri (> 500)"),
-    "kits": (kits.plan, "KiTS19/21/23: case_XXXXX/imaging.nii.gz + segmentation.nii.gz"),
-    "brats": (brats.plan, "BraTS: <case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz"),
-    "hanseg": (hanseg.plan, "HaN-Seg: case_XX/case_XX_IMG_CT.nrrd + case_XX_OAR_<Structure>.seg.nrrd"),
-    "msd": (msd.plan, "MSD TaskXX_Name: dataset.json + imagesTr (3D or 4D) + labelsTr"),
+# kind → its module: ``plan(src, **options)``, and the DESCRIPTION and REFERENCE of what it converts
+# (its docstring documents the layout it expects)
+CONVERTERS: dict[str, ModuleType] = {
+    "btcv": btcv,
+    "amos": amos,
+    "kits": kits,
+    "brats": brats,
+    "hanseg": hanseg,
+    "msd": msd,
 }
 MODALITY_KINDS = {"amos"}  # datasets that hold both CT and MRI and need --modality
 REGION_KINDS = {"brats", "kits"}  # nnU-Net converts these with regions (Dataset137, Dataset220)
@@ -54,8 +57,11 @@ def convert_dataset(
         modality = options["modality"] = modality or "ct"
     if label_style is not None:
         options["labels"] = label_style
-    build, _ = CONVERTERS[kind]
-    plan = build(src, **options)
+    converter = CONVERTERS[kind]
+    plan = converter.plan(src, **options)
+    plan = dataclasses.replace(
+        plan, description=plan.description or converter.DESCRIPTION, reference=plan.reference or converter.REFERENCE
+    )
     return write_nnunet(plan, kind, src, out, options, progress=progress)
 
 

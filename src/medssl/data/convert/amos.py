@@ -28,6 +28,9 @@ from medssl.data.convert.base import (
 )
 from medssl.errors import MedsslInputError
 
+DESCRIPTION = "AMOS22 training cases of one modality, converted from its dataset.json"
+REFERENCE = "https://amos22.grand-challenge.org"
+
 LAST_CT_ID = 500
 _CASE = re.compile(r"^(amos_(\d+))\.nii(\.gz)?$")
 
@@ -56,5 +59,4 @@ def plan(src: Path, modality: str = "ct") -> Plan:
         labels=labels,
         cases=cases,
         description=f"AMOS22 {modality.upper()} training cases, converted from its dataset.json",
-        reference="https://amos22.grand-challenge.org",
     )

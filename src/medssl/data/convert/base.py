@@ -61,8 +61,8 @@ class Plan:
     optional_labels: dict[str, int] = field(default_factory=dict)
     # nnU-Net regions over the label values, declared instead of the labels (the label maps stay plain).
     regions: Regions | None = None
-    description: str = ""
-    reference: str = ""
+    description: str = ""  # empty: the converter module's DESCRIPTION
+    reference: str = ""  # empty: the converter module's REFERENCE
     skipped: list[str] = field(default_factory=list)  # source cases left out, one line each (no label, ...)
 
 

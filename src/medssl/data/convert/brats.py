@@ -20,6 +20,9 @@ from medssl.data.convert.base import CaseData, Plan, SourceCase, inside, read_im
 from medssl.data.regions import Regions
 from medssl.errors import MedsslInputError
 
+DESCRIPTION = "BraTS glioma segmentation; labels as nnU-Net Dataset137 (4->3, 2->1, 1->2)"
+REFERENCE = "https://www.synapse.org/#!Synapse:syn25829067/wiki/610863"
+
 SEQUENCES = ("t1", "t1ce", "t2", "flair")
 CHANNEL_NAMES = ["T1", "T1ce", "T2", "Flair"]
 LABEL_MAP = {0: 0, 1: 2, 2: 1, 4: 3}
@@ -53,6 +56,4 @@ def plan(src: Path, labels: str = "regions") -> Plan:
         labels=LABELS,
         regions=REGIONS if labels == "regions" else None,
         cases=cases,
-        description="BraTS glioma segmentation; labels as nnU-Net Dataset137 (4->3, 2->1, 1->2)",
-        reference="https://www.synapse.org/#!Synapse:syn25829067/wiki/610863",
     )

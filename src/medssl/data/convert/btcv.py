@@ -17,6 +17,9 @@ from pathlib import Path
 from medssl.data.convert.base import Plan, SourceCase, image_and_label, inside, required_file
 from medssl.errors import MedsslInputError
 
+DESCRIPTION = "BTCV abdomen (Synapse multi-atlas labeling), converted from RawData"
+REFERENCE = "https://www.synapse.org/#!Synapse:syn3193805"
+
 LABELS = {
     "background": 0,
     "spleen": 1,
@@ -61,6 +64,4 @@ def plan(src: Path) -> Plan:
         channel_names=["CT"],
         labels=LABELS,
         cases=cases,
-        description="BTCV abdomen (Synapse multi-atlas labeling), converted from RawData",
-        reference="https://www.synapse.org/#!Synapse:syn3193805",
     )

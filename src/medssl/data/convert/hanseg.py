@@ -30,6 +30,9 @@ from medssl.data.convert.base import CaseData, Plan, SourceCase, inside, read_im
 from medssl.data.readers import Volume, read_itk_image
 from medssl.errors import MedsslInputError, unknown_name_message
 
+DESCRIPTION = "HaN-Seg organs at risk on CT; per-structure masks merged (smaller structure wins)"
+REFERENCE = "https://han-seg2023.grand-challenge.org"
+
 STRUCTURES = (
     "A_Carotid_L",
     "A_Carotid_R",
@@ -136,6 +139,4 @@ def plan(src: Path) -> Plan:
         channel_names=["CT"],
         labels=LABELS,
         cases=cases,
-        description="HaN-Seg organs at risk on CT; per-structure masks merged (smaller structure wins)",
-        reference="https://han-seg2023.grand-challenge.org",
     )

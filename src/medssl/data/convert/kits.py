@@ -21,6 +21,9 @@ from medssl.data.convert.base import Plan, SourceCase, image_and_label, inside
 from medssl.data.regions import Regions
 from medssl.errors import MedsslInputError
 
+DESCRIPTION = "KiTS kidney tumour segmentation, converted from case folders"
+REFERENCE = "https://kits-challenge.org"
+
 LABELS = {"background": 0, "kidney": 1, "tumor": 2}
 OPTIONAL = {"cyst": 3}
 REGIONS = Regions(names=("kidney", "masses", "tumor"), labels=((1, 2, 3), (2, 3), (2,)), class_order=(1, 3, 2))
@@ -60,6 +63,4 @@ def plan(src: Path, labels: str = "regions") -> Plan:
         regions=REGIONS if labels == "regions" else None,
         cases=cases,
         skipped=skipped,
-        description="KiTS kidney tumour segmentation, converted from case folders",
-        reference="https://kits-challenge.org",
     )

@@ -32,6 +32,9 @@ from medssl.data.convert.base import (
 from medssl.data.readers import read_channels
 from medssl.errors import MedsslInputError
 
+DESCRIPTION = "Medical Segmentation Decathlon task, 4D images split into channels"
+REFERENCE = "http://medicaldecathlon.com"
+
 _TASK = re.compile(r"^Task(\d+)_(.+)$")
 
 
@@ -65,5 +68,5 @@ def plan(src: Path) -> Plan:
         labels=labels,
         cases=cases,
         description=f"Medical Segmentation Decathlon {src.resolve().name}, 4D images split into channels",
-        reference=str(data.get("reference", "http://medicaldecathlon.com")),
+        reference=str(data.get("reference") or REFERENCE),
     )
