@@ -202,7 +202,8 @@ class CachedVolume:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Spatial shape (X, Y, Z) after preprocessing."""
-        return tuple(self.meta["shape"])  # type: ignore[return-value]
+        x, y, z = self.meta["shape"]
+        return (int(x), int(y), int(z))
 
     @property
     def n_channels(self) -> int:
@@ -210,7 +211,8 @@ class CachedVolume:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(self.meta["spacing"])  # type: ignore[return-value]
+        x, y, z = self.meta["spacing"]
+        return (float(x), float(y), float(z))
 
     @property
     def modality(self) -> str:

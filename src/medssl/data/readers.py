@@ -18,6 +18,7 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -160,7 +161,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))
     except Exception as exc:  # nibabel raises several types for a bad header
         raise MedsslInputError(path, f"unreadable NIfTI: {_one_line(exc)}") from exc
     try:
@@ -330,7 +331,7 @@ def _invesalius_matrix_info(
         raise MedsslInputError(path, f"main.plist matrix dtype {dtype} is not a numeric voxel type")
     if dtype.byteorder == "=":
         dtype = dtype.newbyteorder("<")  # InVesalius writes native little-endian memmaps
-    return name, shape, dtype, spacing  # type: ignore[return-value]
+    return name, shape, dtype, spacing
 
 
 # ---------------------------------------------------------------------------------------------

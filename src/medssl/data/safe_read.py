@@ -202,7 +202,8 @@ def header_voxels(path: Path) -> int | None:
         import nibabel as nib
 
         try:
-            shape = nib.load(str(path)).shape  # reads the header only
+            image: Any = nib.load(str(path))
+            shape = image.shape  # reads the header only
         except Exception:  # noqa: BLE001 - the reader reports a bad header with its own message
             return None
         return math.prod(int(s) for s in shape) if shape else None

@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage
@@ -195,7 +195,8 @@ class Anatomy:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.tissue.shape)  # type: ignore[return-value]
+        x, y, z = self.tissue.shape
+        return (int(x), int(y), int(z))
 
     @property
     def affine(self) -> np.ndarray:
@@ -350,7 +351,7 @@ def make_anatomy(
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"phantom shape must be 3 sides of at least 16 voxels, got {shape}")
-    spacing_t = tuple(float(s) for s in spacing)
+    spacing_t = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
     rng = np.random.default_rng(seed)
     frame = _Frame(shape, rng, warp=_u(rng, 0.03, 0.06))
     rough = _smooth_field(rng, shape, min(shape) / 8.0)
@@ -496,11 +497,11 @@ def make_anatomy(
         organs[tissue == TISSUES[name]] = label
 
     lesions, info = _place_lesions(rng, organs, spacing_t)
-    origin = tuple(-s * n / 2.0 + _u(rng, -20.0, 20.0) for s, n in zip(spacing_t, shape, strict=True))
+    ox, oy, oz = (-s * n / 2.0 + _u(rng, -20.0, 20.0) for s, n in zip(spacing_t, shape, strict=True))
     return Anatomy(
         seed=int(seed),
         spacing=spacing_t,
-        origin=origin,
+        origin=(ox, oy, oz),
         tissue=tissue,
         organs=organs,
         lesions=lesions,
@@ -538,7 +539,8 @@ def _place_lesions(
         if len(candidates) == 0:
             candidates = np.argwhere(depth == depth.max())
         local_center = candidates[int(rng.integers(len(candidates)))]
-        center = tuple(int(c + b.start) for c, b in zip(local_center, box, strict=True))
+        cx, cy, cz = (int(c + b.start) for c, b in zip(local_center, box, strict=True))
+        center = (cx, cy, cz)
         # Blob: a sphere whose radius wobbles by direction (random low-order harmonics).
         reach = [int(np.ceil(1.4 * radius / s)) + 1 for s in spacing]
         sl = tuple(slice(max(c - r, 0), min(c + r + 1, n)) for c, r, n in zip(center, reach, organs.shape, strict=True))
@@ -900,7 +902,7 @@ def synth_all(
         raise MedsslInputError("modality", f"must be 'ct' or 'mri', got {modality!r}")
     out = Path(out)
     made: dict[str, Path] = {}
-    common = {
+    common: dict[str, Any] = {
         "seed": seed,
         "shape": shape,
         "spacing": spacing,

@@ -263,7 +263,7 @@ def _parse_channels(raw: Any, key: str, dataset_json: Path, problems: _Problems)
     if unknown:
         problems.add(dataset_json, f"cannot tell CT from MRI by channel name(s) {unknown} in {key!r}")
         return names, ""
-    found = set(kinds.values())
+    found = {kind for kind in kinds.values() if kind is not None}
     if len(found) > 1:
         problems.add(dataset_json, f"{key!r} mixes CT and MRI channels: {names}")
         return names, ""
@@ -377,11 +377,11 @@ def _nnunet_found_cases(root: Path, file_ending: str, n_channels: int, problems:
             problems.add(images_dir, f"case {case_id} lacks channel file(s) {', '.join(missing)}")
             continue
         images = [files[c] for c in range(n_channels)]
-        label: Path | None = labels_dir / f"{case_id}{file_ending}"
-        if not _stays_inside(root, label):
+        label = labels_dir / f"{case_id}{file_ending}"
+        inside = _stays_inside(root, label)
+        if not inside:
             problems.add(label, "resolves outside the task folder (a symlink pointing out)")
-            label = None
-        cases.append(TaskCase(case_id=case_id, image=images[0], images=images, label=label))
+        cases.append(TaskCase(case_id=case_id, image=images[0], images=images, label=label if inside else None))
     return cases
 
 
@@ -417,11 +417,12 @@ def _parse_fields(data: dict, dataset_json: Path, default_name: str, problems: _
         problems.add(dataset_json, "missing required key 'labels'")
     else:
         labels, regions = _parse_labels(data["labels"], dataset_json, problems, data.get("regions_class_order"))
-    name = data.get("name") if isinstance(data.get("name"), str) and data["name"].strip() else default_name
+    raw_name = data.get("name")
+    name = raw_name if isinstance(raw_name, str) and raw_name.strip() else default_name
     if _bad_text(name):
         problems.add(dataset_json, f"'name': {_bad_text(name)}")
         name = default_name
-    return _Fields(layout, channel_names, modality, labels, regions, str(name))
+    return _Fields(layout, channel_names, modality, labels, regions, name)
 
 
 def check_dataset_fields(data: dict, dataset_json: Path) -> None:
@@ -545,6 +546,7 @@ def _geometry_problems(reference: Volume, other: Volume, what: str) -> list[str]
 
 def _check_case(task: TaskFolder, case: TaskCase, problems: _Problems) -> None:
     channel_volumes: list[Volume] = []
+    reads: list[tuple[Path, int | None]]
     if task.channels_in_one_file:
         reads = [(case.image, c) for c in range(task.n_channels)]
         try:
