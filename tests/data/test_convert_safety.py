@@ -28,10 +28,19 @@ from medssl import cli
 from medssl.data.convert.writer import MANIFEST, PARTIAL
 from medssl.data.readers import write_nifti
 from medssl.data.tasks import check_task
+from medssl.limits import set_limits
 
 SHAPE = (12, 12, 12)
 AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
 PROPERTY = settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+
+@pytest.fixture(autouse=True)
+def default_limits():
+    """`medssl --limit` sets the process's limits: put the defaults back around each test."""
+    set_limits(None)
+    yield
+    set_limits(None)
 
 
 def run_cli(args, capsys, monkeypatch):

@@ -305,3 +305,46 @@ def test_check_detached_data_names_the_header(tmp_path):
         check_detached_data(inside / "a.mhd")
     assert info.value.source == str(inside / "a.mhd") and "../outside/x.raw" in info.value.problem
     os.remove(inside / "a.mhd")
+
+
+def test_detached_data_out_of_the_folder_stops_finetune_and_convert(tmp_path, capsys, monkeypatch):
+    """The red team's other two doors: a task image fine-tuned on, and a HaN-Seg CT converted."""
+    inside, outside = _folders(tmp_path)
+    escaping = NRRD.replace("sizes: 4 4 4", "sizes: 32 32 32") + "data file: ../../outside/x.raw\n"
+    task = inside / "task"
+    for case in range(3):
+        (task / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (task / "imagesTr" / f"c{case}_0000.nhdr").write_text(escaping)
+        label = np.zeros((32, 32, 32), np.uint8)
+        label[4:12, 4:12, 4:12] = 1
+        (task / "labelsTr").mkdir(exist_ok=True)
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(task / "labelsTr" / f"c{case}.nhdr"))
+    (task / "dataset.json").write_text(
+        '{"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1}, "numTraining": 3, "file_ending": ".nhdr"}'
+    )
+    code, _, err = run_cli(
+        ["finetune", "--task", task, "--encoder", "none", "--out", tmp_path / "run", "n_test=1", "n_val=1"],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 2 and "Traceback" not in err and "c0_0000.nhdr" in err and "data file" in err, err
+    case = inside / "HaN-Seg/case_01"
+    case.mkdir(parents=True)
+    (case / "case_01_IMG_CT.nrrd").write_text(NRRD + "data file: ../../../outside/x.raw\n")
+    (case / "case_01_OAR_Brainstem.seg.nrrd").write_text(NRRD + "data file: ../../../outside/x.raw\n")
+    code, _, err = run_cli(
+        ["data", "convert", "hanseg", inside / "HaN-Seg", "--out", tmp_path / "converted"], capsys, monkeypatch
+    )
+    assert code == 2 and "case_01_IMG_CT.nrrd" in err and "data file" in err, err
+    assert not list((tmp_path / "converted").rglob("*.nii.gz"))
+
+
+def test_cache_key_follows_a_detached_data_file(tmp_path):
+    """A rewritten .raw beside an unchanged header is another scan: its cache entry must not be reused."""
+    from medssl.data.cache import source_fingerprint
+
+    np.zeros(64, np.int16).tofile(tmp_path / "x.raw")
+    (tmp_path / "a.nhdr").write_text(NRRD + "data file: x.raw\n")
+    before = source_fingerprint(tmp_path / "a.nhdr")
+    np.ones(65, np.int16).tofile(tmp_path / "x.raw")
+    assert source_fingerprint(tmp_path / "a.nhdr") != before

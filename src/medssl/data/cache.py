@@ -21,10 +21,11 @@ a quarter of the disk at a cost in crop reads per second (benchmarks/cache_forma
 optional extra (``pip install 'medssl[blosc2]'``). The format is not part of the key: an entry is read
 in whichever format it was built, so switching formats affects new entries only.
 
-The key hashes the resolved source paths with their size and mtime, the modality and the
-preprocess config, so an edited file or another preprocessing gets a fresh entry. An entry is
-built in a temporary directory and renamed into place in one ``os.replace``: a reader sees a
-complete entry or none, and of two processes building the same entry the loser drops its copy.
+The key hashes the resolved source paths with their size and mtime (and those of a detached header's
+data files), the modality and the preprocess config, so an edited file or another preprocessing gets a
+fresh entry. An entry is built in a temporary directory and renamed into place in one ``os.replace``: a
+reader sees a complete entry or none, and of two processes building the same entry the loser drops its
+copy.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import numpy as np
 from medssl.config import PreprocessConfig, config_hash
 from medssl.data.preprocess import MODALITIES, preprocess_case
 from medssl.data.readers import read_channels, read_volume
+from medssl.data.safe_read import detached_data_files
 from medssl.errors import MedsslInputError, unknown_name_message
 
 if TYPE_CHECKING:
@@ -110,14 +112,17 @@ def _stat_entry(path: Path) -> list[Any]:
 
 
 def source_fingerprint(path: str | Path) -> list[Any]:
-    """Resolved path + size + mtime; a directory (DICOM series) lists every file below it."""
+    """Resolved path + size + mtime; a directory (DICOM series) lists every file below it, and a detached
+    NRRD/MetaImage header the data files it names (a rewritten ``.raw`` beside an unchanged header)."""
     path = Path(path).resolve()
     if not path.exists():
         raise MedsslInputError(path, "file not found")
     if path.is_dir():
         # A directory's own mtime misses a file rewritten in place; stat each file instead.
         return [str(path), [_stat_entry(p) for p in sorted(path.rglob("*")) if p.is_file()]]
-    return _stat_entry(path)
+    data_files = [path.parent / name for name in detached_data_files(path)]
+    existing = [p for p in data_files if p.is_file()]
+    return [*_stat_entry(path), [_stat_entry(p) for p in existing]] if existing else _stat_entry(path)
 
 
 def cache_key(

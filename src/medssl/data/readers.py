@@ -6,6 +6,11 @@ projects (``.inv3``). Every array comes out in voxel order (i, j, k) as nibabel 
 affine mapping (i, j, k, 1) to RAS+ world millimetres. Orientation is *not* changed here (MONAI's
 ``Orientation`` does that during preprocessing), so a file's own voxel order is kept.
 
+``read_volume`` reads one 3D volume; ``read_channels`` reads a multi-channel (4D) image whole and
+refuses one with more or fewer channels than declared. Before any voxel is decoded, every file passes
+:mod:`medssl.data.safe_read` (detached data inside its folder, spacing as written, voxel count), and
+SimpleITK is told the ImageIO of the suffix rather than guessing the format from the bytes.
+
 Every problem with a file is a ``MedsslInputError(path, one-line problem)``.
 """
 

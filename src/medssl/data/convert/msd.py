@@ -9,9 +9,11 @@
 
 As nnU-Net's ``convert_MSD_dataset.py`` (``split_4d_nifti``): a 4D image becomes one 3D file per
 channel, ``_0000`` .. in ``modality`` order; ``modality`` becomes ``channel_names`` and labels become
-name → value. Departure: cases come from the ``training`` list (each path must stay inside SRC), not a
-glob of imagesTr, so the archives' macOS ``._*`` files never enter, and labels are re-written (values
-checked against ``labels``) rather than copied.
+name → value. An image must hold exactly the channels ``modality`` declares (a 4D image with one more
+is refused, never cut), and a case listed twice is refused. Departure: cases come from the
+``training`` list (each path must stay inside SRC), not a glob of imagesTr, so the archives' macOS
+``._*`` files never enter, and labels are re-written (values checked against ``labels``) rather than
+copied.
 """
 
 from __future__ import annotations
