@@ -207,8 +207,7 @@ class CachedVolume:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Spatial shape (X, Y, Z) after preprocessing."""
-        x, y, z = self.meta["shape"]
-        return (int(x), int(y), int(z))
+        return tuple(self.meta["shape"])
 
     @property
     def n_channels(self) -> int:
@@ -216,8 +215,7 @@ class CachedVolume:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        x, y, z = self.meta["spacing"]
-        return (float(x), float(y), float(z))
+        return tuple(self.meta["spacing"])
 
     @property
     def modality(self) -> str:
