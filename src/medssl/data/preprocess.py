@@ -11,6 +11,7 @@ Order: check geometry and values -> ``Orientation`` -> ``Spacing`` (bilinear ima
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,9 +136,10 @@ def preprocess_case(
     # scale_extent: resample the voxel-edge extent, so 2 mm -> 1 mm exactly doubles the shape.
     resample = Spacing(pixdim=config.spacing, dtype=np.float32, scale_extent=True)
     stacked = np.stack([np.asarray(v.array, dtype=np.float32) for v in channels])
-    image_t = resample(orient(_meta_tensor(stacked, reference.affine)), mode="bilinear")
+    image_t: Any = resample(orient(_meta_tensor(stacked, reference.affine)), mode="bilinear")
     out_shape = tuple(image_t.shape[1:])
 
+    scale: ScaleIntensityRange | ScaleIntensityRangePercentiles
     if modality == "ct":
         low, high = config.ct_window
         scale = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)

@@ -123,7 +123,8 @@ def load_or_create_splits(
             atomic_write_json(path, data)
             return made
     parts = [stored.get(k) if isinstance(stored, dict) else None for k in ("test", "val", "train_order")]
-    if not all(isinstance(p, list) for p in parts) or sorted(sum(parts, [])) != ids:
+    lists = [p for p in parts if isinstance(p, list)]
+    if len(lists) != len(parts) or sorted(sum(lists, [])) != ids:
         raise MedsslInputError(path, f"seed {seed}: test/val/train_order do not partition the case ids")
     if (len(stored["test"]), len(stored["val"])) != (n_test, n_val):
         raise MedsslInputError(

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from medssl.config import RANDOM_INIT, EncoderConfig, FinetuneConfig, PreprocessConfig
 from medssl.data.cache import CachedVolume, VolumeCache, cache_task
 from medssl.data.datasets import SegmentationCropDataset, load_eval_case
+from medssl.data.regions import Regions, region_targets
 from medssl.data.splits import load_or_create_splits, train_cases
 from medssl.data.tasks import TaskFolder, load_task
 from medssl.errors import ConfigError, MedsslInputError, look_up_option
@@ -61,6 +62,31 @@ def plateau_reached(curve: list[float], patience: int, min_delta: float = 0.0) -
     return since >= patience
 
 
+def segmentation_loss(name: str, regions: Regions | None = None) -> nn.Module:
+    """The fine-tuning loss: softmax Dice(+CE) over classes, or for nnU-Net regions its ``DC_and_BCE_loss``
+    (nnunetv2 ``nnUNetTrainer._build_loss``): soft Dice on a sigmoid per region (+ BCE), against
+    :func:`~medssl.data.regions.region_targets`."""
+    look_up_option("segmentation loss", name, ("dice_ce", "dice"))
+    if regions is None:
+        return (
+            DiceCELoss(to_onehot_y=True, softmax=True)
+            if name == "dice_ce"
+            else DiceLoss(to_onehot_y=True, softmax=True)
+        )
+    return _RegionLoss(with_bce=name == "dice_ce")
+
+
+class _RegionLoss(nn.Module):
+    def __init__(self, with_bce: bool) -> None:
+        super().__init__()
+        self.dice = DiceLoss(sigmoid=True)
+        self.bce = nn.BCEWithLogitsLoss() if with_bce else None
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        loss = self.dice(logits, target)
+        return loss + self.bce(logits, target) if self.bce is not None else loss
+
+
 class SegmentationModule(nn.Module):
     """Adapts the segmenter to the loop's ``forward(batch, step) -> {"loss": ...}`` interface.
 
@@ -77,22 +103,20 @@ class SegmentationModule(nn.Module):
         encoder_lr_scale: float = 1.0,
         layer_decay: float = 1.0,
         freeze_encoder_steps: int = 0,
+        regions: Regions | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.encoder_lr_scale = encoder_lr_scale
         self.layer_decay = layer_decay
         self.freeze_encoder_steps = freeze_encoder_steps
-        if loss == "dice_ce":
-            self.loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
-        elif loss == "dice":
-            self.loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
-        else:
-            look_up_option("segmentation loss", loss, ("dice_ce", "dice"))
+        self.regions = regions
+        self.loss_fn = segmentation_loss(loss, regions)
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         logits = self.model(batch["image"])
-        loss = self.loss_fn(logits, batch["label"])
+        label = batch["label"] if self.regions is None else region_targets(batch["label"], self.regions)
+        loss = self.loss_fn(logits, label)
         return {"loss": loss}
 
     def lr_scale(self, name: str) -> float:
@@ -249,7 +273,7 @@ def finetune_body(
     enc_state, enc_meta, encoder_config = inputs.encoder_state, inputs.encoder_meta, inputs.encoder_config
     agreement, run_info = inputs.agreement, inputs.run_info
     torch.manual_seed(config.seed)
-    model = SwinSegmenter(encoder_config, task.n_classes, crop_size=config.crop_size, norm=config.norm)
+    model = SwinSegmenter(encoder_config, task.n_outputs, crop_size=config.crop_size, norm=config.norm)
     if enc_state is not None:
         report = load_encoder_state(model, enc_state, source=str(config.encoder_checkpoint), prefix="swinViT.")
         if info.is_main:
@@ -274,13 +298,14 @@ def finetune_body(
     val_cases = [load_eval_case(volumes[c]) for c in split["val"]]
     seg_meta = {
         "encoder": encoder_config.model_dump(mode="json"),
-        "out_channels": task.n_classes,
+        "out_channels": task.n_outputs,
         "crop_size": config.crop_size,
         "norm": config.norm,
         "method": enc_meta["method"],
         "family": enc_meta["family"],
         "task": task.name,
         "labels": task.labels,
+        **({"regions": task.regions.to_json()} if task.regions is not None else {}),
         "preprocess": config.preprocess.model_dump(mode="json"),
         "run_id": run.id,
     }
@@ -289,19 +314,18 @@ def finetune_body(
     best = {"dice": max((r["val_dice"] for r in prior), default=-1.0)}
     val_history = [r["val_dice"] for r in prior]
 
+    def predict(network: nn.Module, image: Tensor) -> Tensor:
+        """A label map, by sliding windows (regions: sigmoids painted in regions_class_order)."""
+        return predict_volume(
+            network, image, config.crop_size, config.sw_batch_size, config.sw_overlap, info.device, task.regions
+        )
+
     def validate(module: nn.Module, step: int) -> dict[str, Any]:
         assert isinstance(module, SegmentationModule)  # the loop passes the module it was given
         per_structure: dict[str, list[float]] = {}
         for case in val_cases:
-            pred = predict_volume(
-                module.model,
-                case["image"],
-                config.crop_size,
-                config.sw_batch_size,
-                config.sw_overlap,
-                info.device,
-            )
-            for name, d in mean_dice(pred, case["label"][0], structures).items():
+            pred = predict(module.model, case["image"])
+            for name, d in mean_dice(pred, case["label"][0], structures, task.regions).items():
                 per_structure.setdefault(name, []).append(d)
         means = {k: sum(v) / len(v) for k, v in per_structure.items()}
         score = sum(means.values()) / len(means) if means else 0.0
@@ -333,6 +357,7 @@ def finetune_body(
         encoder_lr_scale=config.encoder_lr_scale,
         layer_decay=config.layer_decay,
         freeze_encoder_steps=config.freeze_encoder_steps,
+        regions=task.regions,
     )
     result = train(
         module,
@@ -355,11 +380,14 @@ def finetune_body(
     if info.is_main:
         for cid in split["test"]:
             case = load_eval_case(volumes[cid])
-            pred = predict_volume(
-                model, case["image"], config.crop_size, config.sw_batch_size, config.sw_overlap, info.device
-            )
             rows += case_metrics(
-                pred, case["label"][0], structures, case["spacing"], config.nsd_tolerance_mm, case_id=cid
+                predict(model, case["image"]),
+                case["label"][0],
+                structures,
+                case["spacing"],
+                config.nsd_tolerance_mm,
+                case_id=cid,
+                regions=task.regions,
             )
     curve = [
         {"step": r["step"], "epoch": r.get("epoch"), "val_dice": r["val_dice"]}
@@ -373,6 +401,7 @@ def finetune_body(
         **{k: run_info[k] for k in ("method", "family", "task", "modality", "budget", "n_train", "seed")},
         "kind": "finetune",
         "labels": {str(k): v for k, v in structures.items()},
+        **({"regions": task.regions.to_json()} if task.regions is not None else {}),
         "cases": rows,
         "val_curve": curve,
         "best_step": best_rec["step"] if best_rec else None,
