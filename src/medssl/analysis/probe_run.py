@@ -9,7 +9,7 @@ split, and writes the run directory.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,8 +22,10 @@ from medssl.data.splits import load_or_create_splits, train_cases
 from medssl.data.tasks import load_task
 from medssl.errors import MedsslInputError
 from medssl.evaluate.probe import probe_cases
+from medssl.fileio import file_sha256
+from medssl.limits import set_limits
 from medssl.models.encoder import SwinEncoder
-from medssl.runs import RunDir
+from medssl.runs import RunDir, RunWork, perform_run
 
 
 def probe_encoder(config: ProbeRunConfig) -> tuple[SwinEncoder, dict[str, Any]]:
@@ -40,25 +42,31 @@ def probe_encoder(config: ProbeRunConfig) -> tuple[SwinEncoder, dict[str, Any]]:
 def probe_info(config: ProbeRunConfig, meta: dict[str, Any], task: Any, n_train: int) -> dict[str, Any]:
     """run.json fields of a probe run."""
     return {
-        "kind": "probe",
         "method": meta["method"],
         "family": meta["family"],
         "encoder_checkpoint": str(config.encoder_checkpoint or ""),
         "task": task.name,
         "task_path": str(task.root),
         "modality": task.modality,
-        "budget": str(config.budget),
+        "budget": config.budget.label,
         "n_train": n_train,
         "seed": config.seed,
     }
 
 
-def open_probe(
-    config: ProbeRunConfig, run: RunDir, device: str | torch.device | None = None
-) -> tuple[dict[str, Any], Callable[[float], dict[str, Any]]]:
-    """Open the encoder, the task, its cache and split (a refusal here binds nothing) and return the
-    run.json fields and the work: ``body(started)`` probes and returns the results (``kind: probe``,
-    per-case Dice rows in ``cases``)."""
+def run_probe(config: ProbeRunConfig, run_dir: str | Path, device: str | torch.device | None = None) -> dict[str, Any]:
+    """Probe ``config``'s frozen encoder into ``run_dir`` through the run lifecycle (``medssl.runs.perform_run``):
+    ``config.yaml``, ``run.json``, ``results.json`` (per-case Dice rows in ``cases``, ``mean_dice``); a
+    finished run is returned as stored. The run is bound to the encoder file's content hash."""
+    run = RunDir(run_dir)
+    set_limits(config.limits)
+    path = config.encoder_checkpoint
+    identity = {"encoder_sha256": file_sha256(path)} if path is not None and Path(path).is_file() else {}
+    return perform_run(run, config, lambda: open_probe_work(config, run, device), identity=identity)
+
+
+def open_probe_work(config: ProbeRunConfig, run: RunDir, device: str | torch.device | None = None) -> RunWork:
+    """Open the encoder, the task, its cache and split (a refusal here binds nothing); the work probes."""
     task = load_task(config.task)
     encoder, meta = probe_encoder(config)
     cache = VolumeCache(config.cache_dir if config.cache_dir is not None else run.path / "cache")
@@ -93,6 +101,7 @@ def open_probe(
             f"{outcome.n_channels} feature channels)"
         )
         return {
+            "kind": "probe",
             **info,
             "labels": {str(k): v for k, v in task.structures.items()},
             "cases": outcome.rows,
@@ -104,4 +113,4 @@ def open_probe(
             "wall_seconds": round(time.time() - started, 3),
         }
 
-    return info, body
+    return RunWork("probe", info, body)

@@ -20,7 +20,7 @@ from medssl.analysis.transfer import (
     probe_results_table,
 )
 from medssl.config import IDENTITY_TRANSFORMER, RANDOM_INIT, SUPERVISED
-from medssl.report.html import Missing, Paragraph, Section
+from medssl.report.html import Missing, Paragraph, Section  # noqa: F401
 from medssl.report.tables import display_method, fmt, fmt_p, frame_table
 
 if TYPE_CHECKING:
@@ -118,11 +118,8 @@ def control_sentences(effects: pd.DataFrame, methods: list[str]) -> list[str]:
     return sentences
 
 
-def section_controls(ctx: ReportContext) -> Section:
-    """Controls, paired effects against random init, and encoder drift."""
-    section = Section("controls", "Controls and transfer effects")
-    if ctx.results.empty:
-        return section.add(Missing("No finished fine-tuning runs: no effects to show."))
+def section_controls(ctx: ReportContext, section: Section) -> Section:
+    """Controls, paired effects against random init, and encoder drift (fine-tuning runs exist)."""
     methods = ctx.methods
     effects = paired_effects(ctx.results)
     if RANDOM_INIT not in methods or effects.empty:
@@ -182,9 +179,8 @@ def _probe_figure(curves: pd.DataFrame, path: Path, colors: dict[str, Any]) -> P
     return path
 
 
-def section_probe(ctx: ReportContext) -> Section:
+def section_probe(ctx: ReportContext, section: Section) -> Section:
     """The frozen-encoder probe: probe runs against random init, and the online probe over pretraining."""
-    section = Section("probe", "Frozen-encoder probe")
     probes = probe_results_table(ctx.collection)
     curves = online_probe_curves(ctx.collection)
     if probes.empty and curves.empty:
