@@ -40,6 +40,12 @@ def _controls(methods: list[str]) -> set[str]:
     return {m for m in methods if is_supervised(m) or m in (RANDOM_INIT, IDENTITY_TRANSFORMER)}
 
 
+def p_text(p: float) -> str:
+    """``p < 0.001`` or ``p = 0.012``."""
+    shown = fmt_p(p)
+    return f"p {shown[0]} {shown[1:]}" if shown.startswith("<") else f"p = {shown}"
+
+
 def _ci(row: Any) -> str:
     return f"{row['diff']:+.3f} [{row['ci_lo']:+.3f}, {row['ci_hi']:+.3f}]"
 
@@ -80,7 +86,7 @@ def control_sentences(effects: pd.DataFrame, methods: list[str]) -> list[str]:
             sentences.append(
                 f"Positive control ({display_method(method)}, an encoder trained with labels of held-out "
                 f"phantoms) on {task} at {budget} case(s): {row['mean']:.3f} vs random init "
-                f"{row['reference_mean']:.3f}, difference {_ci(row)}, Wilcoxon p = {fmt_p(row['p'])} over "
+                f"{row['reference_mean']:.3f}, difference {_ci(row)}, Wilcoxon {p_text(row['p'])} over "
                 f"{row['n']} (case, seed) pairs — {verdict}."
             )
     identity = effects[effects["method"] == IDENTITY_TRANSFORMER]
@@ -108,7 +114,7 @@ def control_sentences(effects: pd.DataFrame, methods: list[str]) -> list[str]:
         cells = {"better": [], "worse": []}
         for _, r in mine[mine["p"] < ALPHA].iterrows():
             cells["better" if r["diff"] > 0 else "worse"].append(
-                f"{r['task']} at {r['budget']} ({_ci(r)}, p = {fmt_p(r['p'])})"
+                f"{r['task']} at {r['budget']} ({_ci(r)}, {p_text(r['p'])})"
             )
         better, worse = cells["better"], cells["worse"]
         text = f"{display_method(method)} vs random init: "
@@ -207,7 +213,7 @@ def section_probe(ctx: ReportContext, section: Section) -> Section:
                     Paragraph(
                         f"The probe {verdict} the supervised control on {row['task']} at {row['budget']} "
                         f"case(s): {row['mean']:.3f} vs random init {row['reference_mean']:.3f}, difference "
-                        f"{_ci(row)}, p = {fmt_p(row['p'])} (n = {row['n']})."
+                        f"{_ci(row)}, {p_text(row['p'])} (n = {row['n']})."
                     )
                 )
         if not effects.empty:
