@@ -19,9 +19,10 @@ from monai.networks.nets import SwinUNETR
 from medssl.config import EncoderConfig, FinetuneConfig
 from medssl.models import SwinSegmenter
 from medssl.train.step import build_optimisation, time_train_steps
+from medssl.training_module import TrainingHooks
 
 
-class Segmentation(torch.nn.Module):
+class Segmentation(TrainingHooks):
     """Either network as a training module: DiceCE on its logits."""
 
     def __init__(self, model: torch.nn.Module) -> None:

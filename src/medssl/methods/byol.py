@@ -13,12 +13,12 @@ other view's target projection, summed over both directions. No negatives, so no
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from medssl.methods.base import register
 from medssl.methods.losses import byol_loss
 from medssl.methods.two_crop import MomentumTwoCropMethod, MomentumTwoCropParams
-from medssl.models.encoder import SwinEncoder
 from medssl.models.heads import MLPHead
 
 
@@ -33,14 +33,21 @@ class BYOL(MomentumTwoCropMethod):
     description = "BYOL: online encoder + projector + predictor regresses an EMA target, 2 - 2cos symmetric."
     Params = BYOLParams
 
-    def projector_and_predictor(self, encoder: SwinEncoder, params: BYOLParams) -> tuple[MLPHead, MLPHead]:
-        return (
-            MLPHead(encoder.out_channels, params.proj_hidden_dim, params.proj_dim, n_layers=params.proj_layers),
-            MLPHead(params.proj_dim, params.pred_hidden_dim, params.proj_dim, n_layers=params.pred_layers),
-        )
+    params: BYOLParams
+
+    def build_heads(self) -> None:
+        p = self.params
+        self.projector = MLPHead(self.encoder.out_channels, p.proj_hidden_dim, p.proj_dim, n_layers=p.proj_layers)
+        self.predictor = MLPHead(p.proj_dim, p.pred_hidden_dim, p.proj_dim, n_layers=p.pred_layers)
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         out = self.branches(batch)
         (p1, p2), (t1, t2) = out.predictions, out.targets
         loss = byol_loss(p1, t2) + byol_loss(p2, t1)
-        return self.report_pair(loss, out, step, byol=loss)
+        return self.outputs(
+            loss,
+            embedding=torch.cat(out.projections),
+            features=out.pooled,
+            momentum=loss.new_tensor(self.momentum(step)),
+            byol=loss,
+        )

@@ -28,8 +28,9 @@ from medssl.models.checkpoint import load_encoder_state, read_encoder_checkpoint
 from medssl.models.segmenter import SwinSegmenter, resolve_norm
 from medssl.runs import RunDir
 from medssl.train.distributed import DistInfo, barrier, init_distributed
-from medssl.train.loop import param_groups, train
+from medssl.train.loop import train
 from medssl.train.session import AlreadyFinished, finish, run_session
+from medssl.training_module import TrainingHooks, param_groups
 
 ENCODER_PREFIX = "model.swinViT."
 
@@ -61,7 +62,7 @@ def plateau_reached(curve: list[float], patience: int, min_delta: float = 0.0) -
     return since >= patience
 
 
-class SegmentationModule(nn.Module):
+class SegmentationModule(TrainingHooks):
     """Adapts the segmenter to the loop's ``forward(batch, step) -> {"loss": ...}`` interface.
 
     It also carries the fine-tuning options for pretrained transformers: per-parameter learning-rate
