@@ -80,7 +80,8 @@ class SSLMethod(TrainingHooks):
     trains: ClassVar[bool] = True
     # DDP must be told when some parameters get no gradient on some steps.
     find_unused_parameters: ClassVar[bool] = False
-    # The network the reference evaluates: "teacher" (DINO, iBOT: ``--checkpoint_key teacher``)
+    # The network the reference evaluates: "teacher" (DINO's eval_linear.py, iBOT's evaluation/eval_cls.py:
+    # ``--checkpoint_key`` default ``teacher``)
     # or "student" (the online network; every other method).
     export_network: ClassVar[str] = "student"
 

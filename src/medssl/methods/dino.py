@@ -13,7 +13,8 @@ teacher temperature warms up linearly from 0.04 to 0.07 over ``teacher_temp_warm
 (``epoch_knobs: published_fraction``), the EMA momentum follows a cosine from 0.996 to 1 by *global*
 step, the prototypes are frozen during the first epoch, and each parameter's gradient norm is clipped
 on its own (``utils.clip_gradients``, threshold ``schedule.grad_clip``, 3.0 in the recipe). The
-exported encoder is the teacher, as DINO's evaluations load it (``--checkpoint_key teacher``). Heads,
+exported encoder is the teacher, as DINO's evaluations load it (``eval_linear.py`` and ``eval_knn.py``:
+``--checkpoint_key`` default ``teacher``). Heads,
 schedules, centring, freezing and clipping are :mod:`medssl.methods.distillation`.
 
 3D departures (config fields): grey-level jitter (``intensity_prob``) for colour jitter, 3D blur

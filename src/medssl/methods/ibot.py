@@ -30,7 +30,7 @@ Heads (``iBOTHead``): ``shared_head: true`` scores patch tokens with the whole g
 layer included); ``false`` shares the MLP and adds a second last layer (``last_layer2``).
 ``shared_head_teacher`` does the same for the teacher (released default true: the teacher scores
 patches with its global prototypes whatever the student does). K' = K when either is shared.
-The exported encoder is the teacher (``--checkpoint_key teacher``).
+The exported encoder is the teacher (``evaluation/eval_cls.py``: ``--checkpoint_key`` default ``teacher``).
 
 Crops under 64^3 (``patch_stage``, a declared small-scale departure). A 32^3 crop has one bottleneck
 token: no token can be masked while another stays visible, and the patch term would compare a crop with
