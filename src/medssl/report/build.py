@@ -624,16 +624,21 @@ def _pretrain_recipe_blocks(pretrain: pd.DataFrame) -> list[Block]:
         for n, few in zip(frame["negatives_per_step"], frame["few_negatives"], strict=True)
     ]
     frame["published optimiser"] = frame["published_optimizer"].fillna("—")
+    frame["lr from"] = frame["lr_from"].fillna("shared schedule")
+    frame["epochs"] = frame["epochs"].map(lambda v: "?" if v is None or v != v else f"{v:.3g}")
     table = frame[
         [
             "method",
             "recipe",
             "lr",
             "lr_rule",
+            "lr from",
             "weight decay",
             "clip",
             "warmup_steps",
             "batch_size",
+            "steps",
+            "epochs",
             "negatives per step",
             "published optimiser",
         ]
@@ -642,9 +647,10 @@ def _pretrain_recipe_blocks(pretrain: pd.DataFrame) -> list[Block]:
     blocks: list[Block] = [
         frame_table(
             table,
-            f"Pretraining optimiser per method (recipe: {', '.join(recipes)}; AdamW, cosine schedule; "
-            "'published': each method's recipe from configs/methods/<name>.yaml with its learning rate scaled to "
-            "the run's batch by the published rule; 'shared': one schedule for every method).",
+            f"Pretraining operating point per method (recipe: {', '.join(recipes)}; AdamW, cosine schedule; "
+            "'published': each method's recipe from configs/methods/<name>.yaml, its published learning-rate point "
+            "('lr from') moved to the run's batch by one linear rule, its warm-up the published fraction of the "
+            "run; 'shared': one schedule for every method; epochs: steps x batch / corpus volumes).",
             index="method",
         )
     ]
