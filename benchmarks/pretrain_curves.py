@@ -101,6 +101,7 @@ def main() -> None:
     for method in methods:
         data = {
             **bench.pretrain.model_dump(mode="json"),
+            "recipe": bench.method_recipe(method.name),  # the config's recipe for this method
             "method": method.model_dump(mode="json"),
             "encoder": bench.encoder.model_dump(mode="json"),
             "corpus": str(corpus),

@@ -111,9 +111,16 @@ SPREAD_RESOLUTION = 1e-6
 direction to count; a window of such steps reads rank 1 (every row the same point)."""
 
 
+SPREAD_START_STEPS = 3
+"""Steps whose embedding spread :class:`RankHistory` averages as the run's starting spread (the randomly
+initialised student and its first updates), which the verdict compares the end of the run with."""
+
+
 class RankHistory:
     """A rolling buffer of the last :data:`RANK_HISTORY_STEPS` steps' embeddings for an effective rank that a
-    two-sample batch does not bound.
+    two-sample batch does not bound, and the embedding spread of the run's first :data:`SPREAD_START_STEPS`
+    steps (``health/embedding_std_scaled_start``, logged with every step so the verdict can read it whatever
+    the logging interval; after a resume the verdict keeps the first run's value, the first one logged).
 
     RankMe on one step's batch lies in ``[1, B]`` (2 at the batch of a 3D step), so it cannot tell a healthy
     run from one whose embeddings vary along one direction only (dimensional collapse, Jing et al. 2022,
@@ -131,6 +138,21 @@ class RankHistory:
         self.steps = steps
         self.min_rows = min_rows
         self._rows: list[Tensor] = []
+        self._start_spread: list[float] = []
+
+    def clear(self) -> None:
+        """Forget every step recorded (a forward that was no training step, e.g. the FLOP count's)."""
+        self._rows.clear()
+        self._start_spread.clear()
+
+    def start_spread(self, spread: Tensor) -> Tensor:
+        """Record ``spread`` while fewer than :data:`SPREAD_START_STEPS` steps are recorded (one host transfer
+        each, then none) and return the mean of those recorded: the run's starting spread."""
+        if len(self._start_spread) < SPREAD_START_STEPS and bool(torch.isfinite(spread)):
+            self._start_spread.append(float(spread))
+        if not self._start_spread:
+            return spread.new_tensor(float("nan"))
+        return spread.new_tensor(sum(self._start_spread) / len(self._start_spread))
 
     def add(self, x: Tensor) -> None:
         """Append one step's rows (detached, float32, on their device); the oldest step leaves a full window."""
@@ -181,12 +203,15 @@ def health_metrics(
     (the quantity DINO's paper, section 5.3 and Fig. 7, reads with the teacher entropy to see collapse).
     ``history``: the method's :class:`RankHistory`; the embedding (the features when there is none, SimMIM)
     is added to it and, once it holds enough rows, ``health/{embedding,feature}_window_rank`` and
-    ``..._window_rank_ratio`` are reported (the rank :func:`health_verdict` uses).
+    ``..._window_rank_ratio`` are reported (the rank :func:`health_verdict` uses); with an embedding,
+    ``health/embedding_std_scaled_start`` is the spread of the run's first steps.
     """
     out: dict[str, Tensor] = {}
     with torch.no_grad():
         if embedding is not None:
             out.update(_vector_health("embedding", embedding))
+            if history is not None:
+                out["health/embedding_std_scaled_start"] = history.start_spread(out["health/embedding_std_scaled"])
         if features is not None:
             out.update(_vector_health("feature", features))
         tracked = embedding if embedding is not None else features
@@ -221,12 +246,33 @@ def health_metrics(
 HEALTH_WINDOW = 3
 """The verdict reads the mean of the last this-many logged values of each key (one noisy step is no verdict)."""
 
-EMBEDDING_STD_FLOOR = 1e-5
-"""``health/embedding_std_scaled`` below this flags collapse onto one point. Constant embeddings read 0 (to
-float precision). Measured at batch 2 (tiny preset, 32^3, lr 5e-4): random init 0.10 (RotNet's 4-way logits)
-to 1.4 (MoCo v3); after 20 steps SimCLR 0.59, MoCo v3 1.41, BYOL 0.82, SwinUNETR-SSL 0.028, RotNet 0.059,
-while the teacher-student heads shrink fast at this scale: DINO 0.0021, iBOT 0.0034, SMIT 0.0030 (single
-steps down to 6e-4). The floor lies about two orders of magnitude under the lowest healthy value."""
+SPREAD_FALL_LIMIT = 10.0
+"""``health/embedding_std_scaled_start`` (the spread of the run's first steps) over the tail mean of
+``health/embedding_std_scaled`` above this flags a collapsing student: its outputs are converging onto one
+point, whatever their absolute spread (which depends on the head's width and the batch). Calibrated both ways
+at demo scale (``SPREAD_FALL_CALIBRATION``, 40 steps, batch 4): at the shared lr 5e-4 the students of DINO,
+iBOT and SMIT fall 125x, 87x and 22x (their teachers end at 0.998 log K, KL 0.05-0.06 nats), while DINO, iBOT
+and SMIT at their own recipes (lr 7.8e-6) fall 1.5x, 0.9x and 1.0x and the other methods at 5e-4 at most 1.75x
+(SimCLR; RotNet and SwinUNETR-SSL spread out, 0.2x and 0.7x). The limit lies 5.7x above the largest healthy
+fall and 2.2x under the smallest collapse."""
+
+SPREAD_FALL_CALIBRATION = (
+    "benchmarks/health_calibration.py (40 steps, batch 4, 32^3, the demo's heads): see benchmarks/README.md"
+)
+
+TEACHER_UNINFORMATIVE = 0.99
+"""A teacher whose per-sample entropy stays at or above this fraction of log K at every logged step of the
+second half of the run (after the teacher-temperature warm-up and the first updates) gives the student a
+near-uniform target whatever the input: the run's distillation was uninformative (``uninformative_distillation``
+in the verdict: reported, not a collapse by itself; a student can keep its spread under such a teacher)."""
+
+EMBEDDING_STD_FLOOR = 3e-3
+"""``health/embedding_std_scaled`` below this flags collapse onto one point whatever the run's start (constant
+embeddings read 0 to float precision). Recalibrated on healthy runs (``SPREAD_FALL_CALIBRATION``, 40 steps,
+batch 4): the lowest value any healthy run logged at any step is 0.036 (SwinUNETR-SSL at lr 5e-4; RotNet's
+4-way logits 0.08), the lowest healthy tail mean 0.12-0.14 (SMIT at its own recipe), while the collapsed
+students end at 0.0018 (DINO) and 0.0026 (iBOT) and SMIT's at 0.006 (flagged by the fall). The floor lies 12x
+under the lowest healthy step. (It was 1e-5, set from runs that had already collapsed, and flagged none.)"""
 
 TEACHER_BATCH_ENTROPY_FLOOR = 0.01
 """``health/teacher_batch_entropy_ratio`` (entropy of the batch-mean teacher distribution / log K) below this
@@ -278,6 +324,12 @@ WINDOW_RANK_CALIBRATION = (
 )
 
 THRESHOLDS: dict[str, dict[str, Any]] = {
+    "spread_fall_limit": {
+        "key": "health/embedding_std_scaled_start / health/embedding_std_scaled",
+        "flags": "above",
+        "value": SPREAD_FALL_LIMIT,
+        "why": "a student whose outputs converge onto one point; calibrated by " + SPREAD_FALL_CALIBRATION,
+    },
     "window_rank_floor": {
         "key": "health/embedding_window_rank (health/feature_window_rank without an embedding)",
         "flags": "below",
@@ -290,8 +342,9 @@ THRESHOLDS: dict[str, dict[str, Any]] = {
         "key": "health/embedding_std_scaled",
         "flags": "below",
         "value": EMBEDDING_STD_FLOOR,
-        "why": "constant embeddings read 0; the lowest healthy value measured (random init and 20-step runs of "
-        "every method, tiny preset, 32^3, batch 2) was 6e-4 (DINO's head output)",
+        "why": "constant embeddings read 0; the lowest healthy value measured (every method at demo scale, 40 "
+        "steps, batch 4) was 0.036 at one step, collapsed students end at 0.0018-0.006; calibrated by "
+        + SPREAD_FALL_CALIBRATION,
     },
     "teacher_batch_entropy_floor": {
         "key": "health/teacher_batch_entropy_ratio",
@@ -331,17 +384,48 @@ def _tail_mean(records: list[dict[str, Any]], key: str, window: int) -> float | 
     return sum(recent) / len(recent)
 
 
+def _first(records: list[dict[str, Any]], key: str) -> float | None:
+    for r in records:
+        value = r.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def _values(records: list[dict[str, Any]], key: str) -> list[float]:
+    return [float(r[key]) for r in records if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+
+
+def _uninformative_distillation(records: list[dict[str, Any]], reasons: list[str]) -> str | None:
+    """A sentence when a teacher-student run's distillation carried no target, None otherwise (and without one)."""
+    entropies = _values(records, "health/teacher_entropy_ratio")
+    if not entropies:
+        return None
+    if reasons:
+        return "the distillation was uninformative: the run collapsed (" + reasons[0].split(":")[0] + ")"
+    second_half = entropies[len(entropies) // 2 :]
+    if len(second_half) >= HEALTH_WINDOW and min(second_half) >= TEACHER_UNINFORMATIVE:
+        return (
+            f"the distillation was uninformative: the teacher stayed at >= {TEACHER_UNINFORMATIVE:g} log K "
+            f"(lowest {min(second_half):.4f}) at every logged step of the run's second half, a near-uniform "
+            "target whatever the input"
+        )
+    return None
+
+
 def health_verdict(records: list[dict[str, Any]], window: int = HEALTH_WINDOW) -> dict[str, Any]:
     """The ``health`` block of a pretraining run's results from its logged metrics (``metrics.jsonl`` rows).
 
-    ``collapsed`` is True when the embedding spread fell under ``EMBEDDING_STD_FLOOR``, the batch-mean
-    teacher entropy under ``TEACHER_BATCH_ENTROPY_FLOOR``, the teacher became uniform with the student
-    matching it (``TEACHER_UNIFORM_COLLAPSE_CEIL``, ``TEACHER_STUDENT_KL_FLOOR``) or the window effective
-    rank (of the embedding, else of the features) under ``WINDOW_RANK_FLOOR`` (each the mean of the last
-    ``window`` logs), or a health value became non-finite. ``final`` holds every ``health/...`` key's tail
-    mean; ``reasons`` why it is flagged, ``warnings`` what is worth a look but is seen in healthy short runs
-    too; ``thresholds`` the constants and their justification. A run that logged no health (random init,
-    zero steps) is not assessed.
+    ``collapsed`` is True when the embedding spread fell under ``EMBEDDING_STD_FLOOR`` or by more than
+    ``SPREAD_FALL_LIMIT`` from the run's first steps, the batch-mean teacher entropy under
+    ``TEACHER_BATCH_ENTROPY_FLOOR``, the teacher became uniform with the student matching it
+    (``TEACHER_UNIFORM_COLLAPSE_CEIL``, ``TEACHER_STUDENT_KL_FLOOR``) or the window effective rank (of the
+    embedding, else of the features) under ``WINDOW_RANK_FLOOR`` (each the mean of the last ``window`` logs),
+    or a health value became non-finite. ``final`` holds every ``health/...`` key's tail mean; ``reasons`` why
+    it is flagged, ``warnings`` what is worth a look but is seen in healthy short runs too;
+    ``uninformative_distillation`` a sentence when a teacher-student run's distillation carried no target
+    (collapsed, or a teacher at >= ``TEACHER_UNINFORMATIVE`` log K throughout), else None; ``thresholds`` the
+    constants and their justification. A run that logged no health (random init, zero steps) is not assessed.
     """
     keys = sorted({k for r in records for k in r if k.startswith("health/")})
     final = {k: _tail_mean(records, k, window) for k in keys}
@@ -352,6 +436,13 @@ def health_verdict(records: list[dict[str, Any]], window: int = HEALTH_WINDOW) -
         reasons.append(
             f"embedding spread (std of L2-normalised embeddings x sqrt(d)) {spread:.2e} < "
             f"{EMBEDDING_STD_FLOOR:g}: the embeddings collapsed onto one point"
+        )
+    start = _first(records, "health/embedding_std_scaled_start")
+    fall = start / spread if start is not None and spread is not None and spread > 0 else None
+    if fall is not None and fall > SPREAD_FALL_LIMIT and not reasons:
+        reasons.append(
+            f"embedding spread fell {fall:.0f}x from the run's first steps ({start:.3g} -> {spread:.2e}; limit "
+            f"{SPREAD_FALL_LIMIT:g}x): the student's outputs are converging onto one point"
         )
     batch_entropy = final.get("health/teacher_batch_entropy_ratio")
     if batch_entropy is not None and (not math.isfinite(batch_entropy) or batch_entropy < TEACHER_BATCH_ENTROPY_FLOOR):
@@ -397,6 +488,8 @@ def health_verdict(records: list[dict[str, Any]], window: int = HEALTH_WINDOW) -
         "reason": "; ".join(reasons) or None,
         "reasons": reasons,
         "warnings": warnings,
+        "spread_fall": fall,
+        "uninformative_distillation": _uninformative_distillation(records, reasons),
         "final": final,
         "window": window,
         "thresholds": THRESHOLDS,

@@ -60,6 +60,7 @@ from medssl.methods.dino import DINO, DINOParams
 from medssl.methods.distillation import (
     DistillationHead,
     PatchDistillationParams,
+    PatchLayout,
     feature_tokens,
     random_token_mask,
     token_mask_to_patches,
@@ -188,7 +189,7 @@ class IBOT(DINO):
     def build_heads(self) -> None:
         self.patch_stage = self.resolved_patch_stage()
         if self.patch_stage == BOTTLENECK:
-            layout = "shared" if self.params.shared_head else "shared_mlp"
+            layout: PatchLayout = "shared" if self.params.shared_head else "shared_mlp"
             self.head = DistillationHead(
                 self.encoder.out_channels, self.params, patch=layout, patch_out_dim=self.patch_dim()
             )

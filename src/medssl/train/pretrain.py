@@ -78,6 +78,7 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
                     )
                 reset_peak_memory(info)
                 flops = step_flops(method, dataset, config.schedule.batch_size, info)  # once, leaves no trace
+                method.rank_history.clear()  # the FLOP count's forward was no training step
                 result = train(method, dataset, config.schedule, run, info, description=f"pretrain {cls.name}")
             steps = config.schedule.steps if method.trains else 0
             meta = encoder_meta(
