@@ -208,3 +208,23 @@ def test_json_needs_a_dry_run(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match="--dry-run"):
         run_bench("configs/paper.yaml", tmp_path / "paper", as_json=True)
+
+
+def test_cli_prints_only_the_json_plan(tmp_path, capsys, monkeypatch) -> None:
+    """`medssl bench CONFIG --dry-run --json` through the CLI: stdout is one JSON object; --json alone exits 2."""
+    import json
+    import sys
+
+    from medssl import cli
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["medssl", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        out, err = capsys.readouterr()
+        return int(exit_info.value.code or 0), out, err
+
+    code, out, _ = run("bench", "configs/paper.yaml", "--dry-run", "--json", "--out", str(tmp_path / "a"))
+    assert code == 0 and json.loads(out)["name"] == "paper"
+    code, out, err = run("bench", "configs/paper.yaml", "--json", "--out", str(tmp_path / "b"))
+    assert code == 2 and "--dry-run" in err and len([line for line in err.splitlines() if line.strip()]) == 1

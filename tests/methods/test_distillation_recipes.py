@@ -221,6 +221,32 @@ def test_ibot_below_64_masks_and_distils_the_tokens_of_an_earlier_output() -> No
     assert released.patch_stage == 4 and released.pretext()["distill_tokens"] == 1
 
 
+def test_an_ibot_run_at_32_logs_a_masked_patch_term(tmp_path) -> None:
+    """The check of issue 17: iBOT pretrained at 32^3 with ``method.options.pred_start_epoch=0`` logs a masked
+    patch term > 0, and its results record the level it distilled (``pretext``)."""
+    from medssl.config import PreprocessConfig
+    from medssl.data.corpus import ingest_corpus
+    from medssl.data.synth import synth_corpus
+
+    pre = PreprocessConfig(spacing=(4.0, 4.0, 4.0))
+    synth_corpus(tmp_path / "scans", 3, seed=3, shape=(40, 40, 40))
+    corpus = ingest_corpus(tmp_path / "scans", tmp_path / "corpus", pre).root
+    options = {**SMALL_HEAD, "epoch_knobs": "published_fraction", "n_local_crops": 0, "pred_start_epoch": 0}
+    config = PretrainConfig(
+        method=MethodConfig(name="ibot", options=options),
+        encoder=EncoderConfig(preset="tiny", window_size=4),
+        corpus=corpus,
+        crop_size=32,
+        preprocess=pre,
+        schedule=ScheduleConfig(steps=3, batch_size=2, lr=1e-5, warmup_steps=0, log_every=1),
+    )
+    results = run_pretrain(config, tmp_path / "ibot")
+    logged = [r for r in RunDir(tmp_path / "ibot").read_metrics() if "patch_ce" in r]
+    assert len(logged) == 3 and max(r["patch_ce"] for r in logged) > 0
+    assert max(r["mask_fraction"] for r in logged) > 0
+    assert results["pretext"]["distill_stage"] == 3 and results["pretext"]["distill_tokens"] == 8
+
+
 # --------------------------------------------------------------------------- teachers
 
 
