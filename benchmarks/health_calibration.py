@@ -31,7 +31,7 @@ from typing import Any
 from medssl.config import PretrainConfig, load_bench_config, validate_config
 from medssl.data.corpus import ingest_corpus
 from medssl.data.synth import synth_corpus
-from medssl.methods.health import HEALTH_WINDOW, health_verdict
+from medssl.methods.verdict import HEALTH_WINDOW, health_verdict
 from medssl.runs import RunDir
 from medssl.train.pretrain import run_pretrain
 
@@ -88,7 +88,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         "collapsed": verdict["collapsed"],
         "reasons": verdict["reasons"],
         "warnings": verdict["warnings"],
-        "distillation": verdict.get("distillation"),
+        "uninformative_distillation": verdict["uninformative_distillation"],
         "random_init_collapsed": init["collapsed"],
     }
 

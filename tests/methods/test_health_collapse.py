@@ -18,7 +18,7 @@ import torch
 
 from medssl.config import EncoderConfig, MethodConfig, PretrainConfig
 from medssl.methods import build_method
-from medssl.methods.health import SPREAD_FALL_LIMIT, TEACHER_BATCH_ENTROPY_FLOOR, health_verdict
+from medssl.methods.verdict import SPREAD_FALL_LIMIT, TEACHER_BATCH_ENTROPY_FLOOR, health_verdict
 from medssl.models import SwinEncoder
 from medssl.train.step import build_optimisation, train_step
 

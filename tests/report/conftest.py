@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from medssl.config import MethodConfig, PretrainConfig, ScheduleConfig
-from medssl.methods.health import health_verdict
 from medssl.methods.recipe import operating_point
+from medssl.methods.verdict import health_verdict
 from medssl.runs import RunDir
 
 METHODS = {"none": "none", "simmim": "mim", "dino": "self_distillation"}

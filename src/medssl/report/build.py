@@ -411,9 +411,9 @@ def section_pretraining(ctx: ReportContext) -> Section:
             Paragraph(
                 "No pretraining run was flagged by the health verdict: the spread and the effective rank of each "
                 "method's embedding and, for teacher-student methods, the entropy of the batch-mean teacher "
-                "distribution stayed above their floors, and no teacher became uniform with its student matching "
-                "it (calibrated on random init, short healthy runs and deliberately collapsed ones; "
-                "methods/health.py)."
+                "distribution stayed above their floors, no embedding spread fell more than 10x from its run's "
+                "first steps, and no teacher became uniform with its student matching it (calibrated both ways on "
+                "random init, healthy runs and collapsing ones; methods/verdict.py)."
             )
         )
     for row in ctx.pretrain[ctx.pretrain["health_warnings"].notna()].itertuples():

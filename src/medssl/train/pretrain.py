@@ -16,8 +16,8 @@ from medssl.errors import ConfigError, unknown_name_message
 from medssl.limits import set_limits
 from medssl.methods import build_method
 from medssl.methods.base import SSLMethod
-from medssl.methods.health import health_verdict
 from medssl.methods.recipe import operating_point
+from medssl.methods.verdict import health_verdict
 from medssl.models.checkpoint import encoder_meta, save_encoder
 from medssl.models.encoder import SwinEncoder
 from medssl.runs import RunDir
