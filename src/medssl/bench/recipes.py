@@ -89,11 +89,16 @@ def print_operating_points(plan: Plan, corpus_volumes: int | None, console: Any)
             else "unknown until the corpus is ingested"
         )
     )
+    shared = [row["method"] for row in rows if row["recipe"] != "published"]
+    if shared:
+        console.print(f"  shared schedule (pretrain.schedule, every method alike): {', '.join(shared)}")
     for row in rows:
+        if row["recipe"] != "published":
+            continue
         sources = row["sources"]
         console.print(
             f"  {row['method']}: lr from {sources['lr']}; weight decay from {sources['weight_decay']}; "
-            f"warm-up from {sources['warmup']}"
+            f"warm-up {sources['warmup']}"
         )
 
 

@@ -32,7 +32,7 @@ def _sources(config: PretrainConfig) -> dict[str, str]:
     return {
         "lr": f"{lr}, {recipe.lr_rule(config.schedule.batch_size)}: {recipe.sources.get('base_lr', '')}".rstrip(": "),
         "weight_decay": recipe.sources.get("weight_decay", f"{own}'s published recipe"),
-        "warmup": f"{recipe.warmup_fraction:.3g} of the run: " + recipe.sources.get("warmup_fraction", ""),
+        "warmup": f"{recipe.warmup_fraction:.3g} of the run ({recipe.sources.get('warmup_fraction', own)})",
         "batch_size": batch,
     }
 
