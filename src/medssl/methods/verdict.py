@@ -217,7 +217,7 @@ def health_verdict(records: list[dict[str, Any]], window: int = HEALTH_WINDOW) -
         )
     start = _start_spread(records)
     fall = start / spread if start is not None and spread is not None and spread > 0 else None
-    if fall is not None and fall > SPREAD_FALL_LIMIT and not reasons:
+    if fall is not None and fall > SPREAD_FALL_LIMIT:
         reasons.append(
             f"embedding spread fell {fall:.0f}x from the run's first steps ({start:.3g} -> {spread:.2e}; limit "
             f"{SPREAD_FALL_LIMIT:g}x): the student's outputs are converging onto one point"
