@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from medssl.config import MethodConfig, StrictModel, format_validation_error
-from medssl.errors import ConfigError, unknown_name_message
+from medssl.errors import ConfigError, look_up_option
 from medssl.methods.health import RankHistory, health_metrics
 from medssl.models.encoder import SwinEncoder
 from medssl.schedules import cosine_schedule, schedule_at
@@ -235,7 +235,9 @@ class SSLMethod(TrainingHooks):
         try:
             return cls.Params.model_validate(options)
         except ValidationError as err:
-            raise ConfigError(f"method '{cls.name}'", format_validation_error(err, prefix=f"{source}.")) from None
+            raise ConfigError(
+                f"method '{cls.name}'", format_validation_error(err, prefix=f"{source}.", model=cls.Params)
+            ) from None
 
 
 def token_count(encoder: SwinEncoder, crop_size: int, stage: int) -> int:
@@ -254,9 +256,8 @@ def freeze_stages_after(encoder: SwinEncoder, stage: int) -> None:
 def resolve_method_config(config: MethodConfig) -> MethodConfig:
     """``config`` with every option of its method spelled out (defaults filled in, validated): the method as it
     will run, so a run's config (and its hash, hence its id) changes whenever a method's defaults do."""
-    if config.name not in REGISTRY:
-        raise ConfigError("method.name", unknown_name_message("method", config.name, sorted(REGISTRY)))
-    options = REGISTRY[config.name].parse_params(config.options).model_dump(mode="json")
+    cls = REGISTRY[look_up_option("method", config.name, sorted(REGISTRY), source="method.name")]
+    options = cls.parse_params(config.options).model_dump(mode="json")
     if EXPORT_OPTION in config.options:
         options[EXPORT_OPTION] = config.options[EXPORT_OPTION]
     return MethodConfig(name=config.name, options=options)
@@ -286,9 +287,7 @@ def build_method(
     ``steps_per_epoch``: one pass over the corpus at the global batch (pretraining computes it), handed
     to every method (:attr:`SSLMethod.steps_per_epoch`); recipes that count epochs in corpus passes read it.
     """
-    if config.name not in REGISTRY:
-        raise ConfigError("method.name", unknown_name_message("method", config.name, sorted(REGISTRY)))
-    cls = REGISTRY[config.name]
+    cls = REGISTRY[look_up_option("method", config.name, sorted(REGISTRY), source="method.name")]
     params = cls.parse_params(config.options)
     epoch = max(int(steps_per_epoch), 1) if steps_per_epoch is not None else None
     method = cls(encoder, params, crop_size=crop_size, total_steps=total_steps, steps_per_epoch=epoch)
