@@ -632,7 +632,7 @@ def _pretrain_recipe_blocks(pretrain: pd.DataFrame) -> list[Block]:
     blocks: list[Block] = [
         frame_table(
             table,
-            f"Pretraining operating point per method (recipe: {', '.join(recipes)}; AdamW, cosine schedule; "
+            f"Pretraining optimiser per method (recipe: {', '.join(recipes)}; AdamW, cosine schedule; "
             "'published': each method's recipe from configs/methods/<name>.yaml, its published learning-rate point "
             "('lr from') moved to the run's batch by one linear rule, its warm-up the published fraction of the "
             "run; 'shared': one schedule for every method; epochs: steps x batch / corpus volumes).",
