@@ -17,7 +17,9 @@ so a crash leaves either the old or the new content, never half of one.
 The lifecycle (:func:`perform_run`). A kind's entry point builds its config and calls
 ``perform_run(run, config, open_work, identity=..., is_main=..., world_size=...)``; ``open_work()``
 opens and checks the run's inputs and returns a :class:`RunWork` (``kind``, the ``info`` run.json
-records, and ``body(started) -> results``). ``perform_run`` then, in this order:
+records, and ``body(started) -> results``); training kinds call it through
+``medssl.train.entry.perform_training_run``, which sets the limits and joins the process group first.
+``perform_run`` then, in this order:
 
 1. refuses (``ConfigError``, exit 2) a run directory that holds a run of another config or encoder;
 2. returns the stored results of a finished run;
@@ -54,6 +56,7 @@ from medssl.fileio import LockHeldError, atomic_write_json, atomic_write_text, f
 from medssl.version import code_version
 
 __all__ = [
+    "AlreadyFinished",
     "BenchDir",
     "RunDir",
     "RunLockedError",
@@ -61,9 +64,13 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "environment",
+    "finish_run",
     "list_runs",
     "perform_run",
     "read_json",
+    "record_end",
+    "run_session",
+    "sweep_stale_temporaries",
 ]
 
 STATUSES = ("pending", "running", "finished", "failed")
