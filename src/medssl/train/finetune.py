@@ -83,12 +83,8 @@ class SegmentationModule(nn.Module):
         self.encoder_lr_scale = encoder_lr_scale
         self.layer_decay = layer_decay
         self.freeze_encoder_steps = freeze_encoder_steps
-        if loss == "dice_ce":
-            self.loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
-        elif loss == "dice":
-            self.loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
-        else:
-            look_up_option("segmentation loss", loss, ("dice_ce", "dice"))
+        losses: dict[str, type[nn.Module]] = {"dice_ce": DiceCELoss, "dice": DiceLoss}
+        self.loss_fn = look_up_option("segmentation loss", loss, losses)(to_onehot_y=True, softmax=True)
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         logits = self.model(batch["image"])
