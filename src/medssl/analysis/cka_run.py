@@ -22,6 +22,7 @@ from medssl.config import CKARunConfig, PreprocessConfig, config_hash, dump_yaml
 from medssl.data.cache import VolumeCache
 from medssl.data.tasks import load_task
 from medssl.errors import MedsslInputError, describe_error
+from medssl.limits import set_limits
 from medssl.models.checkpoint import load_encoder, load_segmenter, safe_torch_load
 from medssl.models.encoder import SwinEncoder
 from medssl.runs import RunDir
@@ -185,6 +186,7 @@ def run_cka(config: CKARunConfig, run_dir: str | Path, device: str | torch.devic
     is returned as stored. Raises ``RunLockedError`` when another process holds the run.
     """
     run = RunDir(run_dir)
+    set_limits(config.limits)  # the run's own: a bench worker process does not inherit its parent's
     if run.is_finished():
         return run.results() or {}
     with run.lock():

@@ -18,6 +18,7 @@ from medssl.config import (
     validate_config,
 )
 from medssl.errors import ConfigError, unknown_name_message
+from medssl.limits import set_limits
 from medssl.runs import RunDir
 
 from .estimate import RunEstimate, device_description, estimate_plan, short_source, stage_rows
@@ -296,6 +297,7 @@ def run_bench(
     out = Path(out).resolve()
     source = config_path or "<bench config>"
     bench = load_bench(config_path, overrides, bench)
+    set_limits(bench.limits)  # this process prepares the data; each run gets them in its own config
     kind = executor_kind(executor) if executor is not None else bench.executor.kind
 
     bind_out_folder(bench, out, record=not dry_run)  # exit 2 when out holds another benchmark
