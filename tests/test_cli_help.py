@@ -61,7 +61,11 @@ def test_version_prints_the_package_version():
 
 @pytest.mark.parametrize(
     ("kind", "model", "default"),
-    [("pretrain", PretrainConfig, PretrainConfig()), ("finetune", FinetuneConfig, FinetuneConfig()), ("bench", None, None)],
+    [
+        ("pretrain", PretrainConfig, PretrainConfig()),
+        ("finetune", FinetuneConfig, FinetuneConfig()),
+        ("bench", None, None),
+    ],
 )
 def test_config_show_prints_every_default_as_yaml_that_loads_back(kind, model, default):
     code, output = _invoke("config", "show", kind)
