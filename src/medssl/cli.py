@@ -281,6 +281,9 @@ def report(
     if not runs_dir.is_dir():
         raise MedsslInputError(runs_dir, "not a directory of runs")
     index = build_report(runs_dir, _out_folder(out) if out is not None else default_out_dir(runs_dir))
+    provenance = json.loads((index.parent / "provenance.json").read_text(encoding="utf-8"))
+    for item in provenance.get("skipped") or []:  # symlinks out of RUNS_DIR, impossible values, ...
+        _echo(f"skipped {item.get('run_id')}: {item.get('reason')}")
     _echo(f"report: {index}")
 
 
