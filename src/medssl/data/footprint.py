@@ -36,6 +36,7 @@ class Footprint:
     n_read: int
     voxels_before: int
     voxels_after: int
+    largest_after: int  # voxels of the largest volume after resampling
     cache_bytes: int
     median_shape_before: Shape
     median_shape_after: Shape
@@ -47,7 +48,12 @@ class Footprint:
 
     @property
     def far_larger(self) -> bool:
-        return self.factor >= UPSAMPLING_WARNING_FACTOR
+        """Worth a warning: far larger, yet within ``limits.voxels_after_resampling`` (beyond it the
+        preprocessing refuses the volume with its own one-line error, and a warning would only repeat it)."""
+        from medssl.limits import limits
+
+        within = self.largest_after <= limits().voxels_after_resampling
+        return self.factor >= UPSAMPLING_WARNING_FACTOR and within
 
     def describe(self) -> str:
         """One sentence: the factor, the median shapes and spacings, the expected cache size."""
@@ -141,6 +147,7 @@ def resampling_footprint(
         n_read=len(read),
         voxels_before=sum(before),
         voxels_after=sum(after),
+        largest_after=max(after),
         cache_bytes=int(sum(after) * bytes_per_voxel * scale),
         median_shape_before=_median_shape([shape for shape, _ in read]),
         median_shape_after=_median_shape(after_shapes),
