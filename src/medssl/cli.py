@@ -91,15 +91,14 @@ def _main(
 ) -> None:
     _state["debug"] = debug
     _state["limits"] = {}
-    if limit:
-        _set_limits(limit)
+    _set_limits(limit)  # every invocation starts from the defaults, as a fresh process would
 
 
 def _set_limits(items: list[str]) -> None:
     from medssl.config import parse_override, validate_config
     from medssl.limits import Limits, set_limits
 
-    values = {}
+    values: dict[str, Any] = {}
     for item in items:
         path, value = parse_override(item)
         if isinstance(value, str):  # YAML reads 1e9 as a string

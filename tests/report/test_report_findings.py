@@ -292,3 +292,18 @@ def test_earlier_reports_are_adopted_and_a_manifest_cannot_reach_outside(fake, t
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
     build_report(runs, out)
     assert victim.read_text() == "keep"
+
+
+def test_a_build_interrupted_midway_leaves_a_folder_the_next_build_accepts(tmp_path: Path) -> None:
+    """The folder is marked as the report's before anything else is written: a second process reaching
+    it while the first is still writing (or after the first was killed) does not take it for foreign."""
+    from medssl.report.output import ReportFolder
+
+    out = tmp_path / "report"
+    out.mkdir()
+    first = ReportFolder.claim(out, record=True)
+    first.path("results.csv").write_text("half written")
+    first.directory("figures")
+    second = ReportFolder.claim(out)  # no error: the folder is the report's
+    assert second.previous == set()  # the interrupted build's files are not claimed: never pruned
+    assert (out / "results.csv").read_text() == "half written"

@@ -846,7 +846,7 @@ def build_report(runs_root: str | Path, out_dir: str | Path) -> Path:
     # two bench processes sharing an output folder both end with a report: they take turns, so
     # neither reads (or prunes) a figure while the other writes it
     with file_lock(out / LOCK_NAME):
-        return _write_report(roots, ReportFolder.claim(out))
+        return _write_report(roots, ReportFolder.claim(out, record=True))
 
 
 def _write_report(roots: list[Path], folder: ReportFolder) -> Path:

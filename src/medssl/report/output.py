@@ -40,9 +40,19 @@ class ReportFolder:
         self.written: set[str] = set()
 
     @classmethod
-    def claim(cls, out: str | Path) -> ReportFolder:
-        """The folder ``out`` for a new build: new, empty, or a report's own; else ``MedsslInputError``."""
-        root = Path(out)
+    def claim(cls, out: str | Path, record: bool = False) -> ReportFolder:
+        """The folder ``out`` for a new build: new, empty, or a report's own; else ``MedsslInputError``.
+
+        ``record``: mark the folder as the report's at once (a manifest of what it owns so far), before
+        anything else is written, so a build that another process or a crash interrupts midway never
+        leaves a folder that looks foreign to the next build."""
+        folder = cls._claim(Path(out))
+        if record and not (folder.root / MANIFEST_NAME).is_file():
+            folder._write_manifest(folder.previous)
+        return folder
+
+    @classmethod
+    def _claim(cls, root: Path) -> ReportFolder:
         if root.exists() and not root.is_dir():
             raise MedsslInputError(root, "report folder is an existing file, not a folder")
         manifest = root / MANIFEST_NAME
@@ -91,7 +101,10 @@ class ReportFolder:
             stale = self.root / name
             if stale.is_file() and not stale.is_symlink() and _inside(self.root, stale.parent):
                 stale.unlink()
-        body = {"written_by": "medssl report", "files": sorted(self.written)}
+        self._write_manifest(self.written)
+
+    def _write_manifest(self, files: set[str]) -> None:
+        body = {"written_by": "medssl report", "files": sorted(files)}
         atomic_write_text(self.root / MANIFEST_NAME, json.dumps(body, indent=1) + "\n")
 
 
