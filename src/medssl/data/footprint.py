@@ -14,6 +14,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Warn when resampling gives this many times the voxels of the originals (or more).
 UPSAMPLING_WARNING_FACTOR = 4.0
@@ -90,8 +91,8 @@ def header_geometry(path: str | Path) -> tuple[Shape, Triple] | None:
         import nibabel as nib
 
         try:
-            header = nib.load(str(path)).header  # reads the header only
-            shape, zooms = header.get_data_shape(), header.get_zooms()
+            image: Any = nib.load(str(path))  # reads the header only
+            shape, zooms = image.header.get_data_shape(), image.header.get_zooms()
         except Exception:  # noqa: BLE001 - a bad header is the reader's to report, with its own message
             return None
         if len(shape) < 3 or len(zooms) < 3:
