@@ -387,7 +387,9 @@ def test_undeclared_label_values_and_empty_tasks_are_refused_before_training(tas
     data[data == 1] = 9
     nib.save(nib.Nifti1Image(data.astype(np.uint8), img.affine), label)
     refused(finetune(task_copy, tmp_path / "r"), capsys, monkeypatch, label.name, "not declared", "dataset.json")
-    assert not (tmp_path / "r" / "last.pt").exists() and not (tmp_path / "r" / "status.json").exists()
+    # refused before its work: nothing binds the folder (no config.yaml, no checkpoint); the refusal itself
+    # is recorded as status "failed" (medssl.runs.record_refusal)
+    assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists() and not (tmp_path / "r" / "config.yaml").exists()
     for path in (task_copy / "labelsTr").iterdir():
         img = nib.load(path)
         nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), path)
