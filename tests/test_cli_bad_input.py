@@ -195,6 +195,18 @@ def test_batch_size_beyond_the_limit_is_exit_2_naming_the_limit(task, tmp_path, 
     assert not out.exists()
 
 
+def test_bench_batch_size_beyond_the_limit_is_exit_2_before_anything_is_made(tmp_path, capsys, monkeypatch):
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(
+        "tasks: [{path: 'synth:ct_organs', finetune: {schedule: {batch_size: 100000}}}]\nmethods: [none]\n"
+    )
+    code, _, err = run_cli(["bench", bench, "--out", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 2
+    line = one_error_line(err)
+    assert "tasks 'synth:ct_organs' finetune: schedule.batch_size 100,000 exceeds the limit" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_too_few_cases_names_n_test_and_n_val(task, tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(
         ["finetune", "--task", task, "--encoder", "none", "--out", tmp_path / "r", "n_test=4", "n_val=2"],
