@@ -321,6 +321,7 @@ class CKARunConfig(StrictModel):
     comparison: CKAComparison = "custom"
     method: str | None = None
     cases: list[str] | None = None
+    limits: Limits = Field(default_factory=Limits)  # resource limits; not part of the config hash
 
 
 # --------------------------------------------------------------------------- helpers
@@ -782,7 +783,7 @@ class ExternalEncoderConfig(StrictModel):
     """An encoder pretrained elsewhere (MONAI SwinUNETR state dict, research-contributions'
     model_swinvit.pt) fine-tuned beside the methods as row ``external-<name>``."""
 
-    name: str = Field(min_length=1)
+    name: Slug  # part of the row label and of a file name under <out>/external/
     path: Path
 
 

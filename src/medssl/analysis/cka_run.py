@@ -22,6 +22,7 @@ from medssl.config import CKARunConfig, PreprocessConfig, validate_config
 from medssl.data.cache import VolumeCache
 from medssl.data.tasks import load_task
 from medssl.errors import MedsslInputError
+from medssl.limits import set_limits
 from medssl.models.checkpoint import load_encoder, load_segmenter, safe_torch_load
 from medssl.models.encoder import SwinEncoder
 from medssl.runs import RunDir, RunWork, perform_run
@@ -56,11 +57,15 @@ def cka_matrices(
         accumulator.update([a[lo:hi] for a in acts_a], [b[lo:hi] for b in acts_b])
     minibatch = accumulator.compute()
     names_a, names_b = layer_names(len(acts_a)), layer_names(len(acts_b))
+    rows_out, columns_out = accumulator.undefined()
+    left_out = {f"A {names_a[i]}": why for i, why in rows_out.items()}
+    left_out.update({f"B {names_b[j]}": why for j, why in columns_out.items()})
     return {
         "layers": names_a,
         "layers_b": names_b,
         "linear_cka": _to_json_matrix(linear),
-        "minibatch_cka": _to_json_matrix(minibatch),
+        "minibatch_cka": _to_json_matrix(minibatch),  # null where undefined: see minibatch_cka_left_out
+        "minibatch_cka_left_out": left_out,
         "reuse": {name: _json_float(linear[i, i]) for i, name in enumerate(names_a) if i < len(names_b)},
         "n_rows": int(n_rows),
         "tokens_per_crop": int(tokens_per_crop),
@@ -189,6 +194,7 @@ def run_cka(config: CKARunConfig, run_dir: str | Path, device: str | torch.devic
     as a refused input it leaves the run directory unbound.
     """
     run = RunDir(run_dir)
+    set_limits(config.limits)  # the run's own: a bench worker process does not inherit its parent's
     info = {
         "method": config.method,
         "task": config.task.name,
@@ -237,6 +243,7 @@ def compare_models(
         "layers": matrices["layers"],
         "linear_cka": matrices["linear_cka"],
         "minibatch_cka": matrices["minibatch_cka"],
+        "minibatch_cka_left_out": matrices["minibatch_cka_left_out"],
         "reuse": matrices["reuse"],
         "model_a": str(config.model_a),
         "model_b": str(config.model_b),
