@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medssl.errors import ConfigError, unknown_name_message
 from medssl.limits import Limits, check
@@ -533,6 +542,15 @@ class SynthDataConfig(StrictModel):
     # "standard": one CT protocol; "scanners": each scan its own contrast phase, dose, kernel and
     # calibration (MRI: coil bias, noise, contrast) — what few labeled cases cannot cover (data/synth.py)
     variation: Literal["standard", "scanners"] = "standard"
+    # radius range of the CT-lesion task's lesions, mm (data/synth.py LESION_RADIUS_MM: 5-10 mm, 1-3 voxels
+    # at 4 mm); the organ tasks and the corpus keep the default whatever this says
+    lesion_radius_mm: tuple[PositiveFloat, PositiveFloat] = (5.0, 10.0)
+
+    @model_validator(mode="after")
+    def _lesion_radius_order(self) -> SynthDataConfig:
+        if self.lesion_radius_mm[0] > self.lesion_radius_mm[1]:
+            raise ValueError(f"lesion_radius_mm must be [low, high], got {list(self.lesion_radius_mm)}")
+        return self
 
 
 class BenchDataConfig(StrictModel):
@@ -541,12 +559,27 @@ class BenchDataConfig(StrictModel):
     include_real_ct: bool = False  # add InVesalius' Cranium.inv3 head CT to an ingested corpus when present
 
 
+def _check_budget_list(budgets: list[int | str]) -> list[int | str]:
+    if any(isinstance(b, int) and b < 1 for b in budgets):
+        raise ValueError("budgets must be positive case counts or 'all'")
+    if len({str(b) for b in budgets}) != len(budgets):
+        raise ValueError("budgets are listed twice")
+    return budgets
+
+
 class BenchTaskConfig(StrictModel):
     path: str  # "synth:ct_organs" | "synth:ct_lesions" | "synth:mri_organs" | an MSD/nnU-Net folder
     name: Slug | None = None  # run ids, splits file; default: the synthetic kind or the folder name
     # fine-tuning settings for this task only, merged over the benchmark's `finetune` section
     # (e.g. {schedule: {steps: 500}, nsd_tolerance_mm: 1.0}); every encoder gets the same ones
     finetune: dict[str, Any] = Field(default_factory=dict)
+    # this task's label budgets (None: the benchmark's `budgets`), e.g. a secondary task at `all` only
+    budgets: list[Budget] | None = Field(None, min_length=1)
+
+    @field_validator("budgets")
+    @classmethod
+    def _task_budgets(cls, v: list[int | str] | None) -> list[int | str] | None:
+        return None if v is None else _check_budget_list(v)
 
     @field_validator("path")
     @classmethod
@@ -630,14 +663,15 @@ class BenchConfig(StrictModel):
     cache: CacheConfig = Field(default_factory=CacheConfig)  # storage only: no result depends on it
     limits: Limits = Field(default_factory=Limits)  # resource limits, passed to every run
 
+    # The encoders that are fine-tuned (and compared by CKA): names from `methods` ("none" = random
+    # init, "external-<name>" = an external encoder); None: every one. The others still pretrain (their
+    # loss and health curves are reported) but get no downstream row.
+    finetune_methods: list[str] | None = Field(None, min_length=1)
+
     @field_validator("budgets")
     @classmethod
     def _budgets(cls, v: list[int | str]) -> list[int | str]:
-        if any(isinstance(b, int) and b < 1 for b in v):
-            raise ValueError("budgets must be positive case counts or 'all'")
-        if len({str(b) for b in v}) != len(v):
-            raise ValueError("budgets are listed twice")
-        return v
+        return _check_budget_list(v)
 
     @field_validator("seeds")
     @classmethod

@@ -78,6 +78,7 @@ def prepare_data(bench: BenchConfig, out: Path, source: str | Path | None = None
             shape=tuple(s.shape),
             spacing=tuple(s.spacing),
             variation=s.variation,
+            lesion_radius_mm=s.lesion_radius_mm,
         )
         for task in tasks:
             if task.synth_kind and Path(made[task.synth_kind]).resolve() != task.path:
