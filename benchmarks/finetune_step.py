@@ -4,6 +4,7 @@
     python benchmarks/finetune_step.py --threads 1 --steps 3  # short mode
     python benchmarks/finetune_step.py --full-size            # + base preset, window 7, 96^3, one step
     python benchmarks/finetune_step.py --option mkldnn=off    # an alternative timed against the baseline
+    python benchmarks/finetune_step.py --layout --steps 8      # 2 runs x 1 thread vs 1 run x 2 threads
     python benchmarks/finetune_step.py --vs-monai --size 64   # medssl's segmenter vs MONAI's SwinUNETR
 
 **Profile** (default). On the demo's phantoms (``configs/demo.yaml``'s ``data.synth``, written to
@@ -20,6 +21,12 @@ on the validation cases and Dice) amortised over ``steps / val_every`` calls, th
 Every part is the median over ``--steps`` repetitions, interleaved so machine-load drift is shared.
 On CPU the clock is the process's CPU time (``--clock auto``), which other jobs on a shared machine
 inflate less than wall time; ``--clock wall`` for the wall clock.
+
+**Thread layout** (``--layout``): the bench's local executor runs ``workers`` runs at a time with
+``cores // workers`` threads each. On the demo's step (random input of the demo's shape) this times, on
+the wall clock, two processes of 1 thread each stepping at the same time against one process of 2 threads
+doing their steps one after the other (the same work), alternating ``--repeats`` times; it prints the
+steps per second of each and their ratio. Wall time: run it on an otherwise idle machine.
 
 ``--option NAME=VALUE`` times the whole step (and validation) again with one setting changed, interleaved
 with the baseline, and prints ratio = option / baseline: ``mkldnn=off`` (oneDNN off for the convolutions),
@@ -171,7 +178,30 @@ def demo_volumes(workdir: Path, task: str) -> tuple[Any, dict[str, Any], dict[st
 # --------------------------------------------------------------------------- options
 
 
-OPTIONS = ("mkldnn", "sw_batch")
+OPTIONS = ("mkldnn", "sw_batch", "channels_last", "adamw")
+
+
+def option_variant(option: str | None, module: torch.nn.Module, opt: Any) -> tuple[torch.nn.Module, Any]:
+    """The module and optimisation an option trains (a copy where it changes the model or optimiser)."""
+    import copy
+
+    name, _, value = (option or "").partition("=")
+    if name == "channels_last":  # the decoder's (non-Swin) modules in channels-last 3D memory format
+        module = copy.deepcopy(module)
+        for child_name, child in module.model.named_children():
+            if child_name != "swinViT" and value == "decoder":
+                child.to(memory_format=torch.channels_last_3d)
+    elif name == "adamw":  # torch's fused (one kernel for all parameters) or foreach AdamW
+        module = copy.deepcopy(module)
+    else:
+        return module, opt
+    new = build_optimisation(module, opt.schedule, opt.total, torch.device("cpu"))
+    if name == "adamw":
+        keep = ("params", "weight_decay", "apply_wd", "lr_scale")
+        groups = [{k: g[k] for k in keep} for g in new.optimizer.param_groups]
+        schedule = opt.schedule
+        new.optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=schedule.betas, **{value: True})
+    return module, new
 
 
 @contextlib.contextmanager
@@ -186,6 +216,8 @@ def applied(option: str | None) -> Iterator[dict[str, Any]]:
             yield {}
     elif name == "sw_batch":
         yield {"sw_batch_size": int(value)}
+    elif name in OPTIONS:
+        yield {}
     else:
         raise SystemExit(f"unknown --option {name!r}; known: {', '.join(OPTIONS)}")
 
@@ -218,6 +250,8 @@ def profile(args: argparse.Namespace, threads: int, workdir: Path) -> None:
     module = Segmentation(model, loss_fn)
     schedule = ft.schedule.model_copy(update={"amp": "off"})
     opt = build_optimisation(module, schedule, schedule.steps, torch.device("cpu"))
+    opt.schedule, opt.total = schedule, schedule.steps  # type: ignore[attr-defined]
+    option_module, option_opt = option_variant(args.option, module, opt)
     val_cases = [load_eval_case(volumes[c]) for c in split["val"]]
     test_cases = [load_eval_case(volumes[c]) for c in split["test"]]
     sw = Stopwatch(clock(args.clock))
@@ -226,11 +260,11 @@ def profile(args: argparse.Namespace, threads: int, workdir: Path) -> None:
     def load(i: int) -> dict:
         return default_collate([dataset[i * batch_size + j] for j in range(batch_size)])
 
-    def validate(label: str, overrides: dict[str, Any]) -> None:
+    def validate(label: str, overrides: dict[str, Any], net: torch.nn.Module) -> None:
         for case in val_cases:
             with sw(f"{label}sliding window (val)"):
                 pred = predict_volume(
-                    model, case["image"], ft.crop_size, overrides.get("sw_batch_size", ft.sw_batch_size), ft.sw_overlap
+                    net, case["image"], ft.crop_size, overrides.get("sw_batch_size", ft.sw_batch_size), ft.sw_overlap
                 )
             with sw(f"{label}Dice (val)"):
                 mean_dice(pred, case["label"][0], task.structures)
@@ -245,15 +279,14 @@ def profile(args: argparse.Namespace, threads: int, workdir: Path) -> None:
         model.train()
         split_step(model, loss_fn, opt, batch, i + 1, sw)
         model.eval()
-        validate("", {})
+        validate("", {}, model)
         model.train()
         if args.option:
             with applied(args.option) as overrides:
                 with sw("option: train_step"):
-                    train_step(opt, batch, i + 1, module)
-                model.eval()
-                validate("option: ", overrides)
-                model.train()
+                    train_step(option_opt, batch, i + 1, option_module)
+                validate("option: ", overrides, option_module.model)
+                option_module.train()
     # Per run: the test evaluation (once) and the checkpoints (last.pt every checkpoint_every, best.pt at most
     # once per validation).
     model.eval()
@@ -367,8 +400,61 @@ def full_size(args: argparse.Namespace, threads: int) -> None:
         if name != "train_step":
             print(f"| {name} | {value:.2f} | {value / split_total:.1%} |")
     print(
-        f"split step {split_total:.2f} s (first step) vs train_step {parts['train_step']:.2f} s; wall {time.perf_counter() - t0:.0f} s"
+        f"split step {split_total:.2f} s (first step) vs train_step {parts['train_step']:.2f} s; "
+        f"wall {time.perf_counter() - t0:.0f} s"
     )
+
+
+# --------------------------------------------------------------------------- thread layout
+
+
+def _layout_worker(threads: int, steps: int, start: Any, out: Any) -> None:
+    """Build the demo's segmenter, wait for ``start``, time ``steps`` train steps (wall)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    _, ft, _ = demo_settings("ct_organs")
+    model = SwinSegmenter(ft.encoder, 6, crop_size=ft.crop_size, norm=ft.norm)
+    module = Segmentation(model, DiceLoss(to_onehot_y=True, softmax=True))
+    schedule = ft.schedule.model_copy(update={"amp": "off", "steps": steps + 1})
+    opt = build_optimisation(module, schedule, steps + 1, torch.device("cpu"))
+    b = ft.schedule.batch_size
+    batch = {"image": torch.randn(b, 1, 32, 32, 32), "label": torch.randint(0, 6, (b, 1, 32, 32, 32))}
+    train_step(opt, batch, 0, module)  # warm-up
+    start.wait()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        train_step(opt, batch, i + 1, module)
+    out.put(time.perf_counter() - t0)
+
+
+def _layout_round(ctx: Any, runs: int, threads: int, steps: int) -> float:
+    """Steps per second of ``runs`` processes of ``threads`` threads each doing ``steps`` steps at once."""
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_layout_worker, args=(threads, steps, start, out)) for _ in range(runs)]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)
+    start.set()
+    walls = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return runs * steps / max(walls)
+
+
+def layout(args: argparse.Namespace) -> None:
+    import multiprocessing
+    import os
+
+    ctx = multiprocessing.get_context("spawn")
+    results: dict[str, list[float]] = {"2 runs x 1 thread": [], "1 run x 2 threads": []}
+    for _ in range(args.repeats):
+        results["2 runs x 1 thread"].append(_layout_round(ctx, 2, 1, args.steps))
+        results["1 run x 2 threads"].append(_layout_round(ctx, 1, 2, 2 * args.steps))
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"demo fine-tuning step, {2 * args.steps} steps per round, {args.repeats} rounds, load {os.getloadavg()}")
+    for name, rate in med.items():
+        print(f"  {name}: {rate:.3f} steps/s (rounds: {', '.join(f'{r:.3f}' for r in results[name])})")
+    print(f"  ratio (2 x 1) / (1 x 2): {med['2 runs x 1 thread'] / med['1 run x 2 threads']:.3f}")
 
 
 # --------------------------------------------------------------------------- medssl vs MONAI
@@ -420,6 +506,8 @@ def main() -> None:
     parser.add_argument("--option", default=None, help=f"NAME=VALUE timed against the baseline; NAME in {OPTIONS}")
     parser.add_argument("--full-size", action="store_true", help="also one step of the base preset at 96^3")
     parser.add_argument("--workdir", type=Path, default=None, help="phantoms and cache (default: a temporary folder)")
+    parser.add_argument("--layout", action="store_true", help="2 runs x 1 thread vs 1 run x 2 threads instead")
+    parser.add_argument("--repeats", type=int, default=3, help="--layout: alternating rounds")
     parser.add_argument("--vs-monai", action="store_true", help="medssl's segmenter vs MONAI's SwinUNETR instead")
     parser.add_argument("--size", type=int, default=64, help="--vs-monai: crop size")
     parser.add_argument("--preset", default="tiny", help="--vs-monai: encoder preset")
@@ -430,6 +518,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.vs_monai:
         vs_monai(args)
+        return
+    if args.layout:
+        layout(args)
         return
     if args.clock == "auto":
         args.clock = "cpu"  # this profile runs on the CPU: process time is what a shared machine inflates least
