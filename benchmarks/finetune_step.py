@@ -30,7 +30,9 @@ steps per second of each and their ratio. Wall time: run it on an otherwise idle
 
 ``--option NAME=VALUE`` times the whole step (and validation) again with one setting changed, interleaved
 with the baseline, and prints ratio = option / baseline: ``mkldnn=off`` (oneDNN off for the convolutions),
-``sw_batch=N`` (windows per sliding-window forward).
+``sw_batch=N`` (windows per sliding-window forward), ``channels_last=decoder`` (the decoder's modules in
+channels-last 3D memory format), ``adamw=loop|foreach|fused`` (torch's AdamW implementations; the step
+uses ``fused``).
 """
 
 from __future__ import annotations
@@ -191,7 +193,7 @@ def option_variant(option: str | None, module: torch.nn.Module, opt: Any) -> tup
         for child_name, child in module.model.named_children():
             if child_name != "swinViT" and value == "decoder":
                 child.to(memory_format=torch.channels_last_3d)
-    elif name == "adamw":  # torch's fused (one kernel for all parameters) or foreach AdamW
+    elif name == "adamw":  # AdamW as torch's per-parameter "loop", "foreach" or "fused" (the step's default)
         module = copy.deepcopy(module)
     else:
         return module, opt
@@ -200,7 +202,8 @@ def option_variant(option: str | None, module: torch.nn.Module, opt: Any) -> tup
         keep = ("params", "weight_decay", "apply_wd", "lr_scale")
         groups = [{k: g[k] for k in keep} for g in new.optimizer.param_groups]
         schedule = opt.schedule
-        new.optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=schedule.betas, **{value: True})
+        flags = {"fused": False, "foreach": False} if value == "loop" else {value: True}
+        new.optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=schedule.betas, **flags)
     return module, new
 
 
