@@ -230,10 +230,17 @@ def test_packaged_configs_load_and_expand(tmp_path: Path) -> None:
     demo = load_bench_config(demo_config_path())
     plan = expand_plan(demo, tmp_path / "demo")
     n_methods, n_trained = len(REGISTRY), len(REGISTRY) - 1
-    assert len(plan.stage("pretrain")) == n_trained
-    assert len(plan.stage("finetune")) == n_methods * 3 * 2  # three synthetic tasks, two budgets, one seed
-    assert len(plan.stage("cka")) == n_trained * len(demo.cka.tasks) * 2  # CKA on the listed tasks only
+    assert len(plan.stage("pretrain")) == n_trained  # every method pretrains
     assert {m.name for m in demo.method_configs()} == set(REGISTRY)  # every registered method
+    finetuned = demo.finetune_methods or []
+    assert "none" in finetuned and {REGISTRY[m].family for m in finetuned} >= {"mim", "contrastive"}
+    cells = {(r.labels["task"], r.labels["budget"]) for r in plan.stage("finetune")}
+    assert cells == {("ct_organs", "2"), ("ct_organs", "all"), ("mri_organs", "all")}
+    assert len(plan.stage("finetune")) == len(finetuned) * len(cells) and demo.seeds == [0]
+    # every paired test rests on >= 6 (case, seed) pairs: one seed, n_test test cases
+    assert demo.finetune.n_test * len(demo.seeds) >= 6
+    # CKA on the listed task only, for the fine-tuned pretrained encoders: pretrained vs fine-tuned, few vs many
+    assert len(plan.stage("cka")) == (len(finetuned) - 1) * len(demo.cka.tasks or []) * 2
     assert demo.encoder.preset == "tiny" and demo.executor.kind == "local"
 
     paper = load_bench_config(PAPER)
