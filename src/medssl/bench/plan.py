@@ -27,7 +27,7 @@ from medssl.config import (
     deep_merge,
     validate_config,
 )
-from medssl.errors import ConfigError, unknown_name_message
+from medssl.errors import ConfigError, look_up_option
 from medssl.runs import BenchDir, RunDir, atomic_write_json
 
 from .kinds import STAGES, RunConfig, run_kind
@@ -108,7 +108,7 @@ class ResolvedTask:
 
     def budget_list(self, bench: BenchConfig) -> list[Budget]:
         """The task's budgets, smallest first (``all`` last)."""
-        return budget_order(list(self.budgets if self.budgets is not None else bench.budgets))
+        return sorted(self.budgets if self.budgets is not None else bench.budgets)  # all last
 
 
 # --------------------------------------------------------------------------- layout
@@ -162,8 +162,7 @@ def resolve_methods(bench: BenchConfig, source: str | Path | None = None) -> lis
     methods = [MethodConfig(name=name) for name in REGISTRY] if bench.methods == "all" else bench.method_configs()
     seen: set[str] = set()
     for method in methods:
-        if method.name not in REGISTRY:
-            raise ConfigError(where, "methods: " + unknown_name_message("method", method.name, sorted(REGISTRY)))
+        look_up_option("method", method.name, sorted(REGISTRY), source=f"{where}: methods")
         if method.name in seen:
             raise ConfigError(where, f"methods: '{method.name}' is listed twice")
         seen.add(method.name)
@@ -172,11 +171,6 @@ def resolve_methods(bench: BenchConfig, source: str | Path | None = None) -> lis
         except ConfigError as err:
             raise ConfigError(where, f"methods: {err.one_line()}") from None
     return methods
-
-
-def budget_order(budgets: list[Budget]) -> list[Budget]:
-    """Smallest to largest, ``all`` last."""
-    return sorted(budgets, key=lambda b: (b == "all", b if isinstance(b, int) else 0))
 
 
 def check_budgets(task: ResolvedTask, bench: BenchConfig, source: str | Path | None = None) -> int | None:
@@ -198,7 +192,7 @@ def check_budgets(task: ResolvedTask, bench: BenchConfig, source: str | Path | N
             f"task '{task.name}' has {n_cases} cases: not enough for n_test={n_test}, "
             f"n_val={n_val} and at least one training case",
         )
-    too_large = [b for b in task.budget_list(bench) if isinstance(b, int) and b > pool]
+    too_large = [b for b in task.budget_list(bench) if b.cases is not None and b.cases > pool]
     if too_large:
         raise ConfigError(
             where,
@@ -344,8 +338,7 @@ def _finetuned(methods: list[MethodConfig], names: list[str] | None, where: str 
         return methods
     known = [m.name for m in methods]
     for name in names:
-        if name not in known:
-            raise ConfigError(where, "finetune_methods: " + unknown_name_message("method", name, known))
+        look_up_option("method", name, known, source=f"{where}: finetune_methods")
     if len(set(names)) != len(names):
         raise ConfigError(where, "finetune_methods: a method is listed twice")
     return [m for m in methods if m.name in names]
@@ -376,9 +369,8 @@ def _cka_runs(
     budget, and fine-tuned at the smallest <-> the largest budget (when they differ). The config
     is the CKA run's own (its hash is the run's ``config_hash``); the volume cache is the
     benchmark's ``<out>/cache``, shared with the fine-tuning runs."""
-    unknown = sorted(set(bench.cka.tasks or []) - {t.name for t in tasks})
-    if unknown:
-        raise ConfigError(where, "cka.tasks: " + unknown_name_message("task", unknown[0], [t.name for t in tasks]))
+    for name in bench.cka.tasks or []:
+        look_up_option("task", name, [t.name for t in tasks], source=f"{where}: cka.tasks")
     seed = bench.seeds[0]
     runs = []
     for method in methods:

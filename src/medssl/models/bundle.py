@@ -234,6 +234,8 @@ def export_segmenter_bundle(ckpt: str | Path, out: str | Path) -> Path:
     """Write the bundle of a fine-tuned segmenter (``best.pt`` of a fine-tuning run)."""
     ckpt, out = Path(ckpt), Path(out)
     model, meta = load_segmenter(ckpt)
+    if meta.get("regions"):  # an argmax postprocessing would give wrong label maps with exit 0
+        raise MedsslInputError(ckpt, "was trained on nnU-Net regions; a bundle exports only class (argmax) models")
     results, config, info = _run_dir_files(ckpt)
     modality = str(results.get("modality") or info.get("modality") or "").lower()
     if modality not in ("ct", "mri"):

@@ -23,7 +23,6 @@ The result is labelled ``method: external-<name>``, ``family: external``, with i
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from torch import Tensor
 
 from medssl.config import ENCODER_PRESETS, EncoderConfig
 from medssl.errors import MedsslInputError
+from medssl.fileio import file_sha256
 from medssl.models.encoder import MASK_TOKEN_KEY, SwinEncoder
 
 EXTERNAL_FAMILY = "external"
@@ -47,14 +47,6 @@ ENCODER_PREFIXES = ("swinViT.", "swin_vit.", "")  # the name of the encoder insi
 def external_method(name: str) -> str:
     """The method label of an external encoder (its row in every table)."""
     return f"{EXTERNAL_PREFIX}{name}"
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_state(obj: Any) -> bool:
