@@ -33,6 +33,9 @@ class Limits(BaseModel):
     voxels_per_volume: int = Field(1 << 29, ge=1, description="voxels of one volume, from its header")
     voxels_after_resampling: int = Field(1 << 29, ge=1, description="voxels of one volume after resampling")
     archive_member_bytes: int = Field(4 << 30, ge=1, description="bytes of one member of an .inv3 archive")
+    model_bytes: int = Field(
+        4 << 30, ge=1, description="weights and buffers of a network, from the encoder a checkpoint or config declares"
+    )
 
 
 _active = Limits()

@@ -22,8 +22,9 @@ from medssl.config import CKARunConfig, PreprocessConfig, config_hash, dump_yaml
 from medssl.data.cache import VolumeCache
 from medssl.data.tasks import load_task
 from medssl.errors import MedsslInputError, describe_error
-from medssl.models.checkpoint import load_encoder, load_segmenter, safe_torch_load
+from medssl.models.checkpoint import load_segmenter, safe_torch_load
 from medssl.models.encoder import SwinEncoder
+from medssl.models.load import load_encoder
 from medssl.runs import RunDir
 from medssl.version import code_version
 

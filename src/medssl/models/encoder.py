@@ -19,6 +19,7 @@ from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import Tensor, nn
 
 from medssl.config import EncoderConfig
+from medssl.models.size import check_network_size
 from medssl.models.swin_fast import SwinCache, run_stage
 
 MASK_TOKEN_KEY = "mask_token"
@@ -40,6 +41,7 @@ class SwinEncoder(SwinTransformer):
     """
 
     def __init__(self, config: EncoderConfig) -> None:
+        check_network_size(config, "encoder config")  # before MONAI allocates anything
         dims = 3
         super().__init__(
             in_chans=config.in_channels,
@@ -51,6 +53,7 @@ class SwinEncoder(SwinTransformer):
             drop_path_rate=config.drop_path_rate,
             use_checkpoint=config.use_checkpoint,
             spatial_dims=dims,
+            use_v2=config.use_v2,
         )
         self.config = config
         self.mask_token = nn.Parameter(torch.zeros(1, config.feature_size, 1, 1, 1))
@@ -105,16 +108,28 @@ class SwinEncoder(SwinTransformer):
             return self._fast_forward(x0, normalize)
         outs = [self.proj_out(x0, normalize)]
         h = x0
-        for stage in (self.layers1, self.layers2, self.layers3, self.layers4):
+        for index, stage in enumerate((self.layers1, self.layers2, self.layers3, self.layers4)):
+            if self.use_v2:  # MONAI's order: the stage's residual conv block, then its Swin blocks
+                h = self.conv_blocks[index](h.contiguous())
             h = stage[0](h.contiguous())
             outs.append(self.proj_out(h, normalize))
         return outs
 
+    @property
+    def conv_blocks(self) -> list[nn.Module]:
+        """SwinUNETR v2's residual conv block of each stage (``layers{1..4}c``); empty for v1."""
+        if not self.use_v2:
+            return []
+        return [self.layers1c[0], self.layers2c[0], self.layers3c[0], self.layers4c[0]]
+
     def _fast_forward(self, x0: Tensor, normalize: bool) -> list[Tensor]:
-        """Stages on channels-last tensors; outputs are (B, C, D, H, W) views of channels-last data."""
+        """Stages on channels-last tensors; outputs are (B, C, D, H, W) views of channels-last data.
+        v2's conv blocks run on (B, C, D, H, W) as MONAI's do; their outputs are turned channels-last."""
         h = x0.permute(0, 2, 3, 4, 1).contiguous()
         outs = [h]
-        for stage in (self.layers1, self.layers2, self.layers3, self.layers4):
+        for index, stage in enumerate((self.layers1, self.layers2, self.layers3, self.layers4)):
+            if self.use_v2:
+                h = self.conv_blocks[index](h.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1).contiguous()
             h = run_stage(stage[0], h, self.fast_cache, self.config.use_checkpoint)
             outs.append(h)
         if normalize:

@@ -21,10 +21,12 @@ from medssl.data.datasets import SegmentationCropDataset, load_eval_case
 from medssl.data.splits import load_or_create_splits, train_cases
 from medssl.data.tasks import TaskFolder, load_task
 from medssl.errors import ConfigError, MedsslInputError, unknown_name_message
-from medssl.evaluate import case_metrics, mean_dice, predict_volume
+from medssl.evaluate import case_metrics, lesion_rows, mean_dice, predict_volume
 from medssl.fileio import file_sha256
 from medssl.limits import set_limits
-from medssl.models.checkpoint import load_encoder_state, read_encoder_checkpoint, safe_torch_load, save_segmenter
+from medssl.models.adapt import fit_encoder
+from medssl.models.checkpoint import load_encoder_state, safe_torch_load, save_segmenter
+from medssl.models.load import read_encoder_checkpoint
 from medssl.models.segmenter import SwinSegmenter, resolve_norm
 from medssl.runs import RunDir
 from medssl.train.distributed import DistInfo, barrier, init_distributed
@@ -207,9 +209,16 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
     info = info or init_distributed()
     task = load_task(config.task)
     enc_state, enc_meta = resolve_encoder(config)
-    from medssl.config import EncoderConfig
-
-    encoder_config = EncoderConfig.model_validate(enc_meta["encoder"])
+    # input channels adapted (or refused) and axis order checked before any volume is cached
+    encoder_config, enc_state, encoder_fit = fit_encoder(
+        enc_state,
+        enc_meta,
+        task.n_channels,
+        config.preprocess.orientation,
+        config.input_channels,
+        str(config.encoder_checkpoint or "encoder"),
+    )
+    lesion_structures = config.lesion_metrics.lesion_structures(task.structures)
     cache = VolumeCache(config.cache_dir or run.path / "cache")
     volumes = cache_task(task, cache, config.preprocess)
     check_label_values(task, volumes)
@@ -224,6 +233,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
         **finetune_info(config, task, enc_meta, len(train_ids)),
         **identity,
         **({"pretraining_preprocessing": agreement} if agreement else {}),
+        **({"encoder_fit": encoder_fit} if encoder_fit else {}),
     }
     try:
         with run_session(run, info, dump_yaml(config), run_info) as started:
@@ -242,8 +252,12 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                             f"external encoder {enc_meta['source']['path']} ({enc_meta['source']['layout']}): "
                             f"{enc_meta['source']['coverage']}, sha256 {enc_meta['source']['sha256'][:12]}"
                         )
+                    run.log(f"axis order: {encoder_fit['axis_order']}")
             elif info.is_main:
                 run.log(f"encoder: random initialisation (seed {config.seed})")
+            if info.is_main and "input_channels" in encoder_fit:
+                fit = encoder_fit["input_channels"]
+                run.log(f"input channels: encoder {fit['from']} -> task {fit['to']} ({fit['mode']})")
             if info.is_main:
                 run.log(
                     f"task {task.name} ({task.modality}): {len(train_ids)} training cases (budget "
@@ -332,6 +346,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
             elif info.is_main:
                 save_segmenter(best_path, model, {**seg_meta, "step": config.schedule.steps})
             rows: list[dict[str, Any]] = []
+            lesions: list[dict[str, Any]] = []
             if info.is_main:
                 for cid in split["test"]:
                     case = load_eval_case(volumes[cid])
@@ -341,6 +356,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                     rows += case_metrics(
                         pred, case["label"][0], structures, case["spacing"], config.nsd_tolerance_mm, case_id=cid
                     )
+                    lesions += lesion_rows(pred, case["label"][0], lesion_structures, config.lesion_metrics, cid)
             curve = [
                 {"step": r["step"], "epoch": r.get("epoch"), "val_dice": r["val_dice"]}
                 for r in run.read_metrics()
@@ -354,6 +370,18 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 "kind": "finetune",
                 "labels": {str(k): v for k, v in structures.items()},
                 "cases": rows,
+                **(
+                    {
+                        "lesions": lesions,
+                        "lesion_detection": {
+                            **config.lesion_metrics.model_dump(mode="json"),
+                            "structures": sorted(lesion_structures.values()),
+                        },
+                    }
+                    if lesion_structures
+                    else {}
+                ),
+                **({"encoder_fit": encoder_fit} if encoder_fit else {}),
                 "val_curve": curve,
                 "best_step": best_rec["step"] if best_rec else None,
                 "best_val_dice": best_rec["val_dice"] if best_rec else None,
