@@ -3,10 +3,9 @@ MONAI's ~50k-volume SSL weights and SuPreM, each built here from MONAI's own mod
 (nothing downloaded), with the encoder config rebuilt from the shapes, full coverage or exit 2, and a row of
 their own."""
 
-import re
-
 import hashlib
 import json
+import re
 import sys
 
 import pytest

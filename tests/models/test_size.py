@@ -63,7 +63,9 @@ def test_a_small_checkpoint_declaring_a_huge_encoder_exits_2_before_allocation(t
     path = tmp_path / "huge.pt"
     torch.save({"encoder": {"patch_embed.proj.weight": torch.zeros(12, 1, 2, 2, 2)}, "meta": meta}, path)
     assert path.stat().st_size < 200_000
-    with pytest.raises(MedsslInputError, match=r"huge\.pt: declared encoder size in bytes [\d,]+ exceeds .*limits\.model_bytes"):
+    with pytest.raises(
+        MedsslInputError, match=r"huge\.pt: declared encoder size in bytes [\d,]+ exceeds .*limits\.model_bytes"
+    ):
         load_encoder(path)
 
 

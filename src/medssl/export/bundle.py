@@ -25,6 +25,7 @@ export drops), so the bundle needs MONAI alone. Every value written is validated
 from __future__ import annotations
 
 import platform
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +89,8 @@ format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 
 def run_command(bundle: str | Path = "DIR") -> str:
     """The command that runs a segmenter bundle from any working directory."""
-    return (
-        f"python -m monai.bundle run --config_file {bundle}/configs/inference.json --bundle_root {bundle} "
-        "--dataset_dir SCANS"
-    )
+    config, root = shlex.quote(f"{bundle}/configs/inference.json"), shlex.quote(str(bundle))
+    return f"python -m monai.bundle run --config_file {config} --bundle_root {root} --dataset_dir SCANS"
 
 
 def _versions() -> dict[str, Any]:
