@@ -301,3 +301,44 @@ def test_each_layout_fine_tunes_with_every_encoder_tensor_taken(tmp_path, layout
     assert f"loaded {n + 1}/{n + 1} encoder tensors" in log  # + the mask token
     assert f"{n}/{n} encoder tensors" in log
     assert "axis order: unchecked" in log
+
+
+def test_an_external_encoder_may_declare_the_supervised_family(tmp_path):
+    """SuPreM is supervised: its row carries family 'supervised' in the plan, the checkpoint and the report."""
+    import pandas as pd
+
+    from medssl.errors import ConfigError
+    from medssl.report.tables import family_summary
+
+    torch.save(_suprem_layout(_monai_state(12)), tmp_path / "suprem.pt")
+    bench = {
+        "name": "t",
+        "tasks": [{"path": "synth:ct_organs"}],
+        "methods": ["none"],
+        "encoder": {"preset": "tiny"},
+        "finetune": {"crop_size": 32, "n_test": 3, "n_val": 2},
+        "cka": {"enabled": False},
+        "external_encoders": [{"name": "suprem", "path": "suprem.pt", "family": "supervised"}],
+    }
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench))
+    plan = expand_plan(load_bench_config(tmp_path / "bench.yaml"), tmp_path / "out")
+    (row,) = [r for r in plan.stage("finetune") if r.labels["method"] == "external-suprem"]
+    assert row.labels["family"] == "supervised"
+    assert "-supervised-" in row.config.encoder_checkpoint.name
+    assert read_encoder_checkpoint(row.config.encoder_checkpoint)[1]["family"] == "supervised"
+    bench["external_encoders"][0]["family"] = "pretrained"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bench))
+    with pytest.raises(ConfigError, match="family"):
+        load_bench_config(tmp_path / "bad.yaml")
+    results = pd.DataFrame(
+        {
+            "method": ["simmim", "dino", "external-suprem", "none"],
+            "family": ["mim", "distillation", "supervised", "none"],
+            "task": ["t"] * 4,
+            "budget": ["all"] * 4,
+            "dice": [0.5, 0.4, 0.9, 0.3],
+        }
+    )
+    table = family_summary(results)
+    assert list(table.frame.index) == ["mim", "distillation", "supervised", "none"]
+    assert "supervised, none: reference rows" in table.caption
