@@ -64,8 +64,7 @@ Spacing = Annotated[Triple, AfterValidator(_positive_spacing)]
 def added_field(default: Any = PydanticUndefined, **kwargs: Any) -> Any:
     """A field added after runs were recorded: at its default it is left out of config dumps, hashes and
     run ids (``config_dump``), so adding it changes no existing run id and no stored config.yaml differs."""
-    extra = {"omit_at_default": True}
-    return Field(default, json_schema_extra=extra, **kwargs)
+    return Field(default, json_schema_extra={"omit_at_default": True}, **kwargs)
 
 
 def _drop_added_defaults(model: BaseModel, data: dict[str, Any]) -> None:

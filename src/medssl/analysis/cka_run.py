@@ -90,7 +90,7 @@ def load_model_encoder(path: str | Path) -> tuple[SwinEncoder, dict[str, Any]]:
         return encoder, {**meta, "source_kind": "encoder"}
     if isinstance(payload, dict) and "model" in payload and "meta" in payload:
         model, meta = load_segmenter(path)
-        return model.swinViT, {**meta, "source_kind": "segmenter"}
+        return model.encoder, {**meta, "source_kind": "segmenter"}
     encoder, meta = load_encoder(path)  # a MONAI SwinUNETR / research-contributions state dict, or a clear error
     return encoder, {**meta, "source_kind": "external"}
 

@@ -30,4 +30,5 @@ def predict_volume(
     )
     if was_training:
         model.train()
+    assert isinstance(logits, Tensor)  # a network with one output gives one tensor
     return logits.argmax(dim=1)[0].cpu()

@@ -284,7 +284,8 @@ def export_segmenter_bundle(ckpt: str | Path, out: str | Path) -> Path:
 
 def encoder_values(ckpt: Path, meta: dict[str, Any]) -> EncoderValues:
     typed = check_meta(ckpt, meta)
-    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    raw_source = meta.get("source")
+    source: dict[str, Any] = raw_source if isinstance(raw_source, dict) else {}
     return validated(
         EncoderValues,
         {

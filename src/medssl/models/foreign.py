@@ -50,7 +50,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -92,7 +92,7 @@ def external_method(name: str) -> str:
     return f"{EXTERNAL_PREFIX}{name}"
 
 
-def _is_state(obj: Any) -> bool:
+def _is_state(obj: Any) -> TypeGuard[dict[str, Tensor]]:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
 
 
@@ -114,8 +114,9 @@ def unwrap_state(payload: Any, path: str | Path) -> tuple[dict[str, Tensor], str
                 return inner, key
             if isinstance(inner, dict):
                 for key2 in WRAPPER_KEYS:
-                    if _is_state(inner.get(key2)):
-                        return inner[key2], f"{key}.{key2}"
+                    nested = inner.get(key2)
+                    if _is_state(nested):
+                        return nested, f"{key}.{key2}"
     raise MedsslInputError(
         path,
         "not a medssl encoder checkpoint (needs 'encoder' and 'meta' entries), nor a state dict of tensors "
@@ -254,8 +255,9 @@ def read_foreign_encoder(
     check_tensor_values(path, state, expected)
     unexpected = sorted(set(state) - set(expected) - {MASK_TOKEN_KEY})
     loaded = {k: state[k].detach().clone() for k in expected}
-    token = _mask_token(state, int(config.feature_size or 0))
-    loaded[MASK_TOKEN_KEY] = token if token is not None else torch.zeros(1, config.feature_size, 1, 1, 1)
+    feature_size = int(config.feature_size or 0)
+    token = _mask_token(state, feature_size)
+    loaded[MASK_TOKEN_KEY] = token if token is not None else torch.zeros(1, feature_size, 1, 1, 1)
     source = {
         "path": str(path.resolve()),
         "sha256": file_sha256(path),

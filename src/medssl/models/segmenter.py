@@ -28,7 +28,9 @@ def resolve_norm(norm: str, crop_size: int, feature_size: int) -> tuple | str:
     return norm
 
 
-def swin_unetr_kwargs(encoder_config: EncoderConfig, out_channels: int, norm_name: tuple | str) -> dict[str, Any]:
+def swin_unetr_kwargs(
+    encoder_config: EncoderConfig, out_channels: int, norm_name: tuple | list | str
+) -> dict[str, Any]:
     """The arguments of ``monai.networks.nets.SwinUNETR`` that build this network: the one place they are
     written (the segmenter, a bundle's ``network_def`` and ``medssl export --format monai`` use them)."""
     assert encoder_config.depths is not None and encoder_config.num_heads is not None  # filled from the preset

@@ -219,6 +219,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
         str(config.encoder_checkpoint or "encoder"),
     )
     lesion_structures = config.lesion_metrics.lesion_structures(task.structures)
+    lesion_settings: dict[str, Any] = config.lesion_metrics.model_dump(mode="json")
+    lesion_settings["structures"] = sorted(lesion_structures.values())
     cache = VolumeCache(config.cache_dir or run.path / "cache")
     volumes = cache_task(task, cache, config.preprocess)
     check_label_values(task, volumes)
@@ -373,10 +375,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
                 **(
                     {
                         "lesions": lesions,
-                        "lesion_detection": {
-                            **config.lesion_metrics.model_dump(mode="json"),
-                            "structures": sorted(lesion_structures.values()),
-                        },
+                        "lesion_detection": lesion_settings,
                     }
                     if lesion_structures
                     else {}
