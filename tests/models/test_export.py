@@ -329,3 +329,14 @@ def test_an_encoder_bundle_loads_from_its_moved_folder(tmp_path):
         if key != "mask_token":
             assert torch.equal(net.swinViT.state_dict()[key], value), key
     assert json.loads((moved / "configs" / "metadata.json").read_text())["medssl"]["method"] == "simmim"
+
+
+def test_the_readme_snippet_is_the_printed_constructor_of_each_preset():
+    from pathlib import Path
+
+    from medssl.export import swin_unetr_call
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for preset in ("tiny", "base", "smit"):
+        line = f"net = monai.networks.nets.{swin_unetr_call(EncoderConfig(preset=preset))}  # {preset}"
+        assert line in readme, preset
