@@ -27,6 +27,10 @@ mask rebuilt in every stage call. Here:
 - patch merging gathers the eight neighbours with one reshape instead of eight strided slices and a
   concatenation (whose backward writes eight zero-filled full-size tensors); MONAI's v1 channel
   order is recovered by permuting the norm and reduction weights, not the activations.
+
+SwinUNETR v2 (``use_v2``) adds a residual conv block before each stage; ``SwinEncoder._fast_forward`` runs
+it as MONAI's module on a channels-first view and hands the stage a channels-last tensor
+(tests/models/test_swin_fast.py compares outputs and gradients with MONAI's v2).
 """
 
 from __future__ import annotations
