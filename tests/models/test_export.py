@@ -340,3 +340,29 @@ def test_the_readme_snippet_is_the_printed_constructor_of_each_preset():
     for preset in ("tiny", "base", "smit"):
         line = f"net = monai.networks.nets.{swin_unetr_call(EncoderConfig(preset=preset))}  # {preset}"
         assert line in readme, preset
+
+
+@pytest.fixture(scope="module")
+def small_task(tmp_path_factory):
+    from medssl.data.synth import synth_task
+
+    return synth_task(tmp_path_factory.mktemp("task"), "ct_organs", 3, seed=1, shape=(32, 32, 32))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("spacing", ["a", "b", "c"]), ("spacing", [1.5, float("nan"), 1.5]), ("intensity", {"orientation": "$x"})],
+)
+def test_bad_preprocessing_in_an_encoder_checkpoint_exits_2_naming_it(
+    tmp_path, small_task, field, value, capsys, monkeypatch
+):
+    meta = encoder_meta(method="simmim", family="mim", encoder=TINY, preprocess={"spacing": [1.5] * 3})
+    meta[field] = value
+    save_encoder(tmp_path / "enc.pt", SwinEncoder(TINY), meta)
+    for args in (
+        ["export", tmp_path / "enc.pt", "--out", tmp_path / "x.pt"],
+        ["export", tmp_path / "enc.pt", "--format", "monai-bundle", "--out", tmp_path / "b"],
+        ["finetune", "--task", small_task, "--encoder", tmp_path / "enc.pt", "--out", tmp_path / "ft"],
+    ):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert code == 2 and "enc.pt" in one_line(err) and (field in err or "orientation" in err), err
