@@ -140,7 +140,14 @@ def test_swinunetr_v2_segmenter_interchanges_with_monai_both_ways():
     """encoder.use_v2: the segmenter is MONAI's SwinUNETR(use_v2=True) key for key; weights move both ways."""
     config = EncoderConfig(preset="tiny", window_size=4, use_v2=True)
     ours = SwinSegmenter(config, 3, crop_size=32)
-    monai_net = SwinUNETR(in_channels=1, out_channels=3, feature_size=12, window_size=4, use_v2=True, norm_name="group")
+    monai_net = SwinUNETR(
+        in_channels=1,
+        out_channels=3,
+        feature_size=12,
+        window_size=4,
+        use_v2=True,
+        norm_name=("group", {"num_groups": 12}),  # what the segmenter takes for 32^3 crops
+    )
     ours_keys, ref_keys = set(ours.state_dict()), set(monai_net.state_dict())
     assert ours_keys - ref_keys == {"swinViT.mask_token"} and ref_keys - ours_keys == set()
     assert any(k.startswith("swinViT.layers4c.") for k in ref_keys)
