@@ -100,7 +100,7 @@ def test_config_typo_names_key_and_file(task, tmp_path, capsys, monkeypatch):
         ["finetune", "--task", task, "--encoder", "none", "--out", tmp_path / "r", "--config", cfg], capsys, monkeypatch
     )
     assert code == 2
-    assert one_error_line(err) == f"error: {cfg}: schedule.stesp: unknown key"
+    assert one_error_line(err) == f"error: {cfg}: schedule.stesp: unknown key; did you mean schedule.steps?"
     code, _, err = run_cli(
         ["pretrain", "--method", "simmim", "--corpus", tmp_path, "--out", tmp_path / "r", "schedule.lr=fast"],
         capsys,

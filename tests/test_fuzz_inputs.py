@@ -79,7 +79,17 @@ def task_template(tmp_path_factory):
     content=json_values,
     patch=st.dictionaries(
         st.sampled_from(
-            ["labels", "training", "modality", "channel_names", "name", "file_ending", "numTraining", "dataset"]
+            [
+                "labels",
+                "training",
+                "modality",
+                "channel_names",
+                "name",
+                "file_ending",
+                "numTraining",
+                "dataset",
+                "regions_class_order",
+            ]
         ),
         json_values,
         max_size=3,

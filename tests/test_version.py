@@ -5,12 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-
 from medssl import __version__
-from medssl.runs import RunDir
-from medssl.train.distributed import DistInfo
-from medssl.train.session import run_session
+from medssl.runs import RunDir, run_session
 from medssl.version import code_version, describe_code_version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +22,7 @@ def test_version_is_single_sourced_from_pyproject() -> None:
 
 def test_a_run_records_its_commit(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "r")
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    with run_session(run, info, "a: 1\n", {"kind": "pretrain"}):
+    with run_session(run, "a: 1\n", {"kind": "pretrain"}, is_main=True, world_size=1):
         pass
     recorded = run.info()["code_version"]
     assert recorded == code_version() and recorded["version"] == __version__

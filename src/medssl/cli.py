@@ -75,6 +75,11 @@ class Modality(str, Enum):
     mri = "mri"
 
 
+class LabelStyle(str, Enum):
+    regions = "regions"
+    plain = "plain"
+
+
 class ExportFormat(str, Enum):
     monai = "monai"
     monai_bundle = "monai-bundle"
@@ -303,15 +308,28 @@ def data_convert(
     src: Path = typer.Argument(..., help="The dataset folder as it ships."),
     out: Path = typer.Option(..., "--out", help="nnU-Net v2 raw folder to write (or resume)."),
     modality: Modality | None = typer.Option(None, "--modality", help="AMOS: convert its CT or its MRI cases."),
+    labels: LabelStyle | None = typer.Option(
+        None,
+        "--labels",
+        help="BraTS, KiTS: declare nnU-Net's regions (default; trained with a sigmoid per region, Dice per "
+        "region) or the plain classes.",
+    ),
 ) -> None:
     """Convert a public dataset's own layout into the nnU-Net v2 raw layout (resumable)."""
     from medssl.data.convert import convert_dataset
 
     summary = convert_dataset(
-        kind, src, out, modality=modality.value if modality else None, progress=lambda case: _echo(f"converted {case}")
+        kind,
+        src,
+        out,
+        modality=modality.value if modality else None,
+        progress=lambda case: _echo(f"converted {case}"),
+        label_style=labels.value if labels else None,
     )
     for line in summary.skipped:
         _echo(f"skipped {line}")
+    for case in summary.removed:
+        _echo(f"removed {case}: no longer in the source")
     _echo(
         f"{out}: {summary.n_training} cases ({len(summary.converted)} converted, "
         f"{len(summary.resumed)} already done); check with 'medssl data check {out}'"
@@ -331,7 +349,8 @@ def main() -> None:
     except MedsslInputError as err:
         if _state["debug"]:
             raise
-        typer.echo(f"error: {err.one_line()}", err=True)
+        for line in err.lines():  # one per problem: a config with two bad fields gives two lines
+            typer.echo(f"error: {line}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted: finished runs are kept; run the same command again to resume", err=True)

@@ -10,14 +10,27 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticUndefined
 
-from medssl.errors import ConfigError, unknown_name_message
+from medssl.budget import Budget
+from medssl.errors import ConfigError, closest_name, look_up_option
 from medssl.limits import Limits, check
 
 Modality = Literal["ct", "mri"]
@@ -68,10 +81,10 @@ def added_field(default: Any = PydanticUndefined, **kwargs: Any) -> Any:
 
 
 def _drop_added_defaults(model: BaseModel, data: dict[str, Any]) -> None:
-    for name, field in type(model).model_fields.items():
+    for name, info in type(model).model_fields.items():
         value = getattr(model, name)
-        extra = field.json_schema_extra
-        at_default = value == field.get_default(call_default_factory=True)
+        extra = info.json_schema_extra
+        at_default = value == info.get_default(call_default_factory=True)
         if isinstance(extra, dict) and extra.get("omit_at_default") and at_default:
             data.pop(name, None)
             continue
@@ -328,7 +341,7 @@ class FinetuneConfig(StrictModel):
     cache_dir: Path | None = None  # preprocessed volumes; default <run>/cache (shared across a benchmark)
     splits_path: Path | None = None  # default <run>/splits.json (shared per task across a benchmark)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
-    budget: int | Literal["all"] = "all"
+    budget: Budget = Budget.all()  # training cases: a positive number or "all"
     seed: Seed = 0
     crop_size: CropSize = 64
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
@@ -405,22 +418,186 @@ def config_hash(model: BaseModel, length: int = 12) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line for a pydantic error: ``key.path: problem`` per error (``prefix`` goes before each key)."""
-    parts = []
+def format_validation_error(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    """One line for a pydantic error: ``key.path: problem`` per field, joined by ``; ``."""
+    return "; ".join(validation_problems(err, prefix, model))
+
+
+def validation_problems(
+    err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None, data: Any = None
+) -> list[str]:
+    """One ``dotted.key: problem`` line per field of a pydantic error (``prefix`` goes before each key).
+
+    With the ``model`` that was validated: an unknown key gets the nearest valid dotted key ("did
+    you mean schedule.lr?"), and the errors pydantic reports once per member of a union (``int``,
+    ``literal['all']``, ...) become one line saying what was given (from ``data``, the validated input)
+    and what is expected. A union whose errors continue inside one member (a list item, a mapping's
+    key) was meant as that member: its deeper errors are shown instead."""
+    entries: list[tuple[str, str, tuple[Any, ...] | None]] = []  # (key, problem, union it mismatches)
+    passed: set[tuple[Any, ...]] = set()  # unions some error went through into a member
     for e in err.errors():
-        loc = prefix + (".".join(str(p) for p in e["loc"]) or "<root>")
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)
+        where = _locate(model, tuple(e["loc"])) if model is not None else _Location(list(e["loc"]), None)
+        passed.update(where.through)
+        key = prefix + (".".join(str(p) for p in where.keys) or "<root>")
+        if e["type"] == "extra_forbidden":
+            hint = _nearest_key(model, where.annotation, where.keys, prefix) if model is not None else None
+            entries.append((key, "unknown key" + (f"; did you mean {hint}?" if hint else ""), None))
+        elif where.mismatch is not None:
+            given = _value_at(data, where.keys) if data is not None else e.get("input")
+            entries.append((key, f"expected {describe_type(where.mismatch)}, given {_given(given)}", tuple(where.keys)))
+        else:
+            problem, given = e["msg"].removeprefix("Value error, "), _given(e.get("input"))
+            shown = e["type"] == "missing" or given in problem  # nothing given, or the message names it
+            entries.append((key, problem if shown else f"{problem} (given {given})", None))
+    lines: dict[str, str] = {}
+    for key, problem, union in entries:
+        if union not in passed:
+            lines.setdefault(key, problem)
+    return [f"{key}: {problem}" for key, problem in lines.items()]
+
+
+@dataclass
+class _Location:
+    """Where a pydantic error's ``loc`` points in a model: the keys and indices (union member tags left
+    out), the type found there, the union the value did not fit (its type; None when it is no union
+    mismatch), and the unions the ``loc`` went through into one of their members."""
+
+    keys: list[Any]
+    annotation: Any
+    mismatch: Any = None
+    through: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The type under ``Annotated[...]`` and ``X | None`` (a null is accepted wherever None is)."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return _unwrap(members[0])
+    return annotation
+
+
+def _union_member(union: Any, tag: object) -> Any:
+    """The member of ``union`` that pydantic's ``loc`` tag names (``MethodConfig``, ``list[...]``, ``str``)."""
+    for member in get_args(union):
+        inner = _unwrap(member)
+        name = getattr(inner, "__name__", "") if isinstance(inner, type) else ""
+        origin = get_origin(inner)
+        if (name and tag == name) or (origin is not None and str(tag).startswith(f"{origin.__name__}[")):
+            return inner
+    return None
+
+
+def _locate(model: type[BaseModel], loc: tuple[Any, ...]) -> _Location:
+    annotation: Any = model
+    where = _Location([], model)
+    for i, part in enumerate(loc):
+        current = _unwrap(annotation)
+        origin = get_origin(current)
+        if origin in (Union, types.UnionType):
+            member = _union_member(current, part)
+            if member is None or i == len(loc) - 1:  # the value fits no member of this union
+                return _Location(where.keys, current, current, where.through)
+            where.through.append(tuple(where.keys))
+            annotation = member
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            annotation = current.model_fields[part].annotation
+        elif origin in (list, tuple, set, frozenset) and isinstance(part, int):
+            items = [a for a in get_args(current) if a is not Ellipsis] or [Any]
+            annotation = items[part] if origin is tuple and len(items) > 1 and part < len(items) else items[0]
+        elif origin is dict and isinstance(part, str):
+            annotation = get_args(current)[1] if get_args(current) else Any
+        else:  # an unknown key of a model, or something this walk does not know: stop here
+            return _Location([*where.keys, *loc[i:]], current, None, where.through)
+        where.keys.append(part)
+    return _Location(where.keys, annotation, None, where.through)
+
+
+def _dotted_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    for name, info in model.model_fields.items():
+        yield prefix + name
+        inner = _unwrap(info.annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            yield from _dotted_keys(inner, f"{prefix}{name}.")
+
+
+def _nearest_key(model: type[BaseModel], parent: Any, keys: list[Any], prefix: str = "") -> str | None:
+    """The valid dotted key nearest an unknown one: a key of the same section first (``schedule.lrr`` ->
+    ``schedule.lr``), else any key of the config ending in a name like it (``lr`` -> ``schedule.lr``)."""
+    unknown = str(keys[-1])
+    parent = _unwrap(parent)
+    if isinstance(parent, type) and issubclass(parent, BaseModel):
+        sibling = closest_name(unknown, parent.model_fields)
+        if sibling is not None:
+            return prefix + ".".join(str(p) for p in [*keys[:-1], sibling])
+    by_leaf: dict[str, str] = {}
+    for dotted in _dotted_keys(model):
+        by_leaf.setdefault(dotted.rsplit(".", 1)[-1], dotted)
+    leaf = closest_name(unknown, by_leaf, cutoff=0.8)
+    return prefix + by_leaf[leaf] if leaf is not None else None
+
+
+def describe_type(annotation: Any) -> str:
+    """What a config field takes, in words: ``a positive integer or 'all'``, ``a list of text``."""
+    if get_origin(annotation) is Annotated:
+        return describe_type(get_args(annotation)[0])
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(dict.fromkeys(describe_type(a) for a in args))
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin in (list, tuple, set, frozenset):
+        items = [a for a in args if a is not Ellipsis]
+        if origin is tuple and len(items) > 1:
+            return f"a list of {len(items)} values ({', '.join(describe_type(a) for a in items)})"
+        return f"a list of ({describe_type(items[0])})" if items else "a list"
+    if origin is dict or annotation is dict:
+        return "a mapping"
+    simple = {
+        type(None): "null",
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "text",
+        Path: "a path",
+        Budget: "a positive integer or 'all'",
+        Any: "anything",
+    }
+    if annotation in simple:
+        return simple[annotation]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "a mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _value_at(data: Any, path: list[Any]) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _given(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def validate_config(model_cls: type[ModelT], data: dict[str, Any], source: str | Path | None) -> ModelT:
-    """Build ``model_cls`` from ``data``; on failure raise ``ConfigError`` naming key and file."""
+    """Build ``model_cls`` from ``data``; on failure raise ``ConfigError`` naming file, key and problem
+    (one line per field: ``ConfigError.lines``)."""
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(source or "<config>", format_validation_error(err)) from None
+        raise ConfigError(source or "<config>", problems=validation_problems(err, model=model_cls, data=data)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -549,7 +726,6 @@ def dump_yaml(model: BaseModel) -> str:
 # into one PretrainConfig/FinetuneConfig per run (``medssl.bench.plan``).
 
 SYNTH_TASK_PREFIX = "synth:"
-Budget = int | Literal["all"]  # training cases of a fine-tuning run
 SYNTH_TASK_KINDS = ("ct_organs", "ct_lesions", "mri_organs")
 
 
@@ -568,7 +744,7 @@ def _section_model(name: str, source: type[StrictModel], exclude: set[str], doc:
         try:
             source.model_validate(self.model_dump())
         except ValidationError as err:
-            raise ValueError(format_validation_error(err).replace("Value error, ", "")) from None
+            raise ValueError(format_validation_error(err, model=source)) from None
         return self
 
     # pydantic's stub types __validators__ as plain callables; a decorated validator is what it takes
@@ -629,9 +805,8 @@ class BenchTaskConfig(StrictModel):
     @field_validator("path")
     @classmethod
     def _known_synth(cls, v: str) -> str:
-        if v.startswith(SYNTH_TASK_PREFIX) and v[len(SYNTH_TASK_PREFIX) :] not in SYNTH_TASK_KINDS:
-            known = [SYNTH_TASK_PREFIX + k for k in SYNTH_TASK_KINDS]
-            raise ValueError(unknown_name_message("synthetic task", v, known))
+        if v.startswith(SYNTH_TASK_PREFIX):
+            look_up_option("synthetic task", v, [SYNTH_TASK_PREFIX + k for k in SYNTH_TASK_KINDS])
         return v
 
     @property
@@ -706,7 +881,7 @@ class BenchConfig(StrictModel):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     pretrain: BenchPretrainConfig = Field(default_factory=BenchPretrainConfig)
     finetune: BenchFinetuneConfig = Field(default_factory=BenchFinetuneConfig)
-    budgets: list[Budget] = Field(default_factory=lambda: list[Budget](["all"]), min_length=1)
+    budgets: list[Budget] = Field(default_factory=lambda: [Budget.all()], min_length=1)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     cka: BenchCKAConfig = Field(default_factory=BenchCKAConfig)
     external_encoders: list[ExternalEncoderConfig] = Field(default_factory=list)
@@ -714,20 +889,11 @@ class BenchConfig(StrictModel):
     cache: CacheConfig = Field(default_factory=CacheConfig)  # storage only: no result depends on it
     limits: Limits = Field(default_factory=Limits)  # resource limits, passed to every run
 
-    @field_validator("budgets")
+    @field_validator("budgets", "seeds")
     @classmethod
-    def _budgets(cls, v: list[int | str]) -> list[int | str]:
-        if any(isinstance(b, int) and b < 1 for b in v):
-            raise ValueError("budgets must be positive case counts or 'all'")
-        if len({str(b) for b in v}) != len(v):
-            raise ValueError("budgets are listed twice")
-        return v
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: list[int]) -> list[int]:
+    def _distinct(cls, v: list[Any], info: ValidationInfo) -> list[Any]:
         if len(set(v)) != len(v):
-            raise ValueError("seeds are listed twice")
+            raise ValueError(f"{info.field_name} are listed twice")
         return v
 
     def method_configs(self) -> list[MethodConfig]:

@@ -10,8 +10,6 @@ benchmark, the benchmark output folder that holds it, or a list of such folders 
 from __future__ import annotations
 
 import importlib.metadata
-import os
-import platform
 import warnings
 from collections import Counter
 from collections.abc import Iterable
@@ -22,9 +20,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from medssl.errors import MedsslInputError, unknown_name_message
+from medssl.budget import Budget
+from medssl.errors import MedsslInputError, UnknownNameError, look_up_option
 from medssl.fileio import atomic_path, atomic_write_text
-from medssl.runs import RunDir, list_runs
+from medssl.runs import RunDir, environment, list_runs
 from medssl.version import describe_code_version
 
 RunsRoot = str | Path | Iterable[str | Path]
@@ -34,36 +33,10 @@ RunsRoot = str | Path | Iterable[str | Path]
 LESION_COUNTS = ("lesion_tp", "lesion_fp", "lesion_fn")
 LESION_RATES = ("lesion_recall", "lesion_precision", "lesion_f1")
 LESION_COLUMNS = [*LESION_COUNTS, *LESION_RATES]
-RESULT_COLUMNS = [
-    "method",
-    "family",
-    "task",
-    "modality",
-    "budget",
-    "n_train",
-    "seed",
-    "case",
-    "label",
-    "structure",
-    "dice",
-    "hd95",
-    "nsd",
-    *LESION_COLUMNS,
-    "run_id",
-]
-CURVE_COLUMNS = [
-    "method",
-    "family",
-    "task",
-    "modality",
-    "budget",
-    "n_train",
-    "seed",
-    "run_id",
-    "step",
-    "epoch",
-    "val_dice",
-]
+# What names a fine-tuning run's cell (``_finetune_keys``): the first columns of every fine-tuning table
+FINETUNE_KEY_COLUMNS = ["method", "family", "task", "modality", "budget", "n_train", "seed"]
+RESULT_COLUMNS = [*FINETUNE_KEY_COLUMNS, "case", "label", "structure", "dice", "hd95", "nsd", *LESION_COLUMNS, "run_id"]
+CURVE_COLUMNS = [*FINETUNE_KEY_COLUMNS, "run_id", "step", "epoch", "val_dice"]
 # The health values of a pretraining run (``health/<name>`` in metrics.jsonl, methods/health.py)
 HEALTH_COLUMNS = [
     "embedding_rank",
@@ -89,6 +62,15 @@ OPTIMISER_COLUMNS = [
     "published_optimizer",
     "lr_rule",
 ]
+COST_FIELDS = (
+    "flops_per_step",
+    "total_flops",
+    "device_hours",
+    "devices",
+    "device_kind",
+    "peak_memory_bytes",
+    "peak_memory_kind",
+)  # a pretraining run's measured cost (results.json "cost", train/cost.py)
 PRETRAIN_COLUMNS = [
     "method",
     "family",
@@ -100,27 +82,12 @@ PRETRAIN_COLUMNS = [
     "step_seconds",
     "collapsed",
     "collapse_reason",
-    "flops_per_step",
-    "total_flops",
-    "device_hours",
-    "devices",
-    "device_kind",
-    "peak_memory_bytes",
-    "peak_memory_kind",
+    *COST_FIELDS,
     "health_warnings",
     *HEALTH_COLUMNS,
     *OPTIMISER_COLUMNS,
     "run_id",
 ]
-COST_FIELDS = (
-    "flops_per_step",
-    "total_flops",
-    "device_hours",
-    "devices",
-    "device_kind",
-    "peak_memory_bytes",
-    "peak_memory_kind",
-)  # a pretraining run's measured cost (results.json "cost", train/cost.py)
 PRETRAIN_CURVE_COLUMNS = [
     "method",
     "family",
@@ -210,12 +177,14 @@ def collect_runs(runs_root: RunsRoot) -> RunCollection:
                 collection.skipped.append((run.id, "results.json is not a JSON object"))
                 continue
             finished = FinishedRun(run, info, results)
-            if finished.kind not in KINDS:
-                collection.skipped.append((run.id, unknown_name_message("run kind", finished.kind, KINDS)))
+            try:
+                look_up_option("run kind", finished.kind, KINDS)
+            except UnknownNameError as err:
+                collection.skipped.append((run.id, err.problem))
                 continue
             if finished.kind == "finetune":
                 try:
-                    _budget_label(finished.get("budget", "all"))
+                    Budget.parse(finished.get("budget", "all"))
                 except (TypeError, ValueError):
                     budget = finished.get("budget")
                     collection.skipped.append((run.id, f"label budget {budget!r} is neither an integer nor 'all'"))
@@ -232,10 +201,6 @@ def collect_runs(runs_root: RunsRoot) -> RunCollection:
 
 def _as_collection(runs: RunsRoot | RunCollection) -> RunCollection:
     return runs if isinstance(runs, RunCollection) else collect_runs(runs)
-
-
-def _budget_label(value: Any) -> str:
-    return "all" if value is None or str(value) == "all" else str(int(value))
 
 
 def _float_or_nan(value: Any) -> float:
@@ -261,7 +226,7 @@ def _finetune_keys(run: FinishedRun) -> dict[str, Any]:
         "family": str(run.get("family", "unknown")),
         "task": str(run.get("task", "unknown")),
         "modality": str(run.get("modality", "unknown")).lower(),
-        "budget": _budget_label(run.get("budget", "all")),
+        "budget": Budget.parse(run.get("budget", "all")).label,
         "n_train": run.get("n_train"),
         "seed": run.get("seed", 0),
     }
@@ -310,9 +275,8 @@ def results_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
 
 
 LESION_TABLE_COLUMNS = [
-    *(c for c in RESULT_COLUMNS if c not in ("dice", "hd95", "nsd", *LESION_COLUMNS, "run_id")),
-    "n_true_lesions",
-    "n_pred_lesions",
+    *FINETUNE_KEY_COLUMNS,
+    *("case", "label", "structure", "n_true_lesions", "n_pred_lesions"),
     *LESION_COLUMNS,
     "run_id",
 ]
@@ -515,18 +479,6 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _torch_device_info() -> dict[str, Any]:
-    # Imported here, not at module import, so reading tables stays fast.
-    try:
-        import torch
-    except ImportError:
-        return {"available": False}
-    info: dict[str, Any] = {"cuda_available": torch.cuda.is_available(), "cuda_version": torch.version.cuda}
-    if torch.cuda.is_available():
-        info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
-
-
 def provenance(runs_root: RunsRoot | RunCollection) -> dict[str, Any]:
     """Versions, hardware, per-run config hashes and code versions, wall time per stage."""
     collection = _as_collection(runs_root)
@@ -546,13 +498,7 @@ def provenance(runs_root: RunsRoot | RunCollection) -> dict[str, Any]:
             wall[run.kind] += seconds
     return {
         "packages": {name: _package_version(name) for name in ("medssl", "torch", "monai", "numpy")},
-        "hardware": {
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "torch": _torch_device_info(),
-        },
+        "hardware": environment(),  # the report's host, probed as every run probes its own
         "code_versions": sorted({describe_code_version(r["code_version"]) for r in runs.values() if r["code_version"]}),
         "commits": sorted(
             {

@@ -1,9 +1,9 @@
-"""The run directory: layout, atomic writes, status and a lock so two processes never share a run.
+"""The run directory (layout, atomic writes, status, a lock) and the one lifecycle every run kind goes through.
 
 Layout of ``<out>/runs/<run-id>/``::
 
-    config.yaml        resolved config of the run (written once, before it starts)
-    run.json           kind (pretrain/finetune/cka), id, config hash, method/task/budget/seed, timings
+    config.yaml        resolved config of the run (written once, when the work starts)
+    run.json           kind (pretrain/finetune/cka/probe), id, config hash, method/task/budget/seed, timings
     status.json        {"status": pending|running|finished|failed, "error": ..., "updated": ...}
     log.txt            human-readable log
     metrics.jsonl      one JSON object per logged step (train losses, validation Dice, ...)
@@ -13,6 +13,22 @@ Layout of ``<out>/runs/<run-id>/``::
 
 A finished run is never rewritten. Every file is written via a temporary file and ``os.replace``
 so a crash leaves either the old or the new content, never half of one.
+
+The lifecycle (:func:`perform_run`). A kind's entry point builds its config and calls
+``perform_run(run, config, open_work, identity=..., is_main=..., world_size=...)``; ``open_work()``
+opens and checks the run's inputs and returns a :class:`RunWork` (``kind``, the ``info`` run.json
+records, and ``body(started) -> results``). ``perform_run`` then, in this order:
+
+1. refuses (``ConfigError``, exit 2) a run directory that holds a run of another config or encoder;
+2. returns the stored results of a finished run;
+3. calls ``open_work()``: a refused input fails here, before config.yaml and run.json are written, so
+   a refused start never binds the run directory to its config (status.json records the refusal);
+4. takes the run's lock (rank 0) and checks 1-2 again under it;
+5. sweeps temporaries of killed processes, writes ``config.yaml`` and ``run.json``, marks it running;
+6. calls ``body(started)`` (every rank), then writes ``results.json`` and marks it finished (rank 0);
+7. on an exception marks the run failed with one line (or pending when interrupted, so the next start
+   resumes it), falling back to an in-place status write when the disk is full.
+A kind therefore only says what its inputs are and what its work is; it cannot skip a step.
 """
 
 from __future__ import annotations
@@ -21,19 +37,34 @@ import contextlib
 import json
 import math
 import os
+import platform
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
-from medssl.config import NOT_HASHED
-from medssl.errors import ConfigError
+from medssl.config import NOT_HASHED, config_hash, dump_yaml
+from medssl.errors import ConfigError, describe_error
 from medssl.fileio import LockHeldError, atomic_write_json, atomic_write_text, file_lock, json_default
+from medssl.version import code_version
 
-__all__ = ["BenchDir", "RunDir", "RunLockedError", "atomic_write_json", "atomic_write_text", "list_runs", "read_json"]
+__all__ = [
+    "BenchDir",
+    "RunDir",
+    "RunLockedError",
+    "RunWork",
+    "atomic_write_json",
+    "atomic_write_text",
+    "environment",
+    "list_runs",
+    "perform_run",
+    "read_json",
+]
 
 STATUSES = ("pending", "running", "finished", "failed")
 
@@ -283,6 +314,182 @@ def flatten_scalars(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[
             yield from flatten_scalars(value, f"{tag}/")
         elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             yield tag, float(value)
+
+
+# --------------------------------------------------------------------------- the lifecycle
+
+
+def environment() -> dict[str, Any]:
+    """Where this process runs: host, platform, Python, CPUs, torch and its devices.
+
+    The one probe of the machine: every run records it in run.json (``hardware``) and the report
+    describes its own host with it. torch is imported here, not at module import, so that reading
+    run directories never pays for it."""
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import torch
+    except ImportError:  # the report may be built where torch is not installed
+        return {**info, "torch": None, "device": "cpu", "devices": []}
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        **info,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": devices[0] if devices else "cpu",
+        "gpu_count": len(devices),
+        "devices": devices,
+    }
+
+
+@dataclass(frozen=True)
+class RunWork:
+    """What a kind hands to :func:`perform_run` once its inputs are open and checked.
+
+    ``info``: the run.json fields of this kind (method, task, ...; ``kind``, ``run_id``,
+    ``config_hash``, ``code_version`` and ``hardware`` are added by the lifecycle). ``body(started)``
+    does the work on every rank (``started``: the time the lock was taken) and returns the results
+    that rank 0 writes to results.json."""
+
+    kind: str
+    info: Mapping[str, Any]
+    body: Callable[[float], dict[str, Any]]
+
+
+class AlreadyFinished(Exception):
+    """Another process finished the run while this one waited for its lock."""
+
+
+def perform_run(
+    run: RunDir,
+    config: BaseModel,
+    open_work: Callable[[], RunWork],
+    *,
+    identity: Mapping[str, Any] | None = None,
+    is_main: bool = True,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """Run one run of any kind from start to finish (the steps are the module docstring's).
+
+    ``identity``: run.json fields that bind the run besides its config (``IDENTITY_INFO``, e.g. the
+    encoder file's hash). ``is_main``/``world_size``: this process's rank is 0 / how many processes
+    run it (torchrun); only rank 0 locks and writes. Returns the results, stored or new."""
+    identity = dict(identity or {})
+    config_yaml = dump_yaml(config)
+    run.check_identity(config_yaml, identity)  # exit 2 rather than resume or report another run
+    if run.is_finished():
+        return run.results() or {}
+    try:
+        work = open_work()
+    except Exception as err:
+        if is_main:
+            record_refusal(run, err)
+        raise
+    run_info = {"kind": work.kind, "config_hash": config_hash(config), **work.info, **identity}
+    try:
+        with run_session(run, config_yaml, run_info, is_main=is_main, world_size=world_size) as started:
+            results = work.body(started)
+            finish_run(run, results, is_main=is_main)
+    except AlreadyFinished:
+        return run.results() or {}
+    return results
+
+
+@contextlib.contextmanager
+def run_session(
+    run: RunDir, config_yaml: str, run_info: dict[str, Any], *, is_main: bool = True, world_size: int = 1
+) -> Iterator[float]:
+    """Steps 4-5 and 7 of the lifecycle around a block: hold the run's lock (rank 0), mark it running,
+    and record how it ended. Yields the start time; the block does the work and calls
+    :func:`finish_run`. :func:`perform_run` is the entry; this is the part other ranks and tests reach.
+    """
+    lock = run.lock() if is_main else contextlib.nullcontext()
+    with lock:
+        started = time.time()
+        # checked again under the lock: another process may have just created or finished it
+        run.check_identity(config_yaml, {k: run_info[k] for k in IDENTITY_INFO if k in run_info})
+        if run.is_finished():
+            raise AlreadyFinished(run.id)
+        try:
+            if is_main:
+                sweep_stale_temporaries(run, started)
+                run.prepare(
+                    config_yaml,
+                    {
+                        "run_id": run.id,
+                        "code_version": code_version(),
+                        "created": run.info().get("created", started),
+                        "hardware": {**environment(), "world_size": world_size},
+                        **run_info,
+                    },
+                )
+                run.set_status("running")
+                run.log(f"start {run_info.get('kind', 'run')} (pid {os.getpid()}, world size {world_size})")
+            yield started
+        except KeyboardInterrupt:
+            if is_main:
+                record_end(run, "pending", "interrupted; the next start resumes it")
+            raise
+        except BaseException as err:
+            if is_main and not run.is_finished():
+                record_end(run, "failed", describe_error(err))
+            raise
+
+
+def record_refusal(run: RunDir, err: BaseException) -> None:
+    """A start refused before its work (step 3): status ``failed`` with the one-line error, but neither
+    config.yaml nor run.json, so the corrected command may use the same run directory. Recorded only
+    under the run's lock, so a live run of this directory is never marked failed by a refused
+    neighbour, and never over a finished run."""
+    with contextlib.suppress(RunLockedError), run.lock():
+        if not run.is_finished():
+            record_end(run, "failed", describe_error(err))
+
+
+def finish_run(run: RunDir, results: dict[str, Any], *, is_main: bool = True) -> None:
+    """Write the results and mark the run finished (rank 0; the other ranks' results are the same)."""
+    if is_main:
+        run.write_results(results)
+        run.set_status("finished")
+        run.log("finished")
+
+
+def record_end(run: RunDir, status: str, message: str) -> None:
+    """Record how the run ended without ever masking the error that ended it.
+
+    On a full disk the atomic status write fails (it needs a second file): then status.json is
+    overwritten in place, which needs no new blocks, so the run reads "failed" with the original
+    message instead of "running" forever."""
+    try:
+        run.set_status(status, error=message)
+    except OSError:
+        payload = json.dumps({"status": status, "error": message, "updated": time.time(), "pid": os.getpid()})
+        with contextlib.suppress(OSError), open(run.status_path, "r+" if run.status_path.exists() else "w") as f:
+            f.truncate(0)
+            f.write(payload + "\n")
+    with contextlib.suppress(OSError):
+        run.log(f"{'interrupted' if status == 'pending' else 'failed'}: {message}")
+
+
+def sweep_stale_temporaries(run: RunDir, lock_taken: float) -> int:
+    """Delete temporary files (``.name.XXXX.tmp``) of killed processes; returns how many.
+
+    Called holding the run's lock: a checkpoint temporary older than the lock belongs to a process
+    that died holding it (a base-preset ``last.pt`` is ~400 MB). In the run folder itself the
+    scheduler may be writing status under its own claim, so only files older than a minute go."""
+    removed = 0
+    for folder, before in ((run.checkpoint_dir, lock_taken), (run.path, lock_taken - 60.0)):
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if tmp.is_file() and tmp.stat().st_mtime < before:
+                    tmp.unlink()
+                    removed += 1
+    return removed
 
 
 class BenchDir:

@@ -9,15 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from medssl.bench.executors import MultiNodeTorchrunRunner, SlurmExecutor, slurm_job
 from medssl.bench.executors.dispatch import CLAIM_FILE
 from medssl.bench.plan import PlannedRun
 from medssl.config import CKARunConfig, PretrainConfig, SlurmConfig
-from medssl.runs import RunDir
-from medssl.train.distributed import DistInfo
-from medssl.train.session import finish, run_session
+from medssl.runs import RunDir, finish_run, run_session
 
 SUBMITIT_COMMAND = "python -u -m submitit.core._submit /jobs"
 
@@ -137,12 +134,12 @@ def test_a_rank_1_task_never_claims_or_writes(tmp_path: Path, slurm_job_env: pyt
 
 def test_a_rank_1_training_process_never_locks_or_writes(tmp_path: Path) -> None:
     rd = RunDir(tmp_path / "runs" / "pretrain-x-000000000000")
-    rank1 = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
-    with run_session(rd, rank1, "method: {name: simmim}\n", {"kind": "pretrain"}):
+    rank1 = {"is_main": False, "world_size": 2}
+    with run_session(rd, "method: {name: simmim}\n", {"kind": "pretrain"}, **rank1):
         with rd.lock():  # rank 1 holds no run lock: rank 0 (here: this process) can take it
             pass
-        finish(rd, rank1, {"kind": "pretrain"})
+        finish_run(rd, {"kind": "pretrain"}, is_main=False)
     assert sorted(p.name for p in rd.path.iterdir()) == [".lock"]  # only the lock file this test took
-    with pytest.raises(RuntimeError, match="boom"), run_session(rd, rank1, "{}\n", {"kind": "pretrain"}):
+    with pytest.raises(RuntimeError, match="boom"), run_session(rd, "{}\n", {"kind": "pretrain"}, **rank1):
         raise RuntimeError("boom")  # a failure on rank 1 is rank 0's to record
     assert not rd.status_path.exists() and not (rd.path / CLAIM_FILE).exists()

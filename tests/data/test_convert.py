@@ -11,10 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from medssl import cli
 from medssl.data.convert import brats, btcv, hanseg
-from medssl.data.convert.base import MANIFEST
+from medssl.data.convert.writer import MANIFEST
 from medssl.data.readers import write_nifti
 from medssl.data.tasks import check_task, load_task
 
@@ -239,21 +240,51 @@ def make_kits(root: Path, n: int, cyst: bool) -> None:
 
 def test_kits19_and_kits23_labels(tmp_path, capsys, monkeypatch):
     make_kits(tmp_path / "kits19/data", 2, cyst=False)
-    printed = convert(["kits", tmp_path / "kits19", "--out", tmp_path / "k19"], capsys, monkeypatch)
+    printed = convert(
+        ["kits", tmp_path / "kits19", "--out", tmp_path / "k19", "--labels", "plain"], capsys, monkeypatch
+    )
     assert "skipped case_00002" in printed
     assert converted(tmp_path / "k19")["labels"] == {"background": 0, "kidney": 1, "tumor": 2}
     make_kits(tmp_path / "kits23/dataset", 2, cyst=True)
-    convert(["kits", tmp_path / "kits23/dataset", "--out", tmp_path / "k23"], capsys, monkeypatch)
+    convert(["kits", tmp_path / "kits23/dataset", "--out", tmp_path / "k23", "--labels", "plain"], capsys, monkeypatch)
     dataset = converted(tmp_path / "k23")
     assert dataset["labels"] == {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}
     assert dataset["numTraining"] == 2
     assert set(np.unique(read(tmp_path / "k23/labelsTr/case_00001.nii.gz"))) == {0, 1, 2, 3}
 
 
+def test_kits_regions_as_nnunet_dataset220(tmp_path, capsys, monkeypatch):
+    """The default: nnU-Net's Dataset220_KiTS2023 regions; without any cyst (KiTS19) masses would repeat
+    tumor, so it goes with its painting value 3."""
+    make_kits(tmp_path / "kits23/dataset", 2, cyst=True)
+    convert(["kits", tmp_path / "kits23/dataset", "--out", tmp_path / "k23"], capsys, monkeypatch)
+    dataset = converted(tmp_path / "k23")
+    assert dataset["labels"] == {"background": 0, "kidney": [1, 2, 3], "masses": [2, 3], "tumor": [2]}
+    assert dataset["regions_class_order"] == [1, 3, 2]
+    task = load_task(tmp_path / "k23")
+    assert task.regions is not None and task.n_outputs == 3
+    assert task.structures == {1: "kidney", 2: "masses", 3: "tumor"} and set(task.labels) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(  # the label maps are copied as they are
+        read(tmp_path / "k23/labelsTr/case_00001.nii.gz"),
+        read(tmp_path / "kits23/dataset/case_00001/segmentation.nii.gz"),
+    )
+    make_kits(tmp_path / "kits19/data", 2, cyst=False)
+    convert(["kits", tmp_path / "kits19", "--out", tmp_path / "k19"], capsys, monkeypatch)
+    dataset = converted(tmp_path / "k19")
+    assert dataset["labels"] == {"background": 0, "kidney": [1, 2], "tumor": [2]}
+    assert dataset["regions_class_order"] == [1, 2]
+    code, _, err = run_cli(
+        ["data", "convert", "btcv", tmp_path / "kits19", "--out", tmp_path / "x", "--labels", "plain"],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 2 and "--labels applies to brats, kits only" in one_error_line(err)
+
+
 @pytest.mark.slow
 def test_converted_kits_replica_fine_tunes(tmp_path, capsys, monkeypatch):
     make_kits(tmp_path / "kits", 4, cyst=True)
-    convert(["kits", tmp_path / "kits", "--out", tmp_path / "task"], capsys, monkeypatch)
+    convert(["kits", tmp_path / "kits", "--out", tmp_path / "task"], capsys, monkeypatch)  # regions
     code, out, err = run_cli(
         [
             "finetune",
@@ -281,8 +312,13 @@ def test_converted_kits_replica_fine_tunes(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     results = json.loads((tmp_path / "run/results.json").read_text())
     assert results["n_train"] == 2
-    assert {row["structure"] for row in results["cases"]} <= {"kidney", "tumor", "cyst"}
+    # region-aware training: a sigmoid per region, Dice per region
+    assert results["labels"] == {"1": "kidney", "2": "masses", "3": "tumor"}
+    assert results["regions"]["regions_class_order"] == [1, 3, 2]
+    assert {row["structure"] for row in results["cases"]} == {"kidney", "masses", "tumor"}
     assert all(0.0 <= row["dice"] <= 1.0 for row in results["cases"])
+    meta = torch.load(tmp_path / "run" / results["model"], weights_only=True)["meta"]
+    assert meta["out_channels"] == 3 and meta["regions"] == results["regions"]
 
 
 # --------------------------------------------------------------------------------------------- BraTS
@@ -306,7 +342,14 @@ def test_brats_channel_order_and_label_remap_as_nnunet(tmp_path, capsys, monkeyp
     convert(["brats", tmp_path / "BraTS2021_Training_Data", "--out", out], capsys, monkeypatch)
     dataset = converted(out)
     assert dataset["channel_names"] == {"0": "T1", "1": "T1ce", "2": "T2", "3": "Flair"}
-    assert dataset["labels"] == {"background": 0, "edema": 1, "necrotic_core": 2, "enhancing_tumor": 3}
+    # the regions of nnU-Net's Dataset137_BraTS21
+    assert dataset["labels"] == {
+        "background": 0,
+        "whole tumor": [1, 2, 3],
+        "tumor core": [2, 3],
+        "enhancing tumor": [3],
+    }
+    assert dataset["regions_class_order"] == [1, 2, 3]
     for case, seg in segs.items():
         for channel in range(4):  # t1 was written at +100, t1ce +200, t2 +300, flair +400
             np.testing.assert_array_equal(
@@ -315,6 +358,13 @@ def test_brats_channel_order_and_label_remap_as_nnunet(tmp_path, capsys, monkeyp
         label = read(out / "labelsTr" / f"{case}.nii.gz")
         for old, new in {0: 0, 1: 2, 2: 1, 4: 3}.items():
             assert np.all(label[seg == old] == new)
+    plain = tmp_path / "plain"
+    convert(["brats", tmp_path / "BraTS2021_Training_Data", "--out", plain, "--labels", "plain"], capsys, monkeypatch)
+    assert converted(plain)["labels"] == {"background": 0, "edema": 1, "necrotic_core": 2, "enhancing_tumor": 3}
+    for case in segs:
+        np.testing.assert_array_equal(
+            read(plain / "labelsTr" / f"{case}.nii.gz"), read(out / "labelsTr" / f"{case}.nii.gz")
+        )
     bad = tmp_path / "BraTS2021_Training_Data/BraTS2021_00001/BraTS2021_00001_seg.nii.gz"
     write_nifti(bad, blocks([3]), AFFINE)
     code, _, err = run_cli(

@@ -134,7 +134,12 @@ def _entries(out: Path) -> dict[str, int]:
     cache = out / "cache"
     if not cache.is_dir():
         return {}
-    return {p.name: (p / "meta.json").stat().st_mtime_ns for p in cache.iterdir() if (p / "meta.json").is_file()}
+    # finished entries only: a ".tmp-<key>-*" build folder can be renamed between the two calls
+    return {
+        p.name: (p / "meta.json").stat().st_mtime_ns
+        for p in cache.iterdir()
+        if not p.name.startswith(".") and (p / "meta.json").is_file()
+    }
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medssl.data.readers import Volume, find_volumes, is_volume_path, read_volume, write_nifti
+from medssl.data.readers import Volume, find_volumes, is_volume_path, read_channels, read_volume, write_nifti
 from medssl.errors import MedsslInputError
 
 CRANIUM = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
@@ -265,15 +265,22 @@ def test_singleton_fourth_axis_is_squeezed(tmp_path: Path) -> None:
     assert read_volume(tmp_path / "4d1.nii.gz").array.shape == (6, 7, 5)
 
 
-def test_true_4d_is_an_error_unless_a_channel_is_picked(tmp_path: Path) -> None:
+def test_true_4d_is_an_error_unless_every_channel_is_read(tmp_path: Path) -> None:
     data = np.stack([_ramp(), -_ramp()], axis=-1)
     nib.save(nib.Nifti1Image(data, _affine()), tmp_path / "4d.nii.gz")
     with pytest.raises(MedsslInputError, match=r"4D with shape \(6, 7, 5, 2\)") as info:
         read_volume(tmp_path / "4d.nii.gz")
     assert str(tmp_path / "4d.nii.gz") in str(info.value)
-    np.testing.assert_array_equal(read_volume(tmp_path / "4d.nii.gz", channel=1).array, -_ramp())
-    with pytest.raises(MedsslInputError, match="no channel 2"):
-        read_volume(tmp_path / "4d.nii.gz", channel=2)
+    first, second = read_channels(tmp_path / "4d.nii.gz", 2)
+    np.testing.assert_array_equal(first.array, _ramp())
+    np.testing.assert_array_equal(second.array, -_ramp())
+    # more or fewer channels than declared: refused, never read in part (issue 19 item 6)
+    for declared in (1, 3):
+        with pytest.raises(MedsslInputError, match=rf"holds 2 channel\(s\).*{declared} declared"):
+            read_channels(tmp_path / "4d.nii.gz", declared)
+    nib.save(nib.Nifti1Image(_ramp(), _affine()), tmp_path / "3d.nii.gz")
+    with pytest.raises(MedsslInputError, match="holds 1 channel"):
+        read_channels(tmp_path / "3d.nii.gz", 4)
 
 
 def test_label_reading(tmp_path: Path) -> None:

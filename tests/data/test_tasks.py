@@ -228,10 +228,13 @@ def test_missing_required_keys(tmp_path: Path, make, drop: str, message: str) ->
 
 def test_bad_labels_mapping(tmp_path: Path) -> None:
     root = _make_nnunet(tmp_path / "t")
-    _edit_json(root, labels={"background": 0, "kidney": 1, "kidney_again": 1, "whole": [1, 2]})
+    _edit_json(root, labels={"background": 0, "kidney": 1, "kidney_again": 1})
     problems = check_task(root, deep=False)
     assert _has(problems, root / "dataset.json", "label value 1 is declared twice")
-    assert _has(problems, root / "dataset.json", "region-based labels are unsupported")
+    # regions (nnU-Net: a list of more than one value) need their painting order
+    _edit_json(root, labels={"background": 0, "kidney": 1, "whole": [1, 2]})
+    problems = check_task(root, deep=False)
+    assert _has(problems, root / "dataset.json", "region labels need 'regions_class_order'")
 
 
 def test_empty_images_folder(tmp_path: Path) -> None:

@@ -18,15 +18,14 @@ from torch import Tensor
 
 from medssl.analysis.activations import layer_names, stage_activations
 from medssl.analysis.cka import MinibatchCKA, batch_bounds, linear_cka
-from medssl.config import CKARunConfig, PreprocessConfig, config_hash, dump_yaml, validate_config
+from medssl.config import CKARunConfig, PreprocessConfig, validate_config
 from medssl.data.cache import VolumeCache
 from medssl.data.tasks import load_task
-from medssl.errors import MedsslInputError, describe_error
+from medssl.errors import MedsslInputError
 from medssl.models.checkpoint import load_segmenter, safe_torch_load
 from medssl.models.encoder import SwinEncoder
 from medssl.models.load import load_encoder
-from medssl.runs import RunDir
-from medssl.version import code_version
+from medssl.runs import RunDir, RunWork, perform_run
 
 
 def cka_matrices(
@@ -182,52 +181,16 @@ def run_cka(config: CKARunConfig, run_dir: str | Path, device: str | torch.devic
 
     Each model is an encoder checkpoint or a fine-tuned segmenter. Crops are preprocessed as
     model A was trained (its checkpoint metadata). Writes ``config.yaml``, ``run.json``,
-    ``results.json`` (contracts.md format) into ``run_dir`` and returns the results; a finished run
-    is returned as stored. Raises ``RunLockedError`` when another process holds the run.
+    ``results.json`` (contracts.md format) into ``run_dir`` through the run lifecycle
+    (``medssl.runs.perform_run``) and returns the results; a finished run is returned as stored.
+    Raises ``RunLockedError`` when another process holds the run.
     """
     run = RunDir(run_dir)
-    if run.is_finished():
-        return run.results() or {}
-    with run.lock():
-        if run.is_finished():  # finished by another process between the check and the lock
-            return run.results() or {}
-        started = time.time()
-        run.prepare(
-            dump_yaml(config),
-            {
-                "kind": "cka",
-                "run_id": run.id,
-                "config_hash": config_hash(config),
-                "created": run.info().get("created", started),
-                "code_version": code_version(),
-                "method": config.method,
-                "task": config.task.name,
-                "comparison": config.comparison,
-                "model_a": str(config.model_a),
-                "model_b": str(config.model_b),
-            },
-        )
-        run.set_status("running")
-        run.log(f"start cka {config.comparison}: {config.model_a} vs {config.model_b}")
-        try:
-            results = _compute_cka_run(config, run, device, started)
-        except KeyboardInterrupt:
-            run.set_status("pending", error="interrupted")
-            run.log("interrupted")
-            raise
-        except BaseException as err:
-            run.set_status("failed", error=describe_error(err))
-            run.log(f"failed: {describe_error(err)}")
-            raise
-        run.write_results(results)
-        run.set_status("finished")
-        run.log("finished")
-    return results
+    return perform_run(run, config, lambda: open_cka_work(config, run, device))
 
 
-def _compute_cka_run(
-    config: CKARunConfig, run: RunDir, device: str | torch.device | None, started: float
-) -> dict[str, Any]:
+def open_cka_work(config: CKARunConfig, run: RunDir, device: str | torch.device | None) -> RunWork:
+    """Load both models and take the crops (a refusal binds nothing); the work compares them."""
     encoder_a, meta_a = load_model_encoder(config.model_a)
     if config.model_b == config.model_a:  # a model against itself: one encoder, one forward pass
         encoder_b, meta_b = encoder_a, meta_a
@@ -239,47 +202,49 @@ def _compute_cka_run(
             raise MedsslInputError(path, f"CKA crops are single-channel; this encoder takes {in_channels} channels")
     task = load_task(config.task)
     method = config.method or meta_a.get("method") or meta_b.get("method") or "unknown"
-    run.update_info(method=method, task=task.name)
     preprocess = preprocess_from_meta(meta_a, config.model_a)
     cache = VolumeCache(config.cache_dir if config.cache_dir is not None else run.path / "cache")
-    crops, origins = task_crops(
-        task,
-        cache,
-        preprocess,
-        n_crops=config.n_crops,
-        crop_size=config.crop_size,
-        seed=config.seed,
-        cases=config.cases,
-    )
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    target = torch.device(device)
-    encoder_a.to(target)
-    encoder_b.to(target)  # the same module again when comparing a model with itself: a no-op
-    matrices = cka_matrices(
-        encoder_a, encoder_b, crops, max_tokens=config.max_tokens, batch_size=config.batch_size, seed=config.seed
-    )
-    run.log(f"cka on {len(crops)} crops, {matrices['n_rows']} rows; reuse {matrices['reuse']}")
-    return {
-        "kind": "cka",
+    sampling = config.model_dump(include={"n_crops", "crop_size", "seed", "cases"})  # how the crops are drawn
+    crops, origins = task_crops(task, cache, preprocess, **sampling)
+
+    def compare(started: float) -> dict[str, Any]:
+        run.log(f"cka {config.comparison}: {config.model_a} vs {config.model_b}")
+        target = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        encoder_a.to(target)
+        encoder_b.to(target)  # the same module again when comparing a model with itself: a no-op
+        matrices = cka_matrices(
+            encoder_a, encoder_b, crops, max_tokens=config.max_tokens, batch_size=config.batch_size, seed=config.seed
+        )
+        run.log(f"cka on {len(crops)} crops, {matrices['n_rows']} rows; reuse {matrices['reuse']}")
+        return {
+            "kind": "cka",
+            "method": method,
+            "task": task.name,
+            "comparison": config.comparison,
+            "layers": matrices["layers"],
+            "linear_cka": matrices["linear_cka"],
+            "minibatch_cka": matrices["minibatch_cka"],
+            "reuse": matrices["reuse"],
+            "model_a": str(config.model_a),
+            "model_b": str(config.model_b),
+            "model_a_kind": meta_a["source_kind"],
+            "model_b_kind": meta_b["source_kind"],
+            "n_crops": config.n_crops,
+            "crop_size": config.crop_size,
+            "tokens_per_crop": matrices["tokens_per_crop"],
+            "n_rows": matrices["n_rows"],
+            "n_batches": matrices["n_batches"],
+            "preprocess": preprocess.model_dump(mode="json"),
+            "crops": origins,
+            "seed": config.seed,
+            "wall_seconds": round(time.time() - started, 3),
+        }
+
+    info = {
         "method": method,
         "task": task.name,
         "comparison": config.comparison,
-        "layers": matrices["layers"],
-        "linear_cka": matrices["linear_cka"],
-        "minibatch_cka": matrices["minibatch_cka"],
-        "reuse": matrices["reuse"],
         "model_a": str(config.model_a),
         "model_b": str(config.model_b),
-        "model_a_kind": meta_a["source_kind"],
-        "model_b_kind": meta_b["source_kind"],
-        "n_crops": config.n_crops,
-        "crop_size": config.crop_size,
-        "tokens_per_crop": matrices["tokens_per_crop"],
-        "n_rows": matrices["n_rows"],
-        "n_batches": matrices["n_batches"],
-        "preprocess": preprocess.model_dump(mode="json"),
-        "crops": origins,
-        "seed": config.seed,
-        "wall_seconds": round(time.time() - started, 3),
     }
+    return RunWork("cka", info, compare)

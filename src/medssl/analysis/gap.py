@@ -12,23 +12,19 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
+from medssl.budget import Budget
+
 RUN_KEYS = ["method", "family", "task", "modality", "budget", "n_train", "seed", "run_id"]
 
 
 def budget_key(budget: object) -> float:
-    """Sort key of a label budget: numbers by value, ``"all"`` after every number."""
-    text = str(budget).strip()
-    if text == "all":
-        return float("inf")
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"unknown label budget {budget!r} (a number or 'all')") from None
+    """Sort key of a label budget (``Budget.sort_key``): numbers by value, ``"all"`` after every number."""
+    return Budget.parse(budget).sort_key()
 
 
 def order_budgets(budgets: Iterable[object]) -> list[str]:
-    """Distinct budgets as strings, smallest first, ``"all"`` last."""
-    return sorted({str(b) for b in budgets}, key=budget_key)
+    """Distinct budgets as labels, smallest first, ``"all"`` last."""
+    return [b.label for b in sorted({Budget.parse(b) for b in budgets})]
 
 
 def run_means(results: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:

@@ -17,7 +17,7 @@ from medssl.config import (
     resolve_bench_paths,
     validate_config,
 )
-from medssl.errors import ConfigError, unknown_name_message
+from medssl.errors import ConfigError, look_up_option
 from medssl.runs import RunDir
 
 from .estimate import RunEstimate, device_description, estimate_plan, short_source, stage_rows
@@ -274,9 +274,7 @@ def load_bench(
 
 def executor_kind(name: str) -> ExecutorKind:
     """``name`` as an executor kind; a ``ConfigError`` (exit 2) naming the known ones otherwise."""
-    if name not in EXECUTOR_KINDS:
-        raise ConfigError("--executor", unknown_name_message("executor", name, EXECUTOR_KINDS))
-    return cast(ExecutorKind, name)  # checked against the Literal's own values just above
+    return cast(ExecutorKind, look_up_option("executor", name, EXECUTOR_KINDS, source="--executor"))
 
 
 def run_bench(

@@ -143,7 +143,7 @@ def _n_classes(task: Path | None) -> int:
     try:
         from medssl.data.tasks import load_task
 
-        return load_task(task).n_classes
+        return load_task(task).n_outputs  # output channels: classes, or regions
     except Exception:  # noqa: BLE001 - only an estimate: a broken task fails properly when it runs
         return 2
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medssl.config import CKARunConfig, FinetuneConfig, PretrainConfig
-from medssl.errors import unknown_name_message
+from medssl.errors import look_up_option
 from medssl.train.kinds import TRAINING_KINDS, RunKind, by_name
 
 RunConfig = PretrainConfig | FinetuneConfig | CKARunConfig  # what a planned run carries
@@ -30,8 +30,5 @@ STAGES: tuple[str, ...] = tuple(RUN_KINDS)
 
 
 def run_kind(name: str) -> RunKind[Any]:
-    """The kind called ``name``; ``ValueError`` naming the known ones otherwise."""
-    try:
-        return RUN_KINDS[name]
-    except KeyError:
-        raise ValueError(unknown_name_message("run kind", name, RUN_KINDS)) from None
+    """The kind called ``name``; ``UnknownNameError`` (a ``ValueError``) naming the known ones otherwise."""
+    return look_up_option("run kind", name, RUN_KINDS)

@@ -27,7 +27,7 @@ from medssl.config import (
     deep_merge,
     validate_config,
 )
-from medssl.errors import ConfigError, unknown_name_message
+from medssl.errors import ConfigError, look_up_option
 from medssl.runs import BenchDir, RunDir, atomic_write_json
 
 from .kinds import STAGES, RunConfig, run_kind
@@ -155,8 +155,7 @@ def resolve_methods(bench: BenchConfig, source: str | Path | None = None) -> lis
     methods = [MethodConfig(name=name) for name in REGISTRY] if bench.methods == "all" else bench.method_configs()
     seen: set[str] = set()
     for method in methods:
-        if method.name not in REGISTRY:
-            raise ConfigError(where, "methods: " + unknown_name_message("method", method.name, sorted(REGISTRY)))
+        look_up_option("method", method.name, sorted(REGISTRY), source=f"{where}: methods")
         if method.name in seen:
             raise ConfigError(where, f"methods: '{method.name}' is listed twice")
         seen.add(method.name)
@@ -165,11 +164,6 @@ def resolve_methods(bench: BenchConfig, source: str | Path | None = None) -> lis
         except ConfigError as err:
             raise ConfigError(where, f"methods: {err.one_line()}") from None
     return methods
-
-
-def budget_order(budgets: list[Budget]) -> list[Budget]:
-    """Smallest to largest, ``all`` last."""
-    return sorted(budgets, key=lambda b: (b == "all", b if isinstance(b, int) else 0))
 
 
 def check_budgets(task: ResolvedTask, bench: BenchConfig, source: str | Path | None = None) -> int | None:
@@ -191,7 +185,7 @@ def check_budgets(task: ResolvedTask, bench: BenchConfig, source: str | Path | N
             f"task '{task.name}' has {n_cases} cases: not enough for n_test={n_test}, "
             f"n_val={n_val} and at least one training case",
         )
-    too_large = [b for b in bench.budgets if isinstance(b, int) and b > pool]
+    too_large = [b for b in bench.budgets if b.cases is not None and b.cases > pool]
     if too_large:
         raise ConfigError(
             where,
@@ -235,7 +229,7 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
     for task in tasks:
         check_budgets(task, bench, source)
     corpus = corpus_dir(bench, out)
-    budgets = budget_order(list(bench.budgets))
+    budgets = sorted(bench.budgets)  # smallest first, all last
     bench_dir = BenchDir(out)
     cache_dir = bench_dir.cache
 
@@ -361,9 +355,8 @@ def _cka_runs(
     budget, and fine-tuned at the smallest <-> the largest budget (when they differ). The config
     is the CKA run's own (its hash is the run's ``config_hash``); the volume cache is the
     benchmark's ``<out>/cache``, shared with the fine-tuning runs."""
-    unknown = sorted(set(bench.cka.tasks or []) - {t.name for t in tasks})
-    if unknown:
-        raise ConfigError(where, "cka.tasks: " + unknown_name_message("task", unknown[0], [t.name for t in tasks]))
+    for name in bench.cka.tasks or []:
+        look_up_option("task", name, [t.name for t in tasks], source=f"{where}: cka.tasks")
     seed = bench.seeds[0]
     smallest, largest = str(budgets[0]), str(budgets[-1])
     runs = []

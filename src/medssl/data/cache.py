@@ -21,10 +21,11 @@ a quarter of the disk at a cost in crop reads per second (benchmarks/cache_forma
 optional extra (``pip install 'medssl[blosc2]'``). The format is not part of the key: an entry is read
 in whichever format it was built, so switching formats affects new entries only.
 
-The key hashes the resolved source paths with their size and mtime, the modality and the
-preprocess config, so an edited file or another preprocessing gets a fresh entry. An entry is
-built in a temporary directory and renamed into place in one ``os.replace``: a reader sees a
-complete entry or none, and of two processes building the same entry the loser drops its copy.
+The key hashes the resolved source paths with their size and mtime (and those of a detached header's
+data files), the modality and the preprocess config, so an edited file or another preprocessing gets a
+fresh entry. An entry is built in a temporary directory and renamed into place in one ``os.replace``: a
+reader sees a complete entry or none, and of two processes building the same entry the loser drops its
+copy.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ import numpy as np
 
 from medssl.config import PreprocessConfig, config_hash
 from medssl.data.preprocess import MODALITIES, preprocess_case
-from medssl.data.readers import read_volume
-from medssl.errors import MedsslInputError, unknown_name_message
+from medssl.data.readers import read_channels, read_volume
+from medssl.data.safe_read import detached_data_files
+from medssl.errors import MedsslInputError, look_up_option
 
 if TYPE_CHECKING:
     from medssl.data.tasks import TaskFolder
@@ -110,14 +112,17 @@ def _stat_entry(path: Path) -> list[Any]:
 
 
 def source_fingerprint(path: str | Path) -> list[Any]:
-    """Resolved path + size + mtime; a directory (DICOM series) lists every file below it."""
+    """Resolved path + size + mtime; a directory (DICOM series) lists every file below it, and a detached
+    NRRD/MetaImage header the data files it names (a rewritten ``.raw`` beside an unchanged header)."""
     path = Path(path).resolve()
     if not path.exists():
         raise MedsslInputError(path, "file not found")
     if path.is_dir():
         # A directory's own mtime misses a file rewritten in place; stat each file instead.
         return [str(path), [_stat_entry(p) for p in sorted(path.rglob("*")) if p.is_file()]]
-    return _stat_entry(path)
+    data_files = [path.parent / name for name in detached_data_files(path)]
+    existing = [p for p in data_files if p.is_file()]
+    return [*_stat_entry(path), [_stat_entry(p) for p in existing]] if existing else _stat_entry(path)
 
 
 def cache_key(
@@ -202,7 +207,7 @@ class CachedVolume:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Spatial shape (X, Y, Z) after preprocessing."""
-        return tuple(self.meta["shape"])  # type: ignore[return-value]
+        return tuple(self.meta["shape"])
 
     @property
     def n_channels(self) -> int:
@@ -210,7 +215,7 @@ class CachedVolume:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(self.meta["spacing"])  # type: ignore[return-value]
+        return tuple(self.meta["spacing"])
 
     @property
     def modality(self) -> str:
@@ -297,21 +302,6 @@ class VolumeCache:
         self.root = Path(root)
         self.image_format = image_format
 
-    def entry(self, key: str) -> CachedVolume:
-        return CachedVolume(self.root / key)
-
-    def key_for(
-        self,
-        image_path: str | Path,
-        label_path: str | Path | None,
-        modality: str,
-        config: PreprocessConfig,
-        images: Sequence[str | Path] | None = None,
-        channels_in_file: int = 1,
-    ) -> str:
-        files = list(images) if images else [image_path]
-        return cache_key(files, label_path, modality, config, channels_in_file)
-
     def get(
         self,
         image_path: str | Path,
@@ -327,8 +317,7 @@ class VolumeCache:
         A multi-channel case either lists one file per channel in ``images`` (nnU-Net; ``image_path``
         is the first) or is one 4D file with ``channels_in_file`` channels (MSD).
         """
-        if modality not in MODALITIES:
-            raise MedsslInputError(image_path, unknown_name_message("modality", modality, MODALITIES))
+        look_up_option("modality", modality, MODALITIES, source=image_path)
         files = [Path(p) for p in images] if images else [Path(image_path)]
         if channels_in_file < 1 or (channels_in_file > 1 and len(files) > 1):
             raise ValueError("channels_in_file > 1 needs exactly one image file")
@@ -362,10 +351,8 @@ class VolumeCache:
         config: PreprocessConfig,
         channels_in_file: int,
     ) -> None:
-        if channels_in_file > 1:
-            volumes = [read_volume(files[0], channel=c) for c in range(channels_in_file)]
-        else:
-            volumes = [read_volume(p) for p in files]
+        # an MSD case holds its channels in one 4D file: all of them, and exactly as many as declared
+        volumes = read_channels(files[0], channels_in_file) if channels_in_file > 1 else [read_volume(p) for p in files]
         label_volume = read_volume(label_path, label=True) if label_path is not None else None
         image, label, spacing = preprocess_case(
             volumes if len(volumes) > 1 else volumes[0], label_volume, modality, config

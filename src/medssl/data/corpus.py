@@ -32,7 +32,7 @@ from medssl.config import PreprocessConfig, validate_config
 from medssl.data.cache import CachedVolume, VolumeCache, case_id_from_path
 from medssl.data.preprocess import MODALITIES
 from medssl.data.readers import find_volumes
-from medssl.errors import MedsslInputError, unknown_name_message
+from medssl.errors import MedsslInputError, look_up_option
 from medssl.runs import atomic_write_json
 
 MANIFEST_VERSION = 1
@@ -169,8 +169,7 @@ def ingest_corpus(
     An existing corpus in ``out`` is extended: its volumes from other sources are kept (it must have
     been made with the same modality and preprocessing).
     """
-    if modality not in MODALITIES:
-        raise MedsslInputError(str(src), unknown_name_message("modality", modality, MODALITIES))
+    look_up_option("modality", modality, MODALITIES, source=str(src))
     sources = [Path(src)] if isinstance(src, (str, Path)) else [Path(s) for s in src]
     if not sources:
         raise MedsslInputError("<corpus>", "no source folders given")

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, Sampler
 
 from medssl.config import AugmentConfig
 from medssl.data.cache import CachedVolume
+from medssl.errors import MedsslInputError
 
 if TYPE_CHECKING:
     from medssl.data.corpus import Corpus
@@ -60,7 +61,9 @@ def read_crop(array: np.ndarray, start: Sequence[int], size: int, fill: float, d
             return out
         src.append(slice(lo, hi))
         dst.append(slice(lo - s, hi - s))
-    out[(..., *dst)] = array[(..., *src)]
+    into: tuple[Any, ...] = (Ellipsis, *dst)
+    source: tuple[Any, ...] = (Ellipsis, *src)
+    out[into] = array[source]
     return out
 
 
@@ -147,7 +150,10 @@ class SegmentationCropDataset(Dataset):
         plan = self._plan(rng)
         volume = self.volumes[plan.volume_index]
         image = read_crop(volume.image(), plan.start, self.crop_size, volume.image_min, np.float32)
-        label = read_crop(volume.label(), plan.start, self.crop_size, 0, np.int64)
+        labels = volume.label()
+        if labels is None:
+            raise MedsslInputError(volume.path, "cache entry has no label map; a segmentation case needs one")
+        label = read_crop(labels, plan.start, self.crop_size, 0, np.int64)
         sample = {"image": torch.from_numpy(_with_channel(image)), "label": torch.from_numpy(label[None])}
         if self._augmentation is not None:
             self._augmentation.set_random_state(seed=int(rng.integers(2**31)))

@@ -11,6 +11,7 @@ Order: check geometry and values -> ``Orientation`` -> ``Spacing`` (bilinear ima
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from monai.transforms import Orientation, ScaleIntensityRange, ScaleIntensityRan
 
 from medssl.config import PreprocessConfig
 from medssl.data.readers import Volume
-from medssl.errors import MedsslInputError, unknown_name_message
+from medssl.errors import MedsslInputError, look_up_option
 from medssl.limits import check
 
 MODALITIES = ("ct", "mri")
@@ -115,8 +116,7 @@ def preprocess_case(
     share a grid). Returns the image as float32 ``(X, Y, Z)`` (``(C, X, Y, Z)`` for several
     channels) in [0, 1], the label as uint8/int16 ``(X, Y, Z)`` (or None), and the final spacing.
     """
-    if modality not in MODALITIES:
-        raise MedsslInputError(getattr(image, "source", None), unknown_name_message("modality", modality, MODALITIES))
+    look_up_option("modality", modality, MODALITIES, source=getattr(image, "source", None))
     channels = [image] if isinstance(image, Volume) else list(image)
     if not channels:
         raise ValueError("preprocess_case needs at least one image volume")
@@ -136,9 +136,10 @@ def preprocess_case(
     # scale_extent: resample the voxel-edge extent, so 2 mm -> 1 mm exactly doubles the shape.
     resample = Spacing(pixdim=config.spacing, dtype=np.float32, scale_extent=True)
     stacked = np.stack([np.asarray(v.array, dtype=np.float32) for v in channels])
-    image_t = resample(orient(_meta_tensor(stacked, reference.affine)), mode="bilinear")
+    image_t: Any = resample(orient(_meta_tensor(stacked, reference.affine)), mode="bilinear")
     out_shape = tuple(image_t.shape[1:])
 
+    scale: ScaleIntensityRange | ScaleIntensityRangePercentiles
     if modality == "ct":
         low, high = config.ct_window
         scale = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)

@@ -6,6 +6,11 @@ projects (``.inv3``). Every array comes out in voxel order (i, j, k) as nibabel 
 affine mapping (i, j, k, 1) to RAS+ world millimetres. Orientation is *not* changed here (MONAI's
 ``Orientation`` does that during preprocessing), so a file's own voxel order is kept.
 
+``read_volume`` reads one 3D volume; ``read_channels`` reads a multi-channel (4D) image whole and
+refuses one with more or fewer channels than declared. Before any voxel is decoded, every file passes
+:mod:`medssl.data.safe_read` (detached data inside its folder, spacing as written, voxel count), and
+SimpleITK is told the ImageIO of the suffix rather than guessing the format from the bytes.
+
 Every problem with a file is a ``MedsslInputError(path, one-line problem)``.
 """
 
@@ -18,18 +23,25 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from medssl.data.safe_read import check_before_decoding
+from medssl.data.headers import METAIMAGE_SUFFIXES, NRRD_SUFFIXES
+from medssl.data.safe_read import (
+    DICOM_IMAGE_IO,
+    NIFTI_SUFFIXES,
+    check_before_decoding,
+    check_dicom_spacing,
+    itk_image_io,
+)
 from medssl.errors import MedsslInputError
 from medssl.fileio import atomic_path
 from medssl.limits import check
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+ITK_SUFFIXES = NRRD_SUFFIXES + METAIMAGE_SUFFIXES
 INVESALIUS_SUFFIXES = (".inv3",)
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + INVESALIUS_SUFFIXES
 
@@ -154,7 +166,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))
     except Exception as exc:  # nibabel raises several types for a bad header
         raise MedsslInputError(path, f"unreadable NIfTI: {_one_line(exc)}") from exc
     try:
@@ -187,12 +199,20 @@ def _sitk_to_array_affine(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     return array, _LPS_TO_RAS @ lps
 
 
-def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_itk_image(path: Path) -> sitk.Image:
+    """An NRRD/MetaImage file as a SimpleITK image, read by the ImageIO of its suffix (never guessed
+    from its bytes). Callers have passed :func:`read_volume`'s checks on ``path`` first."""
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(itk_image_io(path))
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
+        return reader.Execute()
     except RuntimeError as exc:
         raise MedsslInputError(path, f"unreadable image: {_one_line(exc)}") from exc
-    array, affine = _sitk_to_array_affine(image)
+
+
+def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    array, affine = _sitk_to_array_affine(read_itk_image(path))
     return array, affine, []
 
 
@@ -215,6 +235,8 @@ def _read_dicom_folder(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
             f"{len(series_ids)} DICOM series in folder; read the largest, {chosen} "
             f"({len(files_by_series[chosen])} files)"
         )
+    check_dicom_spacing(files_by_series[chosen])
+    reader.SetImageIO(DICOM_IMAGE_IO)
     reader.SetFileNames(files_by_series[chosen])
     try:
         image = reader.Execute()
@@ -314,7 +336,7 @@ def _invesalius_matrix_info(
         raise MedsslInputError(path, f"main.plist matrix dtype {dtype} is not a numeric voxel type")
     if dtype.byteorder == "=":
         dtype = dtype.newbyteorder("<")  # InVesalius writes native little-endian memmaps
-    return name, shape, dtype, spacing  # type: ignore[return-value]
+    return name, shape, dtype, spacing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,39 +356,18 @@ def _read_raw(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     )
 
 
-def _to_3d(path: Path, array: np.ndarray, channel: int | None) -> np.ndarray:
-    """Squeeze trailing singleton axes; pick ``channel`` of a 4D image; anything else must be 3D."""
+def _squeeze(array: np.ndarray) -> np.ndarray:
+    """Drop trailing singleton axes beyond the third (a 4D file holding one channel is 3D)."""
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim == 4 and channel is not None:
-        if not 0 <= channel < array.shape[3]:
-            raise MedsslInputError(path, f"has no channel {channel} (shape {tuple(array.shape)})")
-        array = array[..., channel]
-    elif channel not in (None, 0):
-        raise MedsslInputError(path, f"has no channel {channel} (shape {tuple(array.shape)})")
-    if array.ndim != 3:
-        shape = tuple(array.shape)
-        raise MedsslInputError(path, f"is {array.ndim}D with shape {shape}; a 3D volume is expected")
     return array
 
 
-def read_volume(
-    path: str | Path, *, label: bool = False, channel: int | None = None, root: str | Path | None = None
-) -> Volume:
-    """Read a volume file or DICOM series folder.
-
-    Images come back as float32. With ``label=True`` the values must be whole numbers and come back
-    as uint8 (values 0..255) or int32. A 4D image whose extra axes have size 1 is squeezed; a true 4D
-    image is an error unless ``channel`` picks one of its 3D channels (MSD multi-modal tasks).
-    A detached header's data file must lie inside ``root`` (default: the header's folder).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise MedsslInputError(path, "not found")
-    # detached data inside its folder; voxel count within the limit; both before decoding
-    check_before_decoding(path, Path(root) if root is not None else None)
-    array, affine, notes = _read_raw(path)
-    array = _to_3d(path, array, channel)
+def _checked_volume(path: Path, array: np.ndarray, affine: np.ndarray, notes: list[str], label: bool) -> Volume:
+    """A 3D array and its affine as a :class:`Volume`, after the checks every read makes."""
+    if array.ndim != 3:
+        shape = tuple(array.shape)
+        raise MedsslInputError(path, f"is {array.ndim}D with shape {shape}; a 3D volume is expected")
     if min(array.shape) < 1:
         raise MedsslInputError(path, f"has an empty shape {tuple(array.shape)}")
     affine = np.asarray(affine, dtype=np.float64)
@@ -382,7 +383,49 @@ def read_volume(
     elif array.dtype.kind not in "iub":
         raise MedsslInputError(path, f"unsupported voxel type {array.dtype}")
     array = _as_label_array(path, array) if label else np.asarray(array, dtype=np.float32)
-    return Volume(array=np.ascontiguousarray(array), affine=affine, source=path, notes=notes)
+    return Volume(array=np.ascontiguousarray(array), affine=affine, source=path, notes=list(notes))
+
+
+def _read_checked(path: Path, root: str | Path | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    if not path.exists():
+        raise MedsslInputError(path, "not found")
+    # inside the root, detached data inside its folder, spacing, voxel count: all before decoding
+    check_before_decoding(path, Path(root) if root is not None else None)
+    array, affine, notes = _read_raw(path)
+    return _squeeze(array), affine, notes
+
+
+def read_volume(path: str | Path, *, label: bool = False, root: str | Path | None = None) -> Volume:
+    """Read a 3D volume file or DICOM series folder.
+
+    Images come back as float32. With ``label=True`` the values must be whole numbers and come back
+    as uint8 (values 0..255) or int32. A 4D image whose extra axes have size 1 is squeezed; a true 4D
+    image is an error here (read it with :func:`read_channels`). With ``root`` the file must lie inside
+    it (symlinks resolved); a detached header's data files must lie inside the header's folder.
+    """
+    path = Path(path)
+    array, affine, notes = _read_checked(path, root)
+    return _checked_volume(path, array, affine, notes, label)
+
+
+def read_channels(path: str | Path, n_channels: int, *, root: str | Path | None = None) -> list[Volume]:
+    """The ``n_channels`` 3D channels of one image file (MSD multi-modal tasks keep them on the fourth axis).
+
+    The file must hold exactly ``n_channels``: a 3D image where several are declared, or a 4D image with
+    more or fewer channels, is refused rather than read in part.
+    """
+    path = Path(path)
+    array, affine, notes = _read_checked(path, root)
+    found = array.shape[3] if array.ndim == 4 else 1 if array.ndim == 3 else None
+    if found is None or found != n_channels:
+        raise MedsslInputError(
+            path,
+            f"holds {found if found is not None else 'no'} channel(s) (shape {tuple(array.shape)}); "
+            f"{n_channels} declared (dataset.json 'modality' / 'channel_names')",
+        )
+    if array.ndim == 3:
+        return [_checked_volume(path, array, affine, notes, label=False)]
+    return [_checked_volume(path, array[..., c], affine, notes, label=False) for c in range(n_channels)]
 
 
 def _as_label_array(path: Path, array: np.ndarray) -> np.ndarray:

@@ -15,37 +15,38 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from medssl.budget import Budget
 from medssl.errors import MedsslInputError
 from medssl.fileio import atomic_write_json, file_lock
 
 SPLITS_VERSION = 1
-Budget = int | Literal["all"]
+BudgetLike = Budget | int | str  # a Budget, or what YAML and JSON hold: 5, "5", "all"
 
 
-def _check_budget(budget: Budget, pool_size: int, source: str | Path) -> None:
-    if budget == "all":
-        return
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
-        raise MedsslInputError(source, f"label budget {budget!r} must be a positive integer or 'all'")
-    if budget > pool_size:
-        raise MedsslInputError(source, f"label budget {budget} exceeds the training pool of {pool_size} cases")
+def _check_budget(budget: BudgetLike, pool_size: int, source: str | Path) -> Budget:
+    try:
+        parsed = Budget.parse(budget)
+    except ValueError:
+        raise MedsslInputError(source, f"label budget {budget!r} must be a positive integer or 'all'") from None
+    if parsed.cases is not None and parsed.cases > pool_size:
+        raise MedsslInputError(source, f"label budget {parsed} exceeds the training pool of {pool_size} cases")
+    return parsed
 
 
-def _with_budgets(split: dict[str, Any], budgets: Sequence[Budget], source: str | Path) -> dict[str, Any]:
+def _with_budgets(split: dict[str, Any], budgets: Sequence[BudgetLike], source: str | Path) -> dict[str, Any]:
     pool = split["train_order"]
-    for b in budgets:
-        _check_budget(b, len(pool), source)
-    return {**split, "budgets": {str(b): train_cases(split, b) for b in budgets}}
+    parsed = [_check_budget(b, len(pool), source) for b in budgets]
+    return {**split, "budgets": {b.label: b.take(pool) for b in parsed}}
 
 
 def make_splits(
     case_ids: Sequence[str],
     seed: int,
-    budgets: Sequence[Budget],
+    budgets: Sequence[BudgetLike],
     n_test: int,
     n_val: int,
     source: str | Path = "splits",
@@ -71,11 +72,10 @@ def make_splits(
     return _with_budgets(split, budgets, source)
 
 
-def train_cases(split: dict[str, Any], budget: Budget) -> list[str]:
+def train_cases(split: dict[str, Any], budget: BudgetLike) -> list[str]:
     """The training cases of ``budget`` (a prefix of the seeded training order)."""
     pool = list(split["train_order"])
-    _check_budget(budget, len(pool), "splits")
-    return pool if budget == "all" else pool[: int(budget)]
+    return _check_budget(budget, len(pool), "splits").take(pool)
 
 
 def _read_splits_file(path: Path) -> dict[str, Any] | None:
@@ -99,7 +99,7 @@ def load_or_create_splits(
     path: str | Path,
     case_ids: Sequence[str],
     seed: int,
-    budgets: Sequence[Budget],
+    budgets: Sequence[BudgetLike],
     n_test: int,
     n_val: int,
 ) -> dict[str, Any]:
@@ -123,7 +123,8 @@ def load_or_create_splits(
             atomic_write_json(path, data)
             return made
     parts = [stored.get(k) if isinstance(stored, dict) else None for k in ("test", "val", "train_order")]
-    if not all(isinstance(p, list) for p in parts) or sorted(sum(parts, [])) != ids:
+    lists = [p for p in parts if isinstance(p, list)]
+    if len(lists) != len(parts) or sorted(sum(lists, [])) != ids:
         raise MedsslInputError(path, f"seed {seed}: test/val/train_order do not partition the case ids")
     if (len(stored["test"]), len(stored["val"])) != (n_test, n_val):
         raise MedsslInputError(

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage
@@ -195,7 +195,8 @@ class Anatomy:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.tissue.shape)  # type: ignore[return-value]
+        x, y, z = self.tissue.shape
+        return (int(x), int(y), int(z))
 
     @property
     def affine(self) -> np.ndarray:
@@ -350,7 +351,7 @@ def make_anatomy(
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"phantom shape must be 3 sides of at least 16 voxels, got {shape}")
-    spacing_t = tuple(float(s) for s in spacing)
+    spacing_t = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
     rng = np.random.default_rng(seed)
     frame = _Frame(shape, rng, warp=_u(rng, 0.03, 0.06))
     rough = _smooth_field(rng, shape, min(shape) / 8.0)
@@ -496,11 +497,11 @@ def make_anatomy(
         organs[tissue == TISSUES[name]] = label
 
     lesions, info = _place_lesions(rng, organs, spacing_t)
-    origin = tuple(-s * n / 2.0 + _u(rng, -20.0, 20.0) for s, n in zip(spacing_t, shape, strict=True))
+    ox, oy, oz = (-s * n / 2.0 + _u(rng, -20.0, 20.0) for s, n in zip(spacing_t, shape, strict=True))
     return Anatomy(
         seed=int(seed),
         spacing=spacing_t,
-        origin=origin,
+        origin=(ox, oy, oz),
         tissue=tissue,
         organs=organs,
         lesions=lesions,
@@ -538,7 +539,8 @@ def _place_lesions(
         if len(candidates) == 0:
             candidates = np.argwhere(depth == depth.max())
         local_center = candidates[int(rng.integers(len(candidates)))]
-        center = tuple(int(c + b.start) for c, b in zip(local_center, box, strict=True))
+        cx, cy, cz = (int(c + b.start) for c, b in zip(local_center, box, strict=True))
+        center = (cx, cy, cz)
         # Blob: a sphere whose radius wobbles by direction (random low-order harmonics).
         reach = [int(np.ceil(1.4 * radius / s)) + 1 for s in spacing]
         sl = tuple(slice(max(c - r, 0), min(c + r + 1, n)) for c, r, n in zip(center, reach, organs.shape, strict=True))
@@ -745,9 +747,42 @@ def _check_request(n: int, what: str, shape: Sequence[int], spacing: Sequence[fl
         raise MedsslInputError("spacing", f"voxel spacing must be 3 positive values in mm, got {list(spacing)}")
 
 
+def _folder_params(
+    kind: str,
+    n: int,
+    seed: int,
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    jitter_spacing: bool,
+    variation: Variation,
+    **extra: object,
+) -> dict[str, object]:
+    """What a generated folder's marker records (and a later call must match to skip it)."""
+    return _params(
+        kind=kind,
+        n=n,
+        seed=seed,
+        shape=list(shape),
+        spacing=list(spacing),
+        jitter_spacing=jitter_spacing,
+        **extra,
+        **_variation_param(variation),
+    )
+
+
+def _anatomies(
+    seed: int, domain: str, n: int, shape: Sequence[int], spacing: Sequence[float], jitter_spacing: bool
+) -> Iterator[tuple[int, Anatomy]]:
+    """(anatomy seed, anatomy) of the cases 0..n-1 of a domain."""
+    for i in range(n):
+        cs = case_seed(seed, domain, i)
+        yield cs, make_anatomy(cs, shape, _case_spacing(cs, spacing, jitter_spacing))
+
+
 def synth_corpus(
     out: str | Path,
     n: int,
+    *,
     seed: int = 0,
     shape: Sequence[int] = (64, 64, 64),
     spacing: Sequence[float] = (3.0, 3.0, 3.0),
@@ -761,20 +796,12 @@ def synth_corpus(
     _check_request(n, "corpus cases", shape, spacing)
     out = Path(out)
     names = [f"scan_{i:03d}.nii.gz" for i in range(n)]
-    params = _params(
-        kind="corpus",
-        n=n,
-        seed=seed,
-        shape=list(shape),
-        spacing=list(spacing),
-        jitter_spacing=jitter_spacing,
-        **_variation_param(variation),
-    )
+    params = _folder_params("corpus", n, seed, shape, spacing, jitter_spacing, variation)
     if not _is_complete(out, params):
         _start(out, [])
-        for i, name in enumerate(names):
-            cs = case_seed(seed, "corpus", i)
-            anatomy = make_anatomy(cs, shape, _case_spacing(cs, spacing, jitter_spacing))
+        for name, (cs, anatomy) in zip(
+            names, _anatomies(seed, "corpus", n, shape, spacing, jitter_spacing), strict=True
+        ):
             write_nifti(out / name, _ct_int16(render_ct(anatomy, cs, variation)), anatomy.affine)
         _remove_stale(out, "scan", set(names))
         atomic_write_text(out / _MARKER, json.dumps(params))
@@ -796,11 +823,12 @@ def synth_task(
     out: str | Path,
     kind: TaskKind,
     n: int,
+    *,
+    mri_weighting: str = "t1",
     seed: int = 0,
     shape: Sequence[int] = (64, 64, 64),
     spacing: Sequence[float] = (3.0, 3.0, 3.0),
     jitter_spacing: bool = True,
-    mri_weighting: str = "t1",
     variation: Variation = "standard",
 ) -> Path:
     """A labeled task in MSD layout (``dataset.json``, ``imagesTr/``, ``labelsTr/``); returns ``out``.
@@ -815,25 +843,15 @@ def synth_task(
     if kind == "mri_organs" and mri_weighting not in MRI_SIGNAL:
         raise MedsslInputError("mri_weighting", f"must be one of {', '.join(MRI_SIGNAL)}, got {mri_weighting!r}")
     out = Path(out)
-    params = _params(
-        kind=kind,
-        n=n,
-        seed=seed,
-        shape=list(shape),
-        spacing=list(spacing),
-        jitter_spacing=jitter_spacing,
-        mri_weighting=mri_weighting if kind == "mri_organs" else None,
-        **_variation_param(variation),
-    )
+    weighting = mri_weighting if kind == "mri_organs" else None
+    params = _folder_params(kind, n, seed, shape, spacing, jitter_spacing, variation, mri_weighting=weighting)
     if _is_complete(out, params):
         return out
     _start(out, ["imagesTr", "labelsTr"])
     domain = "lesions" if kind == "ct_lesions" else "organs"
     labels = LESION_LABELS if kind == "ct_lesions" else ORGAN_LABELS
     names = [f"case_{i:03d}.nii.gz" for i in range(n)]
-    for i, name in enumerate(names):
-        cs = case_seed(seed, domain, i)
-        anatomy = make_anatomy(cs, shape, _case_spacing(cs, spacing, jitter_spacing))
+    for name, (cs, anatomy) in zip(names, _anatomies(seed, domain, n, shape, spacing, jitter_spacing), strict=True):
         if kind == "mri_organs":
             image = render_mri(anatomy, cs, weighting=mri_weighting, variation=variation)
         else:
@@ -884,7 +902,7 @@ def synth_all(
         raise MedsslInputError("modality", f"must be 'ct' or 'mri', got {modality!r}")
     out = Path(out)
     made: dict[str, Path] = {}
-    common = {
+    common: dict[str, Any] = {
         "seed": seed,
         "shape": shape,
         "spacing": spacing,

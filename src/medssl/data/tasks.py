@@ -20,7 +20,6 @@ and, when ``deep``, reads each case to check its content and geometry. Paths nam
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -29,13 +28,17 @@ from typing import Any
 
 import numpy as np
 
+from medssl.data.jsonfile import load_json_object
 from medssl.data.readers import (
     VOLUME_SUFFIXES,
     Volume,
     find_volumes,
     is_volume_path,
+    read_channels,
     read_volume,
 )
+from medssl.data.regions import Regions, has_regions, parse_regions
+from medssl.data.safe_read import inside_root
 from medssl.errors import MedsslInputError
 from medssl.limits import exceeded, limits
 
@@ -55,7 +58,7 @@ class TaskCase:
     """One training case. ``image`` is the first (often only) channel; ``images`` lists every channel file.
 
     In the MSD layout a multi-channel case is one 4D file: then ``images == [image]`` and the channels
-    are read with ``read_volume(image, channel=c)``; in nnU-Net each channel is its own ``_000c`` file.
+    are read with ``read_channels(image, n_channels)``; in nnU-Net each channel is its own ``_000c`` file.
     """
 
     case_id: str
@@ -74,15 +77,24 @@ class TaskFolder:
     file_ending: str
     layout: str = "msd"  # "msd" or "nnunet"
     channel_names: list[str] = field(default_factory=list)
+    regions: Regions | None = None  # nnU-Net region-based labels (medssl.data.regions)
 
     @property
     def structures(self) -> dict[int, str]:
-        """The declared labels without background (0)."""
+        """What is scored: the declared labels without background (0), or the regions (1-based)."""
+        if self.regions is not None:
+            return self.regions.structures
         return {value: name for value, name in self.labels.items() if value != 0}
 
     @property
     def n_classes(self) -> int:
+        """Label values a label map may hold: max(label) + 1."""
         return max(self.labels) + 1
+
+    @property
+    def n_outputs(self) -> int:
+        """Network outputs: one per class (softmax), or one per region (a sigmoid each)."""
+        return len(self.regions) if self.regions is not None else self.n_classes
 
     @property
     def n_channels(self) -> int:
@@ -136,10 +148,7 @@ def _inside(root: Path, relative: Any, dataset_json: Path, what: str, problems: 
 
 
 def _stays_inside(root: Path, path: Path) -> bool:
-    try:
-        return path.resolve().is_relative_to(root.resolve())
-    except (OSError, RuntimeError):  # symlink loops
-        return False
+    return inside_root(path, root)
 
 
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
@@ -168,25 +177,32 @@ def _strip_ending(name: str, file_ending: str) -> str:
 # dataset.json fields
 
 
-def _parse_labels(raw: Any, dataset_json: Path, problems: _Problems) -> dict[int, str]:
-    """MSD ``{"0": "background", "1": "liver"}`` or nnU-Net ``{"background": 0, "liver": 1}``."""
+def _parse_labels(
+    raw: Any, dataset_json: Path, problems: _Problems, class_order: Any = None
+) -> tuple[dict[int, str], Regions | None]:
+    """MSD ``{"0": "background", "1": "liver"}`` or nnU-Net ``{"background": 0, "liver": 1}``, or nnU-Net
+    regions (``{"background": 0, "tumor core": [2, 3], ...}`` with ``regions_class_order``).
+
+    Returns the label values a label map may hold (name each) and the regions, if any."""
     if not isinstance(raw, dict) or not raw:
         problems.add(dataset_json, "'labels' must be a non-empty mapping")
-        return {}
+        return {}, None
     if len(raw) > limits().labels:  # before anything is sized by them
         problems.add_error(exceeded(dataset_json, "number of labels", len(raw), "labels"))
-        return {}
+        return {}, None
+    if has_regions(raw):
+        return _parse_region_labels(raw, dataset_json, problems, class_order)
     labels: dict[int, str] = {}
     for key, value in raw.items():
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]  # nnU-Net: a one-value list is that value
         if isinstance(value, str) and re.fullmatch(r"\d+", str(key).strip()):
             number, name = int(key), value
         elif isinstance(value, int) and not isinstance(value, bool):
             number, name = value, str(key)
-        elif isinstance(value, list):
-            problems.add(dataset_json, f"label {key!r} is a region {value} (region-based labels are unsupported)")
-            continue
         else:
-            problems.add(dataset_json, f'label entry {key!r}: {value!r} is neither "N": name nor name: N')
+            shown = f"{str(key)[:40]!r}: {str(value)[:40]!r}"
+            problems.add(dataset_json, f'label entry {shown} is neither "N": name nor name: N')
             continue
         if _bad_text(name):
             problems.add(dataset_json, f"label {number}: {_bad_text(name)}")
@@ -202,7 +218,26 @@ def _parse_labels(raw: Any, dataset_json: Path, problems: _Problems) -> dict[int
         labels[0] = "background"  # both layouts reserve 0 for background even when unnamed
     if labels and len(labels) < 2:
         problems.add(dataset_json, "'labels' declares no structure besides background")
-    return dict(sorted(labels.items()))
+    return dict(sorted(labels.items())), None
+
+
+def _parse_region_labels(
+    raw: dict, dataset_json: Path, problems: _Problems, class_order: Any
+) -> tuple[dict[int, str], Regions | None]:
+    before = len(problems.items)
+    for name in raw:
+        if _bad_text(str(name)):
+            problems.add(dataset_json, f"region: {_bad_text(str(name))}")
+    regions, found = parse_regions(raw, class_order)
+    for problem in found:
+        problems.add(dataset_json, problem)
+    if regions is None or len(problems.items) > before:
+        return {}, None
+    biggest = max(regions.values)
+    if biggest > limits().label_value:
+        problems.add_error(exceeded(dataset_json, "label value in a region", biggest, "label_value"))
+        return {}, None
+    return {0: "background", **regions.value_names()}, regions
 
 
 def _channel_modality(name: str) -> str | None:
@@ -228,7 +263,7 @@ def _parse_channels(raw: Any, key: str, dataset_json: Path, problems: _Problems)
     if unknown:
         problems.add(dataset_json, f"cannot tell CT from MRI by channel name(s) {unknown} in {key!r}")
         return names, ""
-    found = set(kinds.values())
+    found = {kind for kind in kinds.values() if kind is not None}
     if len(found) > 1:
         problems.add(dataset_json, f"{key!r} mixes CT and MRI channels: {names}")
         return names, ""
@@ -342,15 +377,82 @@ def _nnunet_found_cases(root: Path, file_ending: str, n_channels: int, problems:
             problems.add(images_dir, f"case {case_id} lacks channel file(s) {', '.join(missing)}")
             continue
         images = [files[c] for c in range(n_channels)]
-        label: Path | None = labels_dir / f"{case_id}{file_ending}"
-        if not _stays_inside(root, label):
+        label = labels_dir / f"{case_id}{file_ending}"
+        inside = _stays_inside(root, label)
+        if not inside:
             problems.add(label, "resolves outside the task folder (a symlink pointing out)")
-            label = None
-        cases.append(TaskCase(case_id=case_id, image=images[0], images=images, label=label))
+        cases.append(TaskCase(case_id=case_id, image=images[0], images=images, label=label if inside else None))
     return cases
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Fields:
+    """What dataset.json says about a task, before its cases are looked at."""
+
+    layout: str
+    channel_names: list[str]
+    modality: str
+    labels: dict[int, str]
+    regions: Regions | None
+    name: str
+
+
+def _parse_fields(data: dict, dataset_json: Path, default_name: str, problems: _Problems) -> _Fields:
+    if "channel_names" in data:
+        layout, channel_key = "nnunet", "channel_names"
+    elif "modality" in data:
+        layout, channel_key = "msd", "modality"
+    else:
+        problems.add(dataset_json, "missing required key 'modality' (MSD) or 'channel_names' (nnU-Net v2)")
+        layout, channel_key = ("nnunet" if "file_ending" in data else "msd"), ""
+    channel_names, modality = (
+        _parse_channels(data[channel_key], channel_key, dataset_json, problems) if channel_key else ([], "")
+    )
+    labels: dict[int, str] = {}
+    regions: Regions | None = None
+    if "labels" not in data:
+        problems.add(dataset_json, "missing required key 'labels'")
+    else:
+        labels, regions = _parse_labels(data["labels"], dataset_json, problems, data.get("regions_class_order"))
+    raw_name = data.get("name")
+    name = raw_name if isinstance(raw_name, str) and raw_name.strip() else default_name
+    if _bad_text(name):
+        problems.add(dataset_json, f"'name': {_bad_text(name)}")
+        name = default_name
+    return _Fields(layout, channel_names, modality, labels, regions, name)
+
+
+def check_dataset_fields(data: dict, dataset_json: Path) -> None:
+    """Refuse (first problem, naming ``dataset_json``) a dataset.json whose name, channels or labels
+    ``data check`` would refuse: ``data convert`` checks what it will write with the reader's own rules."""
+    problems = _Problems()
+    _parse_fields(data, dataset_json, dataset_json.parent.name, problems)
+    if problems:
+        path, problem = problems.items[0]
+        raise MedsslInputError(path, problem)
+
+
+def _duplicate_case_problems(cases: list[TaskCase], problems: _Problems) -> None:
+    """Two cases with one id (ids that differ only in case collide on macOS and Windows disks) or one
+    image file: each pair is named, never one of them dropped."""
+    by_id: dict[str, TaskCase] = {}
+    by_file: dict[Path, TaskCase] = {}
+    for case in cases:
+        first = by_id.get(case.case_id.casefold())
+        if first is not None:
+            problems.add(case.image, f"case id {case.case_id!r} appears twice: {first.image} and {case.image}")
+        by_id.setdefault(case.case_id.casefold(), case)
+        try:
+            resolved = case.image.resolve()
+        except (OSError, RuntimeError, ValueError):
+            continue
+        first = by_file.get(resolved)
+        if first is not None and first.case_id != case.case_id:
+            problems.add(case.image, f"image of case {case.case_id!r} is also case {first.case_id!r}'s ({case.image})")
+        by_file.setdefault(resolved, case)
 
 
 def _scan_task(root: Path, problems: _Problems) -> TaskFolder | None:
@@ -369,42 +471,11 @@ def _scan_task(root: Path, problems: _Problems) -> TaskFolder | None:
         problems.add(dataset_json, "resolves outside the task folder (a symlink pointing out)")
         return None
     try:
-        size = dataset_json.stat().st_size
-        if size > limits().json_bytes:
-            problems.add_error(exceeded(dataset_json, "size in bytes", size, "json_bytes"))
-            return None
-        data = json.loads(dataset_json.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        problems.add(dataset_json, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+        data = load_json_object(dataset_json)
+    except MedsslInputError as err:
+        problems.add_error(err)
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        problems.add(dataset_json, f"unreadable: {exc}")
-        return None
-    except RecursionError:
-        problems.add(dataset_json, "malformed JSON: nested too deeply")
-        return None
-    except ValueError as exc:  # e.g. an integer of more than 4300 digits
-        problems.add(dataset_json, f"malformed JSON: {str(exc)[:120]}")
-        return None
-    if not isinstance(data, dict):
-        problems.add(dataset_json, "must hold a JSON object")
-        return None
-
-    if "channel_names" in data:
-        layout, channel_key = "nnunet", "channel_names"
-    elif "modality" in data:
-        layout, channel_key = "msd", "modality"
-    else:
-        problems.add(dataset_json, "missing required key 'modality' (MSD) or 'channel_names' (nnU-Net v2)")
-        layout, channel_key = ("nnunet" if "file_ending" in data else "msd"), ""
-    channel_names, modality = (
-        _parse_channels(data[channel_key], channel_key, dataset_json, problems) if channel_key else ([], "")
-    )
-    if "labels" not in data:
-        problems.add(dataset_json, "missing required key 'labels'")
-        labels: dict[int, str] = {}
-    else:
-        labels = _parse_labels(data["labels"], dataset_json, problems)
+    fields = _parse_fields(data, dataset_json, root.name, problems)
 
     images_dir = root / "imagesTr"
     if not images_dir.is_dir():
@@ -414,31 +485,23 @@ def _scan_task(root: Path, problems: _Problems) -> TaskFolder | None:
     elif not any(not p.name.startswith(".") for p in images_dir.iterdir()):
         problems.add(images_dir, "empty imagesTr folder")
 
-    if layout == "msd":
+    if fields.layout == "msd":
         cases, file_ending = _msd_cases(root, data, dataset_json, problems)
     else:
-        cases, file_ending = _nnunet_cases(root, data, dataset_json, len(channel_names) or 1, problems)
-    seen: set[str] = set()
-    for case in cases:
-        if case.case_id in seen:
-            problems.add(case.image, f"case id {case.case_id!r} appears twice")
-        seen.add(case.case_id)
+        cases, file_ending = _nnunet_cases(root, data, dataset_json, len(fields.channel_names) or 1, problems)
+    _duplicate_case_problems(cases, problems)
     if not cases and images_dir.is_dir():
         problems.add(dataset_json, "no training cases")
-
-    name = data.get("name") if isinstance(data.get("name"), str) and data["name"].strip() else root.name
-    if _bad_text(name):
-        problems.add(dataset_json, f"'name': {_bad_text(name)}")
-        name = root.name
     return TaskFolder(
         root=root,
-        name=str(name),
-        modality=modality,
-        labels=labels,
+        name=fields.name,
+        modality=fields.modality,
+        labels=fields.labels,
         cases=cases,
         file_ending=file_ending,
-        layout=layout,
-        channel_names=channel_names,
+        layout=fields.layout,
+        channel_names=fields.channel_names,
+        regions=fields.regions,
     )
 
 
@@ -483,15 +546,20 @@ def _geometry_problems(reference: Volume, other: Volume, what: str) -> list[str]
 
 def _check_case(task: TaskFolder, case: TaskCase, problems: _Problems) -> None:
     channel_volumes: list[Volume] = []
+    reads: list[tuple[Path, int | None]]
     if task.channels_in_one_file:
         reads = [(case.image, c) for c in range(task.n_channels)]
-    else:
-        reads = [(path, None) for path in case.images]
-    for path, channel in reads:
         try:
-            channel_volumes.append(read_volume(path, channel=channel))
+            channel_volumes = read_channels(case.image, task.n_channels, root=task.root)
         except MedsslInputError as exc:
             problems.add_error(exc)
+    else:
+        reads = [(path, None) for path in case.images]
+        for path in case.images:
+            try:
+                channel_volumes.append(read_volume(path, root=task.root))
+            except MedsslInputError as exc:
+                problems.add_error(exc)
     reference = channel_volumes[0] if len(channel_volumes) == len(reads) else None
     if reference is not None:
         for (path, channel), volume in zip(reads[1:], channel_volumes[1:], strict=True):
@@ -501,7 +569,7 @@ def _check_case(task: TaskFolder, case: TaskCase, problems: _Problems) -> None:
     if case.label is None or not case.label.is_file():
         return  # already reported by the structural scan
     try:
-        label = read_volume(case.label, label=True)
+        label = read_volume(case.label, label=True, root=task.root)
     except MedsslInputError as exc:
         problems.add_error(exc)
         return

@@ -6,6 +6,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
+from medssl.data.regions import Regions, label_map_from_regions
+
 
 @torch.no_grad()
 def predict_volume(
@@ -15,8 +17,10 @@ def predict_volume(
     sw_batch_size: int = 2,
     overlap: float = 0.5,
     device: torch.device | str = "cpu",
+    regions: Regions | None = None,
 ) -> Tensor:
-    """Label map (X, Y, Z) int64 for a (C, X, Y, Z) image; Gaussian-blended windows."""
+    """Label map (X, Y, Z) int64 for a (C, X, Y, Z) image; Gaussian-blended windows. A region-trained
+    model's outputs are sigmoids painted into a label map in ``regions_class_order`` (nnU-Net's rule)."""
     was_training = model.training
     model.eval()
     x = image.unsqueeze(0).to(device)
@@ -30,5 +34,7 @@ def predict_volume(
     )
     if was_training:
         model.train()
+    if regions is not None:
+        return label_map_from_regions(torch.sigmoid(logits[0]), regions).cpu()
     assert isinstance(logits, Tensor)  # a network with one output gives one tensor
     return logits.argmax(dim=1)[0].cpu()

@@ -29,6 +29,7 @@ from scipy import ndimage
 from torch import Tensor
 
 from medssl.config import LesionMetricsConfig
+from medssl.data.regions import Regions, region_masks
 
 LESION_FIELDS = ("lesion_tp", "lesion_fp", "lesion_fn", "lesion_recall", "lesion_precision", "lesion_f1")
 
@@ -54,9 +55,16 @@ def lesion_detection(
     settings: LesionMetricsConfig | None = None,
 ) -> dict[str, Any]:
     """Counts and rates of lesion ``label`` in one case (see the module docstring); ``None`` for undefined."""
+    return detect_lesions(_as_numpy(prediction) == label, _as_numpy(truth) == label, settings)
+
+
+def detect_lesions(
+    predicted: np.ndarray, true: np.ndarray, settings: LesionMetricsConfig | None = None
+) -> dict[str, Any]:
+    """Counts and rates of the lesions in two boolean masks (a label's voxels, or an nnU-Net region's)."""
     settings = settings or LesionMetricsConfig()
-    true_lesions, n_true = _components(_as_numpy(truth) == label, settings.connectivity)
-    pred_lesions, n_pred = _components(_as_numpy(prediction) == label, settings.connectivity)
+    true_lesions, n_true = _components(true, settings.connectivity)
+    pred_lesions, n_pred = _components(predicted, settings.connectivity)
     tp = 0
     if n_true and n_pred:
         # voxel counts of every (true, predicted) pair at once; row/column 0 is the background
@@ -98,12 +106,23 @@ def lesion_rows(
     structures: dict[int, str],
     settings: LesionMetricsConfig,
     case_id: str = "",
+    regions: Regions | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per lesion structure for one case, lesion-free cases included (their FP count matters)."""
-    return [
-        {"case": case_id, "label": label, "structure": name, **lesion_detection(prediction, truth, label, settings)}
-        for label, name in sorted(structures.items())
-    ]
+    """One row per lesion structure for one case, lesion-free cases included (their FP count matters). With
+    nnU-Net regions the structures are regions (1-based, as ``Regions.structures``), scored on region masks."""
+    if not structures:
+        return []
+    pred, true = _as_numpy(prediction), _as_numpy(truth)
+    if regions is not None:
+        pred_masks, true_masks = np.asarray(region_masks(pred, regions)), np.asarray(region_masks(true, regions))
+    rows = []
+    for label, name in sorted(structures.items()):
+        if regions is not None:
+            found = detect_lesions(pred_masks[label - 1], true_masks[label - 1], settings)
+        else:
+            found = detect_lesions(pred == label, true == label, settings)
+        rows.append({"case": case_id, "label": label, "structure": name, **found})
+    return rows
 
 
 def mean_defined(values: list[float | None]) -> tuple[float, int]:

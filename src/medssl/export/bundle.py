@@ -264,6 +264,8 @@ def export_segmenter_bundle(ckpt: str | Path, out: str | Path) -> Path:
     """Write the bundle of a fine-tuned segmenter (``best.pt`` of a fine-tuning run)."""
     ckpt, out = Path(ckpt), Path(out)
     model, meta = load_segmenter(ckpt)  # every tensor present, shaped, finite
+    if meta.get("regions"):  # an argmax postprocessing would give wrong label maps with exit 0
+        raise MedsslInputError(ckpt, "was trained on nnU-Net regions; a bundle exports only class (argmax) models")
     values = segmenter_values(ckpt, meta, _finished_run(ckpt))
     metadata = segmenter_metadata(values)
     inference = segmenter_inference(values)

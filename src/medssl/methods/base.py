@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from medssl.config import MethodConfig, StrictModel, format_validation_error
-from medssl.errors import ConfigError, unknown_name_message
+from medssl.errors import ConfigError, look_up_option
 from medssl.methods.health import RankHistory
 from medssl.models.encoder import SwinEncoder
 
@@ -167,7 +167,9 @@ class SSLMethod(nn.Module):
         try:
             return cls.Params.model_validate(options)
         except ValidationError as err:
-            raise ConfigError(f"method '{cls.name}'", format_validation_error(err, prefix=f"{source}.")) from None
+            raise ConfigError(
+                f"method '{cls.name}'", format_validation_error(err, prefix=f"{source}.", model=cls.Params)
+            ) from None
 
 
 def build_method(
@@ -179,9 +181,7 @@ def build_method(
     method's ``steps_per_epoch`` option when the method has one and it is unset: recipes that count
     epochs (DINO, iBOT, SMIT) convert them with it.
     """
-    if config.name not in REGISTRY:
-        raise ConfigError("method.name", unknown_name_message("method", config.name, sorted(REGISTRY)))
-    cls = REGISTRY[config.name]
+    cls = REGISTRY[look_up_option("method", config.name, sorted(REGISTRY), source="method.name")]
     params = cls.parse_params(config.options)
     if steps_per_epoch is not None and getattr(params, "steps_per_epoch", 0) is None:
         params = params.model_copy(update={"steps_per_epoch": max(int(steps_per_epoch), 1)})

@@ -134,7 +134,7 @@ class SegmenterMeta(_Meta):
     """The typed part of a fine-tuned segmenter's metadata: what rebuilds it and what a bundle states."""
 
     encoder: EncoderConfig
-    out_channels: int = Field(ge=2)
+    out_channels: int = Field(ge=1)  # classes with background, or nnU-Net regions (one output each)
     crop_size: CropSize
     norm: Literal["auto", "instance", "group", "batch"]
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)

@@ -59,19 +59,6 @@ from medssl.results import (
 )
 from medssl.runs import BenchDir
 
-SECTIONS = (
-    ("leaderboard", "Leaderboard"),
-    ("families", "Pretext families"),
-    ("budgets", "Label budgets: few-shot vs many-shot"),
-    ("convergence", "Convergence"),
-    ("modality", "CT vs MRI"),
-    ("cka", "Feature reuse (CKA)"),
-    ("structures", "Per-structure results"),
-    ("statistics", "Statistics"),
-    ("pretraining", "Pretraining"),
-    ("cost", "Cost beside accuracy"),
-    ("provenance", "Provenance"),
-)
 BUILD_FAILED = "This section could not be built"
 
 
@@ -133,11 +120,34 @@ def _no_finetune(ctx: ReportContext) -> Missing:
 
 # --------------------------------------------------------------------------- sections
 
+SectionBuilder = Callable[["ReportContext", Section], Section]
 
-def section_leaderboard(ctx: ReportContext) -> Section:
-    section = Section("leaderboard", "Leaderboard")
-    if ctx.results.empty:
-        return section.add(_no_finetune(ctx))
+
+@dataclass(frozen=True)
+class SectionSpec:
+    title: str
+    builder: SectionBuilder
+    needs_finetune: bool  # without finished fine-tuning runs the section says so instead of being built
+
+
+SECTION_BUILDERS: dict[str, SectionSpec] = {}
+"""Section id -> its spec, in the order the report shows them: the order of registration below."""
+
+
+def report_section(
+    section_id: str, title: str, needs_finetune: bool = False
+) -> Callable[[SectionBuilder], SectionBuilder]:
+    """Register a section builder: it fills the empty ``Section(section_id, title)`` it is given."""
+
+    def register(builder: SectionBuilder) -> SectionBuilder:
+        SECTION_BUILDERS[section_id] = SectionSpec(title, builder, needs_finetune)
+        return builder
+
+    return register
+
+
+@report_section("leaderboard", "Leaderboard", needs_finetune=True)
+def section_leaderboard(ctx: ReportContext, section: Section) -> Section:
     table, _ = leaderboard(ctx.results, ctx.wilcoxon())
     ctx.latex["leaderboard"] = latex_table(table, label="tab:leaderboard")
     section.add(table)
@@ -166,10 +176,8 @@ def section_leaderboard(ctx: ReportContext) -> Section:
     return section
 
 
-def section_families(ctx: ReportContext) -> Section:
-    section = Section("families", "Pretext families")
-    if ctx.results.empty:
-        return section.add(_no_finetune(ctx))
+@report_section("families", "Pretext families", needs_finetune=True)
+def section_families(ctx: ReportContext, section: Section) -> Section:
     section.add(family_summary(ctx.results))
     families = ctx.results["family"].nunique()
     if families < 2:
@@ -177,10 +185,8 @@ def section_families(ctx: ReportContext) -> Section:
     return section
 
 
-def section_budgets(ctx: ReportContext) -> Section:
-    section = Section("budgets", "Label budgets: few-shot vs many-shot")
-    if ctx.results.empty:
-        return section.add(_no_finetune(ctx))
+@report_section("budgets", "Label budgets: few-shot vs many-shot", needs_finetune=True)
+def section_budgets(ctx: ReportContext, section: Section) -> Section:
     summary = budget_summary(ctx.results)
     section.add(
         ctx.figure(
@@ -210,8 +216,8 @@ def section_budgets(ctx: ReportContext) -> Section:
     return section
 
 
-def section_convergence(ctx: ReportContext) -> Section:
-    section = Section("convergence", "Convergence")
+@report_section("convergence", "Convergence")
+def section_convergence(ctx: ReportContext, section: Section) -> Section:
     if ctx.curves.empty:
         return section.add(Missing("No validation curves in the finished fine-tuning runs."))
     section.add(
@@ -250,10 +256,8 @@ def section_convergence(ctx: ReportContext) -> Section:
     return section
 
 
-def section_modality(ctx: ReportContext) -> Section:
-    section = Section("modality", "CT vs MRI")
-    if ctx.results.empty:
-        return section.add(_no_finetune(ctx))
+@report_section("modality", "CT vs MRI", needs_finetune=True)
+def section_modality(ctx: ReportContext, section: Section) -> Section:
     section.add(
         Paragraph(
             "Every encoder is pretrained on the CT corpus; MRI tasks measure CT→MRI transfer. "
@@ -297,8 +301,8 @@ def section_modality(ctx: ReportContext) -> Section:
     return section
 
 
-def section_cka(ctx: ReportContext) -> Section:
-    section = Section("cka", "Feature reuse (CKA)")
+@report_section("cka", "Feature reuse (CKA)")
+def section_cka(ctx: ReportContext, section: Section) -> Section:
     if not ctx.cka:
         return section.add(
             Missing("No CKA runs: feature reuse was not measured (run `medssl cka` or enable CKA in the benchmark).")
@@ -329,10 +333,8 @@ def section_cka(ctx: ReportContext) -> Section:
     return section
 
 
-def section_structures(ctx: ReportContext) -> Section:
-    section = Section("structures", "Per-structure results")
-    if ctx.results.empty:
-        return section.add(_no_finetune(ctx))
+@report_section("structures", "Per-structure results", needs_finetune=True)
+def section_structures(ctx: ReportContext, section: Section) -> Section:
     for table in structure_tables(ctx.results).values():
         section.add(table)
     section.add(metric_summary(ctx.results))
@@ -341,10 +343,8 @@ def section_structures(ctx: ReportContext) -> Section:
     return section
 
 
-def section_statistics(ctx: ReportContext) -> Section:
-    section = Section("statistics", "Statistics")
-    if ctx.results.empty:
-        return section.add(_no_finetune(ctx))
+@report_section("statistics", "Statistics", needs_finetune=True)
+def section_statistics(ctx: ReportContext, section: Section) -> Section:
     wilcoxon = ctx.wilcoxon()
     if wilcoxon is None or wilcoxon.empty:
         section.add(Missing("Fewer than two methods: no paired tests."))
@@ -399,8 +399,8 @@ def section_statistics(ctx: ReportContext) -> Section:
     return section
 
 
-def section_pretraining(ctx: ReportContext) -> Section:
-    section = Section("pretraining", "Pretraining")
+@report_section("pretraining", "Pretraining")
+def section_pretraining(ctx: ReportContext, section: Section) -> Section:
     if ctx.pretrain.empty:
         return section.add(
             Missing(
@@ -475,8 +475,8 @@ def section_pretraining(ctx: ReportContext) -> Section:
     return section
 
 
-def section_cost(ctx: ReportContext) -> Section:
-    section = Section("cost", "Cost beside accuracy")
+@report_section("cost", "Cost beside accuracy")
+def section_cost(ctx: ReportContext, section: Section) -> Section:
     summary = cost_summary(ctx.results, ctx.pretrain)
     if summary.empty:
         return section.add(Missing("No finished fine-tuning or pretraining runs: no cost to set beside accuracy."))
@@ -508,18 +508,14 @@ def section_cost(ctx: ReportContext) -> Section:
     return section
 
 
-def section_provenance(ctx: ReportContext) -> Section:
-    section = Section("provenance", "Provenance")
+@report_section("provenance", "Provenance")
+def section_provenance(ctx: ReportContext, section: Section) -> Section:
     prov = ctx.provenance
     packages = pd.DataFrame(
         {"package": list(prov["packages"]), "version": [v or "not installed" for v in prov["packages"].values()]}
     )
     section.add(frame_table(packages, "Package versions (of the machine that built this report).", index="package"))
-    hardware = dict(prov["hardware"])
-    torch_info = hardware.pop("torch", {})
-    hardware["torch devices"] = ", ".join(torch_info.get("devices", [])) or (
-        "CUDA available" if torch_info.get("cuda_available") else "CPU only"
-    )
+    hardware = {**prov["hardware"], "devices": ", ".join(prov["hardware"].get("devices") or []) or "CPU only"}
     section.add(
         frame_table(
             pd.DataFrame({"item": list(hardware), "value": [str(v) for v in hardware.values()]}),
@@ -571,19 +567,8 @@ def section_provenance(ctx: ReportContext) -> Section:
     return section
 
 
-SECTION_BUILDERS: dict[str, Callable[[ReportContext], Section]] = {
-    "leaderboard": section_leaderboard,
-    "families": section_families,
-    "budgets": section_budgets,
-    "convergence": section_convergence,
-    "modality": section_modality,
-    "cka": section_cka,
-    "structures": section_structures,
-    "statistics": section_statistics,
-    "pretraining": section_pretraining,
-    "cost": section_cost,
-    "provenance": section_provenance,
-}
+SECTIONS: tuple[tuple[str, str], ...] = tuple((sid, spec.title) for sid, spec in SECTION_BUILDERS.items())
+"""The report's sections in order: (id, title)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -692,10 +677,13 @@ def _collapse_alerts(pretrain: pd.DataFrame) -> list[Alert]:
     return alerts
 
 
-def _guarded(section_id: str, title: str, builder: Callable[[ReportContext], Section], ctx: ReportContext) -> Section:
-    """Build one section; unexpected data must not cost the reader the other nine."""
+def _guarded(section_id: str, spec: SectionSpec, ctx: ReportContext) -> Section:
+    """Build one section; unexpected data must not cost the reader the other sections."""
+    title = spec.title
+    if spec.needs_finetune and ctx.results.empty:
+        return Section(section_id, title).add(_no_finetune(ctx))
     try:
-        return builder(ctx)
+        return spec.builder(ctx, Section(section_id, title))
     except Exception as err:  # noqa: BLE001 - shown in the report and warned, never swallowed silently
         last = traceback.extract_tb(err.__traceback__)[-1]
         message = f"{BUILD_FAILED}: {type(err).__name__}: {err} ({Path(last.filename).name}:{last.lineno})"
@@ -807,7 +795,7 @@ def _write_report(roots: list[Path], out: Path) -> Path:
     ctx.colors = plots.method_colors(list(results["method"].unique()) + list(ctx.pretrain["method"].unique()))
     write_tables(collection, out)
 
-    sections = [_guarded(sid, title, SECTION_BUILDERS[sid], ctx) for sid, title in SECTIONS]
+    sections = [_guarded(sid, spec, ctx) for sid, spec in SECTION_BUILDERS.items()]
     atomic_write_text(out / "provenance.json", to_json(ctx.provenance) + "\n")
     if "leaderboard" not in ctx.latex:
         ctx.latex["leaderboard"] = "% no finished fine-tuning runs: no leaderboard\n"

@@ -8,7 +8,7 @@ Legends sit outside the axes so they never cover data; every axis is labelled.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,21 +63,39 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def _per_task_figure(
+    frame: pd.DataFrame,
+    path: str | Path,
+    colors: dict[str, Any] | None,
+    title: str,
+    draw: Callable[[Any, str, pd.DataFrame, dict[str, Any]], None],
+) -> Path | None:
+    """One panel per task of ``frame`` (tasks by name), each drawn by ``draw(ax, task, rows, colors)``,
+    a legend of the methods beside them; None when ``frame`` is empty."""
+    if frame.empty:
+        return None
+    colors = colors or method_colors(frame["method"])
+    tasks = sorted(frame["task"].unique())
+    fig, axes = _figure(len(tasks))
+    for ax, task in zip(axes, tasks, strict=True):
+        draw(ax, task, frame[frame["task"] == task], colors)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    _legend_outside(fig, axes)
+    return _save(fig, path)
+
+
 def budget_plot(summary: pd.DataFrame, path: str | Path, colors: dict[str, Any] | None = None) -> Path | None:
     """Dice vs number of training cases, one panel per task, one line per method.
 
     ``summary`` has columns task, method, budget, n_train, dice (``tables.budget_summary``).
     """
-    if summary.empty:
-        return None
-    tasks = sorted(summary["task"].unique())
-    colors = colors or method_colors(summary["method"])
-    fig, axes = _figure(len(tasks))
-    for ax, task in zip(axes, tasks, strict=True):
-        for method, group in summary[summary["task"] == task].groupby("method"):
+
+    def draw(ax: Any, task: str, rows: pd.DataFrame, colors: dict[str, Any]) -> None:
+        for method, group in rows.groupby("method"):
             group = group.assign(k=group["budget"].map(budget_key)).sort_values("k")
             ax.plot(group["n_train"], group["dice"], marker="o", color=colors.get(method), label=display_method(method))
-        n_train = summary.loc[summary["task"] == task, "n_train"].dropna()
+        n_train = rows["n_train"].dropna()
         if len(n_train) and n_train.min() > 0 and n_train.max() / n_train.min() >= 4:
             # Budgets grow geometrically (5, 10, 20, all): a log axis spaces them evenly.
             ax.set_xscale("log")
@@ -87,33 +105,23 @@ def budget_plot(summary: pd.DataFrame, path: str | Path, colors: dict[str, Any] 
         ax.set_title(task)
         ax.set_xlabel("training cases (n_train)")
         ax.set_ylabel("mean test Dice")
-        ax.grid(alpha=0.3)
-    fig.suptitle("Few-shot vs many-shot: Dice by label budget")
-    _legend_outside(fig, axes)
-    return _save(fig, path)
+
+    return _per_task_figure(summary, path, colors, "Few-shot vs many-shot: Dice by label budget", draw)
 
 
 def curves_plot(curves: pd.DataFrame, path: str | Path, colors: dict[str, Any] | None = None) -> Path | None:
     """Validation Dice vs step, one panel per task (largest budget, mean over seeds), a line per method."""
-    if curves.empty:
-        return None
-    tasks = sorted(curves["task"].unique())
-    colors = colors or method_colors(curves["method"])
-    fig, axes = _figure(len(tasks))
-    for ax, task in zip(axes, tasks, strict=True):
-        group = curves[curves["task"] == task]
-        budget = max(group["budget"].astype(str).unique(), key=budget_key)
-        group = group[group["budget"].astype(str) == budget]
-        for method, runs in group.groupby("method"):
+
+    def draw(ax: Any, task: str, rows: pd.DataFrame, colors: dict[str, Any]) -> None:
+        budget = max(rows["budget"].astype(str).unique(), key=budget_key)
+        for method, runs in rows[rows["budget"].astype(str) == budget].groupby("method"):
             mean = runs.groupby("step")["val_dice"].mean()
             ax.plot(mean.index, mean.values, marker=".", color=colors.get(method), label=display_method(method))
         ax.set_title(f"{task} (budget {budget})")
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("validation Dice")
-        ax.grid(alpha=0.3)
-    fig.suptitle("Validation curves")
-    _legend_outside(fig, axes)
-    return _save(fig, path)
+
+    return _per_task_figure(curves, path, colors, "Validation curves", draw)
 
 
 def modality_plot(per_modality: pd.DataFrame, path: str | Path) -> Path | None:

@@ -8,6 +8,7 @@ positive/negative crops, validation Dice every ``val_every`` steps with sliding-
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +16,23 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 from torch import Tensor, nn
 
-from medssl.config import RANDOM_INIT, FinetuneConfig, PreprocessConfig, config_hash, dump_yaml
+from medssl.config import RANDOM_INIT, EncoderConfig, FinetuneConfig, PreprocessConfig
 from medssl.data.cache import CachedVolume, VolumeCache, cache_task
 from medssl.data.datasets import SegmentationCropDataset, load_eval_case
+from medssl.data.regions import Regions, region_targets
 from medssl.data.splits import load_or_create_splits, train_cases
 from medssl.data.tasks import TaskFolder, load_task
-from medssl.errors import ConfigError, MedsslInputError, unknown_name_message
+from medssl.errors import ConfigError, MedsslInputError, look_up_option
 from medssl.evaluate import case_metrics, lesion_rows, mean_dice, predict_volume
 from medssl.fileio import file_sha256
-from medssl.limits import set_limits
 from medssl.models.adapt import fit_encoder
 from medssl.models.checkpoint import load_encoder_state, safe_torch_load, save_segmenter
 from medssl.models.load import read_encoder_checkpoint
 from medssl.models.segmenter import SwinSegmenter, resolve_norm
-from medssl.runs import RunDir
-from medssl.train.distributed import DistInfo, barrier, init_distributed
+from medssl.runs import RunDir, RunWork
+from medssl.train.distributed import DistInfo, barrier
+from medssl.train.entry import perform_training_run
 from medssl.train.loop import param_groups, train
-from medssl.train.session import AlreadyFinished, finish, run_session
 
 ENCODER_PREFIX = "model.swinViT."
 
@@ -63,6 +64,31 @@ def plateau_reached(curve: list[float], patience: int, min_delta: float = 0.0) -
     return since >= patience
 
 
+def segmentation_loss(name: str, regions: Regions | None = None) -> nn.Module:
+    """The fine-tuning loss: softmax Dice(+CE) over classes, or for nnU-Net regions its ``DC_and_BCE_loss``
+    (nnunetv2 ``nnUNetTrainer._build_loss``): soft Dice on a sigmoid per region (+ BCE), against
+    :func:`~medssl.data.regions.region_targets`."""
+    look_up_option("segmentation loss", name, ("dice_ce", "dice"))
+    if regions is None:
+        return (
+            DiceCELoss(to_onehot_y=True, softmax=True)
+            if name == "dice_ce"
+            else DiceLoss(to_onehot_y=True, softmax=True)
+        )
+    return _RegionLoss(with_bce=name == "dice_ce")
+
+
+class _RegionLoss(nn.Module):
+    def __init__(self, with_bce: bool) -> None:
+        super().__init__()
+        self.dice = DiceLoss(sigmoid=True)
+        self.bce = nn.BCEWithLogitsLoss() if with_bce else None
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        loss = self.dice(logits, target)
+        return loss + self.bce(logits, target) if self.bce is not None else loss
+
+
 class SegmentationModule(nn.Module):
     """Adapts the segmenter to the loop's ``forward(batch, step) -> {"loss": ...}`` interface.
 
@@ -79,22 +105,20 @@ class SegmentationModule(nn.Module):
         encoder_lr_scale: float = 1.0,
         layer_decay: float = 1.0,
         freeze_encoder_steps: int = 0,
+        regions: Regions | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.encoder_lr_scale = encoder_lr_scale
         self.layer_decay = layer_decay
         self.freeze_encoder_steps = freeze_encoder_steps
-        if loss == "dice_ce":
-            self.loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
-        elif loss == "dice":
-            self.loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
-        else:
-            raise ValueError(unknown_name_message("segmentation loss", loss, ("dice_ce", "dice")))
+        self.regions = regions
+        self.loss_fn = segmentation_loss(loss, regions)
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         logits = self.model(batch["image"])
-        loss = self.loss_fn(logits, batch["label"])
+        label = batch["label"] if self.regions is None else region_targets(batch["label"], self.regions)
+        loss = self.loss_fn(logits, label)
         return {"loss": loss}
 
     def lr_scale(self, name: str) -> float:
@@ -113,10 +137,6 @@ class SegmentationModule(nn.Module):
         if step < self.freeze_encoder_steps:
             for p in self.model.swinViT.parameters():
                 p.grad = None
-
-
-def _budget_label(budget: int | str) -> str:
-    return str(budget)
 
 
 def resolve_encoder(config: FinetuneConfig) -> tuple[dict[str, Tensor] | None, dict[str, Any]]:
@@ -177,16 +197,15 @@ def check_label_values(task: TaskFolder, volumes: dict[str, CachedVolume]) -> No
 
 
 def finetune_info(config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any], n_train: int) -> dict[str, Any]:
+    """The run.json fields of a fine-tuning run (the lifecycle adds kind, id, hash and provenance)."""
     return {
-        "kind": "finetune",
-        "config_hash": config_hash(config),
         "method": meta["method"],
         "family": meta["family"],
         "encoder_checkpoint": str(config.encoder_checkpoint or ""),
         "task": task.name,
         "task_path": str(task.root),
         "modality": task.modality,
-        "budget": _budget_label(config.budget),
+        "budget": config.budget.label,
         "n_train": n_train,
         "seed": config.seed,
         "preset": meta.get("preset", config.encoder.preset),
@@ -198,15 +217,35 @@ def finetune_info(config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any]
 
 def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | None = None) -> dict[str, Any]:
     """Fine-tune into ``run_dir``; resume if interrupted; return stored results when finished."""
-    run = RunDir(run_dir)
-    set_limits(config.limits)
-    identity = encoder_identity(config)
-    run.check_identity(dump_yaml(config), identity)  # exit 2 rather than resume or report another run
-    if run.is_finished():
-        return run.results() or {}
+
+    def open_work(run: RunDir, dist: DistInfo) -> RunWork:
+        inputs = open_finetune_inputs(config, run)
+        return RunWork("finetune", inputs.run_info, lambda started: finetune_body(config, inputs, run, dist, started))
+
+    return perform_training_run(config, run_dir, open_work, info, identity=encoder_identity(config))
+
+
+@dataclass
+class FinetuneInputs:
+    """What a fine-tuning run reads before it starts, every piece checked (a refusal binds nothing)."""
+
+    task: TaskFolder
+    encoder_state: dict[str, Tensor] | None
+    encoder_meta: dict[str, Any]
+    encoder_config: EncoderConfig
+    volumes: dict[str, CachedVolume]
+    split: dict[str, Any]
+    train_ids: list[str]
+    agreement: dict[str, str]
+    run_info: dict[str, Any]
+    encoder_fit: dict[str, Any]  # input channels adapted, axis order checked (models.adapt.fit_encoder)
+    lesion_structures: dict[int, str]  # the structures scored lesion-wise (config.lesion_metrics)
+
+
+def open_finetune_inputs(config: FinetuneConfig, run: RunDir) -> FinetuneInputs:
+    """Task, encoder, preprocessed volumes and the split; ``MedsslInputError`` on the first bad one."""
     if config.task is None:
         raise ConfigError("task", "fine-tuning needs a task folder (task=PATH)")
-    info = info or init_distributed()
     task = load_task(config.task)
     enc_state, enc_meta = resolve_encoder(config)
     # input channels adapted (or refused) and axis order checked before any volume is cached
@@ -218,184 +257,203 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | N
         config.input_channels,
         str(config.encoder_checkpoint or "encoder"),
     )
-    lesion_structures = config.lesion_metrics.lesion_structures(task.structures)
-    lesion_settings: dict[str, Any] = config.lesion_metrics.model_dump(mode="json")
-    lesion_settings["structures"] = sorted(lesion_structures.values())
     cache = VolumeCache(config.cache_dir or run.path / "cache")
     volumes = cache_task(task, cache, config.preprocess)
     check_label_values(task, volumes)
-    case_ids = sorted(volumes)
-    budgets = [config.budget]
     split = load_or_create_splits(
-        config.splits_path or run.path / "splits.json", case_ids, config.seed, budgets, config.n_test, config.n_val
+        config.splits_path or run.path / "splits.json",
+        sorted(volumes),
+        config.seed,
+        [config.budget],
+        config.n_test,
+        config.n_val,
     )
     train_ids = train_cases(split, config.budget)
     agreement = preprocessing_agreement(enc_meta, config.preprocess, task.modality) if enc_state is not None else {}
     run_info = {
         **finetune_info(config, task, enc_meta, len(train_ids)),
-        **identity,
         **({"pretraining_preprocessing": agreement} if agreement else {}),
         **({"encoder_fit": encoder_fit} if encoder_fit else {}),
     }
-    try:
-        with run_session(run, info, dump_yaml(config), run_info) as started:
-            torch.manual_seed(config.seed)
-            model = SwinSegmenter(encoder_config, task.n_classes, crop_size=config.crop_size, norm=config.norm)
-            if enc_state is not None:
-                report = load_encoder_state(model, enc_state, source=str(config.encoder_checkpoint), prefix="swinViT.")
-                if info.is_main:
-                    run.log(f"encoder {enc_meta['method']}: {report.summary()} from {config.encoder_checkpoint}")
-                    run.log(
-                        f"pretraining vs task preprocessing: spacing {agreement['spacing']}, "
-                        f"intensity {agreement['intensity']}"
-                    )
-                    if "source" in enc_meta:
-                        run.log(
-                            f"external encoder {enc_meta['source']['path']} ({enc_meta['source']['layout']}): "
-                            f"{enc_meta['source']['coverage']}, sha256 {enc_meta['source']['sha256'][:12]}"
-                        )
-                    run.log(f"axis order: {encoder_fit['axis_order']}")
-            elif info.is_main:
-                run.log(f"encoder: random initialisation (seed {config.seed})")
-            if info.is_main and "input_channels" in encoder_fit:
-                fit = encoder_fit["input_channels"]
-                run.log(f"input channels: encoder {fit['from']} -> task {fit['to']} ({fit['mode']})")
-            if info.is_main:
+    lesion_structures = config.lesion_metrics.lesion_structures(task.structures)
+    return FinetuneInputs(
+        task,
+        enc_state,
+        enc_meta,
+        encoder_config,
+        volumes,
+        split,
+        train_ids,
+        agreement,
+        run_info,
+        encoder_fit,
+        lesion_structures,
+    )
+
+
+def finetune_body(
+    config: FinetuneConfig, inputs: FinetuneInputs, run: RunDir, info: DistInfo, started: float
+) -> dict[str, Any]:
+    """The work of a fine-tuning run (inside the lifecycle): train, validate, test the best checkpoint."""
+    task, volumes, split, train_ids = inputs.task, inputs.volumes, inputs.split, inputs.train_ids
+    enc_state, enc_meta, encoder_config = inputs.encoder_state, inputs.encoder_meta, inputs.encoder_config
+    agreement, run_info = inputs.agreement, inputs.run_info
+    torch.manual_seed(config.seed)
+    model = SwinSegmenter(encoder_config, task.n_outputs, crop_size=config.crop_size, norm=config.norm)
+    if enc_state is not None:
+        report = load_encoder_state(model, enc_state, source=str(config.encoder_checkpoint), prefix="swinViT.")
+        if info.is_main:
+            run.log(f"encoder {enc_meta['method']}: {report.summary()} from {config.encoder_checkpoint}")
+            run.log(
+                f"pretraining vs task preprocessing: spacing {agreement['spacing']}, intensity {agreement['intensity']}"
+            )
+            if "source" in enc_meta:
                 run.log(
-                    f"task {task.name} ({task.modality}): {len(train_ids)} training cases (budget "
-                    f"{config.budget}), {len(split['val'])} validation, {len(split['test'])} test"
+                    f"external encoder {enc_meta['source']['path']} ({enc_meta['source']['layout']}): "
+                    f"{enc_meta['source']['coverage']}, sha256 {enc_meta['source']['sha256'][:12]}"
                 )
+            run.log(f"axis order: {inputs.encoder_fit['axis_order']}")
+    elif info.is_main:
+        run.log(f"encoder: random initialisation (seed {config.seed})")
+    if info.is_main and "input_channels" in inputs.encoder_fit:
+        fit = inputs.encoder_fit["input_channels"]
+        run.log(f"input channels: encoder {fit['from']} -> task {fit['to']} ({fit['mode']})")
+    if info.is_main:
+        run.log(
+            f"task {task.name} ({task.modality}): {len(train_ids)} training cases (budget "
+            f"{config.budget}), {len(split['val'])} validation, {len(split['test'])} test"
+        )
 
-            structures = task.structures
-            val_cases = [load_eval_case(volumes[c]) for c in split["val"]]
-            seg_meta = {
-                "encoder": encoder_config.model_dump(mode="json"),
-                "out_channels": task.n_classes,
-                "crop_size": config.crop_size,
-                "norm": config.norm,
-                "method": enc_meta["method"],
-                "family": enc_meta["family"],
-                "task": task.name,
-                "labels": task.labels,
-                "preprocess": config.preprocess.model_dump(mode="json"),
-                "run_id": run.id,
-            }
-            best_path = run.checkpoint_dir / "best.pt"
-            prior = [r for r in run.read_metrics() if "val_dice" in r]
-            best = {"dice": max((r["val_dice"] for r in prior), default=-1.0)}
-            val_history = [r["val_dice"] for r in prior]
+    structures = task.structures
+    val_cases = [load_eval_case(volumes[c]) for c in split["val"]]
+    seg_meta = {
+        "encoder": encoder_config.model_dump(mode="json"),
+        "out_channels": task.n_outputs,
+        "crop_size": config.crop_size,
+        "norm": config.norm,
+        "method": enc_meta["method"],
+        "family": enc_meta["family"],
+        "task": task.name,
+        "labels": task.labels,
+        **({"regions": task.regions.to_json()} if task.regions is not None else {}),
+        "preprocess": config.preprocess.model_dump(mode="json"),
+        "run_id": run.id,
+    }
+    best_path = run.checkpoint_dir / "best.pt"
+    prior = [r for r in run.read_metrics() if "val_dice" in r]
+    best = {"dice": max((r["val_dice"] for r in prior), default=-1.0)}
+    val_history = [r["val_dice"] for r in prior]
 
-            def validate(module: nn.Module, step: int) -> dict[str, Any]:
-                assert isinstance(module, SegmentationModule)  # the loop passes the module it was given
-                per_structure: dict[str, list[float]] = {}
-                for case in val_cases:
-                    pred = predict_volume(
-                        module.model,
-                        case["image"],
-                        config.crop_size,
-                        config.sw_batch_size,
-                        config.sw_overlap,
-                        info.device,
-                    )
-                    for name, d in mean_dice(pred, case["label"][0], structures).items():
-                        per_structure.setdefault(name, []).append(d)
-                means = {k: sum(v) / len(v) for k, v in per_structure.items()}
-                score = sum(means.values()) / len(means) if means else 0.0
-                if score > best["dice"]:
-                    best["dice"] = score
-                    save_segmenter(best_path, module.model, {**seg_meta, "step": step, "val_dice": score})
-                val_history.append(score)
-                record: dict[str, Any] = {
-                    "val_dice": score,
-                    "val_dice_per_structure": means,
-                    "epoch": step * config.schedule.batch_size / max(len(train_ids), 1),
-                }
-                if config.early_stop_patience is not None and plateau_reached(
-                    val_history, config.early_stop_patience, config.early_stop_min_delta
-                ):
-                    record["stop"] = True
-                return record
+    def predict(network: nn.Module, image: Tensor) -> Tensor:
+        """A label map, by sliding windows (regions: sigmoids painted in regions_class_order)."""
+        return predict_volume(
+            network, image, config.crop_size, config.sw_batch_size, config.sw_overlap, info.device, task.regions
+        )
 
-            dataset = SegmentationCropDataset(
-                [volumes[c] for c in train_ids],
-                config.crop_size,
-                seed=config.seed,
-                augmentation=config.augment,
-                class_balanced=config.crop_sampling == "class_balanced",
+    def validate(module: nn.Module, step: int) -> dict[str, Any]:
+        assert isinstance(module, SegmentationModule)  # the loop passes the module it was given
+        per_structure: dict[str, list[float]] = {}
+        for case in val_cases:
+            pred = predict(module.model, case["image"])
+            for name, d in mean_dice(pred, case["label"][0], structures, task.regions).items():
+                per_structure.setdefault(name, []).append(d)
+        means = {k: sum(v) / len(v) for k, v in per_structure.items()}
+        score = sum(means.values()) / len(means) if means else 0.0
+        if score > best["dice"]:
+            best["dice"] = score
+            save_segmenter(best_path, module.model, {**seg_meta, "step": step, "val_dice": score})
+        val_history.append(score)
+        record: dict[str, Any] = {
+            "val_dice": score,
+            "val_dice_per_structure": means,
+            "epoch": step * config.schedule.batch_size / max(len(train_ids), 1),
+        }
+        if config.early_stop_patience is not None and plateau_reached(
+            val_history, config.early_stop_patience, config.early_stop_min_delta
+        ):
+            record["stop"] = True
+        return record
+
+    dataset = SegmentationCropDataset(
+        [volumes[c] for c in train_ids],
+        config.crop_size,
+        seed=config.seed,
+        augmentation=config.augment,
+        class_balanced=config.crop_sampling == "class_balanced",
+    )
+    module = SegmentationModule(
+        model,
+        config.loss,
+        encoder_lr_scale=config.encoder_lr_scale,
+        layer_decay=config.layer_decay,
+        freeze_encoder_steps=config.freeze_encoder_steps,
+        regions=task.regions,
+    )
+    result = train(
+        module,
+        dataset,
+        config.schedule,
+        run,
+        info,
+        validate=validate,
+        val_every=config.val_every,
+        description=f"finetune {task.name} b{config.budget}",
+    )
+    barrier(info)
+
+    # Test with the best validation checkpoint (the final weights when validation never ran).
+    if best_path.exists():
+        model.load_state_dict(safe_torch_load(best_path)["model"], strict=True)
+    elif info.is_main:
+        save_segmenter(best_path, model, {**seg_meta, "step": config.schedule.steps})
+    rows: list[dict[str, Any]] = []
+    lesions: list[dict[str, Any]] = []
+    if info.is_main:
+        for cid in split["test"]:
+            case = load_eval_case(volumes[cid])
+            pred = predict(model, case["image"])
+            rows += case_metrics(
+                pred,
+                case["label"][0],
+                structures,
+                case["spacing"],
+                config.nsd_tolerance_mm,
+                case_id=cid,
+                regions=task.regions,
             )
-            module = SegmentationModule(
-                model,
-                config.loss,
-                encoder_lr_scale=config.encoder_lr_scale,
-                layer_decay=config.layer_decay,
-                freeze_encoder_steps=config.freeze_encoder_steps,
+            lesions += lesion_rows(
+                pred, case["label"][0], inputs.lesion_structures, config.lesion_metrics, cid, task.regions
             )
-            result = train(
-                module,
-                dataset,
-                config.schedule,
-                run,
-                info,
-                validate=validate,
-                val_every=config.val_every,
-                description=f"finetune {task.name} b{config.budget}",
-            )
-            barrier(info)
-
-            # Test with the best validation checkpoint (the final weights when validation never ran).
-            if best_path.exists():
-                model.load_state_dict(safe_torch_load(best_path)["model"], strict=True)
-            elif info.is_main:
-                save_segmenter(best_path, model, {**seg_meta, "step": config.schedule.steps})
-            rows: list[dict[str, Any]] = []
-            lesions: list[dict[str, Any]] = []
-            if info.is_main:
-                for cid in split["test"]:
-                    case = load_eval_case(volumes[cid])
-                    pred = predict_volume(
-                        model, case["image"], config.crop_size, config.sw_batch_size, config.sw_overlap, info.device
-                    )
-                    rows += case_metrics(
-                        pred, case["label"][0], structures, case["spacing"], config.nsd_tolerance_mm, case_id=cid
-                    )
-                    lesions += lesion_rows(pred, case["label"][0], lesion_structures, config.lesion_metrics, cid)
-            curve = [
-                {"step": r["step"], "epoch": r.get("epoch"), "val_dice": r["val_dice"]}
-                for r in run.read_metrics()
-                if "val_dice" in r
-            ]
-            best_rec = max(curve, key=lambda r: r["val_dice"], default=None)
-            feature_size = encoder_config.feature_size
-            assert feature_size is not None  # EncoderConfig fills it from its preset
-            results = {
-                **{k: run_info[k] for k in ("method", "family", "task", "modality", "budget", "n_train", "seed")},
-                "kind": "finetune",
-                "labels": {str(k): v for k, v in structures.items()},
-                "cases": rows,
-                **(
-                    {
-                        "lesions": lesions,
-                        "lesion_detection": lesion_settings,
-                    }
-                    if lesion_structures
-                    else {}
-                ),
-                **({"encoder_fit": encoder_fit} if encoder_fit else {}),
-                "val_curve": curve,
-                "best_step": best_rec["step"] if best_rec else None,
-                "best_val_dice": best_rec["val_dice"] if best_rec else None,
-                "model": str(best_path.relative_to(run.path)),
-                "wall_seconds": time.time() - started,
-                "step_seconds": result.step_seconds,
-                "steps": config.schedule.steps,
-                "steps_run": result.steps,
-                "stopped_early_at": result.stopped_at,
-                "early_stop_patience": config.early_stop_patience,
-                **({"encoder_source": run_info["encoder_source"]} if "encoder_source" in run_info else {}),
-                "data_wait_share": result.data_wait_share,
-                "norm": str(resolve_norm(config.norm, config.crop_size, feature_size)),
-            }
-            finish(run, info, results)
-    except AlreadyFinished:
-        return run.results() or {}
+    curve = [
+        {"step": r["step"], "epoch": r.get("epoch"), "val_dice": r["val_dice"]}
+        for r in run.read_metrics()
+        if "val_dice" in r
+    ]
+    best_rec = max(curve, key=lambda r: r["val_dice"], default=None)
+    feature_size = encoder_config.feature_size
+    assert feature_size is not None  # EncoderConfig fills it from its preset
+    lesion_settings: dict[str, Any] = config.lesion_metrics.model_dump(mode="json")
+    lesion_settings["structures"] = sorted(inputs.lesion_structures.values())
+    results = {
+        **{k: run_info[k] for k in ("method", "family", "task", "modality", "budget", "n_train", "seed")},
+        "kind": "finetune",
+        "labels": {str(k): v for k, v in structures.items()},
+        **({"regions": task.regions.to_json()} if task.regions is not None else {}),
+        "cases": rows,
+        **({"lesions": lesions, "lesion_detection": lesion_settings} if inputs.lesion_structures else {}),
+        **({"encoder_fit": inputs.encoder_fit} if inputs.encoder_fit else {}),
+        "val_curve": curve,
+        "best_step": best_rec["step"] if best_rec else None,
+        "best_val_dice": best_rec["val_dice"] if best_rec else None,
+        "model": str(best_path.relative_to(run.path)),
+        "wall_seconds": time.time() - started,
+        "step_seconds": result.step_seconds,
+        "steps": config.schedule.steps,
+        "steps_run": result.steps,
+        "stopped_early_at": result.stopped_at,
+        "early_stop_patience": config.early_stop_patience,
+        **({"encoder_source": run_info["encoder_source"]} if "encoder_source" in run_info else {}),
+        "data_wait_share": result.data_wait_share,
+        "norm": str(resolve_norm(config.norm, config.crop_size, feature_size)),
+    }
     return results

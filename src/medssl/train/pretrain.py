@@ -9,21 +9,20 @@ from typing import Any
 
 import torch
 
-from medssl.config import PretrainConfig, config_hash, dump_yaml
+from medssl.config import PretrainConfig, config_hash
 from medssl.data.corpus import Corpus
 from medssl.data.datasets import PretrainRegionDataset
-from medssl.errors import ConfigError, unknown_name_message
-from medssl.limits import set_limits
+from medssl.errors import ConfigError, look_up_option
 from medssl.methods import build_method
 from medssl.methods.base import SSLMethod
 from medssl.methods.health import health_verdict
 from medssl.models.checkpoint import encoder_meta, save_encoder
 from medssl.models.encoder import SwinEncoder
-from medssl.runs import RunDir
+from medssl.runs import RunDir, RunWork
 from medssl.train.cost import reset_peak_memory, run_cost, step_flops
-from medssl.train.distributed import DistInfo, barrier, init_distributed
+from medssl.train.distributed import DistInfo, barrier
+from medssl.train.entry import perform_training_run
 from medssl.train.loop import train
-from medssl.train.session import AlreadyFinished, finish, run_session
 
 # Negatives each query is contrasted with in one step at global batch B (DDP gathers make it global):
 # NT-Xent over the 2B views (SimCLR; SwinUNETR-SSL's contrastive head): 2B - 2; MoCo v3's in-batch keys:
@@ -64,11 +63,10 @@ def optimiser_provenance(config: PretrainConfig) -> dict[str, Any]:
 
 
 def pretrain_info(config: PretrainConfig, cls: type[SSLMethod]) -> dict[str, Any]:
+    """The run.json fields of a pretraining run (the lifecycle adds kind, id, hash and provenance)."""
     return {
-        "kind": "pretrain",
         "method": config.method.name,
         "family": cls.family,
-        "config_hash": config_hash(config),
         "preset": config.encoder.preset,
         "crop_size": config.crop_size,
         "steps": config.schedule.steps,
@@ -77,78 +75,77 @@ def pretrain_info(config: PretrainConfig, cls: type[SSLMethod]) -> dict[str, Any
 
 def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | None = None) -> dict[str, Any]:
     """Pretrain ``config.method`` into ``run_dir``; resume if interrupted; no-op when finished."""
-    from medssl.methods import REGISTRY
 
-    run = RunDir(run_dir)
-    set_limits(config.limits)
-    run.check_identity(dump_yaml(config))  # exit 2 rather than resume or report another run
-    if run.is_finished():
-        return run.results() or {}
-    if config.method.name not in REGISTRY:
-        raise ConfigError("method.name", unknown_name_message("method", config.method.name, sorted(REGISTRY)))
-    cls = REGISTRY[config.method.name]
-    info = info or init_distributed()
-    try:
-        with run_session(run, info, dump_yaml(config), pretrain_info(config, cls)) as started:
-            torch.manual_seed(config.schedule.seed)
-            encoder = SwinEncoder(config.encoder)
-            trains = cls.trains and config.schedule.steps > 0
-            if trains and config.corpus is None:
-                raise ConfigError("corpus", f"method '{cls.name}' needs a corpus to pretrain on")
-            corpus = Corpus.open(config.corpus) if trains and config.corpus is not None else None
-            # One epoch = one region of every corpus volume at the global batch (epoch-counted recipes).
-            epoch = math.ceil(len(corpus) / config.schedule.batch_size) if corpus is not None else None
-            method = build_method(config.method, encoder, config.crop_size, config.schedule.steps, epoch)
-            preprocess = config.preprocess.model_dump(mode="json")
-            result, flops = None, None
-            if corpus is not None:
-                preprocess = corpus.preprocess.model_dump(mode="json")
-                dataset = PretrainRegionDataset(
-                    corpus, method.region_size(config.crop_size), method.make_views, seed=config.schedule.seed
-                )
-                if info.is_main:
-                    n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
-                    run.log(
-                        f"{cls.name}: {len(corpus)} volumes, crop {config.crop_size}, {n_params / 1e6:.2f} M "
-                        f"trainable parameters, {config.schedule.steps} steps"
-                    )
-                reset_peak_memory(info)
-                flops = step_flops(method, dataset, config.schedule.batch_size, info)  # once, leaves no trace
-                result = train(method, dataset, config.schedule, run, info, description=f"pretrain {cls.name}")
-            steps = config.schedule.steps if method.trains else 0
-            meta = encoder_meta(
-                method=cls.name,
-                family=cls.family,
-                encoder=config.encoder,
-                preprocess=preprocess,
-                crop_size=config.crop_size,
-                steps=steps,
-                config_hash=config_hash(config),
-                exported_network=method.exported_network(),
-                extra={"run_id": run.id},
+    def open_work(run: RunDir, dist: DistInfo) -> RunWork:
+        from medssl.methods import REGISTRY
+
+        cls = REGISTRY[look_up_option("method", config.method.name, sorted(REGISTRY), source="method.name")]
+        trains = cls.trains and config.schedule.steps > 0
+        if trains and config.corpus is None:
+            raise ConfigError("corpus", f"method '{cls.name}' needs a corpus to pretrain on")
+        corpus = Corpus.open(config.corpus) if trains and config.corpus is not None else None
+        info = pretrain_info(config, cls)
+        return RunWork("pretrain", info, lambda started: pretrain_body(config, cls, corpus, run, dist, started))
+
+    return perform_training_run(config, run_dir, open_work, info)
+
+
+def pretrain_body(
+    config: PretrainConfig, cls: type[SSLMethod], corpus: Corpus | None, run: RunDir, info: DistInfo, started: float
+) -> dict[str, Any]:
+    """The work of a pretraining run (inside the lifecycle): train, save the encoder, summarise."""
+    torch.manual_seed(config.schedule.seed)
+    encoder = SwinEncoder(config.encoder)
+    # One epoch = one region of every corpus volume at the global batch (epoch-counted recipes).
+    epoch = math.ceil(len(corpus) / config.schedule.batch_size) if corpus is not None else None
+    method = build_method(config.method, encoder, config.crop_size, config.schedule.steps, epoch)
+    preprocess = config.preprocess.model_dump(mode="json")
+    result, flops = None, None
+    if corpus is not None:
+        preprocess = corpus.preprocess.model_dump(mode="json")
+        dataset = PretrainRegionDataset(
+            corpus, method.region_size(config.crop_size), method.make_views, seed=config.schedule.seed
+        )
+        if info.is_main:
+            n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
+            run.log(
+                f"{cls.name}: {len(corpus)} volumes, crop {config.crop_size}, {n_params / 1e6:.2f} M "
+                f"trainable parameters, {config.schedule.steps} steps"
             )
-            if info.is_main:
-                save_encoder(run.encoder_path, method.encoder_for_export(), meta)
-            barrier(info)
-            records = run.read_metrics()
-            losses = [r["loss"] for r in records if "loss" in r]
-            results: dict[str, Any] = {
-                "kind": "pretrain",
-                "method": cls.name,
-                "family": cls.family,
-                "encoder": str(run.encoder_path.relative_to(run.path)),
-                "steps": steps,
-                "final_loss": losses[-1] if losses else None,
-                "wall_seconds": time.time() - started,
-                "step_seconds": result.step_seconds if result else None,
-                "health": health_verdict(records),
-                "optimiser": optimiser_provenance(config),
-                "cost": run_cost(flops, steps, time.time() - started, info),
-                "data_wait_share": result.data_wait_share if result else None,
-            }
-            if results["health"]["collapsed"] and info.is_main:
-                run.log(f"WARNING collapse: {results['health']['reason']}")
-            finish(run, info, results)
-    except AlreadyFinished:
-        return run.results() or {}
+        reset_peak_memory(info)
+        flops = step_flops(method, dataset, config.schedule.batch_size, info)  # once, leaves no trace
+        result = train(method, dataset, config.schedule, run, info, description=f"pretrain {cls.name}")
+    steps = config.schedule.steps if method.trains else 0
+    meta = encoder_meta(
+        method=cls.name,
+        family=cls.family,
+        encoder=config.encoder,
+        preprocess=preprocess,
+        crop_size=config.crop_size,
+        steps=steps,
+        config_hash=config_hash(config),
+        exported_network=method.exported_network(),
+        extra={"run_id": run.id},
+    )
+    if info.is_main:
+        save_encoder(run.encoder_path, method.encoder_for_export(), meta)
+    barrier(info)
+    records = run.read_metrics()
+    losses = [r["loss"] for r in records if "loss" in r]
+    results: dict[str, Any] = {
+        "kind": "pretrain",
+        "method": cls.name,
+        "family": cls.family,
+        "encoder": str(run.encoder_path.relative_to(run.path)),
+        "steps": steps,
+        "final_loss": losses[-1] if losses else None,
+        "wall_seconds": time.time() - started,
+        "step_seconds": result.step_seconds if result else None,
+        "health": health_verdict(records),
+        "optimiser": optimiser_provenance(config),
+        "cost": run_cost(flops, steps, time.time() - started, info),
+        "data_wait_share": result.data_wait_share if result else None,
+    }
+    if results["health"]["collapsed"] and info.is_main:
+        run.log(f"WARNING collapse: {results['health']['reason']}")
     return results

@@ -6,7 +6,7 @@ job's batch script runs the job function once, on the first node (submitit's ``u
 it claims the run, then starts ``srun torchrun --nnodes <the job's nodes> --nproc_per_node N
 --rdzv_backend c10d --rdzv_endpoint <first node>:<port>`` across the nodes. Only that process
 claims the run and records its end, and inside torchrun only global rank 0 writes to the run
-directory (``medssl.train.session``), as with the local torchrun executor.
+directory (``medssl.runs.perform_run``), as with the local torchrun executor.
 """
 
 from __future__ import annotations

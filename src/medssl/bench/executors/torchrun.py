@@ -2,7 +2,7 @@
 ``torchrun --standalone --nproc_per_node N -m medssl.train.launch`` (DDP); the others in process.
 
 The bench process claims the run and records how it ended; inside torchrun only global rank 0
-writes to the run directory (``medssl.train.session``), the other ranks compute."""
+writes to the run directory (``medssl.runs.perform_run``), the other ranks compute."""
 
 from __future__ import annotations
 

@@ -18,50 +18,37 @@ import re
 from pathlib import Path
 
 from medssl.data.convert.base import (
-    CaseData,
     Plan,
     SourceCase,
-    listed_path,
+    image_and_label,
     msd_labels,
-    read_image,
     read_json,
-    read_label,
     required_file,
+    training_pairs,
 )
 from medssl.errors import MedsslInputError
+
+DESCRIPTION = "AMOS22 training cases of one modality, converted from its dataset.json"
+REFERENCE = "https://amos22.grand-challenge.org"
 
 LAST_CT_ID = 500
 _CASE = re.compile(r"^(amos_(\d+))\.nii(\.gz)?$")
 
 
-def plan(src: Path, modality: str | None = None) -> Plan:
-    modality = modality or "ct"
+def plan(src: Path, modality: str = "ct") -> Plan:
     listing = src / "dataset.json"
-    data = read_json(listing)
+    data = read_json(src, listing)
     labels = msd_labels(data.get("labels"), listing)
-    training = data.get("training")
-    if not isinstance(training, list) or not training:
-        raise MedsslInputError(listing, "missing 'training' list of image/label pairs")
     cases = []
-    for index, entry in enumerate(training):
-        where = f"training[{index}]"
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise MedsslInputError(listing, f"{where} needs 'image' and 'label'")
-        image = listed_path(src, entry["image"], listing, f"{where}.image")
-        label = listed_path(src, entry["label"], listing, f"{where}.label")
+    for where, image, label in training_pairs(src, listing, data):
         match = _CASE.match(image.name)
         if match is None:
-            raise MedsslInputError(listing, f"{where}.image {entry['image']!r} is not named amos_NNNN.nii.gz")
-        is_ct = int(match[2]) <= LAST_CT_ID
-        if is_ct != (modality == "ct"):
+            raise MedsslInputError(listing, f"{where}.image {image.name!r} is not named amos_NNNN.nii.gz")
+        if (int(match[2]) <= LAST_CT_ID) != (modality == "ct"):
             continue
         required_file(src, image, "AMOS image")
         required_file(src, label, "AMOS label")
-
-        def read(image: Path = image, label: Path = label) -> CaseData:
-            return CaseData(channels=[read_image(image)], label=read_label(label))
-
-        cases.append(SourceCase(case_id=match[1], sources=[image, label], read=read))
+        cases.append(SourceCase(case_id=match[1], sources=[image, label], read=image_and_label(image, label)))
     if not cases:
         raise MedsslInputError(
             listing, f"no {modality.upper()} cases in 'training' (CT ids <= {LAST_CT_ID}, MRI ids > {LAST_CT_ID})"
@@ -72,5 +59,4 @@ def plan(src: Path, modality: str | None = None) -> Plan:
         labels=labels,
         cases=cases,
         description=f"AMOS22 {modality.upper()} training cases, converted from its dataset.json",
-        reference="https://amos22.grand-challenge.org",
     )

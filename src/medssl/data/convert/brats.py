@@ -6,9 +6,10 @@
 Channels and labels follow nnU-Net's ``Dataset137_BraTS21.py``
 (``copy_BraTS_segmentation_and_convert_labels_to_nnUNet``): channels T1, T1ce, T2, Flair as
 ``_0000``..``_0003``; labels made contiguous as 4 → 3, 2 → 1, 1 → 2, so 1 edema, 2 necrotic core,
-3 enhancing tumour; any other value is bad input. Departure: nnU-Net declares the regions whole tumour
-(1, 2, 3), tumour core (2, 3) and enhancing tumour (3); medssl trains on plain label maps, so
-dataset.json declares the three classes (the regions are unions of them).
+3 enhancing tumour; any other value is bad input. ``--labels regions`` (the default) declares
+nnU-Net's regions, whole tumor (1, 2, 3), tumor core (2, 3) and enhancing tumor (3) with
+``regions_class_order`` (1, 2, 3), which are what BraTS scores; ``--labels plain`` declares the three
+classes instead (edema, necrotic_core, enhancing_tumor). The label maps are the same either way.
 """
 
 from __future__ import annotations
@@ -16,15 +17,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from medssl.data.convert.base import CaseData, Plan, SourceCase, inside, read_image, read_label, remap
+from medssl.data.regions import Regions
 from medssl.errors import MedsslInputError
+
+DESCRIPTION = "BraTS glioma segmentation; labels as nnU-Net Dataset137 (4->3, 2->1, 1->2)"
+REFERENCE = "https://www.synapse.org/#!Synapse:syn25829067/wiki/610863"
 
 SEQUENCES = ("t1", "t1ce", "t2", "flair")
 CHANNEL_NAMES = ["T1", "T1ce", "T2", "Flair"]
 LABEL_MAP = {0: 0, 1: 2, 2: 1, 4: 3}
 LABELS = {"background": 0, "edema": 1, "necrotic_core": 2, "enhancing_tumor": 3}
+REGIONS = Regions(
+    names=("whole tumor", "tumor core", "enhancing tumor"), labels=((1, 2, 3), (2, 3), (3,)), class_order=(1, 2, 3)
+)
 
 
-def plan(src: Path, modality: str | None = None) -> Plan:
+def plan(src: Path, labels: str = "regions") -> Plan:
     folders = sorted(p for p in src.iterdir() if p.is_dir() and (p / f"{p.name}_seg.nii.gz").exists())
     if not folders:
         raise MedsslInputError(src, "no BraTS case folders (<case>/<case>_seg.nii.gz) found")
@@ -46,7 +54,6 @@ def plan(src: Path, modality: str | None = None) -> Plan:
         name="BraTS",
         channel_names=CHANNEL_NAMES,
         labels=LABELS,
+        regions=REGIONS if labels == "regions" else None,
         cases=cases,
-        description="BraTS glioma segmentation; labels as nnU-Net Dataset137 (4->3, 2->1, 1->2)",
-        reference="https://www.synapse.org/#!Synapse:syn25829067/wiki/610863",
     )

@@ -14,8 +14,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from medssl.data.convert.base import CaseData, Plan, SourceCase, inside, read_image, read_label, required_file
+from medssl.data.convert.base import Plan, SourceCase, image_and_label, inside, required_file
 from medssl.errors import MedsslInputError
+
+DESCRIPTION = "BTCV abdomen (Synapse multi-atlas labeling), converted from RawData"
+REFERENCE = "https://www.synapse.org/#!Synapse:syn3193805"
 
 LABELS = {
     "background": 0,
@@ -43,7 +46,7 @@ def _training_folder(src: Path) -> Path:
     raise MedsslInputError(src, "no BTCV Training/img and Training/label folders (RawData layout) found")
 
 
-def plan(src: Path, modality: str | None = None) -> Plan:
+def plan(src: Path) -> Plan:
     training = _training_folder(src)
     cases = []
     for image in sorted((training / "img").iterdir()):
@@ -53,11 +56,7 @@ def plan(src: Path, modality: str | None = None) -> Plan:
         label = training / "label" / image.name.replace("img", "label", 1)
         required_file(src, image, "BTCV image")
         required_file(src, label, f"BTCV label of {image.name}")
-
-        def read(image: Path = image, label: Path = label) -> CaseData:
-            return CaseData(channels=[read_image(image)], label=read_label(label))
-
-        cases.append(SourceCase(case_id=f"btcv_{match[1]}", sources=[image, label], read=read))
+        cases.append(SourceCase(case_id=f"btcv_{match[1]}", sources=[image, label], read=image_and_label(image, label)))
     if not cases:
         raise MedsslInputError(training / "img", "no imgNNNN.nii.gz files")
     return Plan(
@@ -65,6 +64,4 @@ def plan(src: Path, modality: str | None = None) -> Plan:
         channel_names=["CT"],
         labels=LABELS,
         cases=cases,
-        description="BTCV abdomen (Synapse multi-atlas labeling), converted from RawData",
-        reference="https://www.synapse.org/#!Synapse:syn3193805",
     )

@@ -27,8 +27,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from medssl.data.convert.base import CaseData, Plan, SourceCase, inside, read_image, read_label, same_grid
-from medssl.data.readers import Volume
-from medssl.errors import MedsslInputError, unknown_name_message
+from medssl.data.readers import Volume, read_itk_image
+from medssl.errors import MedsslInputError, look_up_option
+
+DESCRIPTION = "HaN-Seg organs at risk on CT; per-structure masks merged (smaller structure wins)"
+REFERENCE = "https://han-seg2023.grand-challenge.org"
 
 STRUCTURES = (
     "A_Carotid_L",
@@ -77,8 +80,8 @@ def _case_folders(src: Path) -> list[Path]:
 def _on_ct_grid(mask: Volume, ct_path: Path, ct: Volume) -> np.ndarray:
     if same_grid(ct, mask):
         return mask.array > 0
-    reference = sitk.ReadImage(str(ct_path))
-    moving = sitk.ReadImage(str(mask.source))
+    reference = read_itk_image(ct_path)
+    moving = read_itk_image(mask.source)
     if moving.GetNumberOfComponentsPerPixel() > 1 or moving.GetDimension() != 3:
         raise MedsslInputError(mask.source, "mask is not a single 3D binary segment")
     resampled = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
@@ -101,7 +104,7 @@ def merge_masks(ct: Volume, ct_path: Path, masks: dict[str, Path]) -> tuple[np.n
     return label, int(np.count_nonzero(counts > 1))
 
 
-def plan(src: Path, modality: str | None = None) -> Plan:
+def plan(src: Path) -> Plan:
     folders = _case_folders(src)
     if not folders:
         raise MedsslInputError(src, "no HaN-Seg case_XX folders found (in SRC or one level down)")
@@ -115,7 +118,7 @@ def plan(src: Path, modality: str | None = None) -> Plan:
         for path in sorted(folder.glob(f"{prefix}*{suffix}")):
             structure = path.name[len(prefix) : -len(suffix)]
             if structure not in LABELS or structure == "background":
-                raise MedsslInputError(path, unknown_name_message("HaN-Seg structure", structure, STRUCTURES))
+                look_up_option("HaN-Seg structure", structure, STRUCTURES, source=path)
             masks[structure] = inside(src, path)
         if not masks:
             raise MedsslInputError(folder, f"no {prefix}<Structure>{suffix} masks")
@@ -136,6 +139,4 @@ def plan(src: Path, modality: str | None = None) -> Plan:
         channel_names=["CT"],
         labels=LABELS,
         cases=cases,
-        description="HaN-Seg organs at risk on CT; per-structure masks merged (smaller structure wins)",
-        reference="https://han-seg2023.grand-challenge.org",
     )

@@ -4,10 +4,12 @@
     case_00000/segmentation.nii.gz          KiTS19, KiTS23 (KiTS21: aggregated_MAJ_seg.nii.gz)
     labels: 0 background, 1 kidney, 2 tumor, 3 cyst (KiTS21/23 only)
 
-Cases without a segmentation (KiTS19's test cases 210-299) are listed as skipped. ``cyst`` is declared
-in dataset.json only when a converted case contains it, so KiTS19 gets {kidney, tumor}. nnU-Net's
-``Dataset220_KiTS2023.py`` declares the same values as regions (kidney+masses, masses, tumor); medssl
-trains on the plain label map, so the plain labels are declared.
+Cases without a segmentation (KiTS19's test cases 210-299) are listed as skipped. The label maps are
+copied as they are. ``--labels regions`` (the default) declares nnU-Net's ``Dataset220_KiTS2023.py``
+regions: kidney (1, 2, 3: kidney and masses), masses (2, 3) and tumor (2), ``regions_class_order``
+(1, 3, 2); without a cyst in any case (KiTS19) masses would repeat tumor, so the regions are kidney
+(1, 2) and tumor (2). ``--labels plain`` declares the classes instead: kidney, tumor, and cyst when a
+converted case contains it.
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from medssl.data.convert.base import CaseData, Plan, SourceCase, inside, read_image, read_label
+from medssl.data.convert.base import Plan, SourceCase, image_and_label, inside
+from medssl.data.regions import Regions
 from medssl.errors import MedsslInputError
+
+DESCRIPTION = "KiTS kidney tumour segmentation, converted from case folders"
+REFERENCE = "https://kits-challenge.org"
 
 LABELS = {"background": 0, "kidney": 1, "tumor": 2}
 OPTIONAL = {"cyst": 3}
+REGIONS = Regions(names=("kidney", "masses", "tumor"), labels=((1, 2, 3), (2, 3), (2,)), class_order=(1, 3, 2))
 SEGMENTATION_NAMES = ("segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz")
 _CASE = re.compile(r"^case_\d{5}$")
 
 
-def plan(src: Path, modality: str | None = None) -> Plan:
+def plan(src: Path, labels: str = "regions") -> Plan:
     # SRC is the folder of case_XXXXX folders or the repository root holding data/ (KiTS19/21) or dataset/ (23).
     root = next(
         (
@@ -47,18 +54,13 @@ def plan(src: Path, modality: str | None = None) -> Plan:
             skipped.append(f"{folder.name}: no segmentation (unlabeled test case)")
             continue
         inside(src, image), inside(src, label)
-
-        def read(image: Path = image, label: Path = label) -> CaseData:
-            return CaseData(channels=[read_image(image)], label=read_label(label))
-
-        cases.append(SourceCase(case_id=folder.name, sources=[image, label], read=read))
+        cases.append(SourceCase(case_id=folder.name, sources=[image, label], read=image_and_label(image, label)))
     return Plan(
         name="KiTS",
         channel_names=["CT"],
         labels=LABELS,
         optional_labels=OPTIONAL,
+        regions=REGIONS if labels == "regions" else None,
         cases=cases,
         skipped=skipped,
-        description="KiTS kidney tumour segmentation, converted from case folders",
-        reference="https://kits-challenge.org",
     )
