@@ -113,3 +113,21 @@ def test_a_lesion_task_carries_lesion_metrics_into_results_json_csv_and_the_repo
     text = (report.parent / "report.md").read_text() if report.is_file() else (report / "report.md").read_text()
     assert "lesion-wise detection" in text and "TP/FP/FN" in text
     assert "lesion_recall" in (tmp_path / "report" / "results.csv").read_text().splitlines()[0]
+
+
+def test_region_tasks_score_lesions_on_region_masks():
+    """nnU-Net regions (whole tumour = labels 1, 2; core = 2): a lesion is a component of the region's mask."""
+    from medssl.data.regions import Regions
+    from medssl.evaluate import lesion_rows
+
+    regions = Regions(names=("whole tumor", "tumor core"), labels=((1, 2), (2,)), class_order=(1, 2))
+    truth = np.zeros((16, 16, 16), dtype=np.int64)
+    truth[2:6, 2:6, 2:6] = 1
+    truth[3:5, 3:5, 3:5] = 2  # a core inside the first tumour
+    truth[10:13, 10:13, 10:13] = 1  # a second tumour, no core
+    pred = truth.copy()
+    pred[10:13, 10:13, 10:13] = 0  # the second tumour missed
+    rows = lesion_rows(pred, truth, {1: "whole tumor", 2: "tumor core"}, LesionMetricsConfig(), "c", regions)
+    whole, core = rows
+    assert (whole["n_true_lesions"], whole["lesion_tp"], whole["lesion_fn"]) == (2, 1, 1)
+    assert (core["n_true_lesions"], core["lesion_tp"], core["lesion_fn"]) == (1, 1, 0)
