@@ -56,7 +56,7 @@ def adapt_input_channels(
     ``match``, or ``repeat`` is asked to drop channels."""
     weight = state.get(PATCH_KERNEL)
     if weight is None or weight.ndim != 5:
-        raise MedsslInputError(source, f"encoder has no 5-D '{PATCH_KERNEL}' to take the task's input channels")
+        return state, None  # missing or mis-shaped: the strict load that follows names it
     have = int(weight.shape[1])
     if have == channels:
         return state, None

@@ -147,6 +147,9 @@ def _validated(model: type[_Meta], meta: Any, path: str | Path, what: str) -> An
     try:
         return model.model_validate(meta)
     except ValidationError as err:
+        if all(e["loc"][:1] == ("encoder",) for e in err.errors()):
+            detail = format_validation_error(err, prefix="").removeprefix("encoder.")
+            raise MedsslInputError(path, f"{what} encoder config is invalid: {detail[:300]}") from None
         raise MedsslInputError(path, f"{what} metadata is invalid: {format_validation_error(err)[:300]}") from None
     except (TypeError, ValueError) as err:  # odd values pydantic's validators raise on directly
         raise MedsslInputError(path, f"{what} metadata is invalid ({type(err).__name__}: {err})"[:300]) from None
