@@ -399,6 +399,7 @@ class CKARunConfig(StrictModel):
     comparison: CKAComparison = "custom"
     method: str | None = None
     cases: list[str] | None = None
+    limits: Limits = Field(default_factory=Limits)  # resource limits; not part of the config hash
 
 
 # --------------------------------------------------------------------------- helpers
@@ -865,7 +866,7 @@ class ExternalEncoderConfig(StrictModel):
     the methods as row ``external-<name>``. ``family: supervised`` marks weights pretrained with labels
     (SuPreM), a row of its own family in the report's tables and plots."""
 
-    name: str = Field(min_length=1)
+    name: Slug  # part of the row label and of a file name under <out>/external/
     path: Path
     family: ExternalFamily = added_field("external")
 

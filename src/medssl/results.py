@@ -169,6 +169,10 @@ def collect_runs(runs_root: RunsRoot) -> RunCollection:
     seen: set[str] = set()
     for root in resolve_roots(runs_root):
         for run in list_runs(root):
+            escape = _leaves_root(run, root)
+            if escape is not None:  # checked before any file of the run is read
+                collection.skipped.append((run.path.name, f"{escape} leads out of {root}: not followed"))
+                continue
             if not run.is_finished():
                 collection.not_finished[run.status()] += 1
                 continue
@@ -197,6 +201,17 @@ def collect_runs(runs_root: RunsRoot) -> RunCollection:
     for run_id, reason in collection.skipped:
         warnings.warn(f"run {run_id} skipped: {reason}", stacklevel=2)
     return collection
+
+
+def _leaves_root(run: RunDir, root: Path) -> str | None:
+    """The run folder, or the first file of it the report reads, when it is a link that resolves
+    outside ``root`` (a symlinked run folder or results.json copied in from elsewhere); else None."""
+    real_root = root.resolve()
+    candidates = [run.path, run.info_path, run.status_path, run.results_path, run.metrics_path, run.config_path]
+    for path in candidates:
+        if (path == run.path or path.is_symlink()) and not path.resolve().is_relative_to(real_root):
+            return "the symlink " + (run.path.name if path == run.path else f"{run.path.name}/{path.name}")
+    return None
 
 
 def _as_collection(runs: RunsRoot | RunCollection) -> RunCollection:

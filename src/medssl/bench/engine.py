@@ -18,6 +18,7 @@ from medssl.config import (
     validate_config,
 )
 from medssl.errors import ConfigError, look_up_option
+from medssl.limits import check_batch_size, set_limits
 from medssl.runs import RunDir
 
 from .estimate import RunEstimate, device_description, estimate_plan, short_source, stage_rows
@@ -272,6 +273,18 @@ def load_bench(
     return resolve_bench_paths(bench.model_copy(deep=True), Path.cwd())
 
 
+def _check_batch_sizes(bench: BenchConfig, source: str | Path) -> None:
+    """Every batch size the benchmark sets (pretraining, fine-tuning, a task's own) within
+    ``limits.batch_size``; the training loop checks it again in each run's own process."""
+    sizes = [("pretrain", bench.pretrain.schedule.batch_size), ("finetune", bench.finetune.schedule.batch_size)]
+    for task in bench.tasks:
+        schedule = task.finetune.get("schedule") if isinstance(task.finetune, dict) else None
+        if isinstance(schedule, dict) and isinstance(schedule.get("batch_size"), int):
+            sizes.append((f"tasks '{task.name or task.path}' finetune", schedule["batch_size"]))
+    for where, size in sizes:
+        check_batch_size(size, f"{source}: {where}")
+
+
 def executor_kind(name: str) -> ExecutorKind:
     """``name`` as an executor kind; a ``ConfigError`` (exit 2) naming the known ones otherwise."""
     return cast(ExecutorKind, look_up_option("executor", name, EXECUTOR_KINDS, source="--executor"))
@@ -294,6 +307,8 @@ def run_bench(
     out = Path(out).resolve()
     source = config_path or "<bench config>"
     bench = load_bench(config_path, overrides, bench)
+    set_limits(bench.limits)  # this process prepares the data; each run gets them in its own config
+    _check_batch_sizes(bench, source)  # at the door, before the out folder is bound or data is made
     kind = executor_kind(executor) if executor is not None else bench.executor.kind
 
     bind_out_folder(bench, out, record=not dry_run)  # exit 2 when out holds another benchmark

@@ -386,6 +386,7 @@ def _cka_runs(
                         "crop_size": bench.cka.crop_size,
                         "batch_size": bench.cka.batch_size,
                         "seed": seed,
+                        "limits": bench.limits.model_dump(),
                     },
                     where,
                 )

@@ -48,9 +48,11 @@ class LoadReport:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Save through a temporary file and rename, so a crash never leaves a truncated file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """Save through a temporary file and rename, so a crash never leaves a truncated file. Written
+    through a Python file object: a full disk then raises ``OSError(ENOSPC)`` naming ``path``, not
+    torch's "PytorchStreamWriter failed writing file"."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def safe_torch_load(path: str | Path) -> Any:
