@@ -362,7 +362,8 @@ def test_bad_preprocessing_in_an_encoder_checkpoint_exits_2_naming_it(
     for args in (
         ["export", tmp_path / "enc.pt", "--out", tmp_path / "x.pt"],
         ["export", tmp_path / "enc.pt", "--format", "monai-bundle", "--out", tmp_path / "b"],
-        ["finetune", "--task", small_task, "--encoder", tmp_path / "enc.pt", "--out", tmp_path / "ft"],
+        ["finetune", "--task", small_task, "--encoder", tmp_path / "enc.pt", "--out", tmp_path / "ft"]
+        + ["preprocess.spacing=[4,4,4]"],
     ):
         code, _, err = run_cli(args, capsys, monkeypatch)
         assert code == 2 and "enc.pt" in one_line(err) and (field in err or "orientation" in err), err
