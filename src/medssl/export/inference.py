@@ -73,29 +73,14 @@ def network_def(values: SegmenterValues) -> dict[str, Any]:
 
 
 def _intensity(values: SegmenterValues) -> dict[str, Any]:
+    """The run's intensity scaling to [0, 1]: CT window, or MRI percentiles per channel."""
     pre = values.preprocess
+    scaled = {"keys": "image", "b_min": 0.0, "b_max": 1.0, "clip": True}
     if values.modality == "ct":
         low, high = pre.ct_window
-        return {
-            "_target_": "ScaleIntensityRanged",
-            "keys": "image",
-            "a_min": low,
-            "a_max": high,
-            "b_min": 0.0,
-            "b_max": 1.0,
-            "clip": True,
-        }
+        return {"_target_": "ScaleIntensityRanged", "a_min": low, "a_max": high, **scaled}
     low, high = pre.mri_percentiles
-    return {
-        "_target_": "ScaleIntensityRangePercentilesd",
-        "keys": "image",
-        "lower": low,
-        "upper": high,
-        "b_min": 0.0,
-        "b_max": 1.0,
-        "clip": True,
-        "channel_wise": True,
-    }
+    return {"_target_": "ScaleIntensityRangePercentilesd", "lower": low, "upper": high, **scaled, "channel_wise": True}
 
 
 def segmenter_inference(values: SegmenterValues) -> dict[str, Any]:
