@@ -3,18 +3,27 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medssl-installed
+RUNTIME_STAMP := $(VENV)/.medssl-runtime
 DEMO_OUT ?= medssl-demo
+PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt
 
 .PHONY: demo test lint typecheck install clean
 
+# The package with its development tools (tests, lint, types).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
-	touch $(STAMP)
+	$(PIP_INSTALL) -e ".[dev]"
+	touch $(STAMP) $(RUNTIME_STAMP)
+
+# What the demo needs: the package without the development tools (fewer downloads on a fresh clone).
+$(RUNTIME_STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -e .
+	touch $(RUNTIME_STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(BIN)/medssl demo --out $(DEMO_OUT)
 
 test: $(STAMP)

@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveFloat,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -788,6 +789,15 @@ class SynthDataConfig(StrictModel):
     # "standard": one CT protocol; "scanners": each scan its own contrast phase, dose, kernel and
     # calibration (MRI: coil bias, noise, contrast) — what few labeled cases cannot cover (data/synth.py)
     variation: Literal["standard", "scanners"] = "standard"
+    # radius range of the CT-lesion task's lesions, mm (data/synth.py LESION_RADIUS_MM: 5-10 mm, 1-3 voxels
+    # at 4 mm); the organ tasks and the corpus keep the default whatever this says
+    lesion_radius_mm: tuple[PositiveFloat, PositiveFloat] = (5.0, 10.0)
+
+    @model_validator(mode="after")
+    def _lesion_radius_order(self) -> SynthDataConfig:
+        if self.lesion_radius_mm[0] > self.lesion_radius_mm[1]:
+            raise ValueError(f"lesion_radius_mm must be [low, high], got {list(self.lesion_radius_mm)}")
+        return self
 
 
 class BenchDataConfig(StrictModel):
@@ -802,6 +812,15 @@ class BenchTaskConfig(StrictModel):
     # fine-tuning settings for this task only, merged over the benchmark's `finetune` section
     # (e.g. {schedule: {steps: 500}, nsd_tolerance_mm: 1.0}); every encoder gets the same ones
     finetune: dict[str, Any] = Field(default_factory=dict)
+    # this task's label budgets (None: the benchmark's `budgets`), e.g. a secondary task at `all` only
+    budgets: list[Budget] | None = Field(None, min_length=1)
+
+    @field_validator("budgets")
+    @classmethod
+    def _task_budgets(cls, v: list[Budget] | None) -> list[Budget] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("budgets are listed twice")
+        return v
 
     @field_validator("path")
     @classmethod
@@ -889,6 +908,11 @@ class BenchConfig(StrictModel):
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)  # storage only: no result depends on it
     limits: Limits = Field(default_factory=Limits)  # resource limits, passed to every run
+
+    # The encoders that are fine-tuned (and compared by CKA): names from `methods` ("none" = random
+    # init, "external-<name>" = an external encoder); None: every one. The others still pretrain (their
+    # loss and health curves are reported) but get no downstream row.
+    finetune_methods: list[str] | None = Field(None, min_length=1)
 
     @field_validator("budgets", "seeds")
     @classmethod

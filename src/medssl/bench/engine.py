@@ -63,23 +63,30 @@ def prepare_data(bench: BenchConfig, out: Path, source: str | Path | None = None
     pretraining = any(m.name != RANDOM_INIT for m in resolve_methods(bench, source))
     synth_corpus = pretraining and bench.data.corpus == "synth"
     made: dict[str, Path] = {}
-    if synth_corpus or any(t.synth_kind for t in tasks):
-        from medssl.data.synth import synth_all
+    kinds = sorted({t.synth_kind for t in tasks if t.synth_kind})
+    if synth_corpus or kinds:
+        from medssl.data.synth import synth_corpus as write_corpus
+        from medssl.data.synth import synth_task
 
         s = bench.data.synth or SynthDataConfig()
         _console(stderr=True).print(
-            f"synthetic data: {s.cases} cases per task, {s.corpus_cases} corpus scans "
-            f"of {tuple(s.shape)} ({s.variation} variation) in {synth_data_dir(out)}"
+            f"synthetic data: {s.cases} cases per task ({', '.join(kinds) or 'none'}), "
+            f"{s.corpus_cases if synth_corpus else 0} corpus scans of {tuple(s.shape)} ({s.variation} variation) "
+            f"in {synth_data_dir(out)}"
         )
-        made = synth_all(
-            synth_data_dir(out),
-            cases=s.cases,
-            corpus_cases=s.corpus_cases,
-            seed=s.seed,
-            shape=tuple(s.shape),
-            spacing=tuple(s.spacing),
-            variation=s.variation,
-        )
+        common: dict[str, Any] = {
+            "seed": s.seed,
+            "shape": tuple(s.shape),
+            "spacing": tuple(s.spacing),
+            "variation": s.variation,
+        }
+        # only what the plan uses: the corpus when it pretrains on it, the tasks it lists
+        if synth_corpus:
+            made["corpus"] = synth_data_dir(out) / "corpus"
+            write_corpus(made["corpus"], s.corpus_cases, **common)
+        for kind in kinds:
+            lesions = {"lesion_radius_mm": s.lesion_radius_mm} if kind == "ct_lesions" else {}
+            made[kind] = synth_task(synth_data_dir(out) / kind, kind, s.cases, **common, **lesions)  # type: ignore[arg-type]
         for task in tasks:
             if task.synth_kind and Path(made[task.synth_kind]).resolve() != task.path:
                 raise RuntimeError(

@@ -104,6 +104,11 @@ class ResolvedTask:
     path: Path
     synth_kind: str | None
     finetune: dict[str, Any] = field(default_factory=dict)  # this task's fine-tuning settings
+    budgets: list[Budget] | None = None  # this task's budgets (None: the benchmark's)
+
+    def budget_list(self, bench: BenchConfig) -> list[Budget]:
+        """The task's budgets, smallest first (``all`` last)."""
+        return sorted(self.budgets if self.budgets is not None else bench.budgets)  # all last
 
 
 # --------------------------------------------------------------------------- layout
@@ -136,7 +141,9 @@ def resolve_tasks(bench: BenchConfig, out: str | Path, source: str | Path | None
         path = synth_data_dir(out) / kind if kind else Path(entry.path).resolve()
         # an explicit name is a validated slug (config.py); a folder's name is made into one
         name = entry.name or kind or slugify(path.name)
-        tasks.append(ResolvedTask(name=name, path=path, synth_kind=kind, finetune=entry.finetune))
+        tasks.append(
+            ResolvedTask(name=name, path=path, synth_kind=kind, finetune=entry.finetune, budgets=entry.budgets)
+        )
     names = [t.name for t in tasks]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
@@ -185,7 +192,7 @@ def check_budgets(task: ResolvedTask, bench: BenchConfig, source: str | Path | N
             f"task '{task.name}' has {n_cases} cases: not enough for n_test={n_test}, "
             f"n_val={n_val} and at least one training case",
         )
-    too_large = [b for b in bench.budgets if b.cases is not None and b.cases > pool]
+    too_large = [b for b in task.budget_list(bench) if b.cases is not None and b.cases > pool]
     if too_large:
         raise ConfigError(
             where,
@@ -229,7 +236,6 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
     for task in tasks:
         check_budgets(task, bench, source)
     corpus = corpus_dir(bench, out)
-    budgets = sorted(bench.budgets)  # smallest first, all last
     bench_dir = BenchDir(out)
     cache_dir = bench_dir.cache
 
@@ -255,13 +261,14 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
 
     families = {method.name: REGISTRY[method.name].family for method in methods}
     methods = methods + _external_encoders(bench, out, encoders, families, where)
+    methods = _finetuned(methods, bench.finetune_methods, where)
 
     finetunes: dict[tuple[str, str, str, int], PlannedRun] = {}
     for method in methods:
         family = families[method.name]
         checkpoint, pretrain_id = encoders[method.name]
         for task in tasks:
-            for budget in budgets:
+            for budget in task.budget_list(bench):
                 for seed in bench.seeds:
                     section = deep_merge(bench.finetune.model_dump(mode="json"), task.finetune)
                     section["schedule"] = {**section["schedule"], "seed": seed}  # a seed varies init and data order
@@ -296,7 +303,7 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
                     finetunes[(method.name, task.name, str(budget), seed)] = run
 
     if bench.cka.enabled:
-        runs += _cka_runs(bench, out, methods, tasks, budgets, finetunes, encoders, where)
+        runs += _cka_runs(bench, out, methods, tasks, finetunes, encoders, where)
 
     plan = Plan(name=bench.name, out=out, runs=runs)
     write_plan(plan, bench_dir.plan)
@@ -329,6 +336,18 @@ def _external_encoders(
     return added
 
 
+def _finetuned(methods: list[MethodConfig], names: list[str] | None, where: str | Path) -> list[MethodConfig]:
+    """The encoders that are fine-tuned: ``finetune_methods`` (in the order of ``methods``), or all."""
+    if names is None:
+        return methods
+    known = [m.name for m in methods]
+    for name in names:
+        look_up_option("method", name, known, source=f"{where}: finetune_methods")
+    if len(set(names)) != len(names):
+        raise ConfigError(where, "finetune_methods: a method is listed twice")
+    return [m for m in methods if m.name in names]
+
+
 def _task_finetune_config(data: dict[str, Any], task: ResolvedTask, where: str | Path) -> FinetuneConfig:
     planned = sorted(FINETUNE_PLANNED_FIELDS & set(task.finetune))
     if planned:
@@ -346,7 +365,6 @@ def _cka_runs(
     out: Path,
     methods: list[MethodConfig],
     tasks: list[ResolvedTask],
-    budgets: list[Budget],
     finetunes: dict[tuple[str, str, str, int], PlannedRun],
     encoders: dict[str, tuple[Path | None, str | None]],
     where: str | Path,
@@ -358,7 +376,6 @@ def _cka_runs(
     for name in bench.cka.tasks or []:
         look_up_option("task", name, [t.name for t in tasks], source=f"{where}: cka.tasks")
     seed = bench.seeds[0]
-    smallest, largest = str(budgets[0]), str(budgets[-1])
     runs = []
     for method in methods:
         if method.name == RANDOM_INIT:
@@ -367,6 +384,8 @@ def _cka_runs(
         for task in tasks:
             if bench.cka.tasks is not None and task.name not in bench.cka.tasks:
                 continue
+            budgets = task.budget_list(bench)
+            smallest, largest = str(budgets[0]), str(budgets[-1])
             many = finetunes[(method.name, task.name, largest, seed)]
             pairs = [("pretrained_vs_finetuned", encoder_path, [pretrain_id], many)]
             if smallest != largest:
