@@ -21,9 +21,22 @@ TABLE: dict[str, set[str]] = {
     "train": {"methods", "models", "data", "evaluate", "runs"},
     "results": {"runs", "config"},  # the tidy results table read from run directories
     "analysis": {"evaluate", "models", "data", "runs", "results"},
+    "export": {"models", "data", "runs"},  # MONAI state dicts and bundles, read from checkpoints and run dirs
     "bench": {"train", "analysis", "runs"},
     "report": {"analysis", "runs", "results"},
-    "cli": {"bench", "report", "train", "analysis", "evaluate", "methods", "models", "data", "runs", "results"},
+    "cli": {
+        "bench",
+        "report",
+        "train",
+        "analysis",
+        "evaluate",
+        "export",
+        "methods",
+        "models",
+        "data",
+        "runs",
+        "results",
+    },
 }
 BASE = {"", "errors", "fileio", "version", "limits", "budget"}  # no medssl imports but errors: every layer may use them
 # Known exceptions, named so that a new one fails: the corpus manifest is written through the run

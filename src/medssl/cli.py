@@ -322,21 +322,20 @@ def export(
     ),
     out: Path = typer.Option(..., "--out", help="Output .pt file (monai) or bundle directory (monai-bundle)."),
 ) -> None:
-    """Export an encoder as a state dict MONAI's SwinUNETR loads (every swinViT.* key present), or an
-    encoder or fine-tuned segmenter as a MONAI bundle (configs/, models/model.pt, README.md)."""
-    from medssl.models.checkpoint import export_monai
+    """Export an encoder as a state dict MONAI's SwinUNETR loads (every swinViT.* key present; the SwinUNETR
+    arguments that load it are printed), or an encoder or fine-tuned segmenter as a MONAI bundle."""
+    from medssl.export import export_bundle, export_monai, run_command
 
     if format is ExportFormat.monai_bundle:
-        from medssl.models.bundle import export_bundle
-
         bundle, kind = export_bundle(ckpt, out)
-        _echo(
-            f"wrote a MONAI bundle ({kind}) to {bundle}: python -m monai.bundle run --config_file "
-            f"{bundle / 'configs' / 'inference.json'} --dataset_dir SCANS"
-        )
+        _echo(f"wrote a MONAI bundle ({kind}) to {bundle}")
+        if kind == "segmenter":
+            _echo(f"run it (from any folder, after moving it too): {run_command(bundle)}")
         return
-    n = export_monai(ckpt, out)
-    _echo(f"wrote {n} swinViT.* tensors to {out}")
+    exported = export_monai(ckpt, out)
+    _echo(f"wrote {exported.tensors} swinViT.* tensors to {out}; they load into")
+    _echo(f"  monai.networks.nets.{exported.constructor()}  # out_channels: your number of classes")
+    _echo(f"  net.load_state_dict(torch.load({str(out)!r}, weights_only=True), strict=False)  # the decoder stays")
 
 
 @app.command(cls=_Command)

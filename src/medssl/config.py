@@ -28,6 +28,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticUndefined
 
 from medssl.budget import Budget
 from medssl.errors import ConfigError, closest_name, look_up_option
@@ -74,6 +75,36 @@ def _positive_spacing(v: tuple[float, float, float]) -> tuple[float, float, floa
 Spacing = Annotated[Triple, AfterValidator(_positive_spacing)]
 
 
+def added_field(default: Any = PydanticUndefined, **kwargs: Any) -> Any:
+    """A field added after runs were recorded: at its default it is left out of config dumps, hashes and
+    run ids (``config_dump``), so adding it changes no existing run id and no stored config.yaml differs."""
+    return Field(default, json_schema_extra={"omit_at_default": True}, **kwargs)
+
+
+def _drop_added_defaults(model: BaseModel, data: dict[str, Any]) -> None:
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        extra = info.json_schema_extra
+        at_default = value == info.get_default(call_default_factory=True)
+        if isinstance(extra, dict) and extra.get("omit_at_default") and at_default:
+            data.pop(name, None)
+            continue
+        if isinstance(value, BaseModel) and isinstance(data.get(name), dict):
+            _drop_added_defaults(value, data[name])
+        elif isinstance(value, list | tuple) and isinstance(data.get(name), list):
+            for item, dumped in zip(value, data[name], strict=False):
+                if isinstance(item, BaseModel) and isinstance(dumped, dict):
+                    _drop_added_defaults(item, dumped)
+
+
+def config_dump(model: BaseModel) -> dict[str, Any]:
+    """``model.model_dump(mode="json")`` without the fields made by :func:`added_field` that hold their
+    default: what config.yaml stores, what a config hash and a benchmark's identity cover."""
+    data = model.model_dump(mode="json")
+    _drop_added_defaults(model, data)
+    return data
+
+
 class StrictModel(BaseModel):
     # allow_inf_nan=False: lr=.inf or spacing=.nan are refused at the door, not met mid-training
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
@@ -106,6 +137,9 @@ class EncoderConfig(StrictModel):
     # "fast": medssl's forward over MONAI's modules (same weights, outputs equal to float rounding);
     # "monai": MONAI's own forward. Never changes the state dict.
     implementation: Literal["monai", "fast"] = "fast"
+    # SwinUNETR v2 (MONAI ``SwinUNETR(use_v2=True)``): a residual conv block before each Swin stage
+    # (``layers{1..4}c``), the encoder VoCo and Large-Scale-Medical publish. Part of the state dict.
+    use_v2: bool = added_field(False)
 
     @model_validator(mode="after")
     def _fill_from_preset(self) -> EncoderConfig:
@@ -121,11 +155,26 @@ class EncoderConfig(StrictModel):
 # --------------------------------------------------------------------------- data
 
 
+AXIS_PAIRS = ("LR", "PA", "IS")
+
+
+def _axcodes(v: str) -> str:
+    """Three orientation letters, one from each of L/R, P/A, I/S (``RAS``, ``LPS``, ``SAR``...): the
+    only values MONAI's ``Orientationd(axcodes=...)`` takes, and never an expression."""
+    pairs = [next((p for p in AXIS_PAIRS if c in p), None) for c in v]
+    if len(v) != 3 or None in pairs or len(set(pairs)) != 3:
+        raise ValueError(f"{v[:40]!r} is not an orientation: three letters, one of L/R, one of P/A, one of I/S")
+    return v
+
+
+Axcodes = Annotated[str, AfterValidator(_axcodes)]
+
+
 class PreprocessConfig(StrictModel):
     """How raw volumes become training arrays; part of every cache key and checkpoint."""
 
     spacing: Spacing = (1.5, 1.5, 1.5)
-    orientation: str = "RAS"
+    orientation: Axcodes = "RAS"
     ct_window: tuple[float, float] = (-175.0, 250.0)
     mri_percentiles: tuple[float, float] = (0.5, 99.5)
 
@@ -284,6 +333,31 @@ class AugmentConfig(StrictModel):
     intensity_shift: float = Field(0.1, ge=0.0)  # + u, u ~ U(-s, s) on [0, 1] data
 
 
+LESION_WORDS = ("lesion", "tumor", "tumour", "metasta", "nodule", "cancer", "carcinoma", "neoplasm", "cyst", "mass")
+
+
+class LesionMetricsConfig(StrictModel):
+    """Lesion-wise detection metrics (medssl.evaluate.lesions) for the structures of a lesion or tumour task.
+
+    ``labels``: the structure names scored lesion-wise; ``"auto"`` takes every label of the task's
+    dataset.json whose name contains one of ``LESION_WORDS`` (``tumour``, ``lesion``, ``cyst``...); an empty
+    list turns them off. A true lesion counts as detected when a predicted lesion overlaps it by at least
+    ``threshold`` (``overlap``: IoU or Dice), each matched once; nnDetection evaluates 3D detection from IoU 0.1
+    (``nndet/evaluator/det.py``, ``DetectionEvaluator.create``), the default here."""
+
+    labels: Literal["auto"] | list[Slug] = "auto"
+    overlap: Literal["iou", "dice"] = "iou"
+    threshold: float = Field(0.1, gt=0.0, le=1.0)
+    # lesions are connected components: 1 = faces (6-connected), 2 = +edges (18), 3 = +corners (26)
+    connectivity: Literal[1, 2, 3] = 3
+
+    def lesion_structures(self, structures: dict[int, str]) -> dict[int, str]:
+        """The structures (value -> name, background excluded) to score lesion-wise."""
+        if self.labels == "auto":
+            return {v: n for v, n in structures.items() if any(w in n.lower() for w in LESION_WORDS)}
+        return {v: n for v, n in structures.items() if n in self.labels}
+
+
 class FinetuneConfig(StrictModel):
     task: Path | None = None
     encoder_checkpoint: Path | None = None  # None = random init (method RANDOM_INIT)
@@ -321,6 +395,10 @@ class FinetuneConfig(StrictModel):
     # (None: never); the run records where it stopped, and its curve ends there.
     early_stop_patience: int | None = Field(None, ge=1)
     early_stop_min_delta: float = Field(0.0, ge=0.0)
+    # An encoder and a task with different input channels: "match" refuses at the start; "repeat" and
+    # "average" adapt the pretrained patch embedding as timm's ``adapt_input_conv`` (medssl.models.adapt).
+    input_channels: Literal["match", "repeat", "average"] = added_field("match")
+    lesion_metrics: LesionMetricsConfig = added_field(default_factory=LesionMetricsConfig)
     limits: Limits = Field(default_factory=Limits)  # resource limits; not part of the config hash
 
 
@@ -355,7 +433,7 @@ NOT_HASHED = frozenset({"limits"})  # settings that never change what a run comp
 
 def hashed_fields(model: BaseModel) -> dict[str, Any]:
     """The config as a JSON-able dict without the settings that do not affect results."""
-    return {k: v for k, v in model.model_dump(mode="json").items() if k not in NOT_HASHED}
+    return {k: v for k, v in config_dump(model).items() if k not in NOT_HASHED}
 
 
 def config_hash(model: BaseModel, length: int = 12) -> str:
@@ -663,7 +741,7 @@ def load_config(model_cls: type[ModelT], path: str | Path | None, overrides: lis
 
 
 def dump_yaml(model: BaseModel) -> str:
-    return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(config_dump(model), sort_keys=False)
 
 
 # --------------------------------------------------------------------------- benchmark
@@ -820,12 +898,18 @@ class ExecutorConfig(StrictModel):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
 
+ExternalFamily = Literal["external", "supervised"]
+
+
 class ExternalEncoderConfig(StrictModel):
-    """An encoder pretrained elsewhere (MONAI SwinUNETR state dict, research-contributions'
-    model_swinvit.pt) fine-tuned beside the methods as row ``external-<name>``."""
+    """An encoder pretrained elsewhere (MONAI SwinUNETR state dicts, research-contributions'
+    model_swinvit.pt, MONAI's ~50k-volume SSL weights, SuPreM, SwinUNETR v2 from VoCo) fine-tuned beside
+    the methods as row ``external-<name>``. ``family: supervised`` marks weights pretrained with labels
+    (SuPreM), a row of its own family in the report's tables and plots."""
 
     name: Slug  # part of the row label and of a file name under <out>/external/
     path: Path
+    family: ExternalFamily = added_field("external")
 
 
 class BenchMethodConfig(MethodConfig):

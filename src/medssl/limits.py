@@ -42,6 +42,9 @@ class Limits(BaseModel):
         description="crops per training step (schedule.batch_size): every crop of a step, its views and their "
         "activations are in memory at once (1,024 crops of 96^3 are 3.6 GB of float32 input alone)",
     )
+    model_bytes: int = Field(
+        4 << 30, ge=1, description="weights and buffers of a network, from the encoder a checkpoint or config declares"
+    )
 
 
 _active = Limits()

@@ -14,7 +14,7 @@ from torch import nn
 from medssl.config import EncoderConfig, MethodConfig, PretrainConfig, ScheduleConfig
 from medssl.methods.base import EMATeacher, SSLMethod, build_method
 from medssl.methods.distillation import held_then_warmed
-from medssl.models.checkpoint import read_encoder_checkpoint
+from medssl.models import read_encoder_checkpoint
 from medssl.models.encoder import SwinEncoder
 from medssl.runs import RunDir
 from medssl.train.pretrain import run_pretrain

@@ -23,8 +23,9 @@ from medssl.data.cache import VolumeCache
 from medssl.data.tasks import load_task
 from medssl.errors import MedsslInputError
 from medssl.limits import set_limits
-from medssl.models.checkpoint import load_encoder, load_segmenter, safe_torch_load
+from medssl.models.checkpoint import load_segmenter, safe_torch_load
 from medssl.models.encoder import SwinEncoder
+from medssl.models.load import load_encoder
 from medssl.runs import RunDir, RunWork, perform_run
 
 
@@ -93,7 +94,7 @@ def load_model_encoder(path: str | Path) -> tuple[SwinEncoder, dict[str, Any]]:
         return encoder, {**meta, "source_kind": "encoder"}
     if isinstance(payload, dict) and "model" in payload and "meta" in payload:
         model, meta = load_segmenter(path)
-        return model.swinViT, {**meta, "source_kind": "segmenter"}
+        return model.encoder, {**meta, "source_kind": "segmenter"}
     encoder, meta = load_encoder(path)  # a MONAI SwinUNETR / research-contributions state dict, or a clear error
     return encoder, {**meta, "source_kind": "external"}
 

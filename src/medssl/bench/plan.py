@@ -327,16 +327,20 @@ def _external_encoders(
     where: str | Path,
 ) -> list[MethodConfig]:
     """Encoders pretrained elsewhere, each converted once into ``<out>/external/`` and fine-tuned as
-    its own row ``external-<name>`` (``medssl.models.foreign``); no pretraining run."""
-    from medssl.models.foreign import EXTERNAL_FAMILY, external_method, import_external_encoder
+    its own row ``external-<name>`` of its declared family (``external``, or ``supervised``)
+    (``medssl.models.foreign``); no pretraining run."""
+    from medssl.models.foreign import external_method, import_external_encoder
 
     added = []
     for external in bench.external_encoders:
         label = external_method(external.name)
         if label in encoders:
             raise ConfigError(where, f"external_encoders: name '{external.name}' is used twice")
-        encoders[label] = (import_external_encoder(external.path, external.name, out / "external"), None)
-        families[label] = EXTERNAL_FAMILY
+        encoders[label] = (
+            import_external_encoder(external.path, external.name, out / "external", family=external.family),
+            None,
+        )
+        families[label] = external.family
         added.append(MethodConfig(name=label))
     return added
 

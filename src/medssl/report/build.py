@@ -55,6 +55,7 @@ from medssl.report.tables import (
     gap_table,
     latex_table,
     leaderboard,
+    lesion_tables,
     method_order,
     metric_summary,
     structure_tables,
@@ -64,6 +65,7 @@ from medssl.results import (
     cka_runs,
     collect_runs,
     curves_table,
+    lesion_table,
     pretrain_curves,
     pretrain_table,
     provenance,
@@ -382,6 +384,8 @@ def section_structures(ctx: ReportContext, section: Section) -> Section:
     for table in structure_tables(ctx.results).values():
         section.add(table)
     section.add(metric_summary(ctx.results))
+    for table in lesion_tables(lesion_table(ctx.collection), ctx.results).values():  # lesion tasks only
+        section.add(table)
     return section
 
 

@@ -303,8 +303,15 @@ def leaderboard(results: pd.DataFrame, wilcoxon: pd.DataFrame | None = None) -> 
     return table, means
 
 
+# Rows that are references rather than pretext families, shown after them in this order: encoders pretrained
+# with labels (an external_encoders entry with ``family: supervised``, the transfer study's supervised control),
+# other published encoders, and random initialisation.
+REFERENCE_FAMILIES = ("supervised", "external", "none")
+
+
 def family_summary(results: pd.DataFrame) -> Table:
-    """Per pretext family: mean Dice per task at the largest budget (mean of its methods) and its best."""
+    """Per pretext family: mean Dice per task at the largest budget (mean of its methods) and its best;
+    the reference families (``REFERENCE_FAMILIES``) follow the pretext families."""
     top = at_largest_budget(results)
     per_method = top.groupby(["family", "method", "task"])["dice"].mean().reset_index()
     per_family = per_method.groupby(["family", "task"])["dice"].mean().unstack("task")
@@ -313,6 +320,8 @@ def family_summary(results: pd.DataFrame) -> Table:
     if per_family.shape[1] > 1:
         frame["mean"] = per_family.mean(axis=1, skipna=False)
     frame = frame.sort_values(frame.columns[-1], ascending=False)
+    references = [f for f in REFERENCE_FAMILIES if f in frame.index]
+    frame = frame.reindex([f for f in frame.index if f not in references] + references)
     display = frame.map(fmt)
     display["methods"] = [
         ", ".join(display_method(m) for m in overall[overall["family"] == fam]["method"]) for fam in frame.index
@@ -325,7 +334,12 @@ def family_summary(results: pd.DataFrame) -> Table:
     )
     return Table(
         display,
-        caption="Mean test Dice per pretext family (mean of its methods) at the largest budget.",
+        caption="Mean test Dice per pretext family (mean of its methods) at the largest budget; "
+        + (
+            f"{', '.join(references)}: reference rows after the pretext families."
+            if references
+            else "no reference rows."
+        ),
         bold=bold,
         index_name="family",
     )
@@ -455,6 +469,39 @@ def structure_tables(results: pd.DataFrame) -> dict[str, Table]:
             values.map(fmt).rename(index=display_method),
             caption=f"{task}: mean test Dice per structure (budget {budget}).",
             bold=_best_mask(values).rename(index=display_method),
+            index_name="method",
+        )
+    return tables
+
+
+def lesion_tables(lesions: pd.DataFrame, results: pd.DataFrame) -> dict[str, Table]:
+    """Per lesion task: method × lesion structure, mean lesion-wise recall, precision and F1 over test cases
+    at the largest budget (undefined values left out: n counts the cases each mean covers) and the summed
+    true positive / false positive / false negative lesions (``lesion_table``, medssl.evaluate.lesions)."""
+    tables: dict[str, Table] = {}
+    if lesions.empty:
+        return tables
+    top = at_largest_budget(lesions)
+    for task, group in top.groupby("task"):
+        cells = {}
+        for (method, structure), rows in group.groupby(["method", "structure"]):
+            cell = {}
+            for rate in ("lesion_recall", "lesion_precision", "lesion_f1"):
+                defined = rows[rate].dropna()
+                short = rate.removeprefix("lesion_")
+                cell[f"{structure} {short}"] = f"{fmt(defined.mean())} (n={len(defined)})" if len(defined) else MISSING
+            counts = [int(rows[c].sum()) for c in ("lesion_tp", "lesion_fp", "lesion_fn")]
+            cell[f"{structure} TP/FP/FN"] = "/".join(str(c) for c in counts)
+            cells[method] = {**cells.get(method, {}), **cell}
+        frame = pd.DataFrame.from_dict(cells, orient="index")
+        order = [m for m in method_order(results) if m in frame.index] + [
+            m for m in frame.index if m not in method_order(results)
+        ]
+        tables[task] = Table(
+            frame.reindex(order).fillna(MISSING).rename(index=display_method),
+            caption=f"{task}: lesion-wise detection at budget {largest_budget(lesions, task)} (a true lesion is found "
+            "when a predicted one overlaps it enough; recall is undefined for a case with no true lesion, "
+            "precision for one with no predicted lesion, and such cases are left out of the mean: n cases).",
             index_name="method",
         )
     return tables
