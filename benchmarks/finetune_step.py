@@ -55,6 +55,7 @@ from torch.utils.data import default_collate
 from medssl.config import EncoderConfig, FinetuneConfig, PreprocessConfig, load_bench_config
 from medssl.models import SwinSegmenter
 from medssl.train.step import build_optimisation, time_train_steps, train_step
+from medssl.training_module import TrainingHooks
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -135,7 +136,7 @@ def split_step(model: SwinSegmenter, loss_fn: torch.nn.Module, opt: Any, batch: 
         opt.optimizer.step()
 
 
-class Segmentation(torch.nn.Module):
+class Segmentation(TrainingHooks):
     """A segmenter as a training module (``forward(batch, step) -> {"loss"}``), as ``SegmentationModule``."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module) -> None:

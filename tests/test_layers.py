@@ -11,10 +11,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "medssl"
 # part -> parts it may import directly (DESIGN §3), closed transitively below.
 TABLE: dict[str, set[str]] = {
     "config": set(),
+    "schedules": {"config"},  # per-step schedules: lr, weight decay, momentum, temperatures, epoch knobs
+    "training_module": set(),  # the contract the one optimiser step drives (Protocol, default hooks)
     "data": {"config"},
     "models": {"config"},
     "runs": {"config"},
-    "methods": {"models", "data", "config"},
+    "methods": {"models", "data", "config", "schedules", "training_module"},
     "evaluate": {"models", "data"},
     "train": {"methods", "models", "data", "evaluate", "runs"},
     "results": {"runs", "config"},  # the tidy results table read from run directories

@@ -190,6 +190,9 @@ def bench(
     out: Path = typer.Option(Path("medssl-bench"), "--out", help=OUT_HELP),
     executor: Executor | None = typer.Option(None, "--executor", help="Override the config's executor."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its estimated cost; run nothing."),
+    as_json: bool = typer.Option(
+        False, "--json", help="With --dry-run: the plan as one JSON object (runs with their resolved configs)."
+    ),
 ) -> None:
     """Expand a benchmark YAML into runs, run what is unfinished, and write the report."""
     from medssl.bench import run_bench
@@ -200,6 +203,7 @@ def bench(
         executor=executor.value if executor else None,
         overrides=[*(overrides or []), *_limit_overrides()],
         dry_run=dry_run,
+        as_json=as_json,
     )
     if not dry_run:
         _echo(f"report: {out / 'report' / 'index.html'}")

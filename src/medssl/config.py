@@ -212,12 +212,26 @@ class ScheduleConfig(StrictModel):
     seed: Seed = 0
 
 
+LR_SCALING_RULE = "linear"
+"""The one rule by which every packaged published recipe (``configs/methods/*.yaml``) moves its learning rate
+to a run's global batch: linear, ``lr = base_lr * batch / lr_batch``, from the method's published point, the
+rule each reference's own code applies (``main_dino.py``, ``main_ibot.py``, ``main_moco.py``: ``lr *
+batch / 256``; ``main_simmim.py``: ``/ 512``; SMIT's ``train_self_supervised.py``: ``0.0001 * batch_size``).
+With it the nine resolved learning rates lie within ``LR_SPREAD_LIMIT`` of each other at any batch
+(``tests/bench/test_recipes.py``); the one point that is not the method's own is SMIT's (``lr_from``)."""
+
+LR_SPREAD_LIMIT = 10.0
+"""Largest ratio allowed between the resolved pretraining learning rates of the packaged published recipes."""
+
+
 class OptimiserRecipe(StrictModel):
     """A method's published optimiser recipe (``configs/methods/<name>.yaml``, ``published_recipe``).
 
     The published batch sizes (256-4096 images) do not fit 3D crops, so a run keeps its own batch and
-    derives the learning rate by the recipe's own scaling rule: ``lr = base_lr * batch / lr_batch`` (linear),
-    ``base_lr * sqrt(batch / lr_batch)`` (sqrt) or ``base_lr`` (none); ``min_lr`` scales alike. Warm-up is the
+    derives the learning rate by a scaling rule: ``lr = base_lr * batch / lr_batch`` (linear, every packaged
+    recipe: ``LR_SCALING_RULE``), ``base_lr * sqrt(batch / lr_batch)`` (sqrt) or ``base_lr`` (none); ``min_lr``
+    scales alike unless ``scale_min_lr`` is false. ``lr_from`` names the recipe the learning-rate point is
+    taken from when it is not the method's own (a declared departure, cited in ``sources``). Warm-up is the
     published fraction of the run (recipes count epochs). ``sources`` cites the reference per field.
     """
 
@@ -234,11 +248,19 @@ class OptimiserRecipe(StrictModel):
     warmup_fraction: float = Field(ge=0, lt=1)
     grad_clip: float | None = None
     published_batch_size: int = Field(ge=1)
+    lr_from: str | None = None  # the recipe whose learning-rate point this one uses (None: its own)
     sources: dict[str, str] = Field(default_factory=dict)
 
     def scaled(self, value: float, batch_size: int) -> float:
         ratio = batch_size / self.lr_batch
         return value * {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[self.lr_scaling]
+
+    def lr_rule(self, batch_size: int | None = None) -> str:
+        """The learning rate as a formula, ``5e-04 x 8 / 256 (linear)``; ``batch`` when no batch is given."""
+        batch = "batch" if batch_size is None else str(batch_size)
+        factor = {"linear": f" x {batch} / {self.lr_batch}", "sqrt": f" x ({batch} / {self.lr_batch})^0.5", "none": ""}
+        origin = f", {self.lr_from}'s point" if self.lr_from else ""
+        return f"{self.base_lr:.3g}{factor[self.lr_scaling]} ({self.lr_scaling}{origin})"
 
     def schedule_fields(self, batch_size: int, steps: int) -> dict[str, Any]:
         """The ScheduleConfig fields this recipe sets for a run of ``steps`` steps at ``batch_size``."""
@@ -890,13 +912,21 @@ class ExternalEncoderConfig(StrictModel):
     family: ExternalFamily = added_field("external")
 
 
+class BenchMethodConfig(MethodConfig):
+    """A method of a benchmark. ``recipe`` overrides ``pretrain.recipe`` for this method only: a declared
+    small-scale recipe (e.g. the teacher-student methods at their published recipes, whose learning rates stop
+    their students collapsing, beside a shared schedule for the rest); None: the benchmark's."""
+
+    recipe: Literal["published", "shared"] | None = None
+
+
 class BenchConfig(StrictModel):
     name: Slug = "bench"
     # What this study can and cannot show, in the author's words: the first paragraph of its report.
     about: str | None = Field(None, max_length=4000)
     data: BenchDataConfig = Field(default_factory=BenchDataConfig)
     tasks: list[BenchTaskConfig] = Field(min_length=1)
-    methods: Literal["all"] | list[str | MethodConfig] = "all"
+    methods: Literal["all"] | list[str | BenchMethodConfig] = "all"
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     pretrain: BenchPretrainConfig = Field(default_factory=BenchPretrainConfig)
@@ -925,7 +955,18 @@ class BenchConfig(StrictModel):
         """The methods as MethodConfig ("all" is expanded by the bench, which knows the registry)."""
         if self.methods == "all":
             return []
-        return [MethodConfig(name=m) if isinstance(m, str) else m for m in self.methods]
+        return [
+            MethodConfig(name=m) if isinstance(m, str) else MethodConfig(name=m.name, options=m.options)
+            for m in self.methods
+        ]
+
+    def method_recipe(self, name: str) -> Literal["published", "shared"]:
+        """The pretraining recipe of method ``name``: its own ``recipe`` in ``methods``, else ``pretrain.recipe``."""
+        if self.methods != "all":
+            for m in self.methods:
+                if isinstance(m, BenchMethodConfig) and m.name == name and m.recipe is not None:
+                    return m.recipe
+        return self.pretrain.recipe
 
 
 def _resolve_path(value: Path | str, base: Path) -> Path:

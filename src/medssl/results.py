@@ -61,6 +61,8 @@ OPTIMISER_COLUMNS = [
     "few_negatives",
     "published_optimizer",
     "lr_rule",
+    "lr_from",  # the recipe whose learning-rate point the run used (its own, or another's: SMIT takes iBOT's)
+    "epochs",  # steps x batch / corpus volumes
 ]
 COST_FIELDS = (
     "flops_per_step",

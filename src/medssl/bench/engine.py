@@ -3,6 +3,7 @@ finished, write the report. Re-running skips finished runs and resumes interrupt
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -26,6 +27,7 @@ from .executors import ExecutionSummary, make_executor
 from .identity import bind_out_folder
 from .plan import (
     RANDOM_INIT,
+    REAL_CT_PATH,
     STAGES,
     Plan,
     corpus_dir,
@@ -36,8 +38,7 @@ from .plan import (
     runs_root,
     synth_data_dir,
 )
-
-REAL_CT_PATH = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
+from .recipes import plan_json, planned_corpus_volumes, print_operating_points
 
 
 def demo_config_path() -> Path:
@@ -305,14 +306,19 @@ def run_bench(
     dry_run: bool = False,
     bench: BenchConfig | None = None,
     cluster: str | None = None,
+    as_json: bool = False,
 ) -> int:
     """Run a benchmark into ``out``; returns the number of failed runs (0 = all finished), plus
     one when the report could not be written (what finished is reported even when runs failed).
 
     ``cluster`` is submitit's cluster for the SLURM executor (None: detect; "local" for tests).
+    ``as_json`` (with ``dry_run`` only): the plan as one JSON object on stdout (``bench/recipes.py``
+    ``plan_json``), nothing else, no step time measured.
     """
     out = Path(out).resolve()
     source = config_path or "<bench config>"
+    if as_json and not dry_run:
+        raise ConfigError("--json", "prints the plan of a dry run: give --dry-run with it")
     bench = load_bench(config_path, overrides, bench)
     set_limits(bench.limits)  # this process prepares the data; each run gets them in its own config
     _check_batch_sizes(bench, source)  # at the door, before the out folder is bound or data is made
@@ -321,8 +327,13 @@ def run_bench(
     bind_out_folder(bench, out, record=not dry_run)  # exit 2 when out holds another benchmark
     if dry_run:
         plan = expand_plan(bench, out, source)
+        volumes = planned_corpus_volumes(bench, out)
+        if as_json:
+            print(json.dumps(plan_json(plan, volumes)))
+            return 0
         parallel = bench.executor.workers if kind == "local" else 1
         print_plan(plan, out, estimate_plan(plan, out), parallel=parallel)
+        print_operating_points(plan, volumes, _console())
         return 0
 
     prepare_data(bench, out, source)

@@ -32,6 +32,9 @@ from medssl.runs import BenchDir, RunDir, atomic_write_json
 
 from .kinds import STAGES, RunConfig, run_kind
 
+REAL_CT_PATH = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
+"""The real head CT (Debian's invesalius-examples) a benchmark's corpus takes when ``data.include_real_ct``."""
+
 _COMPARISON_SLUGS = {"pretrained_vs_finetuned": "pvf", "fewshot_vs_manyshot": "fvm"}
 
 
@@ -226,8 +229,12 @@ def make_run_id(kind: str, slug: str, digest: str) -> str:
 
 
 def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None = None) -> Plan:
-    """Every run of the benchmark, in stage order, with dependencies; writes ``<out>/plan.json``."""
+    """Every run of the benchmark, in stage order, with dependencies; writes ``<out>/plan.json``.
+
+    A pretraining run's config holds every option of its method (``resolve_method_config``) and the schedule
+    its recipe resolves to (``pretrain.recipe``, or the method's own ``recipe`` in ``methods``)."""
     from medssl.methods import REGISTRY
+    from medssl.methods.base import resolve_method_config
 
     out = Path(out).resolve()
     where = source or "<bench config>"
@@ -248,7 +255,9 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
             continue
         data = {
             **bench.pretrain.model_dump(mode="json"),
-            "method": method.model_dump(mode="json"),
+            "recipe": bench.method_recipe(method.name),
+            # every option spelled out: the method as it will run, in the run's config and its hash
+            "method": resolve_method_config(method).model_dump(mode="json"),
             "encoder": bench.encoder.model_dump(mode="json"),
             "corpus": str(corpus),
             "preprocess": bench.preprocess.model_dump(mode="json"),

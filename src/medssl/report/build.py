@@ -467,9 +467,9 @@ def section_pretraining(ctx: ReportContext, section: Section) -> Section:
             Paragraph(
                 "No pretraining run was flagged by the health verdict: the spread and the effective rank of each "
                 "method's embedding and, for teacher-student methods, the entropy of the batch-mean teacher "
-                "distribution stayed above their floors, and no teacher became uniform with its student matching "
-                "it (calibrated on random init, short healthy runs and deliberately collapsed ones; "
-                "methods/health.py)."
+                "distribution stayed above their floors, no embedding spread fell more than 10x from its run's "
+                "first steps, and no teacher became uniform with its student matching it (calibrated both ways on "
+                "random init, healthy runs and collapsing ones; methods/verdict.py)."
             )
         )
     for row in ctx.pretrain[ctx.pretrain["health_warnings"].notna()].itertuples():
@@ -665,16 +665,21 @@ def _pretrain_recipe_blocks(pretrain: pd.DataFrame) -> list[Block]:
         for n, few in zip(frame["negatives_per_step"], frame["few_negatives"], strict=True)
     ]
     frame["published optimiser"] = frame["published_optimizer"].fillna("—")
+    frame["lr from"] = frame["lr_from"].fillna("shared schedule")
+    frame["epochs"] = frame["epochs"].map(lambda v: "?" if v is None or v != v else f"{v:.3g}")
     table = frame[
         [
             "method",
             "recipe",
             "lr",
             "lr_rule",
+            "lr from",
             "weight decay",
             "clip",
             "warmup_steps",
             "batch_size",
+            "steps",
+            "epochs",
             "negatives per step",
             "published optimiser",
         ]
@@ -684,8 +689,9 @@ def _pretrain_recipe_blocks(pretrain: pd.DataFrame) -> list[Block]:
         frame_table(
             table,
             f"Pretraining optimiser per method (recipe: {', '.join(recipes)}; AdamW, cosine schedule; "
-            "'published': each method's recipe from configs/methods/<name>.yaml with its learning rate scaled to "
-            "the run's batch by the published rule; 'shared': one schedule for every method).",
+            "'published': each method's recipe from configs/methods/<name>.yaml, its published learning-rate point "
+            "('lr from') moved to the run's batch by one linear rule, its warm-up the published fraction of the "
+            "run; 'shared': one schedule for every method; epochs: steps x batch / corpus volumes).",
             index="method",
         )
     ]

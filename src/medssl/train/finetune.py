@@ -32,7 +32,8 @@ from medssl.models.segmenter import SwinSegmenter, resolve_norm
 from medssl.runs import RunDir, RunWork
 from medssl.train.distributed import DistInfo, barrier
 from medssl.train.entry import perform_training_run
-from medssl.train.loop import param_groups, train
+from medssl.train.loop import train
+from medssl.training_module import TrainingHooks, param_groups
 
 ENCODER_PREFIX = "model.swinViT."
 
@@ -89,7 +90,7 @@ class _RegionLoss(nn.Module):
         return loss + self.bce(logits, target) if self.bce is not None else loss
 
 
-class SegmentationModule(nn.Module):
+class SegmentationModule(TrainingHooks):
     """Adapts the segmenter to the loop's ``forward(batch, step) -> {"loss": ...}`` interface.
 
     It also carries the fine-tuning options for pretrained transformers: per-parameter learning-rate

@@ -38,12 +38,11 @@ from medssl.train.step import (
     StepResult,
     autocast_dtype,
     build_optimisation,
-    param_groups,
     synchronize,
     train_step,
 )
 
-__all__ = ["LoopResult", "NonFiniteLossError", "Validator", "autocast_dtype", "param_groups", "train"]
+__all__ = ["LoopResult", "NonFiniteLossError", "Validator", "autocast_dtype", "train"]
 
 Validator = Callable[[nn.Module, int], dict[str, Any]]
 
