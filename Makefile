@@ -29,15 +29,14 @@ demo: $(RUNTIME_STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-# Gates: lint and format (checked, never rewritten here), types of the core layers, the layer table.
+# Gates: lint and format (checked, never rewritten here), types of the whole package, the layer table.
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:randomly tests/test_layers.py
 
-# Types of the core layers alone (pyproject's [tool.mypy]: config, errors, fileio, runs, methods, train,
-# bench, the CKA modules); `make lint` runs it too.
+# Types of the whole package (pyproject's [tool.mypy]: files = src/medssl); `make lint` runs it too.
 typecheck: $(STAMP)
 	$(BIN)/mypy
 

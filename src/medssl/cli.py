@@ -136,7 +136,7 @@ def _out_folder(path: Path) -> Path:
     return path
 
 
-Executor = Enum("Executor", {kind: kind for kind in EXECUTOR_KINDS}, type=str)  # typer's choices
+Executor = Enum("Executor", {kind: kind for kind in EXECUTOR_KINDS}, type=str)  # type: ignore[misc]  # typer's choices, from the one list
 
 
 class Modality(str, Enum):

@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 
 from medssl.analysis.gap import budget_key, order_budgets
-from medssl.analysis.stats import bootstrap_ci, per_case_scores
+from medssl.analysis.stats import PairingUnit, bootstrap_ci, per_case_scores
 from medssl.config import RANDOM_INIT
 
 # The unit of the report's paired tests and CIs: one (test case, seed) evaluation. Each seed has its
 # own split and trains its own model, so a case scored under two seeds is two evaluations.
-PAIRING_UNIT = "case_seed"
+PAIRING_UNIT: PairingUnit = "case_seed"
 NOT_SIGNIFICANT_FROM_BEST = "†"
 SIGNIFICANT_VS_RANDOM = "*"
 MISSING = "–"
@@ -270,7 +270,7 @@ def leaderboard(results: pd.DataFrame, wilcoxon: pd.DataFrame | None = None) -> 
             continue
         best = column.idxmax()
         budget = largest_budget(results, task)
-        significance = _wilcoxon_lookup(wilcoxon, task, budget)
+        significance = _wilcoxon_lookup(wilcoxon, task, budget) if budget is not None else {}
         for method in column.index:
             marks = ""
             if method != RANDOM_INIT and significance.get((method, "reference")):
@@ -483,7 +483,7 @@ def lesion_tables(lesions: pd.DataFrame, results: pd.DataFrame) -> dict[str, Tab
         return tables
     top = at_largest_budget(lesions)
     for task, group in top.groupby("task"):
-        cells = {}
+        cells: dict[str, dict[str, str]] = {}
         for (method, structure), rows in group.groupby(["method", "structure"]):
             cell = {}
             for rate in ("lesion_recall", "lesion_precision", "lesion_f1"):
