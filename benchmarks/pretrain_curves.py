@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from medssl.config import PretrainConfig, load_bench_config, validate_config  # noqa: E402
 from medssl.data.corpus import ingest_corpus  # noqa: E402
 from medssl.data.synth import synth_corpus  # noqa: E402
-from medssl.methods.health import health_verdict  # noqa: E402
+from medssl.methods.verdict import health_verdict  # noqa: E402
 from medssl.runs import RunDir  # noqa: E402
 from medssl.train.pretrain import run_pretrain  # noqa: E402
 
@@ -101,6 +101,7 @@ def main() -> None:
     for method in methods:
         data = {
             **bench.pretrain.model_dump(mode="json"),
+            "recipe": bench.method_recipe(method.name),  # the config's recipe for this method
             "method": method.model_dump(mode="json"),
             "encoder": bench.encoder.model_dump(mode="json"),
             "corpus": str(corpus),

@@ -43,6 +43,8 @@ import time
 import numpy as np
 import torch
 
+from medssl.training_module import TrainingHooks
+
 # (batch key, grad) per encoder call the method's forward needs. A key names a view tensor of shape
 # (B, V, C, *S) or (B, C, *S); its samples are one call. "grad": student (forward + backward);
 # False: teacher / momentum branch (forward only, no grad).
@@ -85,7 +87,7 @@ def _view_batch(batch: dict, key: str) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-class EncoderOnly(torch.nn.Module):
+class EncoderOnly(TrainingHooks):
     """``bare``: one plain encoder forward on single crops, the mean of its outputs as the loss."""
 
     def __init__(self, encoder: torch.nn.Module) -> None:
@@ -96,7 +98,7 @@ class EncoderOnly(torch.nn.Module):
         return {"loss": sum(o.float().mean() for o in self.encoder(batch["image"]))}
 
 
-class RequiredPasses(torch.nn.Module):
+class RequiredPasses(TrainingHooks):
     """``required``: the student calls (forward + backward) and teacher calls (forward only, a frozen copy)
     of a method's views, nothing else."""
 

@@ -20,7 +20,8 @@ def run_cli(args, capsys, monkeypatch):
 
 
 def one_error_line(err):
-    lines = [line for line in err.splitlines() if line.strip()]
+    # a warning before the work starts (e.g. resampling far finer than the scans) is not an error line
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning: ")]
     assert len(lines) == 1, err
     assert "Traceback" not in err
     return lines[0]
@@ -136,3 +137,189 @@ def test_unreadable_checkpoint(tmp_path, capsys, monkeypatch):
         ["finetune", "--task", tmp_path, "--encoder", ckpt, "--out", tmp_path / "r"], capsys, monkeypatch
     )
     assert code == 2
+
+
+# --------------------------------------------------------------------------- issue 19 item 14, issue 20 item 3
+
+
+OUT_COMMANDS = [
+    ["demo"],
+    ["bench", "bench.yaml"],
+    ["pretrain", "--method", "simmim", "--corpus", "corpus"],
+    ["finetune", "--task", "task", "--encoder", "none"],
+    ["report", "."],
+    ["cka", "a.pt", "b.pt", "--task", "task"],
+    ["data", "synth"],
+    ["data", "ingest", "scans"],
+    ["data", "convert", "btcv", "src"],
+]
+
+
+@pytest.mark.parametrize("command", OUT_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_out_that_is_an_existing_file_is_exit_2(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    existing = tmp_path / "results.txt"
+    existing.write_text("the user's own file\n")
+    for out in (existing, existing / "sub"):
+        code, _, err = run_cli([*command, "--out", out], capsys, monkeypatch)
+        assert code == 2, err
+        line = one_error_line(err)
+        assert str(existing) in line and "existing file" in line
+    assert existing.read_text() == "the user's own file\n"
+
+
+def test_external_encoder_names_must_be_plain(tmp_path, capsys, monkeypatch):
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(
+        "tasks: [{path: 'synth:ct_organs'}]\nmethods: [none]\n"
+        "external_encoders: [{name: '../../escape', path: enc.pt}]\n"
+    )
+    code, _, err = run_cli(["bench", bench, "--out", tmp_path / "out", "--dry-run"], capsys, monkeypatch)
+    assert code == 2
+    line = one_error_line(err)
+    assert "external_encoders.0.name" in line and "not a plain name" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_size_beyond_the_limit_is_exit_2_naming_the_limit(task, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        ["finetune", "--task", task, "--encoder", "none", "--out", out, "schedule.batch_size=100000"],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 2
+    line = one_error_line(err)
+    assert "schedule.batch_size 100,000 exceeds the limit" in line and "held in memory" in line
+    assert "--limit batch_size=N" in line
+    assert not out.exists()
+
+
+def test_bench_batch_size_beyond_the_limit_is_exit_2_before_anything_is_made(tmp_path, capsys, monkeypatch):
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(
+        "tasks: [{path: 'synth:ct_organs', finetune: {schedule: {batch_size: 100000}}}]\nmethods: [none]\n"
+    )
+    code, _, err = run_cli(["bench", bench, "--out", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 2
+    line = one_error_line(err)
+    assert "tasks 'synth:ct_organs' finetune: schedule.batch_size 100,000 exceeds the limit" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_few_cases_names_n_test_and_n_val(task, tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli(
+        ["finetune", "--task", task, "--encoder", "none", "--out", tmp_path / "r", "n_test=4", "n_val=2"],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 2
+    line = one_error_line(err)
+    assert "6 cases leave no training case after n_test=4 test and n_val=2 validation cases" in line
+    assert "n_test=1 n_val=1" in line
+
+
+def test_limit_on_the_command_line_reaches_finetune(task, tmp_path, capsys, monkeypatch):
+    """`medssl --limit` is passed into the run's config: run_finetune puts the config's limits in force."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        ["--limit", "voxels_per_volume=1000", "finetune", "--task", task, "--encoder", "none", "--out", out],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 2
+    assert "limits.voxels_per_volume" in one_error_line(err)
+
+
+def test_limit_on_the_command_line_reaches_every_bench_run(tmp_path, capsys, monkeypatch):
+    """A bench run may execute in a spawned worker, under torchrun or on SLURM, none of which inherits this
+    process's limits: they travel in each planned run's config."""
+    from medssl.bench import engine
+    from medssl.bench.executors import ExecutionSummary
+    from medssl.limits import limits, set_limits
+
+    seen = {}
+
+    class Recorder:
+        def run(self, plan, out):
+            seen.update({run.run_id: run.config.limits for run in plan.runs})
+            (out / "runs").mkdir(parents=True, exist_ok=True)  # nothing ran: the report says so
+            return ExecutionSummary()
+
+    monkeypatch.setattr(engine, "make_executor", lambda *a, **k: Recorder())
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(
+        "tasks: [{path: 'synth:ct_organs'}]\nmethods: [none, simmim]\nbudgets: [2]\n"
+        "data: {synth: {cases: 4, corpus_cases: 2, shape: [32, 32, 32], spacing: [4, 4, 4]}}\n"
+        "preprocess: {spacing: [4, 4, 4]}\nencoder: {window_size: 4}\n"
+        "pretrain: {crop_size: 32}\nfinetune: {crop_size: 32, n_test: 1, n_val: 1}\nlimits: {labels: 500}\n"
+    )
+    try:
+        code, _, err = run_cli(
+            ["--limit", "voxels_per_volume=1e8", "bench", bench, "--out", tmp_path / "out"], capsys, monkeypatch
+        )
+        assert limits().voxels_per_volume == 10**8  # the bench process itself (data preparation)
+    finally:
+        set_limits(None)
+    assert code == 0, err
+    kinds = {run_id.split("-")[0] for run_id in seen}
+    assert kinds == {"pretrain", "finetune", "cka"}, seen
+    for run_id, run_limits in seen.items():
+        assert run_limits.voxels_per_volume == 10**8, run_id  # the command line's
+        assert run_limits.labels == 500, run_id  # the bench YAML's, where the command line says nothing
+
+
+def test_a_folder_of_scans_as_corpus_prints_the_exact_ingest_command(tmp_path, capsys, monkeypatch):
+    import shlex
+
+    from medssl.data.synth import synth_corpus
+
+    monkeypatch.chdir(tmp_path)
+    synth_corpus(tmp_path / "data" / "corpus", 2, shape=(32, 32, 32))
+    args = ["pretrain", "--method", "simmim", "--corpus", "data/corpus", "--out", "r", "preprocess.spacing=[4,4,4]"]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 2
+    line = one_error_line(err)
+    assert "not an ingested corpus" in line and not (tmp_path / "r").exists()
+    command = line.split("cache): ", 1)[1].split(" and pretrain with ", 1)[0]
+    assert command == "medssl data ingest data/corpus --out data/corpus-ingested --set 'spacing=[4.0,4.0,4.0]'"
+    code, out, err = run_cli(shlex.split(command)[1:], capsys, monkeypatch)  # the printed command works
+    assert code == 0, err
+    assert (tmp_path / "data" / "corpus-ingested" / "manifest.json").is_file()
+
+
+def test_resampling_far_finer_than_the_scans_is_announced_before_work_starts(task, tmp_path, capsys, monkeypatch):
+    import medssl.train.finetune
+
+    def not_started(config, out):
+        raise AssertionError("stop here: the warning must come before the run")
+
+    monkeypatch.setattr(medssl.train.finetune, "run_finetune", not_started)
+    # the task's phantoms are ~3 mm; the default spacing is 1.5 mm: ~8x the voxels
+    code, _, err = run_cli(
+        ["finetune", "--task", task, "--encoder", "none", "--out", tmp_path / "r", "schedule.steps=4"],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 1 and "stop here" in err
+    warning = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1, err
+    factor = float(warning[0].split("gives ", 1)[1].split("x the voxels", 1)[0])
+    assert 6.5 < factor < 9.5, warning
+    assert "the cache of its 6 volumes takes about" in warning[0]
+    assert "this 4-step fine-tune will be slow" in warning[0] and "preprocess.spacing=[" in warning[0]
+    code, _, err = run_cli(
+        [
+            "finetune",
+            "--task",
+            task,
+            "--encoder",
+            "none",
+            "--out",
+            tmp_path / "r",
+            "preprocess.spacing=[3,3,3]",
+        ],
+        capsys,
+        monkeypatch,
+    )
+    assert "warning:" not in err  # at the scans' own spacing: nothing to say

@@ -11,17 +11,32 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "medssl"
 # part -> parts it may import directly (DESIGN §3), closed transitively below.
 TABLE: dict[str, set[str]] = {
     "config": set(),
+    "schedules": {"config"},  # per-step schedules: lr, weight decay, momentum, temperatures, epoch knobs
+    "training_module": set(),  # the contract the one optimiser step drives (Protocol, default hooks)
     "data": {"config"},
     "models": {"config"},
     "runs": {"config"},
-    "methods": {"models", "data", "config"},
+    "methods": {"models", "data", "config", "schedules", "training_module"},
     "evaluate": {"models", "data"},
     "train": {"methods", "models", "data", "evaluate", "runs"},
     "results": {"runs", "config"},  # the tidy results table read from run directories
     "analysis": {"evaluate", "models", "data", "runs", "results"},
+    "export": {"models", "data", "runs"},  # MONAI state dicts and bundles, read from checkpoints and run dirs
     "bench": {"train", "analysis", "runs"},
     "report": {"analysis", "runs", "results"},
-    "cli": {"bench", "report", "train", "analysis", "evaluate", "methods", "models", "data", "runs", "results"},
+    "cli": {
+        "bench",
+        "report",
+        "train",
+        "analysis",
+        "evaluate",
+        "export",
+        "methods",
+        "models",
+        "data",
+        "runs",
+        "results",
+    },
 }
 BASE = {"", "errors", "fileio", "version", "limits", "budget"}  # no medssl imports but errors: every layer may use them
 # Known exceptions, named so that a new one fails: the corpus manifest is written through the run

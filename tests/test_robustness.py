@@ -387,7 +387,9 @@ def test_undeclared_label_values_and_empty_tasks_are_refused_before_training(tas
     data[data == 1] = 9
     nib.save(nib.Nifti1Image(data.astype(np.uint8), img.affine), label)
     refused(finetune(task_copy, tmp_path / "r"), capsys, monkeypatch, label.name, "not declared", "dataset.json")
-    assert not (tmp_path / "r" / "last.pt").exists() and not (tmp_path / "r" / "status.json").exists()
+    # refused before its work: nothing binds the folder (no config.yaml, no checkpoint); the refusal itself
+    # is recorded as status "failed" (medssl.runs.record_refusal)
+    assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists() and not (tmp_path / "r" / "config.yaml").exists()
     for path in (task_copy / "labelsTr").iterdir():
         img = nib.load(path)
         nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), path)
@@ -486,9 +488,32 @@ def test_disk_full_leaves_the_run_failed_with_the_original_error(task, tmp_path,
     monkeypatch.setattr(medssl.train.finetune, "train", disk_full)
     out = tmp_path / "r"
     code, _, err = run_cli(finetune(task, out), capsys, monkeypatch)
-    assert code == 1 and "No space left on device" in error_line(err)
+    assert code == 1 and error_line(err).startswith("error: no space left on last.pt: free some space there")
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "failed" and "No space left on device" in status["error"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes_after(task, tmp_path, capsys, monkeypatch):
+    """torch.save onto a full disk (/dev/full) inside a real fine-tune: one line naming the checkpoint it
+    could not write, exit 1; with space again, the same command finishes the run."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    real_save = torch.save
+
+    def save_to_a_full_disk(obj, f, *args, **kwargs):
+        with open("/dev/full", "wb") as full:
+            real_save(obj, full, *args, **kwargs)
+
+    out = tmp_path / "r"
+    with monkeypatch.context() as full_disk:
+        full_disk.setattr(torch, "save", save_to_a_full_disk)
+        code, _, err = run_cli(finetune(task, out), capsys, monkeypatch)
+    line = error_line(err)
+    assert code == 1 and line.startswith(f"error: no space left on {out / 'checkpoints' / 'last.pt'}: "), line
+    assert "PytorchStreamWriter" not in err and "enforce fail" not in err
+    code, _, err = run_cli(finetune(task, out), capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads((out / "status.json").read_text())["status"] == "finished"
 
 
 def test_ingest_of_nothing_readable_writes_no_manifest(tmp_path, capsys, monkeypatch):

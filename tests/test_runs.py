@@ -67,12 +67,33 @@ def test_a_refused_start_binds_nothing(tmp_path: Path) -> None:
 
     with pytest.raises(MedsslInputError):
         perform_run(run, ToyConfig(value=1), refuse, identity={"encoder_sha256": "a" * 64})
-    assert not run.config_path.exists() and not run.info_path.exists()
-    assert run.status() == "failed" and "not an ingested corpus" in json.loads(run.status_path.read_text())["error"]
+    assert not run.path.exists()  # refused while its inputs were opened: nothing written
     calls: list[str] = []  # the corrected start, another config into the same folder
     perform_run(run, ToyConfig(value=2), lambda: toy_work(calls), identity={"encoder_sha256": "b" * 64})
     assert run.is_finished() and run.config_path.read_text() == "value: 2\n"
     assert run.info()["encoder_sha256"] == "b" * 64
+
+
+def test_an_input_refused_inside_the_work_unbinds_only_a_run_without_progress(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "r")
+    bad_input = MedsslInputError(tmp_path / "a.pt", "not an encoder checkpoint")
+    with pytest.raises(MedsslInputError):
+        perform_run(run, ToyConfig(value=1), lambda: toy_work([], fail=bad_input), identity={"encoder_sha256": "a"})
+    assert run.status() == "failed" and "not an encoder checkpoint" in json.loads(run.status_path.read_text())["error"]
+    assert not run.config_path.exists() and not run.info_path.exists()  # the refusal is recorded, nothing bound
+    perform_run(run, ToyConfig(value=2), lambda: toy_work([]), identity={"encoder_sha256": "b"})
+    assert run.is_finished() and run.config_path.read_text() == "value: 2\n"
+
+    def fail_after_a_checkpoint(started: float) -> dict:
+        (other.checkpoint_dir / "last.pt").write_bytes(b"state")
+        raise bad_input
+
+    other = RunDir(tmp_path / "other")
+    with pytest.raises(MedsslInputError):
+        perform_run(other, ToyConfig(value=1), lambda: RunWork("toy", {}, fail_after_a_checkpoint))
+    assert other.config_path.exists()  # it made progress: bound, so another config cannot resume it
+    with pytest.raises(ConfigError, match="differs in: value"):
+        perform_run(other, ToyConfig(value=2), lambda: toy_work([]))
 
 
 def test_a_failure_is_recorded_and_an_interrupt_leaves_the_run_to_resume(tmp_path: Path) -> None:

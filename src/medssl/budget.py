@@ -19,7 +19,8 @@ ALL = "all"
 @functools.total_ordering
 class Budget:
     """A positive number of training cases, or ``Budget.all()``. Ordered by size with ``all`` last;
-    equal when they name the same number of cases; ``str`` is the label (``"5"``, ``"all"``)."""
+    equal when they name the same number of cases (and to the plain value YAML holds: ``Budget(5) == 5``,
+    ``Budget.all() == "all"``); ``str`` is the label (``"5"``, ``"all"``)."""
 
     __slots__ = ("_cases",)
     _cases: int | None
@@ -79,7 +80,13 @@ class Budget:
         return list(pool) if self._cases is None else list(pool[: self._cases])
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Budget) and other._cases == self._cases
+        """Equal to a Budget of the same cases, and to its own YAML/JSON value (``5``, ``"all"``): a config
+        read back compares equal to what was written."""
+        if isinstance(other, Budget):
+            return other._cases == self._cases
+        if isinstance(other, (int, str)) and not isinstance(other, bool):
+            return other == self.to_json()
+        return NotImplemented
 
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, Budget):
@@ -87,7 +94,7 @@ class Budget:
         return self.sort_key() < other.sort_key()
 
     def __hash__(self) -> int:
-        return hash(("Budget", self._cases))
+        return hash(self.to_json())  # consistent with equality to the plain value
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("a Budget is immutable")

@@ -22,11 +22,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveFloat,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticUndefined
 
 from medssl.budget import Budget
 from medssl.errors import ConfigError, closest_name, look_up_option
@@ -73,6 +75,36 @@ def _positive_spacing(v: tuple[float, float, float]) -> tuple[float, float, floa
 Spacing = Annotated[Triple, AfterValidator(_positive_spacing)]
 
 
+def added_field(default: Any = PydanticUndefined, **kwargs: Any) -> Any:
+    """A field added after runs were recorded: at its default it is left out of config dumps, hashes and
+    run ids (``config_dump``), so adding it changes no existing run id and no stored config.yaml differs."""
+    return Field(default, json_schema_extra={"omit_at_default": True}, **kwargs)
+
+
+def _drop_added_defaults(model: BaseModel, data: dict[str, Any]) -> None:
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        extra = info.json_schema_extra
+        at_default = value == info.get_default(call_default_factory=True)
+        if isinstance(extra, dict) and extra.get("omit_at_default") and at_default:
+            data.pop(name, None)
+            continue
+        if isinstance(value, BaseModel) and isinstance(data.get(name), dict):
+            _drop_added_defaults(value, data[name])
+        elif isinstance(value, list | tuple) and isinstance(data.get(name), list):
+            for item, dumped in zip(value, data[name], strict=False):
+                if isinstance(item, BaseModel) and isinstance(dumped, dict):
+                    _drop_added_defaults(item, dumped)
+
+
+def config_dump(model: BaseModel) -> dict[str, Any]:
+    """``model.model_dump(mode="json")`` without the fields made by :func:`added_field` that hold their
+    default: what config.yaml stores, what a config hash and a benchmark's identity cover."""
+    data = model.model_dump(mode="json")
+    _drop_added_defaults(model, data)
+    return data
+
+
 class StrictModel(BaseModel):
     # allow_inf_nan=False: lr=.inf or spacing=.nan are refused at the door, not met mid-training
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
@@ -105,6 +137,9 @@ class EncoderConfig(StrictModel):
     # "fast": medssl's forward over MONAI's modules (same weights, outputs equal to float rounding);
     # "monai": MONAI's own forward. Never changes the state dict.
     implementation: Literal["monai", "fast"] = "fast"
+    # SwinUNETR v2 (MONAI ``SwinUNETR(use_v2=True)``): a residual conv block before each Swin stage
+    # (``layers{1..4}c``), the encoder VoCo and Large-Scale-Medical publish. Part of the state dict.
+    use_v2: bool = added_field(False)
 
     @model_validator(mode="after")
     def _fill_from_preset(self) -> EncoderConfig:
@@ -120,11 +155,26 @@ class EncoderConfig(StrictModel):
 # --------------------------------------------------------------------------- data
 
 
+AXIS_PAIRS = ("LR", "PA", "IS")
+
+
+def _axcodes(v: str) -> str:
+    """Three orientation letters, one from each of L/R, P/A, I/S (``RAS``, ``LPS``, ``SAR``...): the
+    only values MONAI's ``Orientationd(axcodes=...)`` takes, and never an expression."""
+    pairs = [next((p for p in AXIS_PAIRS if c in p), None) for c in v]
+    if len(v) != 3 or None in pairs or len(set(pairs)) != 3:
+        raise ValueError(f"{v[:40]!r} is not an orientation: three letters, one of L/R, one of P/A, one of I/S")
+    return v
+
+
+Axcodes = Annotated[str, AfterValidator(_axcodes)]
+
+
 class PreprocessConfig(StrictModel):
     """How raw volumes become training arrays; part of every cache key and checkpoint."""
 
     spacing: Spacing = (1.5, 1.5, 1.5)
-    orientation: str = "RAS"
+    orientation: Axcodes = "RAS"
     ct_window: tuple[float, float] = (-175.0, 250.0)
     mri_percentiles: tuple[float, float] = (0.5, 99.5)
 
@@ -164,12 +214,26 @@ class ScheduleConfig(StrictModel):
     seed: Seed = 0
 
 
+LR_SCALING_RULE = "linear"
+"""The one rule by which every packaged published recipe (``configs/methods/*.yaml``) moves its learning rate
+to a run's global batch: linear, ``lr = base_lr * batch / lr_batch``, from the method's published point, the
+rule each reference's own code applies (``main_dino.py``, ``main_ibot.py``, ``main_moco.py``: ``lr *
+batch / 256``; ``main_simmim.py``: ``/ 512``; SMIT's ``train_self_supervised.py``: ``0.0001 * batch_size``).
+With it the nine resolved learning rates lie within ``LR_SPREAD_LIMIT`` of each other at any batch
+(``tests/bench/test_recipes.py``); the one point that is not the method's own is SMIT's (``lr_from``)."""
+
+LR_SPREAD_LIMIT = 10.0
+"""Largest ratio allowed between the resolved pretraining learning rates of the packaged published recipes."""
+
+
 class OptimiserRecipe(StrictModel):
     """A method's published optimiser recipe (``configs/methods/<name>.yaml``, ``published_recipe``).
 
     The published batch sizes (256-4096 images) do not fit 3D crops, so a run keeps its own batch and
-    derives the learning rate by the recipe's own scaling rule: ``lr = base_lr * batch / lr_batch`` (linear),
-    ``base_lr * sqrt(batch / lr_batch)`` (sqrt) or ``base_lr`` (none); ``min_lr`` scales alike. Warm-up is the
+    derives the learning rate by a scaling rule: ``lr = base_lr * batch / lr_batch`` (linear, every packaged
+    recipe: ``LR_SCALING_RULE``), ``base_lr * sqrt(batch / lr_batch)`` (sqrt) or ``base_lr`` (none); ``min_lr``
+    scales alike unless ``scale_min_lr`` is false. ``lr_from`` names the recipe the learning-rate point is
+    taken from when it is not the method's own (a declared departure, cited in ``sources``). Warm-up is the
     published fraction of the run (recipes count epochs). ``sources`` cites the reference per field.
     """
 
@@ -186,11 +250,19 @@ class OptimiserRecipe(StrictModel):
     warmup_fraction: float = Field(ge=0, lt=1)
     grad_clip: float | None = None
     published_batch_size: int = Field(ge=1)
+    lr_from: str | None = None  # the recipe whose learning-rate point this one uses (None: its own)
     sources: dict[str, str] = Field(default_factory=dict)
 
     def scaled(self, value: float, batch_size: int) -> float:
         ratio = batch_size / self.lr_batch
         return value * {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[self.lr_scaling]
+
+    def lr_rule(self, batch_size: int | None = None) -> str:
+        """The learning rate as a formula, ``5e-04 x 8 / 256 (linear)``; ``batch`` when no batch is given."""
+        batch = "batch" if batch_size is None else str(batch_size)
+        factor = {"linear": f" x {batch} / {self.lr_batch}", "sqrt": f" x ({batch} / {self.lr_batch})^0.5", "none": ""}
+        origin = f", {self.lr_from}'s point" if self.lr_from else ""
+        return f"{self.base_lr:.3g}{factor[self.lr_scaling]} ({self.lr_scaling}{origin})"
 
     def schedule_fields(self, batch_size: int, steps: int) -> dict[str, Any]:
         """The ScheduleConfig fields this recipe sets for a run of ``steps`` steps at ``batch_size``."""
@@ -265,7 +337,7 @@ class PretrainConfig(StrictModel):
     # optimiser fields of the schedule come from ``published_recipe`` (the method's own, scaled to the batch)
     recipe: Literal["published", "shared"] = "shared"
     published_recipe: OptimiserRecipe | None = None
-    probe: OnlineProbeConfig = Field(default_factory=lambda: OnlineProbeConfig())  # the online frozen-encoder probe
+    probe: OnlineProbeConfig = added_field(default_factory=OnlineProbeConfig)  # the online frozen-encoder probe
 
     @model_validator(mode="after")
     def _apply_recipe(self) -> PretrainConfig:
@@ -299,6 +371,31 @@ class AugmentConfig(StrictModel):
     intensity_prob: float = Field(0.5, ge=0.0, le=1.0)  # scale and shift, each
     intensity_scale: float = Field(0.1, ge=0.0)  # x (1 + u), u ~ U(-s, s)
     intensity_shift: float = Field(0.1, ge=0.0)  # + u, u ~ U(-s, s) on [0, 1] data
+
+
+LESION_WORDS = ("lesion", "tumor", "tumour", "metasta", "nodule", "cancer", "carcinoma", "neoplasm", "cyst", "mass")
+
+
+class LesionMetricsConfig(StrictModel):
+    """Lesion-wise detection metrics (medssl.evaluate.lesions) for the structures of a lesion or tumour task.
+
+    ``labels``: the structure names scored lesion-wise; ``"auto"`` takes every label of the task's
+    dataset.json whose name contains one of ``LESION_WORDS`` (``tumour``, ``lesion``, ``cyst``...); an empty
+    list turns them off. A true lesion counts as detected when a predicted lesion overlaps it by at least
+    ``threshold`` (``overlap``: IoU or Dice), each matched once; nnDetection evaluates 3D detection from IoU 0.1
+    (``nndet/evaluator/det.py``, ``DetectionEvaluator.create``), the default here."""
+
+    labels: Literal["auto"] | list[Slug] = "auto"
+    overlap: Literal["iou", "dice"] = "iou"
+    threshold: float = Field(0.1, gt=0.0, le=1.0)
+    # lesions are connected components: 1 = faces (6-connected), 2 = +edges (18), 3 = +corners (26)
+    connectivity: Literal[1, 2, 3] = 3
+
+    def lesion_structures(self, structures: dict[int, str]) -> dict[int, str]:
+        """The structures (value -> name, background excluded) to score lesion-wise."""
+        if self.labels == "auto":
+            return {v: n for v, n in structures.items() if any(w in n.lower() for w in LESION_WORDS)}
+        return {v: n for v, n in structures.items() if n in self.labels}
 
 
 class FinetuneConfig(StrictModel):
@@ -341,7 +438,11 @@ class FinetuneConfig(StrictModel):
     # "identity": the transformer->identity control (Wald et al. 2025, "Primus"): every Swin block is
     # replaced by identity; the patch embedding, the patch mergings and the SwinUNETR decoder are kept, so
     # the run measures the Dice the segmenter reaches without the transformer. Random init only.
-    transformer: Literal["swin", "identity"] = "swin"
+    transformer: Literal["swin", "identity"] = added_field("swin")
+    # An encoder and a task with different input channels: "match" refuses at the start; "repeat" and
+    # "average" adapt the pretrained patch embedding as timm's ``adapt_input_conv`` (medssl.models.adapt).
+    input_channels: Literal["match", "repeat", "average"] = added_field("match")
+    lesion_metrics: LesionMetricsConfig = added_field(default_factory=LesionMetricsConfig)
     limits: Limits = Field(default_factory=Limits)  # resource limits; not part of the config hash
 
     @model_validator(mode="after")
@@ -371,6 +472,7 @@ class CKARunConfig(StrictModel):
     comparison: CKAComparison = "custom"
     method: str | None = None
     cases: list[str] | None = None
+    limits: Limits = Field(default_factory=Limits)  # resource limits; not part of the config hash
 
 
 class ProbeRunConfig(StrictModel):
@@ -401,7 +503,7 @@ NOT_HASHED = frozenset({"limits"})  # settings that never change what a run comp
 
 def hashed_fields(model: BaseModel) -> dict[str, Any]:
     """The config as a JSON-able dict without the settings that do not affect results."""
-    return {k: v for k, v in model.model_dump(mode="json").items() if k not in NOT_HASHED}
+    return {k: v for k, v in config_dump(model).items() if k not in NOT_HASHED}
 
 
 def config_hash(model: BaseModel, length: int = 12) -> str:
@@ -709,7 +811,7 @@ def load_config(model_cls: type[ModelT], path: str | Path | None, overrides: lis
 
 
 def dump_yaml(model: BaseModel) -> str:
-    return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(config_dump(model), sort_keys=False)
 
 
 # --------------------------------------------------------------------------- benchmark
@@ -779,6 +881,15 @@ class SynthDataConfig(StrictModel):
     # "standard": one CT protocol; "scanners": each scan its own contrast phase, dose, kernel and
     # calibration (MRI: coil bias, noise, contrast) — what few labeled cases cannot cover (data/synth.py)
     variation: Literal["standard", "scanners"] = "standard"
+    # radius range of the CT-lesion task's lesions, mm (data/synth.py LESION_RADIUS_MM: 5-10 mm, 1-3 voxels
+    # at 4 mm); the organ tasks and the corpus keep the default whatever this says
+    lesion_radius_mm: tuple[PositiveFloat, PositiveFloat] = (5.0, 10.0)
+
+    @model_validator(mode="after")
+    def _lesion_radius_order(self) -> SynthDataConfig:
+        if self.lesion_radius_mm[0] > self.lesion_radius_mm[1]:
+            raise ValueError(f"lesion_radius_mm must be [low, high], got {list(self.lesion_radius_mm)}")
+        return self
 
 
 class BenchDataConfig(StrictModel):
@@ -793,6 +904,15 @@ class BenchTaskConfig(StrictModel):
     # fine-tuning settings for this task only, merged over the benchmark's `finetune` section
     # (e.g. {schedule: {steps: 500}, nsd_tolerance_mm: 1.0}); every encoder gets the same ones
     finetune: dict[str, Any] = Field(default_factory=dict)
+    # this task's label budgets (None: the benchmark's `budgets`), e.g. a secondary task at `all` only
+    budgets: list[Budget] | None = Field(None, min_length=1)
+
+    @field_validator("budgets")
+    @classmethod
+    def _task_budgets(cls, v: list[Budget] | None) -> list[Budget] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("budgets are listed twice")
+        return v
 
     @field_validator("path")
     @classmethod
@@ -883,12 +1003,26 @@ class ExecutorConfig(StrictModel):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
 
-class ExternalEncoderConfig(StrictModel):
-    """An encoder pretrained elsewhere (MONAI SwinUNETR state dict, research-contributions'
-    model_swinvit.pt) fine-tuned beside the methods as row ``external-<name>``."""
+ExternalFamily = Literal["external", "supervised"]
 
-    name: str = Field(min_length=1)
+
+class ExternalEncoderConfig(StrictModel):
+    """An encoder pretrained elsewhere (MONAI SwinUNETR state dicts, research-contributions'
+    model_swinvit.pt, MONAI's ~50k-volume SSL weights, SuPreM, SwinUNETR v2 from VoCo) fine-tuned beside
+    the methods as row ``external-<name>``. ``family: supervised`` marks weights pretrained with labels
+    (SuPreM), a row of its own family in the report's tables and plots."""
+
+    name: Slug  # part of the row label and of a file name under <out>/external/
     path: Path
+    family: ExternalFamily = added_field("external")
+
+
+class BenchMethodConfig(MethodConfig):
+    """A method of a benchmark. ``recipe`` overrides ``pretrain.recipe`` for this method only: a declared
+    small-scale recipe (e.g. the teacher-student methods at their published recipes, whose learning rates stop
+    their students collapsing, beside a shared schedule for the rest); None: the benchmark's."""
+
+    recipe: Literal["published", "shared"] | None = None
 
 
 class BenchConfig(StrictModel):
@@ -897,7 +1031,7 @@ class BenchConfig(StrictModel):
     about: str | None = Field(None, max_length=4000)
     data: BenchDataConfig = Field(default_factory=BenchDataConfig)
     tasks: list[BenchTaskConfig] = Field(min_length=1)
-    methods: Literal["all"] | list[str | MethodConfig] = "all"
+    methods: Literal["all"] | list[str | BenchMethodConfig] = "all"
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     pretrain: BenchPretrainConfig = Field(default_factory=BenchPretrainConfig)
@@ -912,6 +1046,11 @@ class BenchConfig(StrictModel):
     cache: CacheConfig = Field(default_factory=CacheConfig)  # storage only: no result depends on it
     limits: Limits = Field(default_factory=Limits)  # resource limits, passed to every run
 
+    # The encoders that are fine-tuned (and compared by CKA): names from `methods` ("none" = random
+    # init, "external-<name>" = an external encoder); None: every one. The others still pretrain (their
+    # loss and health curves are reported) but get no downstream row.
+    finetune_methods: list[str] | None = Field(None, min_length=1)
+
     @field_validator("budgets", "seeds")
     @classmethod
     def _distinct(cls, v: list[Any], info: ValidationInfo) -> list[Any]:
@@ -923,7 +1062,18 @@ class BenchConfig(StrictModel):
         """The methods as MethodConfig ("all" is expanded by the bench, which knows the registry)."""
         if self.methods == "all":
             return []
-        return [MethodConfig(name=m) if isinstance(m, str) else m for m in self.methods]
+        return [
+            MethodConfig(name=m) if isinstance(m, str) else MethodConfig(name=m.name, options=m.options)
+            for m in self.methods
+        ]
+
+    def method_recipe(self, name: str) -> Literal["published", "shared"]:
+        """The pretraining recipe of method ``name``: its own ``recipe`` in ``methods``, else ``pretrain.recipe``."""
+        if self.methods != "all":
+            for m in self.methods:
+                if isinstance(m, BenchMethodConfig) and m.name == name and m.recipe is not None:
+                    return m.recipe
+        return self.pretrain.recipe
 
 
 def _resolve_path(value: Path | str, base: Path) -> Path:

@@ -36,9 +36,30 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        named = named_disk_full(err, path)
+        if named is None:
+            raise
+        raise named from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
+
+
+def named_disk_full(err: BaseException, path: str | Path) -> OSError | None:
+    """A disk-full error that names ``path`` when it named no file (a write to an open file names
+    none); None for any other error, or one that already names its file."""
+    if not is_disk_full(err) or getattr(err, "filename", None):
+        return None
+    assert isinstance(err, OSError)
+    return OSError(err.errno, err.strerror or os.strerror(err.errno or errno.ENOSPC), str(path))
 
 
 class LockHeldError(RuntimeError):

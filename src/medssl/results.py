@@ -28,9 +28,14 @@ from medssl.version import describe_code_version
 
 RunsRoot = str | Path | Iterable[str | Path]
 
+# Lesion-wise detection of a lesion task (results.json ``lesions``, medssl.evaluate.lesions): in results.csv on
+# the rows of the cases whose truth holds that lesion structure, empty elsewhere; lesion_table() has every case.
+LESION_COUNTS = ("lesion_tp", "lesion_fp", "lesion_fn")
+LESION_RATES = ("lesion_recall", "lesion_precision", "lesion_f1")
+LESION_COLUMNS = [*LESION_COUNTS, *LESION_RATES]
 # What names a fine-tuning run's cell (``_finetune_keys``): the first columns of every fine-tuning table
 FINETUNE_KEY_COLUMNS = ["method", "family", "task", "modality", "budget", "n_train", "seed"]
-RESULT_COLUMNS = [*FINETUNE_KEY_COLUMNS, "case", "label", "structure", "dice", "hd95", "nsd", "run_id"]
+RESULT_COLUMNS = [*FINETUNE_KEY_COLUMNS, "case", "label", "structure", "dice", "hd95", "nsd", *LESION_COLUMNS, "run_id"]
 CURVE_COLUMNS = [*FINETUNE_KEY_COLUMNS, "run_id", "step", "epoch", "val_dice"]
 # The health values of a pretraining run (``health/<name>`` in metrics.jsonl, methods/health.py)
 HEALTH_COLUMNS = [
@@ -56,6 +61,8 @@ OPTIMISER_COLUMNS = [
     "few_negatives",
     "published_optimizer",
     "lr_rule",
+    "lr_from",  # the recipe whose learning-rate point the run used (its own, or another's: SMIT takes iBOT's)
+    "epochs",  # steps x batch / corpus volumes
 ]
 COST_FIELDS = (
     "flops_per_step",
@@ -165,6 +172,10 @@ def collect_runs(runs_root: RunsRoot) -> RunCollection:
     seen: set[str] = set()
     for root in resolve_roots(runs_root):
         for run in list_runs(root):
+            escape = _leaves_root(run, root)
+            if escape is not None:  # checked before any file of the run is read
+                collection.skipped.append((run.path.name, f"{escape} leads out of {root}: not followed"))
+                continue
             if not run.is_finished():
                 collection.not_finished[run.status()] += 1
                 continue
@@ -193,6 +204,17 @@ def collect_runs(runs_root: RunsRoot) -> RunCollection:
     for run_id, reason in collection.skipped:
         warnings.warn(f"run {run_id} skipped: {reason}", stacklevel=2)
     return collection
+
+
+def _leaves_root(run: RunDir, root: Path) -> str | None:
+    """The run folder, or the first file of it the report reads, when it is a link that resolves
+    outside ``root`` (a symlinked run folder or results.json copied in from elsewhere); else None."""
+    real_root = root.resolve()
+    candidates = [run.path, run.info_path, run.status_path, run.results_path, run.metrics_path, run.config_path]
+    for path in candidates:
+        if (path == run.path or path.is_symlink()) and not path.resolve().is_relative_to(real_root):
+            return "the symlink " + (run.path.name if path == run.path else f"{run.path.name}/{path.name}")
+    return None
 
 
 def _as_collection(runs: RunsRoot | RunCollection) -> RunCollection:
@@ -228,14 +250,26 @@ def _finetune_keys(run: FinishedRun) -> dict[str, Any]:
     }
 
 
+def _lesion_rows(run: FinishedRun) -> dict[tuple[str, Any], dict[str, Any]]:
+    """results.json ``lesions`` by (case, label)."""
+    rows = run.results.get("lesions")
+    found: dict[tuple[str, Any], dict[str, Any]] = {}
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, dict):
+            found[(str(row.get("case")), row.get("label"))] = row
+    return found
+
+
 def results_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
     """One row per finished fine-tune run × test case × structure (columns ``RESULT_COLUMNS``)."""
     rows = []
     for run in _as_collection(runs_root).finetune:
         keys = _finetune_keys(run)
         labels = run.results.get("labels") or {}
+        lesions = _lesion_rows(run)
         for case in run.results.get("cases") or []:
             label = case.get("label")
+            lesion = lesions.get((str(case.get("case")), label), {})
             rows.append(
                 {
                     **keys,
@@ -245,11 +279,50 @@ def results_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
                     "dice": _float_or_nan(case.get("dice")),
                     "hd95": _float_or_nan(case.get("hd95")),
                     "nsd": _float_or_nan(case.get("nsd")),
+                    **{col: _float_or_nan(lesion.get(col)) for col in LESION_COLUMNS},
                     "run_id": run.run_id,
                 }
             )
     frame = _typed(
-        pd.DataFrame(rows), RESULT_COLUMNS, ints=("n_train", "seed", "label"), floats=("dice", "hd95", "nsd")
+        pd.DataFrame(rows),
+        RESULT_COLUMNS,
+        ints=("n_train", "seed", "label", *LESION_COUNTS),
+        floats=("dice", "hd95", "nsd", *LESION_RATES),
+    )
+    return frame.sort_values(["task", "method", "budget", "seed", "case", "label"], kind="stable", ignore_index=True)
+
+
+LESION_TABLE_COLUMNS = [
+    *FINETUNE_KEY_COLUMNS,
+    *("case", "label", "structure", "n_true_lesions", "n_pred_lesions"),
+    *LESION_COLUMNS,
+    "run_id",
+]
+
+
+def lesion_table(runs_root: RunsRoot | RunCollection) -> pd.DataFrame:
+    """One row per finished fine-tune run of a lesion task × test case × lesion structure, lesion-free cases
+    included (their false positives count); recall/precision/F1 NaN where undefined (no true or no predicted
+    lesion), to be left out of means."""
+    rows = []
+    for run in _as_collection(runs_root).finetune:
+        keys = _finetune_keys(run)
+        for row in _lesion_rows(run).values():
+            rows.append(
+                {
+                    **keys,
+                    "case": str(row.get("case")),
+                    "label": row.get("label"),
+                    "structure": str(row.get("structure")),
+                    **{c: _float_or_nan(row.get(c)) for c in ("n_true_lesions", "n_pred_lesions", *LESION_COLUMNS)},
+                    "run_id": run.run_id,
+                }
+            )
+    frame = _typed(
+        pd.DataFrame(rows),
+        LESION_TABLE_COLUMNS,
+        ints=("n_train", "seed", "label", "n_true_lesions", "n_pred_lesions", *LESION_COUNTS),
+        floats=LESION_RATES,
     )
     return frame.sort_values(["task", "method", "budget", "seed", "case", "label"], kind="stable", ignore_index=True)
 

@@ -17,17 +17,21 @@ so a crash leaves either the old or the new content, never half of one.
 The lifecycle (:func:`perform_run`). A kind's entry point builds its config and calls
 ``perform_run(run, config, open_work, identity=..., is_main=..., world_size=...)``; ``open_work()``
 opens and checks the run's inputs and returns a :class:`RunWork` (``kind``, the ``info`` run.json
-records, and ``body(started) -> results``). ``perform_run`` then, in this order:
+records, and ``body(started) -> results``); training kinds call it through
+``medssl.train.entry.perform_training_run``, which sets the limits and joins the process group first.
+``perform_run`` then, in this order:
 
 1. refuses (``ConfigError``, exit 2) a run directory that holds a run of another config or encoder;
 2. returns the stored results of a finished run;
-3. calls ``open_work()``: a refused input fails here, before config.yaml and run.json are written, so
-   a refused start never binds the run directory to its config (status.json records the refusal);
+3. calls ``open_work()``: a refused input fails here, before anything is written, so a refused start
+   never binds the run directory to its config;
 4. takes the run's lock (rank 0) and checks 1-2 again under it;
 5. sweeps temporaries of killed processes, writes ``config.yaml`` and ``run.json``, marks it running;
 6. calls ``body(started)`` (every rank), then writes ``results.json`` and marks it finished (rank 0);
 7. on an exception marks the run failed with one line (or pending when interrupted, so the next start
-   resumes it), falling back to an in-place status write when the disk is full.
+   resumes it), falling back to an in-place status write when the disk is full. A bad input met in the
+   work (``MedsslInputError``) before any checkpoint, metric or result of a directory this start bound
+   is a refused start too: config.yaml and run.json are removed again, the refusal stays in status.json.
 A kind therefore only says what its inputs are and what its work is; it cannot skip a step.
 """
 
@@ -49,11 +53,12 @@ import yaml
 from pydantic import BaseModel
 
 from medssl.config import NOT_HASHED, config_hash, dump_yaml
-from medssl.errors import ConfigError, describe_error
+from medssl.errors import ConfigError, MedsslInputError, describe_error
 from medssl.fileio import LockHeldError, atomic_write_json, atomic_write_text, file_lock, json_default
 from medssl.version import code_version
 
 __all__ = [
+    "AlreadyFinished",
     "BenchDir",
     "RunDir",
     "RunLockedError",
@@ -61,9 +66,13 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "environment",
+    "finish_run",
     "list_runs",
     "perform_run",
     "read_json",
+    "record_end",
+    "run_session",
+    "sweep_stale_temporaries",
 ]
 
 STATUSES = ("pending", "running", "finished", "failed")
@@ -384,12 +393,7 @@ def perform_run(
     run.check_identity(config_yaml, identity)  # exit 2 rather than resume or report another run
     if run.is_finished():
         return run.results() or {}
-    try:
-        work = open_work()
-    except Exception as err:
-        if is_main:
-            record_refusal(run, err)
-        raise
+    work = open_work()  # a refusal here writes nothing
     run_info = {"kind": work.kind, "config_hash": config_hash(config), **work.info, **identity}
     try:
         with run_session(run, config_yaml, run_info, is_main=is_main, world_size=world_size) as started:
@@ -415,6 +419,7 @@ def run_session(
         run.check_identity(config_yaml, {k: run_info[k] for k in IDENTITY_INFO if k in run_info})
         if run.is_finished():
             raise AlreadyFinished(run.id)
+        binds = is_main and not run.config_path.exists()  # this start binds the directory to its config
         try:
             if is_main:
                 sweep_stale_temporaries(run, started)
@@ -438,17 +443,25 @@ def run_session(
         except BaseException as err:
             if is_main and not run.is_finished():
                 record_end(run, "failed", describe_error(err))
+                if binds and isinstance(err, MedsslInputError) and not made_progress(run):
+                    unbind_refused_start(run)  # a refusal of its inputs, met in the work: still binds nothing
             raise
 
 
-def record_refusal(run: RunDir, err: BaseException) -> None:
-    """A start refused before its work (step 3): status ``failed`` with the one-line error, but neither
-    config.yaml nor run.json, so the corrected command may use the same run directory. Recorded only
-    under the run's lock, so a live run of this directory is never marked failed by a refused
-    neighbour, and never over a finished run."""
-    with contextlib.suppress(RunLockedError), run.lock():
-        if not run.is_finished():
-            record_end(run, "failed", describe_error(err))
+def unbind_refused_start(run: RunDir) -> None:
+    """Undo the binding of a start whose inputs were refused inside its work before it made any progress:
+    config.yaml and run.json go, status.json and log.txt keep the refusal. The corrected command may then
+    use the same run directory, as after a refusal in ``open_work``."""
+    for path in (run.config_path, run.info_path):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def made_progress(run: RunDir) -> bool:
+    """Whether the run left anything a later start would resume or report: a checkpoint, a metrics
+    record or results."""
+    checkpoints = run.checkpoint_dir.is_dir() and any(p.is_file() for p in run.checkpoint_dir.iterdir())
+    return checkpoints or run.metrics_path.exists() or run.results_path.exists()
 
 
 def finish_run(run: RunDir, results: dict[str, Any], *, is_main: bool = True) -> None:

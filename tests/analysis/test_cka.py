@@ -376,3 +376,35 @@ def test_run_cka_rejects_a_file_that_is_no_model_and_records_the_failure(tmp_pat
         )
     with pytest.raises(MedsslInputError, match="checkpoint file not found"):
         _run(tmp_path / "missing.pt", tmp_path / "a.pt", task, tmp_path / "runs" / "cka-missing", n_crops=2)
+
+
+def test_minibatch_cka_of_a_deep_stage_with_a_large_common_mean_is_defined():
+    """A 32³ crop has one stage-4 token, so a batch of 4 crops has 4 distinct rows, each repeated for every
+    sampled position; with a common mean far above their spread the unbiased HSIC's terms (~||mean||^4)
+    used to cancel to float64 noise <= 0, leaving a row of NaN. The estimator is shift-invariant: computed
+    on centred features it is defined and equals the estimate of the same features without the mean."""
+    rng = np.random.default_rng(0)
+    spread = [rng.normal(scale=0.01, size=(4, 192)).repeat(64, axis=0) for _ in range(2)]
+    offset = rng.normal(scale=50.0, size=(1, 192))
+    other = [rng.normal(size=(256, 24)) for _ in range(2)]
+    accumulator, centred = MinibatchCKA(1, 1), MinibatchCKA(1, 1)
+    for batch, b in zip(spread, other, strict=True):
+        accumulator.update([batch + offset], [b])
+        centred.update([batch], [b])
+    value = accumulator.compute()[0, 0]
+    assert np.isfinite(value) and abs(value) <= 1  # unbiased: may be a little below 0 for unrelated features
+    assert value == pytest.approx(centred.compute()[0, 0], rel=1e-6)
+    assert accumulator.undefined() == ({}, {})
+
+
+def test_minibatch_cka_names_the_layers_it_cannot_define():
+    rng = np.random.default_rng(1)
+    accumulator = MinibatchCKA(2, 1)
+    for _ in range(2):
+        one_token = np.repeat(rng.normal(size=(1, 8)), 16, axis=0)  # one crop per batch: one distinct row
+        accumulator.update([rng.normal(size=(16, 8)), one_token], [rng.normal(size=(16, 4))])
+    matrix = accumulator.compute()
+    assert np.isfinite(matrix[0, 0]) and np.isnan(matrix[1, 0])
+    rows, columns = accumulator.undefined()
+    assert list(rows) == [1] and not columns
+    assert "only 1 distinct rows" in rows[1] and "needs 4" in rows[1]

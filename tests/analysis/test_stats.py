@@ -282,3 +282,33 @@ def test_paired_wilcoxon_on_case_seed_pairs_keeps_every_evaluation():
     assert result["p"].iloc[0] == pytest.approx(sps.wilcoxon(np.array(differences)).pvalue, rel=1e-9)
     with pytest.raises(ValueError, match="unit"):
         per_case_scores(table, unit="seed")
+
+
+@pytest.mark.parametrize("k", [2, 3, 6, 11])
+def test_critical_difference_title_does_not_overlap_the_cd_label(k):
+    from medssl.analysis.stats import critical_difference_figure
+
+    ranks = {f"method_{i}": 1.0 + i * (k - 1) / max(k - 1, 1) * 0.9 for i in range(k)}
+    title = "Critical difference — largest budget per task"
+    fig = critical_difference_figure(ranks, 1.9, title=title)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = {t.get_gid(): t for t in fig.axes[0].texts if t.get_gid()}
+    title_box = texts["cd-title"].get_window_extent(renderer)
+    label_box = texts["cd-label"].get_window_extent(renderer)
+    assert not title_box.overlaps(label_box)
+    assert title_box.y0 > label_box.y1  # the title sits above the label
+    figure_box = fig.bbox
+    assert title_box.y1 <= figure_box.y1 and title_box.x0 >= figure_box.x0  # inside the figure
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 6, 7])
+def test_smallest_wilcoxon_p_is_that_of_pairs_all_of_one_sign(n):
+    from scipy import stats as sps
+
+    from medssl.analysis.stats import MIN_PAIRS_FOR_SIGNIFICANCE, smallest_holm_p, smallest_wilcoxon_p
+
+    differences = np.arange(1, n + 1, dtype=float) * 0.01  # distinct, all positive: the most extreme case
+    assert smallest_wilcoxon_p(n) == pytest.approx(sps.wilcoxon(differences).pvalue)
+    assert (smallest_wilcoxon_p(n) < 0.05) == (n >= MIN_PAIRS_FOR_SIGNIFICANCE)
+    assert smallest_holm_p(n, 9) == pytest.approx(min(1.0, 9 * smallest_wilcoxon_p(n)))

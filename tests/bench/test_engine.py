@@ -310,3 +310,4 @@ def test_prepare_data_synthesises_and_ingests_where_the_plan_expects(tmp_path: P
     assert len(sources) == 2 + REAL_CT_PATH.is_file()
     assert any(s.endswith("Cranium.inv3") for s in sources) == REAL_CT_PATH.is_file()
     assert plan.stage("pretrain")[0].config.corpus == out.resolve() / "corpus"
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["corpus", "ct_organs", "mri_organs"]  # no ct_lesions

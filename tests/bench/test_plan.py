@@ -175,6 +175,31 @@ def test_per_task_finetune_settings_apply_to_that_task_only(tmp_path: Path) -> N
         expand_plan(BenchConfig.model_validate(bench_dict(tasks=bad)), tmp_path)
 
 
+def test_per_task_budgets_and_finetuned_subset(tmp_path: Path) -> None:
+    tasks = [{"path": "synth:ct_organs"}, {"path": "synth:mri_organs", "budgets": ["all"]}]
+    data = bench_dict(tasks=tasks, methods=["none", "simmim", "rotnet"], finetune_methods=["rotnet", "none"], seeds=[0])
+    plan = expand_plan(BenchConfig.model_validate(data), tmp_path)
+    assert {r.labels["method"] for r in plan.stage("pretrain")} == {"simmim", "rotnet"}  # every method pretrains
+    cells = {(r.labels["method"], r.labels["task"], r.labels["budget"]) for r in plan.stage("finetune")}
+    assert cells == {
+        (m, t, b)
+        for m in ("none", "rotnet")
+        for t, bs in (("ct_organs", ("2", "all")), ("mri_organs", ("all",)))
+        for b in bs
+    }
+    # CKA only for fine-tuned pretrained encoders; few-vs-many only where the task has two budgets
+    assert sorted((r.labels["task"], r.labels["comparison"]) for r in plan.stage("cka")) == [
+        ("ct_organs", "fewshot_vs_manyshot"),
+        ("ct_organs", "pretrained_vs_finetuned"),
+        ("mri_organs", "pretrained_vs_finetuned"),
+    ]
+    with pytest.raises(ConfigError, match=r"finetune_methods: unknown method 'rotnt'.*rotnet"):
+        expand_plan(BenchConfig.model_validate({**data, "finetune_methods": ["rotnt"]}), tmp_path)
+    too_large = bench_dict(tasks=[{"path": "synth:mri_organs", "budgets": [8]}])
+    with pytest.raises(ConfigError, match=r"budget 8 exceeds the training pool of task 'mri_organs'"):
+        expand_plan(BenchConfig.model_validate(too_large), tmp_path)
+
+
 def test_load_config_errors_name_key_and_file(tmp_path: Path) -> None:
     path = write_yaml(tmp_path / "b.yaml", bench_dict(finetune={"crop_size": 32, "bogus": 1}))
     with pytest.raises(ConfigError, match=r"b\.yaml: finetune\.bogus: unknown key"):
@@ -217,10 +242,17 @@ def test_packaged_configs_load_and_expand(tmp_path: Path) -> None:
     demo = load_bench_config(demo_config_path())
     plan = expand_plan(demo, tmp_path / "demo")
     n_methods, n_trained = len(REGISTRY), len(REGISTRY) - 1
-    assert len(plan.stage("pretrain")) == n_trained
-    assert len(plan.stage("finetune")) == n_methods * 3 * 2  # three synthetic tasks, two budgets, one seed
-    assert len(plan.stage("cka")) == n_trained * len(demo.cka.tasks) * 2  # CKA on the listed tasks only
+    assert len(plan.stage("pretrain")) == n_trained  # every method pretrains
     assert {m.name for m in demo.method_configs()} == set(REGISTRY)  # every registered method
+    finetuned = demo.finetune_methods or []
+    assert "none" in finetuned and {REGISTRY[m].family for m in finetuned} >= {"mim", "contrastive"}
+    cells = {(r.labels["task"], r.labels["budget"]) for r in plan.stage("finetune")}
+    assert cells == {("ct_organs", "2"), ("ct_organs", "all"), ("mri_organs", "all")}
+    assert len(plan.stage("finetune")) == len(finetuned) * len(cells) and demo.seeds == [0]
+    # every paired test rests on >= 6 (case, seed) pairs: one seed, n_test test cases
+    assert demo.finetune.n_test * len(demo.seeds) >= 6
+    # CKA on the listed task only, for the fine-tuned pretrained encoders: pretrained vs fine-tuned, few vs many
+    assert len(plan.stage("cka")) == (len(finetuned) - 1) * len(demo.cka.tasks or []) * 2
     assert demo.encoder.preset == "tiny" and demo.executor.kind == "local"
 
     paper = load_bench_config(PAPER)

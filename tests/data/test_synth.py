@@ -281,3 +281,24 @@ def test_scanner_variation_spreads_the_acquisitions_and_keeps_the_standard_bytes
     synth_task(tmp_path / "t", "ct_organs", 2, seed=1, shape=SMALL, variation="scanners")
     assert (a / "imagesTr" / "case_000.nii.gz").read_bytes() != first
     assert "scanners" in json.loads((a / "dataset.json").read_text())["description"]
+
+
+def test_lesion_radius_option_grows_lesions_and_leaves_organ_tasks_alone(tmp_path: Path) -> None:
+    default = synth_task(tmp_path / "d", "ct_lesions", 2, seed=0, shape=(40, 40, 40), spacing=(4.0, 4.0, 4.0))
+    large = synth_task(
+        tmp_path / "l", "ct_lesions", 2, seed=0, shape=(40, 40, 40), spacing=(4.0, 4.0, 4.0), lesion_radius_mm=(12, 20)
+    )
+    for name in ("case_000.nii.gz", "case_001.nii.gz"):
+        small_voxels = int(np.asarray(nib.load(default / "labelsTr" / name).dataobj).sum())
+        large_voxels = int(np.asarray(nib.load(large / "labelsTr" / name).dataobj).sum())
+        assert large_voxels > 2 * small_voxels > 0
+    # the default's marker has no radius entry (folders made before the option stay complete)
+    assert "lesion_radius_mm" not in json.loads((default / ".complete").read_text())
+    assert json.loads((large / ".complete").read_text())["lesion_radius_mm"] == [12.0, 20.0]
+    organs = synth_task(tmp_path / "o", "ct_organs", 1, seed=0, shape=SMALL, lesion_radius_mm=(12, 20))
+    plain = synth_task(tmp_path / "p", "ct_organs", 1, seed=0, shape=SMALL)
+    assert (organs / "imagesTr" / "case_000.nii.gz").read_bytes() == (
+        plain / "imagesTr" / "case_000.nii.gz"
+    ).read_bytes()
+    with pytest.raises(MedsslInputError, match="lesion_radius_mm"):
+        synth_task(tmp_path / "x", "ct_lesions", 1, seed=0, shape=SMALL, lesion_radius_mm=(8, 4))

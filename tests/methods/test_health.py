@@ -99,13 +99,8 @@ def test_singular_values_match_svd_for_wide_and_tall_matrices() -> None:
 
 
 def test_window_rank_counts_directions_beyond_the_batch_and_flags_one_direction() -> None:
-    from medssl.methods.health import (
-        RANK_HISTORY_MIN_ROWS,
-        WINDOW_RANK_FLOOR,
-        RankHistory,
-        health_metrics,
-        health_verdict,
-    )
+    from medssl.methods.health import RANK_HISTORY_MIN_ROWS, RankHistory, health_metrics
+    from medssl.methods.verdict import WINDOW_RANK_FLOOR, health_verdict
 
     gen = torch.Generator().manual_seed(0)
     healthy, line = RankHistory(), RankHistory()

@@ -26,7 +26,13 @@ CROP = 32
 # Heads narrower than the published 2048/256/8192 but not tiny: a head whose bottleneck code has a
 # very small norm before L2 normalisation has huge gradients, and a first step overshoots.
 # One step per epoch, so the recipes' epoch counts read as steps here.
-SMALL_HEAD = {"out_dim": 64, "hidden_dim": 256, "bottleneck_dim": 64, "steps_per_epoch": 1}
+SMALL_HEAD = {
+    "out_dim": 64,
+    "hidden_dim": 256,
+    "bottleneck_dim": 64,
+    "epoch_knobs": "corpus_epochs",
+    "steps_per_epoch": 1,
+}
 # A 32^3 crop has one bottleneck token: the contract cases mask it from the first step ("rand", ratio 1).
 IBOT_MASKED = {"pred_start_epoch": 0, "pred_shape": "rand", "pred_ratio": [1.0], "pred_ratio_var": [0.0]}
 CASES = {
@@ -132,7 +138,8 @@ def test_method_views() -> None:
     ibot = build("ibot")
     views = ibot.make_views(smooth_region(CROP), np.random.default_rng(0))
     assert views["global_masks"].shape == (2, 16, 16, 16) and views["global_masks"].dtype == torch.bool
-    assert views["global_token_masks"].shape == (2, 1, 1, 1)  # one bottleneck token at 32^3
+    # One bottleneck token at 32^3: patch_stage auto masks the 2^3 tokens of encoder output 3 instead.
+    assert ibot.patch_stage == 3 and views["global_token_masks"].shape == (2, 2, 2, 2)
 
     smit = build("smit")
     views = smit.make_views(smooth_region(48), np.random.default_rng(0))

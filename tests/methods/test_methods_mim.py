@@ -72,3 +72,76 @@ def test_one_training_step_reconstructs_masked_voxels_and_reports_health():
     out["loss"].backward()
     assert method.decoder.proj.weight.grad is not None
     assert method.encoder.mask_token.grad is not None
+
+
+# --------------------------------------------------------------------------- small crops (issue 18 item 3)
+
+
+def trainable_without_gradient(method) -> list[str]:
+    """Parameters that require a gradient but got none from one backward (DDP would stall on them)."""
+    return [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_simmim_released_level_is_one_token_at_32_and_the_small_scale_option_has_eight():
+    released = simmim()
+    assert released.pretext() == {
+        "reconstruct_stage": 4,
+        "reconstruct_tokens": 1,
+        "mask_unit_voxels": 16,
+        "trained_stages": 4,
+    }
+    small = simmim(decoder_stage=3)  # 2^3 tokens of 16 voxels; mask_patch 16 = one cube per token
+    assert small.pretext() == {
+        "reconstruct_stage": 3,
+        "reconstruct_tokens": 8,
+        "mask_unit_voxels": 16,
+        "trained_stages": 3,
+    }
+    assert small.decoder.stride == 16 and small.decoder.proj.in_channels == small.encoder.stage_channels[3]
+    assert not any(p.requires_grad for p in small.encoder.layers4.parameters())  # no gradient reaches it
+    region = torch.rand(1, CROP, CROP, CROP)
+    batch = default_collate([small.make_views(region, np.random.default_rng([0, i])) for i in range(2)])
+    before = [p.detach().clone() for p in small.encoder.layers4.parameters()]
+    out = small(batch, 0)
+    out["loss"].backward()
+    assert out["reconstruction_l1"] > 0 and trainable_without_gradient(small) == []
+    assert small.encoder.layers3[0].blocks[0].attn.qkv.weight.grad is not None
+    assert all(torch.equal(a, b) for a, b in zip(before, small.encoder.layers4.parameters(), strict=True))
+    finer = simmim(decoder_stage=2, mask_patch=8)  # 4^3 tokens of 8 voxels
+    assert finer.pretext()["reconstruct_tokens"] == 64 and finer.pretext()["mask_unit_voxels"] == 8
+
+
+def smit(**options):
+    torch.manual_seed(0)
+    encoder = SwinEncoder(EncoderConfig(preset="tiny", window_size=4))
+    heads = {"out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 16}
+    return build_method(MethodConfig(name="smit", options={**heads, **options}), encoder, crop_size=CROP, total_steps=4)
+
+
+def test_smit_small_scale_option_distils_and_reconstructs_from_earlier_outputs():
+    released = smit()
+    assert released.pretext() == {
+        "distill_stage": 3,
+        "distill_tokens": 8,
+        "reconstruct_stage": 4,
+        "reconstruct_tokens": 1,
+        "mask_unit_voxels": 16,
+        "trained_stages": 4,
+    }
+    small = smit(distill_stage=2, decoder_stage=3)
+    assert small.pretext() == {
+        "distill_stage": 2,
+        "distill_tokens": 64,
+        "reconstruct_stage": 3,
+        "reconstruct_tokens": 8,
+        "mask_unit_voxels": 8,
+        "trained_stages": 3,
+    }
+    views = small.make_views(torch.rand(1, 48, 48, 48), np.random.default_rng(0))
+    assert views["token_masks"].shape == (2, 4, 4, 4) and int(views["token_masks"][0].sum()) == 45  # ceil(0.7 * 64)
+    assert small.head.norm.normalized_shape == (small.encoder.stage_channels[2],)
+    out = small({k: v.unsqueeze(0) for k, v in views.items()}, 0)
+    out["loss"].backward()
+    assert out["patch_ce"] > 0 and out["reconstruction_l1"] > 0
+    assert trainable_without_gradient(small) == []
+    assert not any(p.requires_grad for p in small.encoder.layers4.parameters())

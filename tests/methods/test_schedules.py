@@ -1,4 +1,4 @@
-"""Per-step schedules and the EMA teacher's momentum, indexed by the global step."""
+"""Per-step schedules (medssl.schedules) and the EMA teacher's momentum, indexed by the global step."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from medssl.methods.base import (
-    EMATeacher,
-    NoParams,
-    SSLMethod,
+from medssl.config import ScheduleConfig
+from medssl.methods.base import EMATeacher, NoParams, SSLMethod
+from medssl.schedules import (
+    corpus_epoch_steps,
     cosine_schedule,
     linear_warmup_then_constant,
+    lr_schedule,
+    published_fraction_steps,
     schedule_at,
+    weight_decay_schedule,
 )
 
 
@@ -61,6 +64,27 @@ def test_schedule_at_holds_the_ends() -> None:
     assert schedule_at(values, -2) == pytest.approx(0.0)
     assert schedule_at(values, 1) == pytest.approx(0.5)
     assert schedule_at(values, 100) == pytest.approx(1.0)
+
+
+def test_run_schedules_from_the_schedule_config() -> None:
+    """Pretraining and fine-tuning take their lr and weight decay from one place (train/step.py builds them)."""
+    schedule = ScheduleConfig(steps=10, lr=1.0, min_lr=0.1, warmup_steps=2, weight_decay=0.04, weight_decay_end=0.4)
+    lr = lr_schedule(schedule, 10)
+    assert lr.tolist()[:3] == pytest.approx([0.0, 0.5, 1.0]) and lr[-1] == pytest.approx(0.1)
+    wd = weight_decay_schedule(schedule, 10)
+    assert wd[0] == pytest.approx(0.04) and wd[-1] == pytest.approx(0.4)
+    constant = weight_decay_schedule(schedule.model_copy(update={"weight_decay_end": None}), 10)
+    assert constant.tolist() == pytest.approx([0.04] * 10)
+
+
+def test_epoch_knobs_as_a_fraction_of_the_published_run_or_corpus_passes() -> None:
+    # DINO's 30 of 300 epochs: the first 10 % of any run, whatever its corpus.
+    assert published_fraction_steps(30, 300, 40) == 4
+    assert published_fraction_steps(30, 300, 100_000) == 10_000
+    assert published_fraction_steps(50, 300, 60) == 10  # iBOT's masking start: 1/6 of the run
+    assert published_fraction_steps(0, 300, 60) == 0
+    # Passes over this run's corpus instead: 30 epochs of 5 steps.
+    assert corpus_epoch_steps(30, 5) == 150
 
 
 class OnePair(SSLMethod):

@@ -1,7 +1,9 @@
-"""MONAI bundles out: a fine-tuned phantom run exported as a bundle segments its test case under
-``python -m monai.bundle run`` with the run's own Dice; an encoder exports as a bundle of weights."""
+"""MONAI bundles out: a fine-tuned phantom run exported as a bundle, moved to another folder, segments its test
+case under the README's ``python -m monai.bundle run`` command from another working directory, with the run's
+own Dice."""
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -9,7 +11,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
 from medssl import cli
 from medssl.config import EncoderConfig, FinetuneConfig, PreprocessConfig, ScheduleConfig
@@ -18,8 +19,7 @@ from medssl.data.datasets import load_eval_case
 from medssl.data.synth import synth_task
 from medssl.data.tasks import load_task
 from medssl.evaluate import case_metrics
-from medssl.models.checkpoint import encoder_meta, save_encoder
-from medssl.models.encoder import SwinEncoder
+from medssl.export import run_command
 from medssl.train.finetune import run_finetune
 
 TINY = EncoderConfig(preset="tiny", window_size=4)
@@ -63,9 +63,12 @@ def test_exported_bundle_segments_a_test_case_with_the_runs_dice(tmp_path, capsy
         monkeypatch,
     )
     assert code in (0, None), err
-    bundle = tmp_path / "bundle"
-    for name in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "README.md"):
-        assert (bundle / name).stat().st_size > 0, name
+    for name in ("configs/metadata.json", "configs/inference.json", "configs/logging.conf", "models/model.pt"):
+        assert (tmp_path / "bundle" / name).stat().st_size > 0, name
+    # shared: moved to another folder, run from a third one
+    bundle = tmp_path / "shared" / "simmim_bundle"
+    bundle.parent.mkdir()
+    (tmp_path / "bundle").rename(bundle)
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert metadata["medssl"]["method"] == "none" and metadata["medssl"]["task"] == results["task"]
     assert {k: v for k, v in metadata["pred_classes"].items() if k != "0"} == results["labels"]
@@ -77,25 +80,15 @@ def test_exported_bundle_segments_a_test_case_with_the_runs_dice(tmp_path, capsy
     scans = tmp_path / "scans"
     scans.mkdir()
     (scans / f"{case_id}.nii.gz").symlink_to(case.image)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    command = run_command(bundle).replace("SCANS", str(scans))  # the command export prints and the README gives
+    assert command.startswith("python -m monai.bundle run ")
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            str(bundle / "configs" / "inference.json"),
-            "--dataset_dir",
-            str(scans),
-            "--output_dir",
-            str(tmp_path / "seg"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, *shlex.split(command)[1:]], cwd=elsewhere, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (seg_file,) = (tmp_path / "seg").glob("*.nii.gz")
+    (seg_file,) = (bundle / "eval").glob("*.nii.gz")
     prediction = torch.from_numpy(np.asarray(nib.load(seg_file).dataobj).astype(np.int64))
 
     volume = cache_task(task, VolumeCache(tmp_path / "ft" / "cache"), PRE)[case_id]
@@ -109,22 +102,3 @@ def test_exported_bundle_segments_a_test_case_with_the_runs_dice(tmp_path, capsy
     assert bundle_dice.keys() == run_dice.keys()
     for structure, dice in run_dice.items():
         assert bundle_dice[structure] == pytest.approx(dice, abs=1e-3), structure
-
-
-def test_an_encoder_exports_as_a_bundle_of_pretrained_weights(tmp_path):
-    torch.manual_seed(0)
-    encoder = SwinEncoder(TINY)
-    save_encoder(tmp_path / "encoder.pt", encoder, encoder_meta(method="simmim", family="mim", encoder=TINY))
-    from medssl.models.bundle import export_bundle
-
-    bundle, kind = export_bundle(tmp_path / "encoder.pt", tmp_path / "bundle")
-    assert kind == "encoder"
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser["out_channels"] = 5
-    net = parser.get_parsed_content("network")
-    assert net.out.conv.conv.out_channels == 5
-    for key, value in encoder.state_dict().items():
-        if key != "mask_token":
-            assert torch.equal(net.swinViT.state_dict()[key], value), key
-    assert json.loads((bundle / "configs" / "metadata.json").read_text())["medssl"]["method"] == "simmim"

@@ -6,7 +6,7 @@ from monai.networks.nets import SwinUNETR
 
 from medssl.config import EncoderConfig
 from medssl.errors import MedsslInputError
-from medssl.models import SwinEncoder, SwinSegmenter, export_monai, load_encoder, save_encoder
+from medssl.models import SwinEncoder, SwinSegmenter, load_encoder, save_encoder
 from medssl.models.checkpoint import encoder_meta, load_encoder_state, safe_torch_load
 
 TINY = EncoderConfig(preset="tiny", window_size=4)
@@ -136,18 +136,25 @@ def test_loading_rejects_pickles_and_garbage(tmp_path):
         load_encoder(junk)
 
 
-def test_export_loads_into_monai_swinunetr_with_every_swin_tensor(tmp_path):
-    enc = SwinEncoder(EncoderConfig(preset="tiny"))
-    path = _save(tmp_path, enc)
-    out = tmp_path / "monai.pt"
-    n = export_monai(path, out)
-    state = torch.load(out, weights_only=True)
-    net = SwinUNETR(in_channels=1, out_channels=3, feature_size=12)
-    swin_keys = {k for k in net.state_dict() if k.startswith("swinViT.")}
-    assert set(state) == swin_keys and n == len(swin_keys)
-    result = net.load_state_dict(state, strict=False)
-    assert not [k for k in result.missing_keys if k.startswith("swinViT.")]
-    assert result.unexpected_keys == []
-    for k, v in enc.state_dict().items():
-        if k != "mask_token":
-            assert torch.equal(net.state_dict()["swinViT." + k], v)
+def test_swinunetr_v2_segmenter_interchanges_with_monai_both_ways():
+    """encoder.use_v2: the segmenter is MONAI's SwinUNETR(use_v2=True) key for key; weights move both ways."""
+    config = EncoderConfig(preset="tiny", window_size=4, use_v2=True)
+    ours = SwinSegmenter(config, 3, crop_size=32)
+    monai_net = SwinUNETR(
+        in_channels=1,
+        out_channels=3,
+        feature_size=12,
+        window_size=4,
+        use_v2=True,
+        norm_name=("group", {"num_groups": 12}),  # what the segmenter takes for 32^3 crops
+    )
+    ours_keys, ref_keys = set(ours.state_dict()), set(monai_net.state_dict())
+    assert ours_keys - ref_keys == {"swinViT.mask_token"} and ref_keys - ours_keys == set()
+    assert any(k.startswith("swinViT.layers4c.") for k in ref_keys)
+    monai_net.load_state_dict({k: v for k, v in ours.state_dict().items() if k != "swinViT.mask_token"}, strict=True)
+    back = SwinSegmenter(config, 3, crop_size=32)
+    back.load_state_dict({**monai_net.state_dict(), "swinViT.mask_token": ours.swinViT.mask_token.detach()})
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(x), monai_net.eval()(x), atol=1e-5)
+        assert torch.allclose(back.eval()(x), monai_net(x), atol=1e-5)

@@ -20,6 +20,7 @@ def _monai(config: EncoderConfig) -> SwinTransformer:
         num_heads=config.num_heads,
         drop_path_rate=config.drop_path_rate,
         spatial_dims=3,
+        use_v2=config.use_v2,
     )
 
 
@@ -37,6 +38,7 @@ def _run(model, x, mask=None, normalize=True):
 
 
 SMIT_LIKE = dict(feature_size=12, depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16))
+V2 = dict(use_v2=True)  # SwinUNETR v2: a residual conv block before each stage, run channels-first
 
 
 @pytest.mark.parametrize(
@@ -46,6 +48,7 @@ SMIT_LIKE = dict(feature_size=12, depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16))
         (32, 7, True, {}),
         (32, 4, False, SMIT_LIKE),
         (32, 4, True, SMIT_LIKE),
+        (32, 4, True, V2),
         pytest.param(64, 7, True, {}, marks=pytest.mark.slow),
         pytest.param(64, 4, False, SMIT_LIKE, marks=pytest.mark.slow),
     ],

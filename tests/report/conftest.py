@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from medssl.config import MethodConfig, PretrainConfig, ScheduleConfig
-from medssl.methods.health import health_verdict
+from medssl.methods.recipe import operating_point
+from medssl.methods.verdict import health_verdict
 from medssl.runs import RunDir
-from medssl.train.pretrain import optimiser_provenance
 
 METHODS = {"none": "none", "simmim": "mim", "dino": "self_distillation"}
 # Method effect on Dice, so the ranking is known: simmim > dino > none.
@@ -158,7 +158,7 @@ def write_pretrain_run(runs: Path, method: str, collapsed: bool = False) -> RunD
         "wall_seconds": 20.0,
         "step_seconds": 0.5,
         "health": health_verdict(metrics),
-        "optimiser": optimiser_provenance(config),
+        "optimiser": operating_point(config),
         "cost": {
             "flops_per_step": 1e9 * (2 if method == "dino" else 1),
             "total_flops": 40e9 * (2 if method == "dino" else 1),

@@ -15,12 +15,8 @@ from medssl.data.corpus import ingest_corpus
 from medssl.data.datasets import PretrainRegionDataset
 from medssl.data.synth import synth_corpus
 from medssl.methods import REGISTRY, build_method
-from medssl.methods.health import (
-    EMBEDDING_STD_FLOOR,
-    TEACHER_BATCH_ENTROPY_FLOOR,
-    health_metrics,
-    health_verdict,
-)
+from medssl.methods.health import health_metrics
+from medssl.methods.verdict import EMBEDDING_STD_FLOOR, TEACHER_BATCH_ENTROPY_FLOOR, health_verdict
 from medssl.models.encoder import SwinEncoder
 from medssl.train.pretrain import run_pretrain
 

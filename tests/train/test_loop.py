@@ -125,3 +125,72 @@ def test_metrics_are_json_lines(tmp_path):
     records = [json.loads(x) for x in lines]
     assert [r["step"] for r in records] == [1, 2]
     assert {"loss", "lr", "reconstruction_l1", "grad_norm"} <= set(records[0])
+
+
+def test_kill_before_the_first_checkpoint_logs_no_step_twice(tmp_path):
+    """Killed at step 2 of 5 with no checkpoint yet: the restart begins at step 0 and drops what was
+    logged, in metrics.jsonl and in the TensorBoard events alike."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = 5
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    schedule = _schedule(steps).model_copy(update={"checkpoint_every": 4})
+    run = RunDir(tmp_path / "killed")
+    first = _method(steps)
+    with pytest.raises(KeyboardInterrupt):  # sample 4 belongs to step 2 (0-based): steps 1 and 2 are logged
+        train(first, ToyRegions(first.make_views, interrupt_at=4), schedule, run, info)
+    assert not run.last_checkpoint.exists() and [r["step"] for r in run.read_metrics()] == [1, 2]
+    restarted = RunDir(tmp_path / "killed")  # a fresh process
+    result = train(_method(steps), ToyRegions(_method(steps).make_views), schedule, restarted, info)
+    assert result.resumed_from == 0
+    assert [r["step"] for r in restarted.read_metrics()] == [1, 2, 3, 4, 5]
+    restarted.close_tensorboard()
+    events = EventAccumulator(str(restarted.tensorboard_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5]
+
+
+def test_batch_size_beyond_the_limit_is_refused_before_a_crop_is_drawn(tmp_path):
+    from medssl.errors import MedsslInputError
+    from medssl.limits import set_limits
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    method = _method(1)
+
+    class NeverRead(ToyRegions):
+        def __getitem__(self, i):
+            raise AssertionError("no sample may be read")
+
+    with pytest.raises(MedsslInputError, match=r"schedule.batch_size 100,000 exceeds the limit 1,024: every crop"):
+        train(method, NeverRead(method.make_views), _schedule(1, batch=100_000), RunDir(tmp_path / "b"), info)
+    previous = set_limits({"batch_size": 200_000})
+    try:  # the run's own limits decide (a run's entry point puts its config's limits in force)
+        with pytest.raises(AssertionError, match="no sample may be read"):
+            train(method, NeverRead(method.make_views), _schedule(1, batch=100_000), RunDir(tmp_path / "c"), info)
+    finally:
+        set_limits(previous)
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
+    """torch.save into a full disk raises OSError(ENOSPC) naming the checkpoint, not torch's
+    "PytorchStreamWriter failed"; the metrics written before stay."""
+    import errno
+    import os
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    real_save = torch.save
+
+    def save_to_a_full_disk(obj, f, *args, **kwargs):
+        with open("/dev/full", "wb") as full:
+            real_save(obj, full, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_to_a_full_disk)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    method = _method(2)
+    run = RunDir(tmp_path / "full")
+    with pytest.raises(OSError) as caught:
+        train(method, ToyRegions(method.make_views), _schedule(2), run, info)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(run.last_checkpoint)
+    assert [r["step"] for r in run.read_metrics()] == [1, 2]
+    assert not list(run.checkpoint_dir.glob("*")), "no partial checkpoint or temporary is left"

@@ -11,26 +11,28 @@ from medssl.runs import RunDir
 from medssl.train.distributed import DistInfo
 from medssl.train.loop import train
 from medssl.train.step import NonFiniteLossError, build_optimisation, train_step
+from medssl.training_module import TrainingHooks, TrainingModule
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-class Toy(nn.Module):
-    """A linear regression with every optional hook of the step, recording when each runs."""
+class Plain(TrainingHooks):
+    """A linear regression with the default hooks of a training module."""
 
-    def __init__(self, hooks: bool = True) -> None:
+    def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.body = nn.Linear(4, 4)
         self.head = nn.Linear(4, 1)
         self.calls: list[tuple[str, object]] = []
-        if not hooks:
-            self.param_groups = None  # type: ignore[assignment]
-            self.clip_gradients = None  # type: ignore[assignment]
 
     def forward(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         pred = self.head(self.body(batch["x"]))
         return {"loss": ((pred - batch["y"]) ** 2).mean() * batch.get("scale", torch.tensor(1.0))}
+
+
+class Toy(Plain):
+    """The same regression overriding every hook of the step, recording when each runs."""
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         return [
@@ -86,13 +88,23 @@ def test_step_order_hooks_and_per_group_schedule() -> None:
 
 
 def test_default_groups_and_global_norm_clipping() -> None:
-    module = Toy(hooks=False)
+    module = Plain()
+    assert isinstance(module, TrainingModule)
     opt = build_optimisation(module, _schedule(grad_clip=0.01), total_steps=4, device=CPU.device)
     assert [g["apply_wd"] for g in opt.optimizer.param_groups] == [True, False]  # weights / biases
     result = train_step(opt, _batch(), 0)
     assert result.grad_norm is not None and result.grad_norm > 0.01
     total = torch.norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
     assert float(total) == pytest.approx(0.01, rel=1e-3)  # clipped to max_norm before the optimiser step
+
+
+def test_a_module_without_the_hooks_is_refused() -> None:
+    class Bare(nn.Module):
+        def forward(self, batch: dict, step: int) -> dict:
+            return {}
+
+    with pytest.raises(TypeError, match="lacks param_groups, cancel_gradients, clip_gradients, on_after_step"):
+        build_optimisation(Bare(), _schedule(), total_steps=4, device=CPU.device)
 
 
 def test_non_finite_loss_raises_before_backward() -> None:

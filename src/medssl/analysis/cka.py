@@ -74,6 +74,11 @@ class _GramStats:
     @classmethod
     def from_features(cls, x: Tensor | np.ndarray, name: str = "x") -> _GramStats:
         x = _representation(x, name)
+        # The unbiased HSIC is unchanged by a shift of the features, but its terms are not: with a common
+        # mean far larger than the spread (a deep stage, few distinct rows per batch) they are ~||mean||^4
+        # and cancel to float64 noise, which made the self-similarity <= 0 and the CKA NaN. Centred, the
+        # same estimate is computed from terms of the spread's size.
+        x = x - x.mean(dim=0, keepdim=True)
         return cls(x @ x.T)
 
 
@@ -123,6 +128,10 @@ class MinibatchCKA:
         self.self_b = np.zeros(n_layers_b)
         self.n_batches = 0
         self.n_samples = 0
+        # per layer, the fewest distinct rows a batch had (a coarse stage repeats one token over the
+        # positions sampled in its cell; below MIN_HSIC_SAMPLES the unbiased estimate is undefined)
+        self.min_distinct_a = np.full(n_layers_a, np.iinfo(np.int64).max)
+        self.min_distinct_b = np.full(n_layers_b, np.iinfo(np.int64).max)
 
     def update(self, acts_a: Sequence[Tensor | np.ndarray], acts_b: Sequence[Tensor | np.ndarray]) -> None:
         if len(acts_a) != self.n_layers_a or len(acts_b) != self.n_layers_b:
@@ -134,6 +143,10 @@ class MinibatchCKA:
         sizes = {g.n for g in grams_a + grams_b}
         if len(sizes) != 1:
             raise ValueError(f"every layer of a batch needs the same number of rows, got {sorted(sizes)}")
+        for i, a in enumerate(acts_a):
+            self.min_distinct_a[i] = min(self.min_distinct_a[i], _distinct_rows(a))
+        for j, b in enumerate(acts_b):
+            self.min_distinct_b[j] = min(self.min_distinct_b[j], _distinct_rows(b))
         for i, ga in enumerate(grams_a):
             self.self_a[i] += _hsic_from_stats(ga, ga)
             for j, gb in enumerate(grams_b):
@@ -144,9 +157,34 @@ class MinibatchCKA:
         self.n_samples += sizes.pop()
 
     def compute(self) -> np.ndarray:
+        """The CKA matrix; NaN where a layer's similarity with itself is not positive (see :meth:`undefined`)."""
         if self.n_batches == 0:
             raise ValueError("no batches were added")
         return _ratio(self.cross, self.self_a[:, None], self.self_b[None, :])
+
+    def undefined(self) -> tuple[dict[int, str], dict[int, str]]:
+        """Why a layer's row (model A) or column (model B) of :meth:`compute` is undefined:
+        ``({layer: reason}, {layer: reason})`` for the layers whose HSIC with themselves is not positive."""
+        out: tuple[dict[int, str], dict[int, str]] = ({}, {})
+        for side, (hsic, distinct) in enumerate(
+            ((self.self_a, self.min_distinct_a), (self.self_b, self.min_distinct_b))
+        ):
+            for layer, (value, rows) in enumerate(zip(hsic, distinct, strict=True)):
+                if np.isfinite(value) and value > 0:
+                    continue
+                if rows < MIN_HSIC_SAMPLES:
+                    out[side][layer] = (
+                        f"a minibatch had only {int(rows)} distinct rows at this layer (one token per crop at a "
+                        f"coarse stage; the unbiased HSIC needs {MIN_HSIC_SAMPLES}): use more crops per batch or "
+                        "larger crops"
+                    )
+                else:
+                    out[side][layer] = "no spread across the rows of a minibatch (a constant representation)"
+        return out
+
+
+def _distinct_rows(x: Tensor | np.ndarray) -> int:
+    return int(torch.unique(torch.as_tensor(x).detach(), dim=0).shape[0])
 
 
 def minibatch_cka(batches_x: Iterable[Tensor | np.ndarray], batches_y: Iterable[Tensor | np.ndarray]) -> float:

@@ -22,8 +22,10 @@ from medssl.config import CKARunConfig, PreprocessConfig, validate_config
 from medssl.data.cache import VolumeCache
 from medssl.data.tasks import load_task
 from medssl.errors import MedsslInputError
-from medssl.models.checkpoint import load_encoder, load_segmenter, safe_torch_load
+from medssl.limits import set_limits
+from medssl.models.checkpoint import load_segmenter, safe_torch_load
 from medssl.models.encoder import SwinEncoder
+from medssl.models.load import load_encoder
 from medssl.runs import RunDir, RunWork, perform_run
 
 
@@ -56,11 +58,15 @@ def cka_matrices(
         accumulator.update([a[lo:hi] for a in acts_a], [b[lo:hi] for b in acts_b])
     minibatch = accumulator.compute()
     names_a, names_b = layer_names(len(acts_a)), layer_names(len(acts_b))
+    rows_out, columns_out = accumulator.undefined()
+    left_out = {f"A {names_a[i]}": why for i, why in rows_out.items()}
+    left_out.update({f"B {names_b[j]}": why for j, why in columns_out.items()})
     return {
         "layers": names_a,
         "layers_b": names_b,
         "linear_cka": _to_json_matrix(linear),
-        "minibatch_cka": _to_json_matrix(minibatch),
+        "minibatch_cka": _to_json_matrix(minibatch),  # null where undefined: see minibatch_cka_left_out
+        "minibatch_cka_left_out": left_out,
         "reuse": {name: _json_float(linear[i, i]) for i, name in enumerate(names_a) if i < len(names_b)},
         "n_rows": int(n_rows),
         "tokens_per_crop": int(tokens_per_crop),
@@ -88,7 +94,7 @@ def load_model_encoder(path: str | Path) -> tuple[SwinEncoder, dict[str, Any]]:
         return encoder, {**meta, "source_kind": "encoder"}
     if isinstance(payload, dict) and "model" in payload and "meta" in payload:
         model, meta = load_segmenter(path)
-        return model.swinViT, {**meta, "source_kind": "segmenter"}
+        return model.encoder, {**meta, "source_kind": "segmenter"}
     encoder, meta = load_encoder(path)  # a MONAI SwinUNETR / research-contributions state dict, or a clear error
     return encoder, {**meta, "source_kind": "external"}
 
@@ -183,13 +189,30 @@ def run_cka(config: CKARunConfig, run_dir: str | Path, device: str | torch.devic
     ``results.json`` (contracts.md format) into ``run_dir`` through the run lifecycle
     (``medssl.runs.perform_run``) and returns the results; a finished run is returned as stored.
     Raises ``RunLockedError`` when another process holds the run.
+
+    The models and the task are read inside the work, under the run's lock (they are loaded once, by
+    the process that holds the run): a file that is no model is recorded as the run's failure, and
+    as a refused input it leaves the run directory unbound.
     """
     run = RunDir(run_dir)
-    return perform_run(run, config, lambda: open_cka_work(config, run, device))
+    set_limits(config.limits)  # the run's own: a bench worker process does not inherit its parent's
+    info = {
+        "method": config.method,
+        "task": config.task.name,
+        "comparison": config.comparison,
+        "model_a": str(config.model_a),
+        "model_b": str(config.model_b),
+    }
+    return perform_run(
+        run, config, lambda: RunWork("cka", info, lambda started: compare_models(config, run, device, started))
+    )
 
 
-def open_cka_work(config: CKARunConfig, run: RunDir, device: str | torch.device | None) -> RunWork:
-    """Load both models and take the crops (a refusal binds nothing); the work compares them."""
+def compare_models(
+    config: CKARunConfig, run: RunDir, device: str | torch.device | None, started: float
+) -> dict[str, Any]:
+    """The work of a CKA run: load both models and the task's crops, and compare them stage by stage."""
+    run.log(f"cka {config.comparison}: {config.model_a} vs {config.model_b}")
     encoder_a, meta_a = load_model_encoder(config.model_a)
     if config.model_b == config.model_a:  # a model against itself: one encoder, one forward pass
         encoder_b, meta_b = encoder_a, meta_a
@@ -201,49 +224,39 @@ def open_cka_work(config: CKARunConfig, run: RunDir, device: str | torch.device 
             raise MedsslInputError(path, f"CKA crops are single-channel; this encoder takes {in_channels} channels")
     task = load_task(config.task)
     method = config.method or meta_a.get("method") or meta_b.get("method") or "unknown"
+    run.update_info(method=method, task=task.name)
     preprocess = preprocess_from_meta(meta_a, config.model_a)
     cache = VolumeCache(config.cache_dir if config.cache_dir is not None else run.path / "cache")
     sampling = config.model_dump(include={"n_crops", "crop_size", "seed", "cases"})  # how the crops are drawn
     crops, origins = task_crops(task, cache, preprocess, **sampling)
-
-    def compare(started: float) -> dict[str, Any]:
-        run.log(f"cka {config.comparison}: {config.model_a} vs {config.model_b}")
-        target = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-        encoder_a.to(target)
-        encoder_b.to(target)  # the same module again when comparing a model with itself: a no-op
-        matrices = cka_matrices(
-            encoder_a, encoder_b, crops, max_tokens=config.max_tokens, batch_size=config.batch_size, seed=config.seed
-        )
-        run.log(f"cka on {len(crops)} crops, {matrices['n_rows']} rows; reuse {matrices['reuse']}")
-        return {
-            "kind": "cka",
-            "method": method,
-            "task": task.name,
-            "comparison": config.comparison,
-            "layers": matrices["layers"],
-            "linear_cka": matrices["linear_cka"],
-            "minibatch_cka": matrices["minibatch_cka"],
-            "reuse": matrices["reuse"],
-            "model_a": str(config.model_a),
-            "model_b": str(config.model_b),
-            "model_a_kind": meta_a["source_kind"],
-            "model_b_kind": meta_b["source_kind"],
-            "n_crops": config.n_crops,
-            "crop_size": config.crop_size,
-            "tokens_per_crop": matrices["tokens_per_crop"],
-            "n_rows": matrices["n_rows"],
-            "n_batches": matrices["n_batches"],
-            "preprocess": preprocess.model_dump(mode="json"),
-            "crops": origins,
-            "seed": config.seed,
-            "wall_seconds": round(time.time() - started, 3),
-        }
-
-    info = {
+    target = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    encoder_a.to(target)
+    encoder_b.to(target)  # the same module again when comparing a model with itself: a no-op
+    matrices = cka_matrices(
+        encoder_a, encoder_b, crops, max_tokens=config.max_tokens, batch_size=config.batch_size, seed=config.seed
+    )
+    run.log(f"cka on {len(crops)} crops, {matrices['n_rows']} rows; reuse {matrices['reuse']}")
+    return {
+        "kind": "cka",
         "method": method,
         "task": task.name,
         "comparison": config.comparison,
+        "layers": matrices["layers"],
+        "linear_cka": matrices["linear_cka"],
+        "minibatch_cka": matrices["minibatch_cka"],
+        "minibatch_cka_left_out": matrices["minibatch_cka_left_out"],
+        "reuse": matrices["reuse"],
         "model_a": str(config.model_a),
         "model_b": str(config.model_b),
+        "model_a_kind": meta_a["source_kind"],
+        "model_b_kind": meta_b["source_kind"],
+        "n_crops": config.n_crops,
+        "crop_size": config.crop_size,
+        "tokens_per_crop": matrices["tokens_per_crop"],
+        "n_rows": matrices["n_rows"],
+        "n_batches": matrices["n_batches"],
+        "preprocess": preprocess.model_dump(mode="json"),
+        "crops": origins,
+        "seed": config.seed,
+        "wall_seconds": round(time.time() - started, 3),
     }
-    return RunWork("cka", info, compare)

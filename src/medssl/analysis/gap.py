@@ -114,6 +114,12 @@ def gap_ranks(gaps: pd.DataFrame) -> pd.DataFrame:
     """Rank methods per task by their mean gap over seeds (smallest gap = most data-efficient =
     rank 1; ties share the average rank) and add each method's mean rank over tasks.
 
+    Only a positive mean gap is ranked. A gap <= 0 says the smallest budget scored at least as well as
+    the largest: for a task that was learned that is noise of short or unconverged runs, and for one
+    that was not (both budgets near 0 Dice) there is nothing to be efficient about. Such a method gets
+    no rank (NaN) on that task, instead of rank 1, and its mean rank is over the tasks where it was
+    ranked (NaN when none).
+
     Takes the output of :func:`few_many_gap` (a results table is converted first).
     """
     if "gap" not in gaps.columns:
@@ -125,7 +131,8 @@ def gap_ranks(gaps: pd.DataFrame) -> pd.DataFrame:
         .agg(gap=("gap", "mean"), gap_std=("gap", "std"), n_seeds=("seed", "nunique"))
         .reset_index()
     )
-    per_task["rank"] = per_task.groupby("task")["gap"].rank(method="average", ascending=True)
+    ranked = per_task["gap"].where(per_task["gap"] > 0)
+    per_task["rank"] = ranked.groupby(per_task["task"]).rank(method="average", ascending=True)
     per_task["mean_rank"] = per_task.groupby("method")["rank"].transform("mean")
     return per_task.sort_values(["task", "rank", "method"], kind="stable").reset_index(drop=True)[RANK_COLUMNS]
 

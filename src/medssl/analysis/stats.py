@@ -65,6 +65,22 @@ def per_case_scores(results: pd.DataFrame, metric: str = "dice", unit: PairingUn
     return table.drop(columns="seed")[["task", "budget", "method", "case", "score"]]
 
 
+MIN_PAIRS_FOR_SIGNIFICANCE = 6  # the fewest pairs whose smallest two-sided Wilcoxon p is below 0.05
+
+
+def smallest_wilcoxon_p(n: int) -> float:
+    """The smallest two-sided p a Wilcoxon signed-rank test on ``n`` pairs can give: every difference of
+    one sign, exact null distribution, ``2 / 2**n`` (0.25 at n = 3, 0.0625 at 5, 0.031 at 6). A test on
+    fewer than :data:`MIN_PAIRS_FOR_SIGNIFICANCE` pairs cannot reach p < 0.05 whatever the data."""
+    return 1.0 if n < 1 else min(1.0, 2.0 / 2.0**n)
+
+
+def smallest_holm_p(n: int, tests: int) -> float:
+    """The smallest Holm-corrected p within a family of ``tests`` tests on ``n`` pairs each: Holm
+    multiplies the smallest p of the family by the number of tests."""
+    return min(1.0, max(tests, 1) * smallest_wilcoxon_p(n))
+
+
 def _wilcoxon(differences: np.ndarray) -> tuple[float, float]:
     """Signed-rank statistic and two-sided p; all-zero (or no) differences give (0, 1)."""
     nonzero = differences[differences != 0]
@@ -263,12 +279,12 @@ def cliques(ranks: Mapping[str, float], cd: float | None) -> list[list[str]]:
     return groups
 
 
-def critical_difference_plot(
-    ranks: Mapping[str, float], cd: float | None, path: str | Path, title: str | None = None
-) -> None:
-    """Demšar's critical-difference diagram: methods on a mean-rank axis (rank 1 = best, left),
-    the CD as a bar, and methods not significantly different joined by thick lines."""
-    from matplotlib.figure import Figure  # Agg via Figure.savefig: no pyplot state, no display
+def critical_difference_figure(ranks: Mapping[str, float], cd: float | None, title: str | None = None) -> Any:
+    """Demšar's critical-difference diagram as a matplotlib ``Figure`` (Agg): methods on a mean-rank axis
+    (rank 1 = best, left), the CD as a bar with its "CD =" label, methods not significantly different
+    joined by thick lines, and the title in a row of its own above the CD label."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # Agg: no pyplot state, no display
 
     if not ranks:
         raise ValueError("no methods to plot")
@@ -279,13 +295,16 @@ def critical_difference_plot(
     right = ordered[math.ceil(k / 2) :]
     n_rows = max(len(left), len(right))
     groups = cliques(ranks, cd)
-    height = 1.6 + 0.32 * n_rows + 0.18 * len(groups)
+    title_room = 0.45 if title else 0.0  # data units (about inches) above the CD label
+    height = 1.6 + 0.32 * n_rows + 0.18 * len(groups) + title_room
     fig = Figure(figsize=(7.5, height), dpi=150)
-    ax = fig.add_axes([0.03, 0.02, 0.94, 0.96])
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.03, 0.02, 0.94, 0.96))
     axis_y, label_step = 0.0, 0.32
     bottom = -(0.35 + len(groups) * 0.18 + n_rows * label_step + 0.2)
+    top = 0.95 + title_room
     ax.set_xlim(lo_axis - 1.1, hi_axis + 1.1)
-    ax.set_ylim(bottom, 0.95)
+    ax.set_ylim(bottom, top)
     ax.axis("off")
     ax.hlines(axis_y, lo_axis, hi_axis, color="black", linewidth=1.2)
     for tick in range(lo_axis, hi_axis + 1):
@@ -296,7 +315,7 @@ def critical_difference_plot(
         ax.hlines(0.7, lo_axis, lo_axis + cd, color="black", linewidth=2.0)
         for x in (lo_axis, lo_axis + cd):
             ax.vlines(x, 0.65, 0.75, color="black", linewidth=1.0)
-        ax.text(lo_axis + cd / 2, 0.77, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=9)
+        ax.text(lo_axis + cd / 2, 0.77, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=9, gid="cd-label")
     for g, members in enumerate(groups):
         y = -0.2 - g * 0.18
         xs = [ranks[m] for m in members]
@@ -317,6 +336,15 @@ def critical_difference_plot(
                 fontsize=9,
             )
     if title:
-        fig.suptitle(title, fontsize=10)
+        # in the axes' own coordinates, above the CD label's row: a figure title sat on top of that label
+        ax.text((lo_axis + hi_axis) / 2, top - 0.05, title, ha="center", va="top", fontsize=10, gid="cd-title")
+    return fig
+
+
+def critical_difference_plot(
+    ranks: Mapping[str, float], cd: float | None, path: str | Path, title: str | None = None
+) -> None:
+    """:func:`critical_difference_figure` written to ``path`` (PNG)."""
+    fig = critical_difference_figure(ranks, cd, title)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150, bbox_inches="tight")

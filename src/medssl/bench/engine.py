@@ -3,6 +3,7 @@ finished, write the report. Re-running skips finished runs and resumes interrupt
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,7 @@ from medssl.config import (
     validate_config,
 )
 from medssl.errors import ConfigError, look_up_option
+from medssl.limits import check_batch_size, set_limits
 from medssl.runs import RunDir
 
 from .estimate import RunEstimate, device_description, estimate_plan, short_source, stage_rows
@@ -25,6 +27,7 @@ from .executors import ExecutionSummary, make_executor
 from .identity import bind_out_folder
 from .plan import (
     RANDOM_INIT,
+    REAL_CT_PATH,
     STAGES,
     Plan,
     control_data_seed,
@@ -38,8 +41,7 @@ from .plan import (
     runs_root,
     synth_data_dir,
 )
-
-REAL_CT_PATH = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
+from .recipes import plan_json, planned_corpus_volumes, print_operating_points
 
 
 def demo_config_path() -> Path:
@@ -65,23 +67,30 @@ def prepare_data(bench: BenchConfig, out: Path, source: str | Path | None = None
     pretraining = any(m.name != RANDOM_INIT for m in resolve_methods(bench, source))
     synth_corpus = pretraining and bench.data.corpus == "synth"
     made: dict[str, Path] = {}
-    if synth_corpus or any(t.synth_kind for t in tasks):
-        from medssl.data.synth import synth_all
+    kinds = sorted({t.synth_kind for t in tasks if t.synth_kind})
+    if synth_corpus or kinds:
+        from medssl.data.synth import synth_corpus as write_corpus
+        from medssl.data.synth import synth_task
 
         s = bench.data.synth or SynthDataConfig()
         _console(stderr=True).print(
-            f"synthetic data: {s.cases} cases per task, {s.corpus_cases} corpus scans "
-            f"of {tuple(s.shape)} ({s.variation} variation) in {synth_data_dir(out)}"
+            f"synthetic data: {s.cases} cases per task ({', '.join(kinds) or 'none'}), "
+            f"{s.corpus_cases if synth_corpus else 0} corpus scans of {tuple(s.shape)} ({s.variation} variation) "
+            f"in {synth_data_dir(out)}"
         )
-        made = synth_all(
-            synth_data_dir(out),
-            cases=s.cases,
-            corpus_cases=s.corpus_cases,
-            seed=s.seed,
-            shape=tuple(s.shape),
-            spacing=tuple(s.spacing),
-            variation=s.variation,
-        )
+        common: dict[str, Any] = {
+            "seed": s.seed,
+            "shape": tuple(s.shape),
+            "spacing": tuple(s.spacing),
+            "variation": s.variation,
+        }
+        # only what the plan uses: the corpus when it pretrains on it, the tasks it lists
+        if synth_corpus:
+            made["corpus"] = synth_data_dir(out) / "corpus"
+            write_corpus(made["corpus"], s.corpus_cases, **common)
+        for kind in kinds:
+            lesions = {"lesion_radius_mm": s.lesion_radius_mm} if kind == "ct_lesions" else {}
+            made[kind] = synth_task(synth_data_dir(out) / kind, kind, s.cases, **common, **lesions)  # type: ignore[arg-type]
         for task in tasks:
             if task.synth_kind and Path(made[task.synth_kind]).resolve() != task.path:
                 raise RuntimeError(
@@ -299,6 +308,18 @@ def load_bench(
     return resolve_bench_paths(bench.model_copy(deep=True), Path.cwd())
 
 
+def _check_batch_sizes(bench: BenchConfig, source: str | Path) -> None:
+    """Every batch size the benchmark sets (pretraining, fine-tuning, a task's own) within
+    ``limits.batch_size``; the training loop checks it again in each run's own process."""
+    sizes = [("pretrain", bench.pretrain.schedule.batch_size), ("finetune", bench.finetune.schedule.batch_size)]
+    for task in bench.tasks:
+        schedule = task.finetune.get("schedule") if isinstance(task.finetune, dict) else None
+        if isinstance(schedule, dict) and isinstance(schedule.get("batch_size"), int):
+            sizes.append((f"tasks '{task.name or task.path}' finetune", schedule["batch_size"]))
+    for where, size in sizes:
+        check_batch_size(size, f"{source}: {where}")
+
+
 def executor_kind(name: str) -> ExecutorKind:
     """``name`` as an executor kind; a ``ConfigError`` (exit 2) naming the known ones otherwise."""
     return cast(ExecutorKind, look_up_option("executor", name, EXECUTOR_KINDS, source="--executor"))
@@ -312,22 +333,34 @@ def run_bench(
     dry_run: bool = False,
     bench: BenchConfig | None = None,
     cluster: str | None = None,
+    as_json: bool = False,
 ) -> int:
     """Run a benchmark into ``out``; returns the number of failed runs (0 = all finished), plus
     one when the report could not be written (what finished is reported even when runs failed).
 
     ``cluster`` is submitit's cluster for the SLURM executor (None: detect; "local" for tests).
+    ``as_json`` (with ``dry_run`` only): the plan as one JSON object on stdout (``bench/recipes.py``
+    ``plan_json``), nothing else, no step time measured.
     """
     out = Path(out).resolve()
     source = config_path or "<bench config>"
+    if as_json and not dry_run:
+        raise ConfigError("--json", "prints the plan of a dry run: give --dry-run with it")
     bench = load_bench(config_path, overrides, bench)
+    set_limits(bench.limits)  # this process prepares the data; each run gets them in its own config
+    _check_batch_sizes(bench, source)  # at the door, before the out folder is bound or data is made
     kind = executor_kind(executor) if executor is not None else bench.executor.kind
 
     bind_out_folder(bench, out, record=not dry_run)  # exit 2 when out holds another benchmark
     if dry_run:
         plan = expand_plan(bench, out, source)
+        volumes = planned_corpus_volumes(bench, out)
+        if as_json:
+            print(json.dumps(plan_json(plan, volumes)))
+            return 0
         parallel = bench.executor.workers if kind == "local" else 1
         print_plan(plan, out, estimate_plan(plan, out), parallel=parallel)
+        print_operating_points(plan, volumes, _console())
         return 0
 
     prepare_data(bench, out, source)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from medssl.config import BenchConfig
+from medssl.config import BenchConfig, config_dump
 from medssl.errors import ConfigError
 from medssl.fileio import atomic_write_text, file_lock
 from medssl.runs import config_differences
@@ -30,7 +30,7 @@ DESCRIPTIVE = ("about",)
 
 
 def bench_identity(bench: BenchConfig) -> dict[str, Any]:
-    data = bench.model_dump(mode="json")
+    data = config_dump(bench)  # fields added later count only when set
     return {k: v for k, v in data.items() if k not in NOT_PART_OF_IDENTITY}
 
 

@@ -36,6 +36,9 @@ from medssl.runs import BenchDir, RunDir, atomic_write_json
 
 from .kinds import STAGES, RunConfig, run_kind
 
+REAL_CT_PATH = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
+"""The real head CT (Debian's invesalius-examples) a benchmark's corpus takes when ``data.include_real_ct``."""
+
 _COMPARISON_SLUGS = {"pretrained_vs_finetuned": "pvf", "fewshot_vs_manyshot": "fvm"}
 
 
@@ -108,6 +111,11 @@ class ResolvedTask:
     path: Path
     synth_kind: str | None
     finetune: dict[str, Any] = field(default_factory=dict)  # this task's fine-tuning settings
+    budgets: list[Budget] | None = None  # this task's budgets (None: the benchmark's)
+
+    def budget_list(self, bench: BenchConfig) -> list[Budget]:
+        """The task's budgets, smallest first (``all`` last)."""
+        return sorted(self.budgets if self.budgets is not None else bench.budgets)  # all last
 
 
 # --------------------------------------------------------------------------- layout
@@ -140,7 +148,9 @@ def resolve_tasks(bench: BenchConfig, out: str | Path, source: str | Path | None
         path = synth_data_dir(out) / kind if kind else Path(entry.path).resolve()
         # an explicit name is a validated slug (config.py); a folder's name is made into one
         name = entry.name or kind or slugify(path.name)
-        tasks.append(ResolvedTask(name=name, path=path, synth_kind=kind, finetune=entry.finetune))
+        tasks.append(
+            ResolvedTask(name=name, path=path, synth_kind=kind, finetune=entry.finetune, budgets=entry.budgets)
+        )
     names = [t.name for t in tasks]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
@@ -189,7 +199,7 @@ def check_budgets(task: ResolvedTask, bench: BenchConfig, source: str | Path | N
             f"task '{task.name}' has {n_cases} cases: not enough for n_test={n_test}, "
             f"n_val={n_val} and at least one training case",
         )
-    too_large = [b for b in bench.budgets if b.cases is not None and b.cases > pool]
+    too_large = [b for b in task.budget_list(bench) if b.cases is not None and b.cases > pool]
     if too_large:
         raise ConfigError(
             where,
@@ -240,7 +250,6 @@ class EncoderRow:
     checkpoint: Path | None = None
     depends_on: str | None = None  # the run that writes the checkpoint
     finetune: dict[str, Any] = field(default_factory=dict)  # finetune fields of this row only
-    probed: bool = True  # the identity-transformer has no encoder to probe
 
 
 def _supervised_control(bench: BenchConfig, out: Path, where: str | Path) -> tuple[PlannedRun, EncoderRow]:
@@ -292,8 +301,12 @@ def make_run_id(kind: str, slug: str, digest: str) -> str:
 
 
 def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None = None) -> Plan:
-    """Every run of the benchmark, in stage order, with dependencies; writes ``<out>/plan.json``."""
+    """Every run of the benchmark, in stage order, with dependencies; writes ``<out>/plan.json``.
+
+    A pretraining run's config holds every option of its method (``resolve_method_config``) and the schedule
+    its recipe resolves to (``pretrain.recipe``, or the method's own ``recipe`` in ``methods``)."""
     from medssl.methods import REGISTRY
+    from medssl.methods.base import resolve_method_config
 
     out = Path(out).resolve()
     where = source or "<bench config>"
@@ -302,9 +315,7 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
     for task in tasks:
         check_budgets(task, bench, source)
     corpus = corpus_dir(bench, out)
-    budgets = sorted(bench.budgets)  # smallest first, all last
     bench_dir = BenchDir(out)
-    cache_dir = bench_dir.cache
 
     runs: list[PlannedRun] = []
     encoders: dict[str, tuple[Path | None, str | None]] = {}  # method -> (encoder.pt, pretrain run id)
@@ -315,7 +326,9 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
             continue
         data = {
             **_with_probe_task(bench.pretrain.model_dump(mode="json"), bench, out),
-            "method": method.model_dump(mode="json"),
+            "recipe": bench.method_recipe(method.name),
+            # every option spelled out: the method as it will run, in the run's config and its hash
+            "method": resolve_method_config(method).model_dump(mode="json"),
             "encoder": bench.encoder.model_dump(mode="json"),
             "corpus": str(corpus),
             "preprocess": bench.preprocess.model_dump(mode="json"),
@@ -328,59 +341,38 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
 
     families = {method.name: REGISTRY[method.name].family for method in methods}
     methods = methods + _external_encoders(bench, out, encoders, families, where)
+    # every encoder is probed; only ``finetune_methods`` (default: all) are fine-tuned
+    probed = [EncoderRow(m.name, families[m.name], *encoders[m.name]) for m in methods]
+    methods = _finetuned(methods, bench.finetune_methods, where)
     rows = [EncoderRow(m.name, families[m.name], *encoders[m.name]) for m in methods]
     if bench.controls.supervised.enabled:
         control_run, control_row = _supervised_control(bench, out, where)
         runs.append(control_run)
         rows.append(control_row)
+        probed.append(control_row)
     if bench.controls.identity_transformer:
-        rows.append(EncoderRow(IDENTITY_TRANSFORMER, "control", finetune={"transformer": "identity"}, probed=False))
+        # fine-tuned only: it has no encoder to probe
+        rows.append(EncoderRow(IDENTITY_TRANSFORMER, "control", finetune={"transformer": "identity"}))
 
     finetunes: dict[tuple[str, str, str, int], PlannedRun] = {}
     for row in rows:
-        family = row.family
-        checkpoint, pretrain_id = row.checkpoint, row.depends_on
         for task in tasks:
-            for budget in budgets:
+            for budget in task.budget_list(bench):
                 for seed in bench.seeds:
-                    section = deep_merge(bench.finetune.model_dump(mode="json"), task.finetune)
-                    section["schedule"] = {**section["schedule"], "seed": seed}  # a seed varies init and data order
-                    data = {
-                        **section,
-                        "task": str(task.path),
-                        "cache_dir": str(cache_dir),
-                        "splits_path": str(bench_dir.splits_file(task.name)),
-                        "encoder_checkpoint": str(checkpoint) if checkpoint else None,
-                        "encoder": bench.encoder.model_dump(mode="json"),
-                        "budget": budget,
-                        "seed": seed,
-                        "preprocess": bench.preprocess.model_dump(mode="json"),
-                        "limits": bench.limits.model_dump(),
-                        **row.finetune,
-                    }
-                    finetune = _task_finetune_config(data, task, where)
+                    finetune = _finetune_config(bench, out, task, budget, seed, row, where)
+                    labels: dict[str, Any] = {"method": row.method, "family": row.family, "task": task.name}
+                    labels |= {"budget": str(budget), "seed": seed}
                     slug = f"{row.method}-{task.name}-b{budget}-s{seed}"
-                    run = PlannedRun.make(
-                        "finetune",
-                        slug,
-                        finetune,
-                        [pretrain_id] if pretrain_id else [],
-                        {
-                            "method": row.method,
-                            "family": family,
-                            "task": task.name,
-                            "budget": str(budget),
-                            "seed": seed,
-                        },
-                    )
+                    deps = [row.depends_on] if row.depends_on else []
+                    run = PlannedRun.make("finetune", slug, finetune, deps, labels)
                     runs.append(run)
                     finetunes[(row.method, task.name, str(budget), seed)] = run
 
     if bench.probe.enabled:
-        runs += _probe_runs(bench, out, [r for r in rows if r.probed], tasks, finetunes, where)
+        runs += _probe_runs(bench, out, probed, tasks, where)
 
     if bench.cka.enabled:
-        runs += _cka_runs(bench, out, methods, tasks, budgets, finetunes, encoders, where)
+        runs += _cka_runs(bench, out, methods, tasks, finetunes, encoders, where)
 
     plan = Plan(name=bench.name, out=out, runs=runs)
     write_plan(plan, bench_dir.plan)
@@ -395,18 +387,34 @@ def _external_encoders(
     where: str | Path,
 ) -> list[MethodConfig]:
     """Encoders pretrained elsewhere, each converted once into ``<out>/external/`` and fine-tuned as
-    its own row ``external-<name>`` (``medssl.models.foreign``); no pretraining run."""
-    from medssl.models.foreign import EXTERNAL_FAMILY, external_method, import_external_encoder
+    its own row ``external-<name>`` of its declared family (``external``, or ``supervised``)
+    (``medssl.models.foreign``); no pretraining run."""
+    from medssl.models.foreign import external_method, import_external_encoder
 
     added = []
     for external in bench.external_encoders:
         label = external_method(external.name)
         if label in encoders:
             raise ConfigError(where, f"external_encoders: name '{external.name}' is used twice")
-        encoders[label] = (import_external_encoder(external.path, external.name, out / "external"), None)
-        families[label] = EXTERNAL_FAMILY
+        encoders[label] = (
+            import_external_encoder(external.path, external.name, out / "external", family=external.family),
+            None,
+        )
+        families[label] = external.family
         added.append(MethodConfig(name=label))
     return added
+
+
+def _finetuned(methods: list[MethodConfig], names: list[str] | None, where: str | Path) -> list[MethodConfig]:
+    """The encoders that are fine-tuned: ``finetune_methods`` (in the order of ``methods``), or all."""
+    if names is None:
+        return methods
+    known = [m.name for m in methods]
+    for name in names:
+        look_up_option("method", name, known, source=f"{where}: finetune_methods")
+    if len(set(names)) != len(names):
+        raise ConfigError(where, "finetune_methods: a method is listed twice")
+    return [m for m in methods if m.name in names]
 
 
 def _with_probe_task(pretrain: dict[str, Any], bench: BenchConfig, out: Path) -> dict[str, Any]:
@@ -425,23 +433,25 @@ def _probe_runs(
     out: Path,
     rows: list[EncoderRow],
     tasks: list[ResolvedTask],
-    finetunes: dict[tuple[str, str, str, int], PlannedRun],
     where: str | Path,
 ) -> list[PlannedRun]:
-    """A probe run per encoder row x task x budget x seed, on the split, cache and preprocessing of the
-    fine-tuning run of the same row, task, budget and seed."""
-    budgets = sorted(bench.probe.budgets or bench.budgets)  # smallest first, all last
-    unknown = [b for b in budgets if b not in bench.budgets]
-    if unknown:
-        raise ConfigError(where, f"probe.budgets: {unknown[0]} is not one of the benchmark's budgets")
+    """A probe run per encoder row x task x budget x seed, on the split, cache and preprocessing that the
+    fine-tuning run of the same row, task, budget and seed has (whether or not that row is fine-tuned)."""
+    wanted = bench.probe.budgets
+    if wanted is not None:
+        known = {b for task in tasks for b in task.budget_list(bench)}
+        unknown = [b for b in wanted if b not in known]
+        if unknown:
+            raise ConfigError(where, f"probe.budgets: {unknown[0]} is not a budget of any task")
     head = bench.probe.model_dump(mode="json", exclude={"enabled", "budgets"})
     runs = []
     for row in rows:
         for task in tasks:
+            # a task's own budgets, or those of probe.budgets among them (smallest first, all last)
+            budgets = [b for b in task.budget_list(bench) if wanted is None or b in wanted]
             for budget in budgets:
                 for seed in bench.seeds:
-                    finetune = finetunes[(row.method, task.name, str(budget), seed)].config
-                    assert isinstance(finetune, FinetuneConfig)  # the fine-tuning stage's config
+                    finetune = _finetune_config(bench, out, task, budget, seed, row, where)
                     data = {
                         "task": str(finetune.task),
                         "encoder_checkpoint": str(row.checkpoint) if row.checkpoint else None,
@@ -483,12 +493,35 @@ def _task_finetune_config(data: dict[str, Any], task: ResolvedTask, where: str |
         raise ConfigError(where, f"tasks: '{task.name}' (with its finetune settings): {err.problem}") from None
 
 
+def _finetune_config(
+    bench: BenchConfig, out: Path, task: ResolvedTask, budget: Budget, seed: int, row: EncoderRow, where: str | Path
+) -> FinetuneConfig:
+    """The fine-tuning config of one row x task x budget x seed (a probe run takes its split, cache and
+    preprocessing from the same config)."""
+    bench_dir = BenchDir(out)
+    section = deep_merge(bench.finetune.model_dump(mode="json"), task.finetune)
+    section["schedule"] = {**section["schedule"], "seed": seed}  # a seed varies init and data order
+    data = {
+        **section,
+        "task": str(task.path),
+        "cache_dir": str(bench_dir.cache),
+        "splits_path": str(bench_dir.splits_file(task.name)),
+        "encoder_checkpoint": str(row.checkpoint) if row.checkpoint else None,
+        "encoder": bench.encoder.model_dump(mode="json"),
+        "budget": budget,
+        "seed": seed,
+        "preprocess": bench.preprocess.model_dump(mode="json"),
+        "limits": bench.limits.model_dump(),
+        **row.finetune,
+    }
+    return _task_finetune_config(data, task, where)
+
+
 def _cka_runs(
     bench: BenchConfig,
     out: Path,
     methods: list[MethodConfig],
     tasks: list[ResolvedTask],
-    budgets: list[Budget],
     finetunes: dict[tuple[str, str, str, int], PlannedRun],
     encoders: dict[str, tuple[Path | None, str | None]],
     where: str | Path,
@@ -500,7 +533,6 @@ def _cka_runs(
     for name in bench.cka.tasks or []:
         look_up_option("task", name, [t.name for t in tasks], source=f"{where}: cka.tasks")
     seed = bench.seeds[0]
-    smallest, largest = str(budgets[0]), str(budgets[-1])
     runs = []
     for method in methods:
         if method.name == RANDOM_INIT:
@@ -509,6 +541,8 @@ def _cka_runs(
         for task in tasks:
             if bench.cka.tasks is not None and task.name not in bench.cka.tasks:
                 continue
+            budgets = task.budget_list(bench)
+            smallest, largest = str(budgets[0]), str(budgets[-1])
             many = finetunes[(method.name, task.name, largest, seed)]
             pairs = [("pretrained_vs_finetuned", encoder_path, [pretrain_id], many)]
             if smallest != largest:
@@ -528,6 +562,7 @@ def _cka_runs(
                         "crop_size": bench.cka.crop_size,
                         "batch_size": bench.cka.batch_size,
                         "seed": seed,
+                        "limits": bench.limits.model_dump(),
                     },
                     where,
                 )

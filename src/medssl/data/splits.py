@@ -60,7 +60,9 @@ def make_splits(
     if n_test + n_val >= len(ids):
         raise MedsslInputError(
             source,
-            f"{len(ids)} cases leave no training case after {n_test} test and {n_val} validation cases",
+            f"{len(ids)} cases leave no training case after n_test={n_test} test and n_val={n_val} validation "
+            f"cases; lower them (e.g. the overrides n_test=1 n_val=1, or finetune: {{n_test: 1, n_val: 1}} in a "
+            "benchmark YAML) or add cases",
         )
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
     split = {

@@ -48,6 +48,9 @@ TASK_KINDS: tuple[str, ...] = ("ct_organs", "ct_lesions", "mri_organs")
 # labeled cases cannot show a network every appearance an organ has, while an unlabeled corpus can.
 Variation = Literal["standard", "scanners"]
 VARIATIONS: tuple[str, ...] = ("standard", "scanners")
+# Lesion radius range, mm: 5-10 mm is 1-3 voxels at the demo's 4 mm spacing, too small for a short
+# run to learn; a task may ask for larger lesions (``synth_task(..., lesion_radius_mm=(lo, hi))``).
+LESION_RADIUS_MM: tuple[float, float] = (5.0, 10.0)
 
 # Tissue codes of the anatomy's tissue map.
 TISSUES: dict[str, int] = {
@@ -346,8 +349,9 @@ def make_anatomy(
     seed: int,
     shape: Sequence[int] = (64, 64, 64),
     spacing: Sequence[float] = (3.0, 3.0, 3.0),
+    lesion_radius_mm: tuple[float, float] = LESION_RADIUS_MM,
 ) -> Anatomy:
-    """Build one case's anatomy (tissue map, organ labels, 1-3 lesions) from ``seed``."""
+    """Build one case's anatomy (tissue map, organ labels, 1-3 lesions of ``lesion_radius_mm``) from ``seed``."""
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"phantom shape must be 3 sides of at least 16 voxels, got {shape}")
@@ -496,7 +500,7 @@ def make_anatomy(
     for name, label in _ORGAN_OF_TISSUE.items():
         organs[tissue == TISSUES[name]] = label
 
-    lesions, info = _place_lesions(rng, organs, spacing_t)
+    lesions, info = _place_lesions(rng, organs, spacing_t, lesion_radius_mm)
     ox, oy, oz = (-s * n / 2.0 + _u(rng, -20.0, 20.0) for s, n in zip(spacing_t, shape, strict=True))
     return Anatomy(
         seed=int(seed),
@@ -510,9 +514,13 @@ def make_anatomy(
 
 
 def _place_lesions(
-    rng: np.random.Generator, organs: np.ndarray, spacing: tuple[float, float, float]
+    rng: np.random.Generator,
+    organs: np.ndarray,
+    spacing: tuple[float, float, float],
+    radius_mm: tuple[float, float] = LESION_RADIUS_MM,
 ) -> tuple[np.ndarray, list[Lesion]]:
-    """1-3 blob lesions (radius 5-10 mm) fully inside the liver or a kidney, not touching each other.
+    """1-3 blob lesions (radius drawn from ``radius_mm``, 5-10 mm by default) fully inside the liver or a
+    kidney, not touching each other.
 
     A centre is drawn among host voxels at least the radius away from the host's surface (EDT,
     in mm); where no host voxel is that deep, the radius shrinks to the deepest voxel's depth.
@@ -531,7 +539,7 @@ def _place_lesions(
             continue
         box = ndimage.find_objects(host.astype(np.uint8))[0]
         depth = ndimage.distance_transform_edt(np.pad(host[box], 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
-        radius = _u(rng, 5.0, 10.0)
+        radius = _u(rng, *radius_mm)
         min_voxel = min(spacing)
         if depth.max() < radius + 0.5 * min_voxel:
             radius = max(float(depth.max()) - 0.5 * min_voxel, min_voxel)
@@ -771,12 +779,18 @@ def _folder_params(
 
 
 def _anatomies(
-    seed: int, domain: str, n: int, shape: Sequence[int], spacing: Sequence[float], jitter_spacing: bool
+    seed: int,
+    domain: str,
+    n: int,
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    jitter_spacing: bool,
+    lesion_radius_mm: tuple[float, float] = LESION_RADIUS_MM,
 ) -> Iterator[tuple[int, Anatomy]]:
     """(anatomy seed, anatomy) of the cases 0..n-1 of a domain."""
     for i in range(n):
         cs = case_seed(seed, domain, i)
-        yield cs, make_anatomy(cs, shape, _case_spacing(cs, spacing, jitter_spacing))
+        yield cs, make_anatomy(cs, shape, _case_spacing(cs, spacing, jitter_spacing), lesion_radius_mm)
 
 
 def synth_corpus(
@@ -815,6 +829,15 @@ def _variation_param(variation: Variation) -> dict[str, str]:
     return {} if variation == "standard" else {"variation": variation}
 
 
+def _lesion_radius(radius_mm: Sequence[float]) -> tuple[float, float]:
+    lo, hi = (float(v) for v in radius_mm)
+    if not 0 < lo <= hi:
+        raise MedsslInputError(
+            "lesion_radius_mm", f"must be [low, high] mm with 0 < low <= high, got {list(radius_mm)}"
+        )
+    return lo, hi
+
+
 def _ct_int16(image: np.ndarray) -> np.ndarray:
     return np.round(image).astype(np.int16)  # how CT is stored: integer HU
 
@@ -830,28 +853,36 @@ def synth_task(
     spacing: Sequence[float] = (3.0, 3.0, 3.0),
     jitter_spacing: bool = True,
     variation: Variation = "standard",
+    lesion_radius_mm: tuple[float, float] = LESION_RADIUS_MM,
 ) -> Path:
     """A labeled task in MSD layout (``dataset.json``, ``imagesTr/``, ``labelsTr/``); returns ``out``.
 
     ``ct_organs`` / ``mri_organs``: ORGAN_LABELS, case ``i`` of both shares its anatomy (and label
-    map). ``ct_lesions``: other anatomies, labels only the lesions (LESION_LABELS). A folder already
-    complete with the same parameters is left as it is.
+    map). ``ct_lesions``: other anatomies, labels only the lesions (LESION_LABELS), whose radii are drawn
+    from ``lesion_radius_mm`` (the organ tasks keep the default, so their anatomy never changes with it).
+    A folder already complete with the same parameters is left as it is.
     """
     if kind not in TASK_KINDS:
         raise MedsslInputError("kind", f"unknown synthetic task {kind!r}; choose one of {', '.join(TASK_KINDS)}")
     _check_request(n, kind, shape, spacing)
+    radius = _lesion_radius(lesion_radius_mm) if kind == "ct_lesions" else LESION_RADIUS_MM
     if kind == "mri_organs" and mri_weighting not in MRI_SIGNAL:
         raise MedsslInputError("mri_weighting", f"must be one of {', '.join(MRI_SIGNAL)}, got {mri_weighting!r}")
     out = Path(out)
     weighting = mri_weighting if kind == "mri_organs" else None
-    params = _folder_params(kind, n, seed, shape, spacing, jitter_spacing, variation, mri_weighting=weighting)
+    # the lesion radius is absent at its default, so folders made before the option stay complete
+    lesions = {} if radius == LESION_RADIUS_MM else {"lesion_radius_mm": list(radius)}
+    params = _folder_params(
+        kind, n, seed, shape, spacing, jitter_spacing, variation, mri_weighting=weighting, **lesions
+    )
     if _is_complete(out, params):
         return out
     _start(out, ["imagesTr", "labelsTr"])
     domain = "lesions" if kind == "ct_lesions" else "organs"
     labels = LESION_LABELS if kind == "ct_lesions" else ORGAN_LABELS
     names = [f"case_{i:03d}.nii.gz" for i in range(n)]
-    for name, (cs, anatomy) in zip(names, _anatomies(seed, domain, n, shape, spacing, jitter_spacing), strict=True):
+    anatomies = _anatomies(seed, domain, n, shape, spacing, jitter_spacing, radius)
+    for name, (cs, anatomy) in zip(names, anatomies, strict=True):
         if kind == "mri_organs":
             image = render_mri(anatomy, cs, weighting=mri_weighting, variation=variation)
         else:
@@ -892,10 +923,12 @@ def synth_all(
     spacing: Sequence[float] = (3.0, 3.0, 3.0),
     jitter_spacing: bool = True,
     variation: Variation = "standard",
+    lesion_radius_mm: tuple[float, float] = LESION_RADIUS_MM,
 ) -> dict[str, Path]:
     """Corpus and tasks under ``out``: ``corpus``, ``ct_organs``, ``ct_lesions``, ``mri_organs``.
 
     ``modality`` "ct" makes the CT ones (corpus included), "mri" only ``mri_organs``, None all.
+    ``lesion_radius_mm`` applies to ``ct_lesions`` only.
     Parts already complete with the same parameters are skipped, so re-running is cheap.
     """
     if modality not in (None, "ct", "mri"):
@@ -912,8 +945,10 @@ def synth_all(
     if modality in (None, "ct"):
         synth_corpus(out / "corpus", corpus_cases, **common)
         made["corpus"] = out / "corpus"
-        for kind in ("ct_organs", "ct_lesions"):
-            made[kind] = synth_task(out / kind, kind, cases, **common)
+        made["ct_organs"] = synth_task(out / "ct_organs", "ct_organs", cases, **common)
+        made["ct_lesions"] = synth_task(
+            out / "ct_lesions", "ct_lesions", cases, lesion_radius_mm=lesion_radius_mm, **common
+        )
     if modality in (None, "mri"):
         made["mri_organs"] = synth_task(out / "mri_organs", "mri_organs", cases, **common)
     return made

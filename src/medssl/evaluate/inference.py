@@ -36,4 +36,5 @@ def predict_volume(
         model.train()
     if regions is not None:
         return label_map_from_regions(torch.sigmoid(logits[0]), regions).cpu()
+    assert isinstance(logits, Tensor)  # a network with one output gives one tensor
     return logits.argmax(dim=1)[0].cpu()

@@ -72,6 +72,7 @@ def case_metrics(
     for c in present:
         row: dict[str, Any] = {"case": case_id, "label": c, "structure": structures[c], "dice": float(dice[c])}
         if c in predicted:
+            assert hd95 is not None and nsd is not None  # computed above whenever a structure is predicted
             h, n = float(hd95[c]), float(nsd[c])
             row["hd95"] = h if math.isfinite(h) else None
             row["nsd"] = n if math.isfinite(n) else None

@@ -140,6 +140,10 @@ class ProbeHead(nn.Module):
     """Standardisation (fixed, from the training sample), then a linear map or a one-hidden-layer MLP,
     plus a fixed logit offset (the logit adjustment)."""
 
+    mean: Tensor  # buffers (register_buffer)
+    std: Tensor
+    offset: Tensor
+
     def __init__(self, in_channels: int, n_classes: int, hidden: int = 0) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(in_channels))
@@ -159,9 +163,10 @@ class ProbeHead(nn.Module):
         resolution, as ``forward`` of their concatenated trilinear upsampling to ``size`` would give them.
         For a linear head the map is applied per stage before upsampling (upsampling is linear, so this is
         exact and never builds the voxel-resolution features); an MLP head gets the upsampled features."""
-        if isinstance(self.net, nn.Linear):
-            weight = self.net.weight / self.std  # standardisation folded into the map
-            bias = self.net.bias - weight @ self.mean
+        linear = self.net
+        if isinstance(linear, nn.Linear):
+            weight = linear.weight / self.std  # standardisation folded into the map
+            bias = linear.bias - weight @ self.mean
             logits, first = None, 0
             for stage_map in maps:
                 channels = stage_map.shape[1]

@@ -1,31 +1,37 @@
-"""The SSL method interface, the registry, schedules and the EMA teacher.
+"""The SSL method interface, the registry and the EMA teacher.
 
-A method owns its views, heads and loss (solo-learn style). The training loop knows only this
-interface:
+A method owns its views, heads and loss (solo-learn style). It is a
+:class:`~medssl.training_module.TrainingModule` (the one optimiser step, ``train/step.py``, calls its
+hooks) and the pretraining loop knows only this interface:
 
 * ``region_size(crop_size)``: side of the cube sampled from the corpus for one sample (a method
   that takes several crops of one region, like SMIT's 96^3 crops of a 128^3 region, asks for more);
 * ``make_views(region, rng)``: per-sample views, built on the CPU in the data pipeline with
   MONAI transforms, returned as a dict of tensors (collated into a batch);
-* ``forward(batch, step)``: returns a dict of loss terms, ``"loss"`` (the total) plus each
-  component, and detached diagnostics (``**health_metrics(...)`` of ``methods/health.py``);
-* ``on_after_step(step)``: EMA updates and other per-step state, driven by the *global* step;
-  a method declares its (online, teacher) pairs once in ``momentum_pairs()`` and sets the
-  momentum schedule with ``init_momentum(base)``, and the base class updates every pair;
+* ``build_heads()``: the one place a method builds its heads, projectors and decoders (called once by
+  :class:`SSLMethod`'s constructor, after ``encoder``, ``params``, ``crop_size`` and the run length are
+  set); base classes that derive more modules from the heads (EMA teachers) do so after it;
+* ``forward(batch, step)``: the output dict, always made by :meth:`SSLMethod.outputs`: ``"loss"`` (the
+  total), each loss term and diagnostic (detached), and the representation-health scalars of
+  ``methods/health.py``;
+* the training hooks of :class:`~medssl.training_module.TrainingHooks` (``param_groups``,
+  ``cancel_gradients``, ``clip_gradients``, ``on_after_step``); ``on_after_step`` updates the EMA
+  teachers a method declares once in ``momentum_pairs()`` (momentum schedule: ``init_momentum(base)``);
 * ``encoder_for_export(which=None)``: the encoder its checkpoint stores (``export_network``:
   the teacher for DINO and iBOT, the student/online network otherwise), recorded in the
-  checkpoint's metadata as ``exported_network``.
+  checkpoint's metadata as ``exported_network``;
+* ``negatives_per_step(batch)``: how many negatives a query is contrasted with at a global batch (None
+  for methods without negatives), for the report's small-batch warning.
 
-A teacher (:class:`EMATeacher`) is built without stochastic depth and stays in eval mode.
-
-Schedules are precomputed per step (DINO's ``main_dino.py`` habit) so any step's value is an
-array lookup, identical after resume and across processes.
+A teacher (:class:`EMATeacher`) is by default a copy of the online network without stochastic depth,
+always in eval mode (DINO, iBOT); SMIT's released teacher differs (``methods/smit.py``).
+Schedules are ``medssl.schedules``.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -35,8 +41,10 @@ from torch import Tensor, nn
 
 from medssl.config import MethodConfig, StrictModel, format_validation_error
 from medssl.errors import ConfigError, look_up_option
-from medssl.methods.health import RankHistory
+from medssl.methods.health import RankHistory, health_metrics
 from medssl.models.encoder import SwinEncoder
+from medssl.schedules import cosine_schedule, schedule_at
+from medssl.training_module import TrainingHooks
 
 FAMILIES = ("contrastive", "rotation", "mim", "self_distillation", "none")
 
@@ -62,7 +70,7 @@ class NoParams(StrictModel):
     """For methods without options."""
 
 
-class SSLMethod(nn.Module):
+class SSLMethod(TrainingHooks):
     """Base class of every pretraining method (random init included)."""
 
     name: ClassVar[str]
@@ -72,21 +80,84 @@ class SSLMethod(nn.Module):
     trains: ClassVar[bool] = True
     # DDP must be told when some parameters get no gradient on some steps.
     find_unused_parameters: ClassVar[bool] = False
-    # The network the reference evaluates: "teacher" (DINO, iBOT: ``--checkpoint_key teacher``)
+    # The network the reference evaluates: "teacher" (DINO's eval_linear.py, iBOT's evaluation/eval_cls.py:
+    # ``--checkpoint_key`` default ``teacher``)
     # or "student" (the online network; every other method).
     export_network: ClassVar[str] = "student"
 
-    def __init__(self, encoder: SwinEncoder, params: StrictModel, crop_size: int, total_steps: int) -> None:
+    def __init__(
+        self,
+        encoder: SwinEncoder,
+        params: StrictModel,
+        crop_size: int,
+        total_steps: int,
+        steps_per_epoch: int | None = None,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.params: Any = params  # the subclass's own Params model (typed per method)
         self.crop_size = crop_size
         self.total_steps = max(int(total_steps), 1)
+        # One pass over the corpus at the global batch (pretraining computes it); None where no corpus is
+        # known (a method built alone, the step-time estimate). Recipes that count epochs read it.
+        self.steps_per_epoch = steps_per_epoch
         self.momentum_schedule: np.ndarray | None = None
         # ``method.options.export_network`` (set by ``build_method``): export the other network.
         self.export_override: str | None = None
         # Recent steps' embeddings, for an effective rank a two-sample batch does not bound (health.py).
         self.rank_history = RankHistory()
+        self.build_heads()
+
+    def build_heads(self) -> None:
+        """Build the method's heads (projectors, predictors, prototype heads, decoders) as attributes.
+
+        The one place heads are made; called once by the constructor, with ``encoder``, ``params`` and
+        ``crop_size`` set. A method without heads (random init) keeps this default."""
+
+    @classmethod
+    def knob_steps(cls, params: Any, total_steps: int, steps_per_epoch: int | None = None) -> dict[str, int]:
+        """The recipe's epoch-counted knobs (warm-ups, starts) in steps of a run of ``total_steps``; ``params`` is
+        this method's ``Params``. None by default (DINO, iBOT, SMIT have them)."""
+        return {}
+
+    def pretext(self) -> dict[str, Any]:
+        """What the pretext works on at this run's crop size (recorded in the run's results as ``pretext``):
+        for masked methods the encoder output they reconstruct or distil, its tokens per crop, the masking
+        unit in voxels and how many encoder stages receive gradients. Empty for the others."""
+        return {}
+
+    @classmethod
+    def negatives_per_step(cls, batch_size: int) -> int | None:
+        """Negatives each query is contrasted with in one step at global batch ``batch_size`` (DDP gathers
+        make it global); None for a method without negatives (the default)."""
+        return None
+
+    def outputs(
+        self,
+        loss: Tensor,
+        *,
+        embedding: Tensor | None = None,
+        features: Tensor | None = None,
+        teacher_probs: Tensor | None = None,
+        distillation_ce: Tensor | None = None,
+        **terms: Tensor,
+    ) -> dict[str, Tensor]:
+        """The output dict of ``forward``, the one way every method makes it: ``loss`` (with gradient), each
+        loss term and diagnostic in ``terms`` (detached), and the representation health
+        (:func:`~medssl.methods.health.health_metrics`) of the embedding the loss is computed on, the pooled
+        encoder features and, for teacher-student methods, the teacher distribution and the distillation
+        cross-entropy computed on it."""
+        return {
+            "loss": loss,
+            **{key: value.detach() for key, value in terms.items()},
+            **health_metrics(
+                embedding=embedding,
+                features=features,
+                teacher_probs=teacher_probs,
+                history=self.rank_history,
+                distillation_ce=distillation_ce,
+            ),
+        }
 
     # data side -----------------------------------------------------------------------------
     def region_size(self, crop_size: int) -> int:
@@ -129,9 +200,6 @@ class SSLMethod(nn.Module):
             for online, teacher in pairs:
                 teacher.update(online, m)
 
-    def cancel_gradients(self, step: int) -> None:
-        """Called after backward, before clipping: e.g. DINO freezes its last layer early on."""
-
     # export ----------------------------------------------------------------------------------
     def encoder_for_export(self, which: str | None = None) -> SwinEncoder:
         """The encoder a checkpoint stores: ``which`` ("student" / "teacher"), else the
@@ -172,67 +240,61 @@ class SSLMethod(nn.Module):
             ) from None
 
 
+def token_count(encoder: SwinEncoder, crop_size: int, stage: int) -> int:
+    """Tokens of encoder output ``stage`` (0: patch embedding, 4: bottleneck) in a cubic crop."""
+    grid = encoder.stage_grid((crop_size,) * 3, stage)
+    return int(grid[0] * grid[1] * grid[2])
+
+
+def freeze_stages_after(encoder: SwinEncoder, stage: int) -> None:
+    """Freeze the Swin stages after encoder output ``stage`` (``layers{stage+1}`` .. ``layers4``): a pretext
+    that reads an earlier output gives them no gradient, and a parameter without one would stall DDP."""
+    for index in range(stage + 1, 5):
+        getattr(encoder, f"layers{index}").requires_grad_(False)
+
+
+def resolve_method_config(config: MethodConfig) -> MethodConfig:
+    """``config`` with every option of its method spelled out (defaults filled in, validated): the method as it
+    will run, so a run's config (and its hash, hence its id) changes whenever a method's defaults do."""
+    cls = REGISTRY[look_up_option("method", config.name, sorted(REGISTRY), source="method.name")]
+    options = cls.parse_params(config.options).model_dump(mode="json")
+    if EXPORT_OPTION in config.options:
+        options[EXPORT_OPTION] = config.options[EXPORT_OPTION]
+    return MethodConfig(name=config.name, options=options)
+
+
+class UnmaskedMethod(SSLMethod):
+    """A method that never masks its input (the two-view methods, RotNet, SwinUNETR-SSL): the encoder's
+    unused mask token is frozen, so DDP sees no parameter without a gradient."""
+
+    def __init__(
+        self,
+        encoder: SwinEncoder,
+        params: StrictModel,
+        crop_size: int,
+        total_steps: int,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        super().__init__(encoder, params, crop_size, total_steps, steps_per_epoch)
+        encoder.mask_token.requires_grad_(False)
+
+
 def build_method(
     config: MethodConfig, encoder: SwinEncoder, crop_size: int, total_steps: int, steps_per_epoch: int | None = None
 ) -> SSLMethod:
     """Look up ``config.name`` and build it with validated options.
 
-    ``steps_per_epoch`` (pretraining passes one pass over the corpus at the global batch) fills a
-    method's ``steps_per_epoch`` option when the method has one and it is unset: recipes that count
-    epochs (DINO, iBOT, SMIT) convert them with it.
+    ``steps_per_epoch``: one pass over the corpus at the global batch (pretraining computes it), handed
+    to every method (:attr:`SSLMethod.steps_per_epoch`); recipes that count epochs in corpus passes read it.
     """
     cls = REGISTRY[look_up_option("method", config.name, sorted(REGISTRY), source="method.name")]
     params = cls.parse_params(config.options)
-    if steps_per_epoch is not None and getattr(params, "steps_per_epoch", 0) is None:
-        params = params.model_copy(update={"steps_per_epoch": max(int(steps_per_epoch), 1)})
-    method = cls(encoder, params, crop_size=crop_size, total_steps=total_steps)
+    epoch = max(int(steps_per_epoch), 1) if steps_per_epoch is not None else None
+    method = cls(encoder, params, crop_size=crop_size, total_steps=total_steps, steps_per_epoch=epoch)
     method.export_override = config.options.get(EXPORT_OPTION)
     if method.export_override == "teacher":
         method.encoder_for_export()  # fail now, not after training, when there is no teacher
     return method
-
-
-# --------------------------------------------------------------------------- schedules
-
-
-def cosine_schedule(
-    base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
-) -> np.ndarray:
-    """Per-step values: linear warm-up from ``warmup_start`` to ``base``, then cosine to ``final``."""
-    total_steps = max(int(total_steps), 1)
-    warmup_steps = min(int(warmup_steps), total_steps)
-    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.array([])
-    rest = total_steps - warmup_steps
-    t = np.arange(rest)
-    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(rest - 1, 1))) if rest > 1 else np.full(rest, base)
-    return np.concatenate([warm, cos]).astype(np.float64)
-
-
-ShortRunWarmup = Literal["truncate", "compress"]
-
-
-def linear_warmup_then_constant(
-    start: float, end: float, warmup_steps: int, total_steps: int, short_run: ShortRunWarmup = "truncate"
-) -> np.ndarray:
-    """DINO's teacher temperature: linear from ``start`` to ``end`` over warm-up, then constant.
-
-    A run shorter than the warm-up: ``truncate`` keeps the warm-up's slope and stops where the run
-    ends, so every step has the value DINO's ``DINOLoss.teacher_temp_schedule`` gives it (DINO itself
-    refuses such a run: its ``np.ones(nepochs - warmup_teacher_temp_epochs)`` is negative);
-    ``compress`` squeezes the whole warm-up into the run, reaching ``end`` by its last step (medssl's
-    schedule up to commit 7e8c2e7; no reference does this).
-    """
-    total_steps = max(int(total_steps), 1)
-    warmup_steps = max(int(warmup_steps), 0)
-    if short_run == "compress":
-        warmup_steps = min(warmup_steps, total_steps)
-    warm = np.linspace(start, end, warmup_steps)[:total_steps] if warmup_steps else np.array([])
-    return np.concatenate([warm, np.full(total_steps - len(warm), end)]).astype(np.float64)
-
-
-def schedule_at(schedule: np.ndarray, step: int) -> float:
-    """Value at ``step``, holding the last value past the end (for steps beyond the plan)."""
-    return float(schedule[min(max(step, 0), len(schedule) - 1)])
 
 
 # --------------------------------------------------------------------------- EMA teacher
@@ -244,11 +306,11 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 def without_stochastic_depth(module: ModuleT) -> ModuleT:
     """Set every drop-path rate in ``module`` to 0 (in place) and return it.
 
-    DINO, iBOT and SMIT build their teacher without stochastic depth (``main_dino.py``: the
-    teacher is ``vits.__dict__[args.arch](patch_size=...)`` with no ``drop_path_rate``; iBOT's
-    ``main_ibot.py`` and SMIT's ``Pretrain_SMIT.py`` likewise); MONAI's Swin blocks hold
-    ``DropPath`` modules, whose probability is zeroed here. A :class:`SwinEncoder`'s recorded
-    config is updated to match.
+    DINO and iBOT build their teacher without stochastic depth (``main_dino.py``: the teacher is
+    ``vits.__dict__[args.arch](patch_size=args.patch_size)``, no ``drop_path_rate``; ``main_ibot.py``:
+    ``drop_path_rate=0.0`` for the teacher); MONAI's Swin blocks hold ``DropPath`` modules, whose
+    probability is zeroed here. A :class:`SwinEncoder`'s recorded config is updated to match. (SMIT's
+    released teacher keeps its stochastic depth: ``methods/smit.py``.)
     """
     for sub in module.modules():
         if isinstance(sub, DropPath):
@@ -259,30 +321,42 @@ def without_stochastic_depth(module: ModuleT) -> ModuleT:
 
 
 class EMATeacher(nn.Module, Generic[ModuleT]):
-    """A frozen copy of an online network, updated only by EMA (``t = m * t + (1 - m) * s``).
+    """A frozen network updated only by EMA of an online network (``t = m * t + (1 - m) * s``).
 
-    Built from a deep copy of ``online`` (same weights at step 0, as DINO's
-    ``teacher_without_ddp.load_state_dict(student.module.state_dict())``), without stochastic
-    depth, with no gradients, and always in eval mode: ``train()`` on a method does not switch it
-    back, so the teacher gives the same output for the same input on any two calls.
-    ``batch_norm_batch_stats=True`` keeps its BatchNorm layers (only those) on batch statistics
-    in training, as MoCo v3's momentum encoder and BYOL's target run (their ``model.train()``
-    covers the key branch); the Swin encoder has no BatchNorm, so DINO/iBOT/SMIT are unaffected.
+    By default (DINO, iBOT, MoCo v3, BYOL) it is a deep copy of ``online`` (same weights at step 0, as
+    DINO's ``teacher_without_ddp.load_state_dict(student.module.state_dict())``), without stochastic
+    depth, with no gradients, and always in eval mode: ``train()`` on a method does not switch it back,
+    so the teacher gives the same output for the same input on any two calls.
+    ``batch_norm_batch_stats=True`` keeps its BatchNorm layers (only those) on batch statistics in
+    training, as MoCo v3's momentum encoder and BYOL's target run (their ``model.train()`` covers the
+    key branch); the Swin encoder has no BatchNorm, so DINO/iBOT/SMIT are unaffected.
+
+    SMIT's released teacher (``train_self_supervised.py`` ``main``: ``model_T`` is built on its own by
+    ``Trans.Trans_SMIT_pre_train_Teacher_No_Share(config)``, never loaded from the student, and never put
+    in eval mode while ``model_S.train()`` runs every epoch) is the two other options: pass an
+    independently initialised network as ``online`` (its weights are copied, so step 0 starts from that
+    network), and ``stochastic_depth=True`` keeps its drop path and lets ``train()`` switch it to
+    training mode, where the drop path is active.
 
     Declare each (online, teacher) pair in :meth:`SSLMethod.momentum_pairs`; the base class
     updates them after every optimizer step with one momentum schedule.
     """
 
-    def __init__(self, online: ModuleT, batch_norm_batch_stats: bool = False) -> None:
+    def __init__(self, online: ModuleT, batch_norm_batch_stats: bool = False, stochastic_depth: bool = False) -> None:
         super().__init__()
         self.batch_norm_batch_stats = batch_norm_batch_stats
-        self.module: ModuleT = without_stochastic_depth(copy.deepcopy(online))
+        self.stochastic_depth = stochastic_depth
+        copied = copy.deepcopy(online)
+        self.module: ModuleT = copied if stochastic_depth else without_stochastic_depth(copied)
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.train(False)
 
     def train(self, mode: bool = True) -> EMATeacher:
-        """Stay in eval mode whatever ``mode`` is (BatchNorm follows ``mode`` when asked to)."""
+        """Eval mode whatever ``mode`` is (BatchNorm follows ``mode`` when asked to), unless the teacher keeps
+        its stochastic depth (SMIT's release), which follows ``mode`` like any module."""
+        if self.stochastic_depth:
+            return super().train(mode)
         super().train(False)
         if self.batch_norm_batch_stats:
             for sub in self.module.modules():

@@ -1,24 +1,27 @@
 """BYOL (Grill et al. 2020) in 3D.
 
-Reference: google-deepmind/deepmind-research ``byol/byol_experiment.py`` (``_forward``,
-``regression_loss``) and ``byol/utils/augmentations.py`` (``augment_config``: view1 blur p 1.0,
-solarise p 0.0; view2 blur p 0.1, solarise p 0.2). Two augmented crops with that asymmetry (a 3D
-Gaussian blur; solarisation inverts normalised intensities >= 0.5). Online branch: encoder ->
-projector (2 layers, 4096 -> 256, BatchNorm on the hidden layer) -> predictor (2 layers, 4096 ->
-256). Target branch: an EMA copy of encoder + projector, momentum 0.996 -> 1 on a cosine over the
-global steps. Loss: the normalised MSE ``2 - 2 cos(p, z')`` of each view's prediction against the
-other view's target projection, summed over both directions. No negatives, so nothing is gathered.
+Reference: google-deepmind/deepmind-research ``byol/byol_experiment.py`` (``_forward``, ``loss_fn``),
+``byol/utils/helpers.py`` (``regression_loss``) and ``byol/utils/augmentations.py`` (``augment_config``:
+view1 blur p 1.0, solarise p 0.0; view2 blur p 0.1, solarise p 0.2). Two augmented crops with that
+asymmetry (a 3D Gaussian blur; solarisation inverts normalised intensities >= 0.5). Online branch: encoder
+-> projector (2 layers, 4096 -> 256, BatchNorm on the hidden layer) -> predictor (2 layers, 4096 -> 256).
+Target branch: an EMA copy of encoder + projector, momentum 0.996 -> 1 on a cosine over the global steps.
+Loss: the normalised MSE ``2 - 2 cos(p, z')`` of each view's prediction against the other view's target
+projection, summed over both directions. No negatives, so nothing is gathered.
 3D departures (config fields): as :class:`~medssl.methods.two_crop.TwoCropParams`.
+Departure: the release initialises online and target networks from different random keys
+(``_make_initial_state``: ``rng_online, rng_target``; its comment reports no significant difference from one
+key); medssl's target starts as a copy of the online network (``EMATeacher``).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from medssl.methods.base import register
 from medssl.methods.losses import byol_loss
 from medssl.methods.two_crop import MomentumTwoCropMethod, MomentumTwoCropParams
-from medssl.models.encoder import SwinEncoder
 from medssl.models.heads import MLPHead
 
 
@@ -33,14 +36,21 @@ class BYOL(MomentumTwoCropMethod):
     description = "BYOL: online encoder + projector + predictor regresses an EMA target, 2 - 2cos symmetric."
     Params = BYOLParams
 
-    def projector_and_predictor(self, encoder: SwinEncoder, params: BYOLParams) -> tuple[MLPHead, MLPHead]:
-        return (
-            MLPHead(encoder.out_channels, params.proj_hidden_dim, params.proj_dim, n_layers=params.proj_layers),
-            MLPHead(params.proj_dim, params.pred_hidden_dim, params.proj_dim, n_layers=params.pred_layers),
-        )
+    params: BYOLParams
+
+    def build_heads(self) -> None:
+        p = self.params
+        self.projector = MLPHead(self.encoder.out_channels, p.proj_hidden_dim, p.proj_dim, n_layers=p.proj_layers)
+        self.predictor = MLPHead(p.proj_dim, p.pred_hidden_dim, p.proj_dim, n_layers=p.pred_layers)
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         out = self.branches(batch)
         (p1, p2), (t1, t2) = out.predictions, out.targets
         loss = byol_loss(p1, t2) + byol_loss(p2, t1)
-        return self.report_pair(loss, out, step, byol=loss)
+        return self.outputs(
+            loss,
+            embedding=torch.cat(out.projections),
+            features=out.pooled,
+            momentum=loss.new_tensor(self.momentum(step)),
+            byol=loss,
+        )

@@ -7,16 +7,21 @@ and ``n_local_crops`` local crops (0.05-0.4, resized to ``local_size``); the stu
 head on the mean-pooled bottleneck) sees every crop, the EMA teacher (built without stochastic
 depth) the global crops only. Loss: cross-entropy between the centred, sharpened teacher
 distribution and the student's over every pair of different views (``DINOLoss.forward``). The
-teacher temperature warms up linearly over ``teacher_temp_warmup_epochs`` (30, the value the
-``--warmup_teacher_temp_epochs`` help text recommends), the EMA momentum follows a cosine from
-0.996 to 1 by *global* step, the prototypes are frozen during the first epoch, and each
-parameter's gradient norm is clipped on its own (``utils.clip_gradients``, threshold
-``schedule.grad_clip``, 3.0 in the recipe). The exported encoder is the teacher, as DINO's
-evaluations load it (``--checkpoint_key teacher``). Heads, schedules, centring, freezing and
-clipping are :mod:`medssl.methods.distillation`.
+teacher temperature warms up linearly from 0.04 to 0.07 over ``teacher_temp_warmup_epochs`` (30 of
+``published_epochs`` 300: the README's ViT-S/16 300-epoch command, ``--teacher_temp 0.07
+--warmup_teacher_temp_epochs 30 --epochs 300``), i.e. over the first 10 % of the run
+(``epoch_knobs: published_fraction``), the EMA momentum follows a cosine from 0.996 to 1 by *global*
+step, the prototypes are frozen during the first epoch, and each parameter's gradient norm is clipped
+on its own (``utils.clip_gradients``, threshold ``schedule.grad_clip``, 3.0 in the recipe). The
+exported encoder is the teacher, as DINO's evaluations load it (``eval_linear.py`` and ``eval_knn.py``:
+``--checkpoint_key`` default ``teacher``). Heads,
+schedules, centring, freezing and clipping are :mod:`medssl.methods.distillation`.
 
 3D departures (config fields): grey-level jitter (``intensity_prob``) for colour jitter, 3D blur
 probabilities per global crop (``global_blur_prob``, DINO's 1.0 / 0.1 asymmetry); no solarisation.
+Other departures (config fields): K = ``out_dim`` 8192 prototypes (``main_dino.py --out_dim`` default
+65536; 8192 is iBOT's Swin recipe, ``--out_dim 8192``, kept for both for a head of the same size);
+``norm_last_layer: true`` (the ``main_dino.py`` default; the 300-epoch README command passes false).
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ from medssl.config import CropSize
 from medssl.data.multicrop import local_crop_size, multicrop_views
 from medssl.methods.base import register
 from medssl.methods.distillation import DistillationHead, DistillationMethod, DistillationParams, view_major
-from medssl.methods.health import health_metrics
 from medssl.methods.losses import dino_cross_entropy
 from medssl.models.encoder import SwinEncoder, global_pool
 
 
 class DINOParams(DistillationParams):
+    published_epochs: float = Field(300, gt=0, description="the README's 300-epoch run (warm-up 30 epochs)")
     n_local_crops: int = Field(8, ge=0)
     local_size: CropSize | None = Field(None, description="None: crop_size // 2 rounded down to a multiple of 32")
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
@@ -62,12 +67,19 @@ class DINO(DistillationMethod):
     params: DINOParams
     export_network = "teacher"
 
-    def __init__(self, encoder: SwinEncoder, params: DINOParams, crop_size: int, total_steps: int) -> None:
-        super().__init__(encoder, params, crop_size, total_steps)
+    def __init__(
+        self,
+        encoder: SwinEncoder,
+        params: DINOParams,
+        crop_size: int,
+        total_steps: int,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        super().__init__(encoder, params, crop_size, total_steps, steps_per_epoch)
         self.local_size = params.local_size or local_crop_size(crop_size)
 
-    def make_head(self) -> DistillationHead:
-        return DistillationHead(self.encoder.out_channels, self.params)
+    def build_heads(self) -> None:
+        self.head = DistillationHead(self.encoder.out_channels, self.params)
 
     # data side -----------------------------------------------------------------------------
     def make_views(self, region: Tensor, rng: np.random.Generator) -> dict[str, Tensor]:
@@ -108,15 +120,12 @@ class DINO(DistillationMethod):
         targets = self.centering.probs(teacher_logits.detach(), temp)
         loss = dino_cross_entropy(student, list(targets.chunk(n_global)), p.student_temp)
         self.centering.update(teacher_logits)
-        return {
-            "loss": loss,
-            "dino_ce": loss.detach(),
-            "teacher_temp": loss.new_tensor(temp).detach(),
-            **health_metrics(
-                embedding=student_global,
-                features=student_pooled,
-                teacher_probs=targets,
-                history=self.rank_history,
-                distillation_ce=loss,
-            ),
-        }
+        return self.outputs(
+            loss,
+            embedding=student_global,
+            features=student_pooled,
+            teacher_probs=targets,
+            distillation_ce=loss,
+            dino_ce=loss,
+            teacher_temp=loss.new_tensor(temp),
+        )

@@ -20,17 +20,20 @@ What the three released codes have in common, written once:
   (``utils.cancel_gradients_last_layer``: every parameter named ``last_layer*``), and per-parameter
   gradient clipping (``utils.clip_gradients``) through the training loop's ``clip_gradients(max_norm)`` hook.
 
-Epochs. The recipes count warm-ups in epochs; medssl trains by steps. ``steps_per_epoch`` converts
-them: an explicit value, or (``null``) one pass over the corpus at the global batch,
-``ceil(corpus volumes / schedule.batch_size)``, which pretraining computes and hands to the method
-(``build_method(..., steps_per_epoch=...)``); where no corpus is known (a method built alone, the
-step-time estimate) an epoch is one step.
+Epochs. The recipes count warm-ups and starts in epochs of their published run (DINO: the teacher
+temperature warms up over 30 of 300 epochs); medssl trains by steps. ``epoch_knobs`` says how they convert
+(``medssl.schedules``): ``published_fraction`` (the default) keeps each knob's fraction of the published
+run, ``epochs / published_epochs`` of this run's steps, so a run of any length and corpus has the
+reference's schedule shape (a declared departure from counting passes over this corpus);
+``corpus_epochs`` counts passes over this run's corpus, ``steps_per_epoch`` steps each: an explicit value,
+or (``null``) ``ceil(corpus volumes / schedule.batch_size)``, which pretraining computes and hands to the
+method (``build_method(..., steps_per_epoch=...)``; one step where no corpus is known).
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -39,16 +42,19 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from medssl.config import StrictModel
-from medssl.methods.base import (
-    EMATeacher,
-    ShortRunWarmup,
-    SSLMethod,
-    linear_warmup_then_constant,
-    schedule_at,
-)
+from medssl.methods.base import EMATeacher, SSLMethod
 from medssl.methods.losses import masked_patch_ce, teacher_probs, update_centre
 from medssl.models.encoder import SwinEncoder
 from medssl.models.heads import DINOHead, prototype_layer
+from medssl.schedules import (
+    EpochKnobs,
+    ShortRunWarmup,
+    corpus_epoch_steps,
+    held_then_warmed,
+    linear_warmup_then_constant,
+    published_fraction_steps,
+    schedule_at,
+)
 
 PatchLayout = Literal["shared", "shared_mlp", "separate"]
 
@@ -78,25 +84,6 @@ def token_mask_to_patches(token_mask: Tensor, factor: int, patch_grid: tuple[int
     for dim in range(3):
         m = m.repeat_interleave(factor, dim=dim)
     return m[: patch_grid[0], : patch_grid[1], : patch_grid[2]].contiguous()
-
-
-def held_then_warmed(
-    start: float,
-    end: float,
-    hold_steps: int,
-    warmup_steps: int,
-    total_steps: int,
-    short_run: ShortRunWarmup = "truncate",
-) -> np.ndarray:
-    """Per-step patch teacher temperature as iBOT's ``iBOTLoss.teacher_temp2_schedule`` (and SMIT's
-    ``Cls_Patch_Loss``): ``start`` for ``hold_steps`` (the masked-prediction start), then linear to
-    ``end`` over ``warmup_steps``, then ``end``; ``short_run`` as :func:`linear_warmup_then_constant`."""
-    total_steps = max(int(total_steps), 1)
-    hold = np.full(min(max(int(hold_steps), 0), total_steps), start, dtype=np.float64)
-    if len(hold) == total_steps:
-        return hold
-    rest = linear_warmup_then_constant(start, end, warmup_steps, total_steps - len(hold), short_run)
-    return np.concatenate([hold, rest])
 
 
 class Centering(nn.Module):
@@ -144,7 +131,7 @@ class DistillationParams(StrictModel):
     student_temp: float = Field(0.1, gt=0)
     teacher_temp_start: float = Field(0.04, gt=0, description="tau_t at the first step")
     teacher_temp: float = Field(0.07, gt=0, description="tau_t after the warm-up")
-    teacher_temp_warmup_epochs: float = Field(30, ge=0, description="linear tau_t warm-up, epochs")
+    teacher_temp_warmup_epochs: float = Field(30, ge=0, description="linear tau_t warm-up, published epochs")
     teacher_temp_short_run: ShortRunWarmup = Field(
         "truncate",
         description="a run shorter than the warm-up: truncate (stop mid-warm-up, each step's tau_t as in the "
@@ -154,9 +141,29 @@ class DistillationParams(StrictModel):
     centre_momentum: float = Field(0.9, ge=0.0, le=1.0)
     teacher_momentum: float = Field(0.996, ge=0.0, le=1.0, description="EMA momentum at step 0, cosine to 1")
     freeze_last_layer_epochs: float = Field(1, ge=0, description="epochs with frozen prototypes")
-    steps_per_epoch: int | None = Field(
-        None, ge=1, description="steps in one epoch; null: ceil(corpus volumes / global batch)"
+    epoch_knobs: EpochKnobs = Field(
+        "published_fraction",
+        description="epoch counts as the same fraction of this run as of the published run (published_fraction) "
+        "or as passes over this run's corpus (corpus_epochs)",
     )
+    published_epochs: float = Field(300, gt=0, description="length of the published run the epoch counts refer to")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="corpus_epochs: steps in one epoch; null: ceil(corpus volumes / global batch)"
+    )
+
+    def epochs_to_steps(self, epochs: float, total_steps: int, steps_per_epoch: int | None) -> int:
+        """An epoch count of the recipe as steps of a run of ``total_steps`` (``epoch_knobs``, module docstring);
+        ``steps_per_epoch``: the corpus rule's, used by ``corpus_epochs`` unless this recipe sets its own."""
+        if self.epoch_knobs == "published_fraction":
+            return published_fraction_steps(epochs, self.published_epochs, total_steps)
+        return corpus_epoch_steps(epochs, self.steps_per_epoch or steps_per_epoch or 1)
+
+    def knob_steps(self, total_steps: int, steps_per_epoch: int | None = None) -> dict[str, int]:
+        """Every epoch-counted knob of this recipe in steps of a run (the dry run and the run's results show them)."""
+        return {
+            "teacher_temp_warmup": self.epochs_to_steps(self.teacher_temp_warmup_epochs, total_steps, steps_per_epoch),
+            "freeze_last_layer": self.epochs_to_steps(self.freeze_last_layer_epochs, total_steps, steps_per_epoch),
+        }
 
 
 class PatchDistillationParams(StrictModel):
@@ -173,8 +180,10 @@ class DistillationHead(nn.Module):
     ``patch=None``: global only (DINO). ``"shared"``: the whole head scores both (iBOT
     ``shared_head=True``); ``"shared_mlp"``: one MLP, patch tokens scored by a second last layer
     ``last_layer2`` (iBOT ``shared_head=False``); ``"separate"``: a second head (SMIT's
-    ``_No_Share`` models, its default). ``token_norm`` puts SMIT's ``LayerNorm(eps=1e-6)`` before
-    both (``Trans_SMIT_pre_train_Student.norm``); the global token is the mean of the normed tokens.
+    ``_No_Share`` models, its default), on tokens of ``patch_in_dim`` channels when they come from
+    another encoder output than the global token (iBOT below 64^3). ``token_norm`` puts SMIT's
+    ``LayerNorm(eps=1e-6)`` before both (``Trans_SMIT_pre_train_Student_No_Share.norm``); the global
+    token is the mean of the normed tokens.
     """
 
     def __init__(
@@ -184,6 +193,7 @@ class DistillationHead(nn.Module):
         patch: PatchLayout | None = None,
         patch_out_dim: int | None = None,
         token_norm: bool = False,
+        patch_in_dim: int | None = None,
     ) -> None:
         super().__init__()
         p = params
@@ -193,14 +203,25 @@ class DistillationHead(nn.Module):
         patch_dim = patch_out_dim or p.out_dim
         if patch == "separate":
             self.patch_head = DINOHead(
-                in_dim, patch_dim, p.hidden_dim, p.bottleneck_dim, p.head_layers, p.norm_last_layer
+                patch_in_dim or in_dim, patch_dim, p.hidden_dim, p.bottleneck_dim, p.head_layers, p.norm_last_layer
             )
+        elif patch_in_dim not in (None, in_dim):
+            raise ValueError(f"patch tokens of {patch_in_dim} channels need a separate patch head, not {patch!r}")
         if patch == "shared_mlp":
             self.last_layer2 = prototype_layer(p.bottleneck_dim, patch_dim, p.norm_last_layer)
 
     def global_logits(self, pooled: Tensor) -> Tensor:
         """(N, C) pooled features -> (N, K) (DINO, and the local crops of iBOT)."""
         return self.head(pooled)
+
+    def patch_logits(self, tokens: Tensor, share_last_layer: bool = False) -> Tensor:
+        """(N, L, C') patch tokens -> (N, L, K') in this head's layout (``share_last_layer``: see :meth:`forward`)."""
+        tokens = self.norm(tokens)
+        if self.patch == "separate":
+            return self.patch_head(tokens)
+        if self.patch == "shared_mlp" and not share_last_layer:
+            return self.last_layer2(self.head.code(tokens))
+        return self.head(tokens)
 
     def forward(self, tokens: Tensor, share_last_layer: bool = False) -> tuple[Tensor, Tensor]:
         """(N, L, C) tokens -> global logits (N, K) of their mean and patch logits (N, L, K').
@@ -220,19 +241,29 @@ class DistillationHead(nn.Module):
 
 
 class DistillationMethod(SSLMethod):
-    """Base of DINO, iBOT and SMIT: the student head (``make_head``), its EMA teacher and the
-    teacher encoder (built without stochastic depth, updated by the base class), the global
-    centre, schedules, last-layer freezing and per-parameter clipping."""
+    """Base of DINO, iBOT and SMIT: the EMA teachers of the student encoder and of the head the subclass
+    builds as ``self.head`` in ``build_heads`` (teachers built without stochastic depth and updated by the
+    base class; :meth:`make_teacher` is where SMIT builds its released teacher instead), the global centre,
+    schedules, last-layer freezing and per-parameter clipping."""
 
     params: DistillationParams
+    head: DistillationHead
     # Whether the student encoder sees masks: otherwise its mask token gets no gradient and is
     # frozen (a parameter without gradient would stall DDP's reducer).
     masks_student: ClassVar[bool] = False
 
-    def __init__(self, encoder: SwinEncoder, params: DistillationParams, crop_size: int, total_steps: int) -> None:
-        super().__init__(encoder, params, crop_size, total_steps)
+    def __init__(
+        self,
+        encoder: SwinEncoder,
+        params: DistillationParams,
+        crop_size: int,
+        total_steps: int,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        super().__init__(encoder, params, crop_size, total_steps, steps_per_epoch)
         encoder.mask_token.requires_grad_(self.masks_student)
-        self.steps_per_epoch = params.steps_per_epoch or 1
+        self.steps_per_epoch = params.steps_per_epoch or steps_per_epoch or 1
+        self.knobs = params.knob_steps(self.total_steps, self.steps_per_epoch)
         self.init_momentum(params.teacher_momentum)
         self.teacher_temp_schedule = linear_warmup_then_constant(
             params.teacher_temp_start,
@@ -242,20 +273,24 @@ class DistillationMethod(SSLMethod):
             params.teacher_temp_short_run,
         )
         self.freeze_last_layer_steps = self.epochs_to_steps(params.freeze_last_layer_epochs)
-        self.head = self.make_head()
-        self.teacher_encoder = EMATeacher(encoder)
-        self.teacher_head = EMATeacher(self.head)
+        self.teacher_encoder = self.make_teacher(encoder)
+        self.teacher_head = self.make_teacher(self.head)
         self.centering = self.make_centering(params.out_dim)
 
-    def make_head(self) -> DistillationHead:
-        """The student's head (the teacher's is its EMA copy)."""
-        raise NotImplementedError
+    @classmethod
+    def knob_steps(cls, params: Any, total_steps: int, steps_per_epoch: int | None = None) -> dict[str, int]:
+        return dict(params.knob_steps(total_steps, steps_per_epoch))
+
+    def make_teacher(self, online: nn.Module) -> EMATeacher:
+        """The EMA teacher of ``online``: DINO's copy of the student without stochastic depth."""
+        return EMATeacher(online)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, EMATeacher]]:
         return [(self.encoder, self.teacher_encoder), (self.head, self.teacher_head)]
 
     def epochs_to_steps(self, epochs: float) -> int:
-        return int(round(epochs * self.steps_per_epoch))
+        """An epoch count of the recipe as steps of this run (``epoch_knobs``, module docstring)."""
+        return self.params.epochs_to_steps(epochs, self.total_steps, self.steps_per_epoch)
 
     def make_centering(self, dim: int, momentum: float | None = None) -> Centering:
         p = self.params

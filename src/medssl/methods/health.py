@@ -1,8 +1,8 @@
 """Representation health: pure, detached diagnostics of what an SSL method trains.
 
-Every method's ``forward`` puts ``**health_metrics(...)`` in its output dict; the training loop logs
-every scalar of that dict per step (``metrics.jsonl``) and ``train/pretrain.py`` turns the logged
-values into a verdict (``health_verdict``). Three kinds of signal, each on the tensor it is meaningful for:
+Every method's ``forward`` puts these in its output dict (``SSLMethod.outputs``); the training loop logs
+every scalar of that dict per step (``metrics.jsonl``) and ``train/pretrain.py`` turns the logged values into
+a verdict (``methods/verdict.py``). Three kinds of signal, each on the tensor it is meaningful for:
 
 - **Effective rank** (RankMe, Garrido et al. 2023, "RankMe: Assessing the downstream performance of
   pretrained self-supervised representations by their rank", eq. 1): ``exp(H(p))`` with
@@ -29,7 +29,6 @@ as rows of its last dimension (tokens of a patch head count as samples).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -111,9 +110,16 @@ SPREAD_RESOLUTION = 1e-6
 direction to count; a window of such steps reads rank 1 (every row the same point)."""
 
 
+SPREAD_START_STEPS = 3
+"""Steps whose embedding spread :class:`RankHistory` averages as the run's starting spread (the randomly
+initialised student and its first updates), which the verdict compares the end of the run with."""
+
+
 class RankHistory:
     """A rolling buffer of the last :data:`RANK_HISTORY_STEPS` steps' embeddings for an effective rank that a
-    two-sample batch does not bound.
+    two-sample batch does not bound, and the embedding spread of the run's first :data:`SPREAD_START_STEPS`
+    steps (``health/embedding_std_scaled_start``, logged with every step so the verdict can read it whatever
+    the logging interval; after a resume the verdict keeps the first run's value, the first one logged).
 
     RankMe on one step's batch lies in ``[1, B]`` (2 at the batch of a 3D step), so it cannot tell a healthy
     run from one whose embeddings vary along one direction only (dimensional collapse, Jing et al. 2022,
@@ -131,6 +137,21 @@ class RankHistory:
         self.steps = steps
         self.min_rows = min_rows
         self._rows: list[Tensor] = []
+        self._start_spread: list[float] = []
+
+    def clear(self) -> None:
+        """Forget every step recorded (a forward that was no training step, e.g. the FLOP count's)."""
+        self._rows.clear()
+        self._start_spread.clear()
+
+    def start_spread(self, spread: Tensor) -> Tensor:
+        """Record ``spread`` while fewer than :data:`SPREAD_START_STEPS` steps are recorded (one host transfer
+        each, then none) and return the mean of those recorded: the run's starting spread."""
+        if len(self._start_spread) < SPREAD_START_STEPS and bool(torch.isfinite(spread)):
+            self._start_spread.append(float(spread))
+        if not self._start_spread:
+            return spread.new_tensor(float("nan"))
+        return spread.new_tensor(sum(self._start_spread) / len(self._start_spread))
 
     def add(self, x: Tensor) -> None:
         """Append one step's rows (detached, float32, on their device); the oldest step leaves a full window."""
@@ -181,12 +202,15 @@ def health_metrics(
     (the quantity DINO's paper, section 5.3 and Fig. 7, reads with the teacher entropy to see collapse).
     ``history``: the method's :class:`RankHistory`; the embedding (the features when there is none, SimMIM)
     is added to it and, once it holds enough rows, ``health/{embedding,feature}_window_rank`` and
-    ``..._window_rank_ratio`` are reported (the rank :func:`health_verdict` uses).
+    ``..._window_rank_ratio`` are reported (the rank ``methods/verdict.py`` uses); with an embedding,
+    ``health/embedding_std_scaled_start`` is the spread of the run's first steps.
     """
     out: dict[str, Tensor] = {}
     with torch.no_grad():
         if embedding is not None:
             out.update(_vector_health("embedding", embedding))
+            if history is not None:
+                out["health/embedding_std_scaled_start"] = history.start_spread(out["health/embedding_std_scaled"])
         if features is not None:
             out.update(_vector_health("feature", features))
         tracked = embedding if embedding is not None else features
@@ -212,192 +236,3 @@ def health_metrics(
             if distillation_ce is not None:
                 out["health/teacher_student_kl"] = distillation_ce.detach().float() - per_sample
     return out
-
-
-# --------------------------------------------------------------------------- verdict
-# What flags a run, and why (measured with ``benchmarks/health_calibration.py``: tiny preset, 32^3 crops,
-# global batch 2, the phantom corpus; values at step 1 are the randomly initialised networks).
-
-HEALTH_WINDOW = 3
-"""The verdict reads the mean of the last this-many logged values of each key (one noisy step is no verdict)."""
-
-EMBEDDING_STD_FLOOR = 1e-5
-"""``health/embedding_std_scaled`` below this flags collapse onto one point. Constant embeddings read 0 (to
-float precision). Measured at batch 2 (tiny preset, 32^3, lr 5e-4): random init 0.10 (RotNet's 4-way logits)
-to 1.4 (MoCo v3); after 20 steps SimCLR 0.59, MoCo v3 1.41, BYOL 0.82, SwinUNETR-SSL 0.028, RotNet 0.059,
-while the teacher-student heads shrink fast at this scale: DINO 0.0021, iBOT 0.0034, SMIT 0.0030 (single
-steps down to 6e-4). The floor lies about two orders of magnitude under the lowest healthy value."""
-
-TEACHER_BATCH_ENTROPY_FLOOR = 0.01
-"""``health/teacher_batch_entropy_ratio`` (entropy of the batch-mean teacher distribution / log K) below this
-flags DINO's collapse onto one prototype, where it reads 0 (DINO without centring driven with tau_t 0.02 and
-lr 5e-3: 0.0 from the third step). At random init it is 0.29-0.31 for DINO, iBOT and SMIT at the published
-tau_t 0.04 (0.05 at tau_t 0.02: a randomly initialised encoder gives near-identical outputs, so the sharpened
-teacher is already peaked), and 0.98-0.99 after 20 centred steps. Caveat measured: at the published lr 5e-4,
-DINO without centring had not collapsed after 20 steps (0.39, against 0.98 centred); that collapse takes
-longer than a short run and is flagged when it happens."""
-
-TEACHER_UNIFORM_CEIL = 0.99
-"""``health/teacher_entropy_ratio`` above this (every sample's teacher near uniform) is reported as a warning,
-not a collapse: short healthy runs of DINO, iBOT and SMIT reach 0.987-0.989 after 20 steps while the centre
-absorbs the near-identical outputs of a young encoder, so flagging it would flag them; it is a collapse once
-the student matches it as well (``TEACHER_UNIFORM_COLLAPSE_CEIL``)."""
-
-TEACHER_UNIFORM_COLLAPSE_CEIL = 0.999
-TEACHER_STUDENT_KL_FLOOR = 0.01
-"""Uniform collapse, DINO's other failure (Caron et al. 2021, section 5.3, Fig. 7: centring without enough
-sharpening makes the output uniform whatever the input; collapse is where KL(teacher || student) reaches 0):
-flagged when ``health/teacher_entropy_ratio`` is above ``TEACHER_UNIFORM_COLLAPSE_CEIL`` *and*
-``health/teacher_student_kl`` below ``TEACHER_STUDENT_KL_FLOOR`` nats, i.e. every teacher row is uniform and
-the student matches it, so no target is left. Measured (``benchmarks/pretrain_curves.py``, the demo's heads,
-K = 1024, 32^3, batch 2): random init 0.72-0.74 log K; DINO at step 21 0.989 log K with KL 0.13 nats, step 41
-0.9986 / 0.011, step 61 0.9995 / 0.003, steps 181-200 0.99999 / 1e-4 (its loss log K to four decimals), and
-the same for iBOT and SMIT's global term; the 30-step runs end at 0.990-0.995 with KL 0.20-0.23 (not flagged).
-A near-uniform teacher with a student still far from it is the early phase and only warns."""
-
-FEATURE_STD_NOTE = 1e-3
-"""``health/feature_std_scaled`` (pooled encoder features) is reported, never flagged: a randomly initialised
-tiny Swin gives near-identical pooled features for different crops (0.11-0.54 at batch 2, where a spread-out
-embedding reads about 1), and healthy 20-step runs went down to 0.010 (RotNet, DINO), so no floor separates
-random init or healthy runs from collapse. Below this value the verdict adds a note."""
-
-WINDOW_RANK_FLOOR = 1.5
-"""``health/{embedding,feature}_window_rank`` (:class:`RankHistory`: centred unit rows of the last
-``RANK_HISTORY_STEPS`` steps, reported once they hold ``RANK_HISTORY_MIN_ROWS`` independent rows) below this
-flags dimensional collapse: the batch-to-batch differences of the embeddings use fewer than ~1.5 directions
-(one direction reads 1, a collapse onto a point 1 by definition). Not read from a single batch, whose rank is
-bounded by its 2-4 rows. Measured (``WINDOW_RANK_CALIBRATION``): the first reported value (step 3-8, near
-random init) 3.1 (RotNet, whose 4-class logits bound it by 4) to 6.4; after 30 steps 3.4 (RotNet), 13.6
-(SimMIM's features, bound 16), 24.6-37.5 of 48 for the others; DINO without centring at lr 1e-3: 10
-(its collapse is onto one prototype, caught by the teacher entropy, not a dimensional one); embeddings that
-vary along one direction read 1.00-1.05 (``tests/methods/test_health.py``)."""
-
-WINDOW_RANK_CALIBRATION = (
-    "benchmarks/pretrain_curves.py --short (the demo's phantom corpus and heads, 32^3, batch 2, 30 steps) and "
-    "benchmarks/health_calibration.py --short: see benchmarks/README.md"
-)
-
-THRESHOLDS: dict[str, dict[str, Any]] = {
-    "window_rank_floor": {
-        "key": "health/embedding_window_rank (health/feature_window_rank without an embedding)",
-        "flags": "below",
-        "value": WINDOW_RANK_FLOOR,
-        "why": "embeddings varying along one direction only read 1; computed over the last "
-        f"{RANK_HISTORY_STEPS} steps' within-batch-centred unit rows (>= {RANK_HISTORY_MIN_ROWS} rows), since "
-        "one batch of 2-4 rows bounds the rank; calibrated by " + WINDOW_RANK_CALIBRATION,
-    },
-    "embedding_std_floor": {
-        "key": "health/embedding_std_scaled",
-        "flags": "below",
-        "value": EMBEDDING_STD_FLOOR,
-        "why": "constant embeddings read 0; the lowest healthy value measured (random init and 20-step runs of "
-        "every method, tiny preset, 32^3, batch 2) was 6e-4 (DINO's head output)",
-    },
-    "teacher_batch_entropy_floor": {
-        "key": "health/teacher_batch_entropy_ratio",
-        "flags": "below",
-        "value": TEACHER_BATCH_ENTROPY_FLOOR,
-        "why": "the batch-mean teacher distribution on one prototype (DINO without centring) reads 0; random "
-        "init reads 0.29-0.31 at tau_t 0.04 (0.05 at 0.02), healthy 20-step runs 0.98",
-    },
-    "teacher_uniform_warning": {
-        "key": "health/teacher_entropy_ratio",
-        "flags": "above (warning only)",
-        "value": TEACHER_UNIFORM_CEIL,
-        "why": "a uniform teacher carries no target; short healthy runs pass through it, so it only warns",
-    },
-    "teacher_uniform_collapse": {
-        "key": "health/teacher_entropy_ratio and health/teacher_student_kl",
-        "flags": "above and below",
-        "value": [TEACHER_UNIFORM_COLLAPSE_CEIL, TEACHER_STUDENT_KL_FLOOR],
-        "why": "a uniform teacher that the student matches (KL near 0) is DINO's uniform collapse (paper section "
-        "5.3); random init reads 0.72-0.74 log K, 30-step runs 0.990-0.995 with KL 0.20-0.23 nats, DINO after "
-        "60-200 steps on the phantom corpus 0.9995-0.99999 with KL 3e-3 to 1e-4",
-    },
-    "feature_std_note": {
-        "key": "health/feature_std_scaled",
-        "flags": "below (note only)",
-        "value": FEATURE_STD_NOTE,
-        "why": "random-init pooled Swin features are near-identical across crops, so this cannot flag",
-    },
-}
-
-
-def _tail_mean(records: list[dict[str, Any]], key: str, window: int) -> float | None:
-    values = [float(r[key]) for r in records if isinstance(r.get(key), int | float)]
-    if not values:
-        return None
-    recent = values[-window:]
-    return sum(recent) / len(recent)
-
-
-def health_verdict(records: list[dict[str, Any]], window: int = HEALTH_WINDOW) -> dict[str, Any]:
-    """The ``health`` block of a pretraining run's results from its logged metrics (``metrics.jsonl`` rows).
-
-    ``collapsed`` is True when the embedding spread fell under ``EMBEDDING_STD_FLOOR``, the batch-mean
-    teacher entropy under ``TEACHER_BATCH_ENTROPY_FLOOR``, the teacher became uniform with the student
-    matching it (``TEACHER_UNIFORM_COLLAPSE_CEIL``, ``TEACHER_STUDENT_KL_FLOOR``) or the window effective
-    rank (of the embedding, else of the features) under ``WINDOW_RANK_FLOOR`` (each the mean of the last
-    ``window`` logs), or a health value became non-finite. ``final`` holds every ``health/...`` key's tail
-    mean; ``reasons`` why it is flagged, ``warnings`` what is worth a look but is seen in healthy short runs
-    too; ``thresholds`` the constants and their justification. A run that logged no health (random init,
-    zero steps) is not assessed.
-    """
-    keys = sorted({k for r in records for k in r if k.startswith("health/")})
-    final = {k: _tail_mean(records, k, window) for k in keys}
-    reasons: list[str] = []
-    warnings: list[str] = []
-    spread = final.get("health/embedding_std_scaled")
-    if spread is not None and (not math.isfinite(spread) or spread < EMBEDDING_STD_FLOOR):
-        reasons.append(
-            f"embedding spread (std of L2-normalised embeddings x sqrt(d)) {spread:.2e} < "
-            f"{EMBEDDING_STD_FLOOR:g}: the embeddings collapsed onto one point"
-        )
-    batch_entropy = final.get("health/teacher_batch_entropy_ratio")
-    if batch_entropy is not None and (not math.isfinite(batch_entropy) or batch_entropy < TEACHER_BATCH_ENTROPY_FLOOR):
-        reasons.append(
-            f"batch-mean teacher entropy {batch_entropy:.3f} log K < {TEACHER_BATCH_ENTROPY_FLOOR:g} log K: "
-            "the teacher puts every sample on the same prototype"
-        )
-    for prefix in ("embedding", "feature"):
-        rank = final.get(f"health/{prefix}_window_rank")
-        if rank is not None and (not math.isfinite(rank) or rank < WINDOW_RANK_FLOOR):
-            reasons.append(
-                f"{prefix} effective rank over the last {RANK_HISTORY_STEPS} steps {rank:.2f} < "
-                f"{WINDOW_RANK_FLOOR:g}: the {prefix}s vary along one direction (dimensional collapse)"
-            )
-            break
-    uniform = final.get("health/teacher_entropy_ratio")
-    kl = final.get("health/teacher_student_kl")
-    if (
-        uniform is not None
-        and kl is not None
-        and uniform > TEACHER_UNIFORM_COLLAPSE_CEIL
-        and kl < TEACHER_STUDENT_KL_FLOOR
-    ):
-        reasons.append(
-            f"per-sample teacher entropy {uniform:.5f} log K > {TEACHER_UNIFORM_COLLAPSE_CEIL:g} log K and "
-            f"KL(teacher || student) {kl:.1e} < {TEACHER_STUDENT_KL_FLOOR:g} nats: teacher and student are "
-            "uniform whatever the input (DINO's uniform collapse), no target is left"
-        )
-    elif uniform is not None and uniform > TEACHER_UNIFORM_CEIL:
-        warnings.append(
-            f"per-sample teacher entropy {uniform:.3f} log K > {TEACHER_UNIFORM_CEIL:g} log K: the "
-            "teacher is near uniform (common early in a run; a collapse if it persists)"
-        )
-    features = final.get("health/feature_std_scaled")
-    if features is not None and features < FEATURE_STD_NOTE:
-        warnings.append(
-            f"pooled encoder features spread {features:.3f} < {FEATURE_STD_NOTE:g}: near-identical "
-            "for different crops (as at random init)"
-        )
-    return {
-        "assessed": bool(keys),
-        "collapsed": bool(reasons),
-        "reason": "; ".join(reasons) or None,
-        "reasons": reasons,
-        "warnings": warnings,
-        "final": final,
-        "window": window,
-        "thresholds": THRESHOLDS,
-    }

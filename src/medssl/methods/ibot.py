@@ -15,20 +15,32 @@ masked; the teacher sees it unmasked; local crops are never masked. Two terms, 1
   teacher temperature held at its start value until masking starts, then warmed up
   (``iBOTLoss.teacher_temp2_schedule``).
 
-Masks in whole bottleneck tokens: for Swin, iBOT masks in units of the final token
+Masks in whole distilled tokens: for Swin, iBOT masks in units of the final token
 (``pred_size = patch_size * 8`` in ``main_ibot.py``, the 32x stride of 2D Swin). The 3D Swin's
 bottleneck token is ``encoder.stage_stride(4)`` voxels (32 at patch 2), so the mask is drawn on
-the bottleneck grid and upsampled to the patch grid: each distilled token is fully masked or fully
+the distilled token grid and upsampled to the patch grid: each distilled token is fully masked or fully
 visible. Per crop the ratio is one of ``pred_ratio`` (each ``+- pred_ratio_var``) picked
 uniformly (``ImageFolderMask.get_pred_ratio``): with ``(0, 0.3)`` about half the global crops are
 unmasked. ``pred_shape``: ``block`` (BEiT-style blocks, ``ImageFolderMask.__getitem__``, here in
-3D) or ``rand``. Before ``pred_start_epoch`` nothing is masked (``get_pred_ratio`` returns 0).
+3D) or ``rand``. Before ``pred_start_epoch`` nothing is masked (``get_pred_ratio`` returns 0); 50 of
+``published_epochs`` 300 (the README's Swin-T command, ``--pred_start_epoch 50 --epochs 300``), so
+masking starts after the first 1/6 of the run (``epoch_knobs: published_fraction``).
 
 Heads (``iBOTHead``): ``shared_head: true`` scores patch tokens with the whole global head (last
 layer included); ``false`` shares the MLP and adds a second last layer (``last_layer2``).
 ``shared_head_teacher`` does the same for the teacher (released default true: the teacher scores
 patches with its global prototypes whatever the student does). K' = K when either is shared.
-The exported encoder is the teacher (``--checkpoint_key teacher``).
+The exported encoder is the teacher (``evaluation/eval_cls.py``: ``--checkpoint_key`` default ``teacher``).
+
+Crops under 64^3 (``patch_stage``, a declared small-scale departure). A 32^3 crop has one bottleneck
+token: no token can be masked while another stays visible, and the patch term would compare a crop with
+itself. ``patch_stage: auto`` (the default) distils the patch tokens of the bottleneck when a crop has at
+least 8 of them (crops >= 64^3: the release) and otherwise of the deepest encoder output that has 8 (output
+3, 2^3 tokens of 16 voxels, at 32^3), masking in whole tokens of that output; an integer picks the output.
+Tokens of an earlier output have fewer channels than the global token, so they go through a separate patch
+head (SMIT's ``_No_Share`` layout, K' = ``patch_out_dim``, scored by the teacher's own patch head:
+``shared_head`` and ``shared_head_teacher`` do not apply); the global term stays on the bottleneck, so every
+stage is trained. The run records the stage and its tokens per crop (``pretext`` in its results).
 
 3D departures (config fields): as DINO (grey-level jitter, blur per crop); the 3D block shape.
 """
@@ -36,28 +48,30 @@ The exported encoder is the teacher (``--checkpoint_key teacher``).
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from medssl.methods.base import register
+from medssl.methods.base import register, token_count
 from medssl.methods.dino import DINO, DINOParams
 from medssl.methods.distillation import (
     DistillationHead,
     PatchDistillationParams,
+    PatchLayout,
     feature_tokens,
     random_token_mask,
     token_mask_to_patches,
     view_major,
 )
-from medssl.methods.health import health_metrics
 from medssl.methods.losses import dino_cross_entropy
-from medssl.models.encoder import SwinEncoder
+from medssl.models.encoder import SwinEncoder, global_pool
 
 BOTTLENECK = 4  # encoder output index of the bottleneck (after the fourth patch merging)
+MIN_PATCH_TOKENS = 8
+"""``patch_stage: auto`` distils the deepest encoder output with at least this many tokens per crop."""
 
 
 def block_token_mask(
@@ -96,6 +110,7 @@ def block_token_mask(
 
 
 class IBOTParams(DINOParams, PatchDistillationParams):
+    published_epochs: float = Field(300, gt=0, description="the README's Swin-T run (--epochs 300)")
     n_local_crops: int = Field(10, ge=0)
     global_crop_scale: tuple[float, float] = (0.25, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.25)
@@ -103,12 +118,23 @@ class IBOTParams(DINOParams, PatchDistillationParams):
     pred_ratio: tuple[float, ...] = Field((0.0, 0.3), min_length=1, description="masking ratios, one picked per crop")
     pred_ratio_var: tuple[float, ...] = Field((0.0, 0.2), min_length=1, description="+- range of each ratio")
     pred_shape: Literal["block", "rand"] = "block"
-    pred_start_epoch: float = Field(50, ge=0, description="epochs before masking starts (Swin recipe: 50)")
+    pred_start_epoch: float = Field(50, ge=0, description="epochs before masking starts (Swin recipe: 50 of 300)")
+    patch_stage: Literal["auto", 1, 2, 3, 4] = Field(
+        "auto",
+        description="encoder output whose tokens the patch term distils and the masks cover; auto: the "
+        "bottleneck (4, released) when a crop has >= 8 of its tokens, else the deepest output that has",
+    )
     shared_head: bool = Field(True, description="patch tokens through the whole global head")
     shared_head_teacher: bool = Field(True, description="the teacher's patch tokens through its global prototypes")
     patch_out_dim: int = Field(8192, ge=2, description="K' of last_layer2 (when neither head is shared)")
     global_weight: float = Field(1.0, ge=0.0, description="lambda1")
     patch_weight: float = Field(1.0, ge=0.0, description="lambda2")
+
+    def knob_steps(self, total_steps: int, steps_per_epoch: int | None = None) -> dict[str, int]:
+        return {
+            **super().knob_steps(total_steps, steps_per_epoch),
+            "pred_start": self.epochs_to_steps(self.pred_start_epoch, total_steps, steps_per_epoch),
+        }
 
     @model_validator(mode="after")
     def _check_ratio(self) -> IBOTParams:
@@ -130,23 +156,61 @@ class IBOT(DINO):
     Params = IBOTParams
     params: IBOTParams
 
-    def __init__(self, encoder: SwinEncoder, params: IBOTParams, crop_size: int, total_steps: int) -> None:
-        super().__init__(encoder, params, crop_size, total_steps)
+    def __init__(
+        self,
+        encoder: SwinEncoder,
+        params: IBOTParams,
+        crop_size: int,
+        total_steps: int,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        super().__init__(encoder, params, crop_size, total_steps, steps_per_epoch)
         self.init_patch_distillation(self.patch_dim(), params.pred_start_epoch)
         self.mask_start_step = self.epochs_to_steps(params.pred_start_epoch)
 
+    def resolved_patch_stage(self) -> int:
+        """The encoder output the patch term distils at this crop size (``patch_stage``)."""
+        stage = self.params.patch_stage
+        if stage != "auto":
+            return int(stage)
+        for candidate in range(BOTTLENECK, 0, -1):
+            if token_count(self.encoder, self.crop_size, candidate) >= MIN_PATCH_TOKENS:
+                return candidate
+        return 1
+
     def patch_dim(self) -> int:
-        """K' = K when either head is shared (``main_ibot.py``: ``same_dim``)."""
+        """K' = K when either head is shared (``main_ibot.py``: ``same_dim``); ``patch_out_dim`` with the
+        separate patch head of an earlier output."""
         p = self.params
+        if self.patch_stage != BOTTLENECK:
+            return p.patch_out_dim
         return p.out_dim if p.shared_head or p.shared_head_teacher else p.patch_out_dim
 
-    def make_head(self) -> DistillationHead:
-        return DistillationHead(
-            self.encoder.out_channels,
-            self.params,
-            patch="shared" if self.params.shared_head else "shared_mlp",
-            patch_out_dim=self.patch_dim(),
-        )
+    def build_heads(self) -> None:
+        self.patch_stage = self.resolved_patch_stage()
+        if self.patch_stage == BOTTLENECK:
+            layout: PatchLayout = "shared" if self.params.shared_head else "shared_mlp"
+            self.head = DistillationHead(
+                self.encoder.out_channels, self.params, patch=layout, patch_out_dim=self.patch_dim()
+            )
+        else:
+            self.head = DistillationHead(
+                self.encoder.out_channels,
+                self.params,
+                patch="separate",
+                patch_out_dim=self.patch_dim(),
+                patch_in_dim=self.encoder.stage_channels[self.patch_stage],
+            )
+
+    def pretext(self) -> dict[str, Any]:
+        stage = self.patch_stage
+        return {
+            "distill_stage": stage,
+            "distill_tokens": token_count(self.encoder, self.crop_size, stage),
+            "mask_unit_voxels": self.encoder.stage_stride(stage),
+            "mask_start_step": self.mask_start_step,
+            "trained_stages": BOTTLENECK,
+        }
 
     # data side -----------------------------------------------------------------------------
     def pred_ratio(self, rng: np.random.Generator) -> float:
@@ -160,9 +224,9 @@ class IBOT(DINO):
     def make_views(self, region: Tensor, rng: np.random.Generator) -> dict[str, Tensor]:
         views = super().make_views(region, rng)
         spatial = tuple(views["global_crops"].shape[2:])
-        grid = self.encoder.stage_grid(spatial, BOTTLENECK)
+        grid = self.encoder.stage_grid(spatial, self.patch_stage)
         patch_grid = self.encoder.stage_grid(spatial, 0)
-        factor = self.encoder.stage_stride(BOTTLENECK) // self.encoder.stage_stride(0)
+        factor = self.encoder.stage_stride(self.patch_stage) // self.encoder.stage_stride(0)
         tokens = []
         for _ in range(views["global_crops"].shape[0]):
             ratio = self.pred_ratio(rng)
@@ -184,12 +248,11 @@ class IBOT(DINO):
         if step < self.mask_start_step:  # masking starts at pred_start_epoch
             masks, token_masks = torch.zeros_like(masks), torch.zeros_like(token_masks)
 
-        s_tokens = feature_tokens(self.encoder(globals_, mask=masks)[BOTTLENECK])
-        s_global, s_patch = self.head(s_tokens)
+        s_global, s_patch, s_pooled = self.logits(self.head, self.encoder(globals_, mask=masks))
         student = list(s_global.chunk(n_global)) + self.student_local_logits(batch)
         with torch.no_grad():
-            t_tokens = feature_tokens(self.teacher_encoder(globals_)[BOTTLENECK])
-            t_global, t_patch = self.teacher_head(t_tokens, share_last_layer=p.shared_head_teacher)
+            t_outs = self.teacher_encoder(globals_)
+            t_global, t_patch, _ = self.logits(self.teacher_head.module, t_outs, p.shared_head_teacher)
 
         temp = self.teacher_temperature(step)
         global_targets = self.centering.probs(t_global, temp)
@@ -198,17 +261,25 @@ class IBOT(DINO):
         # One call over all global crops = the mean of the per-crop terms (equal batch sizes).
         patch_ce = self.patch_term(s_patch, t_patch, token_masks, step)
         loss = p.global_weight * global_ce + p.patch_weight * patch_ce
-        return {
-            "loss": loss,
-            "global_ce": global_ce.detach(),
-            "patch_ce": patch_ce.detach(),
-            "teacher_temp": loss.new_tensor(temp).detach(),
-            "mask_fraction": token_masks.float().mean(),
-            **health_metrics(
-                embedding=s_global,
-                features=s_tokens.mean(dim=1),
-                teacher_probs=global_targets,
-                history=self.rank_history,
-                distillation_ce=global_ce,
-            ),
-        }
+        return self.outputs(
+            loss,
+            embedding=s_global,
+            features=s_pooled,
+            teacher_probs=global_targets,
+            distillation_ce=global_ce,
+            global_ce=global_ce,
+            patch_ce=patch_ce,
+            teacher_temp=loss.new_tensor(temp),
+            mask_fraction=token_masks.float().mean(),
+        )
+
+    def logits(
+        self, head: DistillationHead, outs: list[Tensor], share_last_layer: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Global logits of the pooled bottleneck, patch logits of the distilled output's tokens, and the
+        pooled bottleneck, from one encoder pass's outputs (student, or teacher with ``share_last_layer``)."""
+        pooled = global_pool(outs[BOTTLENECK])
+        if self.patch_stage == BOTTLENECK:
+            global_logits, patch_logits = head(feature_tokens(outs[BOTTLENECK]), share_last_layer=share_last_layer)
+            return global_logits, patch_logits, pooled
+        return head.global_logits(pooled), head.patch_logits(feature_tokens(outs[self.patch_stage])), pooled

@@ -12,10 +12,15 @@ Symmetric InfoNCE ``ctr(q1, k2) + ctr(q2, k1)`` at tau 0.2, each term scaled by 
 come from every process (``concat_all_gather``).
 3D departures (config fields): as :class:`~medssl.methods.two_crop.TwoCropParams` (volume-fraction
 crops of an enlarged region, grey-level augmentation for colour distortion).
+Departure (config field): the README's ViT commands pass ``--stop-grad-conv1`` (``vits.py``
+``VisionTransformerMoCo.__init__``: the patch projection stays at its random initialisation, a fix for
+ViT instability at large batches and learning rates, MoCo v3 paper section 4.1); medssl trains the Swin's
+patch embedding unless ``stop_grad_patch_embed: true``, which freezes ``encoder.patch_embed``.
 """
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 from torch import Tensor
 
@@ -23,7 +28,6 @@ from medssl.methods.base import register
 from medssl.methods.distributed import gather_no_grad, rank_and_world
 from medssl.methods.losses import moco_v3_infonce
 from medssl.methods.two_crop import MomentumTwoCropMethod, MomentumTwoCropParams
-from medssl.models.encoder import SwinEncoder
 from medssl.models.heads import MLPHead
 
 
@@ -32,6 +36,9 @@ class MoCoV3Params(MomentumTwoCropParams):
     proj_layers: int = Field(3, ge=1, description="linear layers in the projector")
     pred_last_batch_norm: bool = Field(True, description="predictor ends in BatchNorm (ViT variant; ResNet: false)")
     base_momentum: float = Field(0.99, ge=0.0, le=1.0, description="key-encoder EMA momentum at step 0 (-> 1)")
+    stop_grad_patch_embed: bool = Field(
+        False, description="freeze the encoder's patch embedding at its initialisation (--stop-grad-conv1)"
+    )
 
 
 @register
@@ -41,6 +48,24 @@ class MoCoV3(MomentumTwoCropMethod):
     description = "MoCo v3: query encoder + projector + predictor vs EMA key encoder, symmetric InfoNCE (tau 0.2)."
     Params = MoCoV3Params
 
+    params: MoCoV3Params
+
+    @classmethod
+    def negatives_per_step(cls, batch_size: int) -> int | None:
+        """Each query against the keys of the global batch (``concat_all_gather``) but its own positive."""
+        return batch_size - 1
+
+    def build_heads(self) -> None:
+        p = self.params
+        if p.stop_grad_patch_embed:
+            self.encoder.patch_embed.requires_grad_(False)
+        self.projector = MLPHead(
+            self.encoder.out_channels, p.proj_hidden_dim, p.proj_dim, n_layers=p.proj_layers, last_batch_norm=True
+        )
+        self.predictor = MLPHead(
+            p.proj_dim, p.pred_hidden_dim, p.proj_dim, n_layers=p.pred_layers, last_batch_norm=p.pred_last_batch_norm
+        )
+
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         out = self.branches(batch)
         (q1, q2), (k1, k2) = out.predictions, out.targets
@@ -49,21 +74,10 @@ class MoCoV3(MomentumTwoCropMethod):
         loss = moco_v3_infonce(q1, gather_no_grad(k2), tau, offset) + moco_v3_infonce(
             q2, gather_no_grad(k1), tau, offset
         )
-        return self.report_pair(loss, out, step, infonce=loss)
-
-    def projector_and_predictor(self, encoder: SwinEncoder, params: MoCoV3Params) -> tuple[MLPHead, MLPHead]:
-        projector = MLPHead(
-            encoder.out_channels,
-            params.proj_hidden_dim,
-            params.proj_dim,
-            n_layers=params.proj_layers,
-            last_batch_norm=True,
+        return self.outputs(
+            loss,
+            embedding=torch.cat(out.projections),
+            features=out.pooled,
+            momentum=loss.new_tensor(self.momentum(step)),
+            infonce=loss,
         )
-        predictor = MLPHead(
-            params.proj_dim,
-            params.pred_hidden_dim,
-            params.proj_dim,
-            n_layers=params.pred_layers,
-            last_batch_norm=params.pred_last_batch_norm,
-        )
-        return projector, predictor

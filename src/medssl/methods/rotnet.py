@@ -30,11 +30,10 @@ from medssl.data.views import (
     rotation_classes,
     rotation_from_label,
 )
-from medssl.methods.base import register
-from medssl.methods.health import health_metrics
+from medssl.methods.base import UnmaskedMethod, register
 from medssl.methods.losses import rotation_ce
-from medssl.methods.two_crop import IntensityAugmentParams, UnmaskedMethod
-from medssl.models.encoder import SwinEncoder, global_pool
+from medssl.methods.two_crop import IntensityAugmentParams
+from medssl.models.encoder import global_pool
 
 
 class RotNetParams(StrictModel):
@@ -52,6 +51,7 @@ class RotNet(UnmaskedMethod):
     family = "rotation"
     description = "RotNet: classify the k*90-degree rotation of a crop (4-way, or 10-way over 3 axes)."
     Params = RotNetParams
+    params: RotNetParams
 
     def make_views(self, region: Tensor, rng: np.random.Generator) -> dict[str, Tensor]:
         """``image`` (R, C, X, Y, Z) and ``rotation`` (R,): all R = n_classes rotations, or one drawn."""
@@ -64,9 +64,9 @@ class RotNet(UnmaskedMethod):
         rotated = [rotate90_view(image, *rotation_from_label(label, p.axes, p.rotation_axis)) for label in labels]
         return {"image": torch.stack(rotated), "rotation": torch.tensor(labels, dtype=torch.long)}
 
-    def build_heads(self, encoder: SwinEncoder, params: RotNetParams) -> None:
-        self.n_classes = rotation_classes(params.axes)
-        self.head = nn.Linear(encoder.out_channels, self.n_classes)
+    def build_heads(self) -> None:
+        self.n_classes = rotation_classes(self.params.axes)
+        self.head = nn.Linear(self.encoder.out_channels, self.n_classes)
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         images = batch["image"].flatten(0, 1)  # (B, R, C, ...) -> (B * R, C, ...)
@@ -75,9 +75,4 @@ class RotNet(UnmaskedMethod):
         logits = self.head(pooled)
         loss = rotation_ce(logits, labels)
         accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
-        return {
-            "loss": loss,
-            "rotation_ce": loss.detach(),
-            "rotation_accuracy": accuracy,
-            **health_metrics(embedding=logits, features=pooled, history=self.rank_history),
-        }
+        return self.outputs(loss, embedding=logits, features=pooled, rotation_ce=loss, rotation_accuracy=accuracy)

@@ -45,11 +45,10 @@ from medssl.data.views import (
     rotate90_view,
 )
 from medssl.errors import ConfigError
-from medssl.methods.base import register
+from medssl.methods.base import UnmaskedMethod, register
 from medssl.methods.distributed import gather_with_grad
 from medssl.methods.losses import nt_xent, rotation_ce
-from medssl.methods.two_crop import TwoCropMethod
-from medssl.models.encoder import SwinEncoder, global_pool
+from medssl.models.encoder import global_pool
 from medssl.models.heads import ReconstructionDecoder
 
 N_ROTATIONS = 4
@@ -91,14 +90,18 @@ def fill_from_batch(views: Tensor, clean: Tensor, donor_masks: Tensor, donor_dra
 
 
 @register
-class SwinUNETRSSL(TwoCropMethod):
+class SwinUNETRSSL(UnmaskedMethod):
     name = "swinunetr_ssl"
     family = "rotation"
     description = "SwinUNETR-SSL: one crop twice, rotation CE + NT-Xent (tau 0.5) + L1 inpainting, 1:1:1."
     Params = SwinUNETRSSLParams
+    params: SwinUNETRSSLParams
 
-    def region_size(self, crop_size: int) -> int:
-        return crop_size  # the crop itself (the reference's RandSpatialCropSamplesd), taken twice
+    @classmethod
+    def negatives_per_step(cls, batch_size: int) -> int | None:
+        """``Contrast``'s NT-Xent over the 2B views (per process unless ``global_negatives``; counted at the
+        global batch)."""
+        return 2 * batch_size - 2
 
     def make_views(self, region: Tensor, rng: np.random.Generator) -> dict[str, Tensor]:
         p = self.params
@@ -123,7 +126,8 @@ class SwinUNETRSSL(TwoCropMethod):
             views[f"donor_draw{i}"] = torch.tensor(rng.random(), dtype=torch.float32)
         return views
 
-    def build_heads(self, encoder: SwinEncoder, params: SwinUNETRSSLParams) -> None:
+    def build_heads(self) -> None:
+        encoder, params = self.encoder, self.params
         stride = encoder.stage_stride(4)  # voxels per bottleneck token
         crop = self.crop_size
         if params.head_input == "tokens" and np.prod(encoder.stage_grid((crop,) * 3, 4)) < 2:
@@ -153,7 +157,7 @@ class SwinUNETRSSL(TwoCropMethod):
             fill_from_batch(batch[f"view{i}"], batch[f"target{i}"], batch[f"donor_mask{i}"], batch[f"donor_draw{i}"])
             for i in (1, 2)
         ]
-        bottleneck = self.encode(views)
+        bottleneck = self.encoder(torch.cat(views, dim=0))[-1]  # both copies in one encoder pass
         rotation_in, contrastive_in = self._head_inputs(bottleneck)
         rotation_logits = self.rotation_head(rotation_in)
         labels = torch.cat([batch["rotation1"], batch["rotation2"]]).long()
@@ -166,7 +170,7 @@ class SwinUNETRSSL(TwoCropMethod):
         recon = torch.nn.functional.l1_loss(reconstruction.float(), target.float())
         loss = p.rotation_weight * rot + p.contrastive_weight * contrast + p.reconstruction_weight * recon
         accuracy = (rotation_logits.detach().argmax(dim=1) == labels).float().mean()
-        return self.report(
+        return self.outputs(
             loss,
             embedding=c,
             features=global_pool(bottleneck),

@@ -1,6 +1,6 @@
-"""The two-view base of SimCLR, MoCo v3, BYOL and SwinUNETR-SSL: views, projected encoder, health.
+"""The two-view base of SimCLR, MoCo v3 and BYOL: views, projected encoder, momentum branch.
 
-A two-view method sees a positive pair of views per sample. This module holds what the four share,
+A two-view method sees a positive pair of views per sample. This module holds what the three share,
 so that each method file holds its recipe only:
 
 * the view options (:class:`TwoCropParams`) and pipeline (:meth:`TwoCropMethod.make_views`): two
@@ -10,16 +10,15 @@ so that each method file holds its recipe only:
   statistics, so this equals two passes);
 * :class:`ProjectedEncoder`: encoder + pooled bottleneck + projector, the branch an EMA teacher
   copies, and :class:`MomentumTwoCropMethod`, the online/EMA pair of MoCo v3 (momentum encoder)
-  and BYOL (target network), declared once as the base class's ``momentum_pairs()``;
-* :meth:`TwoCropMethod.report`: the output dict with the representation-health scalars of
-  ``methods/health.py``.
+  and BYOL (target network), declared once as the base class's ``momentum_pairs()``.
 
-SwinUNETR-SSL overrides the views (one crop taken twice, see its module).
+The grey-level augmentation options (:class:`IntensityAugmentParams`) are RotNet's too. SwinUNETR-SSL
+also sees two views, but of one crop taken twice (its own module).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -28,8 +27,7 @@ from torch import Tensor, nn
 
 from medssl.config import StrictModel
 from medssl.data.views import enlarged_region_side, intensity_augment, random_flip, two_crops
-from medssl.methods.base import EMATeacher, SSLMethod
-from medssl.methods.health import health_metrics
+from medssl.methods.base import EMATeacher, UnmaskedMethod
 from medssl.models.encoder import SwinEncoder, global_pool
 
 
@@ -104,22 +102,8 @@ class ProjectedEncoder(nn.Module):
         return pooled, [self.projector(chunk) for chunk in torch.split(pooled, sizes, dim=0)]
 
 
-class UnmaskedMethod(SSLMethod):
-    """A method that never masks (the two-view methods, RotNet): the unused mask token is frozen so
-    DDP sees no unused parameter; subclasses build their heads in :meth:`build_heads`."""
-
-    def __init__(self, encoder: SwinEncoder, params: StrictModel, crop_size: int, total_steps: int) -> None:
-        super().__init__(encoder, params, crop_size, total_steps)
-        encoder.mask_token.requires_grad_(False)
-        self.build_heads(encoder, params)
-
-    def build_heads(self, encoder: SwinEncoder, params: Any) -> None:
-        """``params`` is the subclass's own ``Params`` model, as :attr:`SSLMethod.params` is."""
-        raise NotImplementedError
-
-
 class TwoCropMethod(UnmaskedMethod):
-    """Base of the two-view methods. Subclasses define ``Params``, :meth:`build_heads` and ``forward``."""
+    """Base of the two-view methods. Subclasses define ``Params``, ``build_heads`` and ``forward``."""
 
     Params: ClassVar[type[StrictModel]] = TwoCropParams
 
@@ -138,15 +122,6 @@ class TwoCropMethod(UnmaskedMethod):
     def encode(self, views: list[Tensor]) -> Tensor:
         """Bottleneck feature map of the concatenated views (one encoder pass)."""
         return self.encoder(torch.cat(views, dim=0))[-1]
-
-    def report(self, loss: Tensor, embedding: Tensor, features: Tensor, **diagnostics: Tensor) -> dict[str, Tensor]:
-        """The output dict: ``loss``, detached ``diagnostics`` (loss terms, accuracies), and the health
-        of the embedding the loss uses and of the pooled encoder features (``methods/health.py``)."""
-        return {
-            "loss": loss,
-            **{key: value.detach() for key, value in diagnostics.items()},
-            **health_metrics(embedding=embedding, features=features, history=self.rank_history),
-        }
 
 
 class PairBranches(NamedTuple):
@@ -175,20 +150,26 @@ class MomentumTwoCropParams(TwoCropParams):
 class MomentumTwoCropMethod(TwoCropMethod):
     """MoCo v3 and BYOL: online encoder + projector + predictor against an EMA copy of encoder + projector.
 
-    The EMA branch is an :class:`~medssl.methods.base.EMATeacher` whose BatchNorm layers use batch
+    Subclasses build ``self.projector`` and ``self.predictor`` in ``build_heads``. The EMA branch is an
+    :class:`~medssl.methods.base.EMATeacher` of encoder + projector whose BatchNorm layers use batch
     statistics in training (MoCo v3's momentum encoder and BYOL's target run in train mode), updated
     after every step by the base class at ``params.base_momentum`` -> 1 (cosine over global steps).
     """
 
-    def build_heads(self, encoder: SwinEncoder, params: MomentumTwoCropParams) -> None:
-        self.projector, self.predictor = self.projector_and_predictor(encoder, params)
+    projector: nn.Module
+    predictor: nn.Module
+
+    def __init__(
+        self,
+        encoder: SwinEncoder,
+        params: MomentumTwoCropParams,
+        crop_size: int,
+        total_steps: int,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        super().__init__(encoder, params, crop_size, total_steps, steps_per_epoch)
         self.teacher = EMATeacher(self.online(), batch_norm_batch_stats=True)  # never trained by gradients
         self.init_momentum(params.base_momentum)
-
-    def projector_and_predictor(self, encoder: SwinEncoder, params: Any) -> tuple[nn.Module, nn.Module]:
-        """The online projector and predictor; ``params`` is the subclass's own ``Params`` (a
-        :class:`MomentumTwoCropParams`), as :attr:`SSLMethod.params` is."""
-        raise NotImplementedError
 
     def online(self) -> ProjectedEncoder:
         # Built on demand so the encoder is registered once (under ``encoder.``) in the state dict.
@@ -196,12 +177,6 @@ class MomentumTwoCropMethod(TwoCropMethod):
 
     def momentum_pairs(self) -> list[tuple[nn.Module, EMATeacher]]:
         return [(self.online(), self.teacher)]
-
-    def report_pair(self, loss: Tensor, branches: PairBranches, step: int, **terms: Tensor) -> dict[str, Tensor]:
-        """:meth:`report` with the online projections as the embedding and the EMA momentum of ``step``."""
-        momentum = loss.new_tensor(self.momentum(step))
-        embedding = torch.cat(branches.projections)
-        return self.report(loss, embedding=embedding, features=branches.pooled, momentum=momentum, **terms)
 
     def branches(self, batch: dict[str, Tensor]) -> PairBranches:
         views = [batch["view1"], batch["view2"]]

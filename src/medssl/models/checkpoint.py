@@ -1,24 +1,33 @@
-"""Encoder checkpoints with metadata, strict loading, and export to MONAI's SwinUNETR layout.
+"""Checkpoint files with metadata: writing them, reading them safely, and loading tensors strictly.
 
-An encoder checkpoint is ``{"encoder": state_dict, "meta": {...}}``. It is read with
-``torch.load(weights_only=True)`` because a pickle is code. Loading reports how many encoder
+An encoder checkpoint is ``{"encoder": state_dict, "meta": {...}}``, a fine-tuned segmenter
+``{"model": state_dict, "meta": {...}}``. Both are read with ``torch.load(weights_only=True)``
+because a pickle is code, and their metadata is validated to its types before anything is built
+from it (an orientation is three axis letters, a spacing three finite positive numbers, the encoder
+a valid config whose size is within ``limits.model_bytes``). Loading reports how many encoder
 tensors it took and fails when any is missing: a silently half-loaded encoder would make a
 pretrained model look like random init.
+
+This module knows medssl's own format only; :mod:`medssl.models.foreign` reads other layouts and
+:mod:`medssl.models.load` picks between the two.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
-from medssl.config import EncoderConfig
+from medssl.config import CropSize, EncoderConfig, PreprocessConfig, format_validation_error
 from medssl.errors import MedsslInputError
 from medssl.fileio import atomic_path
-from medssl.models.encoder import MASK_TOKEN_KEY, SwinEncoder
+from medssl.models.encoder import SwinEncoder
+from medssl.models.segmenter import SwinSegmenter
+from medssl.models.size import check_network_size
 from medssl.version import code_version
 
 REQUIRED_META = ("method", "family", "encoder")
@@ -39,9 +48,11 @@ class LoadReport:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Save through a temporary file and rename, so a crash never leaves a truncated file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """Save through a temporary file and rename, so a crash never leaves a truncated file. Written
+    through a Python file object: a full disk then raises ``OSError(ENOSPC)`` naming ``path``, not
+    torch's "PytorchStreamWriter failed writing file"."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def safe_torch_load(path: str | Path) -> Any:
@@ -103,37 +114,78 @@ def save_encoder(path: str | Path, encoder: SwinEncoder, meta: dict[str, Any]) -
     atomic_torch_save({"encoder": state, "meta": meta}, path)
 
 
-def read_encoder_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read and validate the two parts of an encoder checkpoint."""
-    payload = safe_torch_load(path)
-    if not isinstance(payload, dict) or "encoder" not in payload or "meta" not in payload:
-        from medssl.models.foreign import read_foreign_encoder  # MONAI SwinUNETR, research-contributions
-
-        return read_foreign_encoder(payload, path)
-    state, meta = payload["encoder"], payload["meta"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        raise MedsslInputError(path, "'encoder' entry is not a state dict of tensors")
-    check_meta(path, meta)
-    return state, meta
+# --------------------------------------------------------------------------- metadata
 
 
-def check_meta(path: str | Path, meta: Any) -> None:
-    """Checkpoint metadata is a mapping with string method/family and a valid encoder config."""
+class _Meta(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, protected_namespaces=())
+
+
+class EncoderMeta(_Meta):
+    """The typed part of an encoder checkpoint's metadata (other keys are kept as provenance)."""
+
+    method: str
+    family: str
+    encoder: EncoderConfig
+    spacing: list[float] = Field(default_factory=list)  # the pretraining spacing ([] when unknown)
+    intensity: dict[str, Any] = Field(default_factory=dict)  # orientation, CT window, MRI percentiles
+    crop_size: int | None = None
+
+
+class SegmenterMeta(_Meta):
+    """The typed part of a fine-tuned segmenter's metadata: what rebuilds it and what a bundle states."""
+
+    encoder: EncoderConfig
+    out_channels: int = Field(ge=1)  # classes with background, or nnU-Net regions (one output each)
+    crop_size: CropSize
+    norm: Literal["auto", "instance", "group", "batch"]
+    transformer: Literal["swin", "identity"] = "swin"  # "identity": the transformer->identity control
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    labels: dict[int, str] = Field(default_factory=dict)
+
+
+def _validated(model: type[_Meta], meta: Any, path: str | Path, what: str) -> Any:
     if not isinstance(meta, dict):
-        raise MedsslInputError(path, f"checkpoint metadata is a {type(meta).__name__}, not a mapping")
-    lacking = [k for k in REQUIRED_META if k not in meta]
-    if lacking:
-        raise MedsslInputError(path, f"checkpoint metadata lacks {', '.join(lacking)}")
-    for key in ("method", "family"):
-        if not isinstance(meta[key], str):
-            raise MedsslInputError(path, f"checkpoint metadata '{key}' is not a string")
-    if not isinstance(meta["encoder"], dict):
-        raise MedsslInputError(path, "checkpoint metadata 'encoder' is not a mapping of encoder settings")
+        raise MedsslInputError(path, f"{what} metadata is a {type(meta).__name__}, not a mapping")
     try:
-        EncoderConfig.model_validate(meta["encoder"])
-    except Exception as err:  # noqa: BLE001 - pydantic's ValidationError, or a TypeError on odd values
-        first = str(err).splitlines()
-        raise MedsslInputError(path, f"checkpoint encoder config is invalid: {' '.join(first[:3])[:200]}") from None
+        return model.model_validate(meta)
+    except ValidationError as err:
+        if all(e["loc"][:1] == ("encoder",) for e in err.errors()):
+            detail = format_validation_error(err, prefix="").removeprefix("encoder.")
+            raise MedsslInputError(path, f"{what} encoder config is invalid: {detail[:300]}") from None
+        raise MedsslInputError(path, f"{what} metadata is invalid: {format_validation_error(err)[:300]}") from None
+    except (TypeError, ValueError) as err:  # odd values pydantic's validators raise on directly
+        raise MedsslInputError(path, f"{what} metadata is invalid ({type(err).__name__}: {err})"[:300]) from None
+
+
+def pretraining_preprocess(meta: EncoderMeta, path: str | Path) -> PreprocessConfig | None:
+    """The preprocessing an encoder was pretrained with, validated (None when the metadata records none):
+    a spacing that is not three finite positive numbers, or an orientation that is not three axis letters,
+    is refused here, naming the file, instead of failing later."""
+    data: dict[str, Any] = {k: v for k, v in meta.intensity.items() if k in PreprocessConfig.model_fields}
+    if meta.spacing:
+        data["spacing"] = meta.spacing
+    if not data:
+        return None
+    try:
+        return PreprocessConfig.model_validate(data)
+    except ValidationError as err:
+        raise MedsslInputError(
+            path, f"encoder metadata 'spacing'/'intensity' is invalid: {format_validation_error(err)[:300]}"
+        ) from None
+
+
+def check_meta(path: str | Path, meta: Any) -> EncoderMeta:
+    """Validate an encoder checkpoint's metadata: string method/family, a valid encoder config within
+    ``limits.model_bytes``, and a numeric spacing and valid intensity settings when they are recorded."""
+    if isinstance(meta, dict):
+        lacking = [k for k in REQUIRED_META if k not in meta]
+        if lacking:
+            raise MedsslInputError(path, f"checkpoint metadata lacks {', '.join(lacking)}")
+    typed: EncoderMeta = _validated(EncoderMeta, meta, path, "checkpoint")
+    pretraining_preprocess(typed, path)
+    check_network_size(typed.encoder, path)
+    return typed
 
 
 def check_tensor_values(source: str | Path, state: dict[str, Tensor], target: dict[str, Tensor]) -> None:
@@ -149,6 +201,27 @@ def check_tensor_values(source: str | Path, state: dict[str, Tensor], target: di
                 raise MedsslInputError(source, f"encoder tensor '{key}' holds {n_bad} NaN/inf values")
 
 
+def check_state_matches(
+    source: str | Path, state: dict[str, Tensor], target: dict[str, Tensor], what: str = "encoder"
+) -> None:
+    """Every tensor of ``target`` present in ``state`` with its shape, floating point and finite."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise MedsslInputError(source, f"the {what} weights are not a state dict of tensors")
+    missing = sorted(set(target) - set(state))
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise MedsslInputError(source, f"checkpoint is missing {len(missing)} {what} tensors: {shown}")
+    mismatched = [k for k in target if tuple(target[k].shape) != tuple(state[k].shape)]
+    if mismatched:
+        k = mismatched[0]
+        raise MedsslInputError(
+            source,
+            f"{what} tensor '{k}' has shape {tuple(state[k].shape)}, model expects {tuple(target[k].shape)}"
+            " (different encoder preset?)",
+        )
+    check_tensor_values(source, state, target)
+
+
 def load_encoder_state(
     module: nn.Module, state: dict[str, Tensor], source: str | Path = "<state>", prefix: str = ""
 ) -> LoadReport:
@@ -158,63 +231,14 @@ def load_encoder_state(
     ``module`` outside the prefix (decoder) are not the encoder's concern and are left alone.
     """
     target = {k[len(prefix) :]: v for k, v in module.state_dict().items() if k.startswith(prefix)}
-    missing = sorted(set(target) - set(state))
+    check_state_matches(source, state, target)
     unexpected = sorted(set(state) - set(target))
-    if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise MedsslInputError(source, f"checkpoint is missing {len(missing)} encoder tensors: {shown}")
-    mismatched = [k for k in target if tuple(target[k].shape) != tuple(state[k].shape)]
-    if mismatched:
-        k = mismatched[0]
-        raise MedsslInputError(
-            source,
-            f"encoder tensor '{k}' has shape {tuple(state[k].shape)}, model expects {tuple(target[k].shape)}"
-            " (different encoder preset?)",
-        )
-    check_tensor_values(source, state, target)
     full = {prefix + k: state[k] for k in target}
     result = module.load_state_dict(full, strict=False)
     still_missing = [k for k in result.missing_keys if k.startswith(prefix)]
     if still_missing:  # defensive: should be impossible after the check above
         raise MedsslInputError(source, f"encoder tensors not loaded: {still_missing[:5]}")
     return LoadReport(loaded=len(target), expected=len(target), missing=[], unexpected=unexpected)
-
-
-def load_encoder(path: str | Path) -> tuple[SwinEncoder, dict[str, Any]]:
-    """Rebuild the encoder a checkpoint describes and load every tensor into it."""
-    state, meta = read_encoder_checkpoint(path)
-    try:
-        config = EncoderConfig.model_validate(meta["encoder"])
-    except Exception as err:  # noqa: BLE001
-        raise MedsslInputError(path, f"checkpoint encoder config is invalid: {err}") from None
-    encoder = SwinEncoder(config)
-    report = load_encoder_state(encoder, state, source=path)
-    meta = dict(meta)
-    meta["load_report"] = report.summary()
-    return encoder, meta
-
-
-def monai_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """The encoder as ``swinViT.*`` keys, for ``monai.networks.nets.SwinUNETR.load_state_dict``."""
-    state, _ = read_encoder_checkpoint(path)
-    return {SWIN_PREFIX + k: v for k, v in state.items() if k != MASK_TOKEN_KEY}
-
-
-def export_monai(path: str | Path, out: str | Path) -> int:
-    """Write the MONAI-layout state dict; returns the number of tensors written.
-
-    The encoder is rebuilt from its metadata and every tensor loaded into it first, so a missing,
-    mis-shaped, non-finite or non-float tensor fails here instead of exporting a file that MONAI's
-    ``strict=False`` load would take silently short. ``out`` may not be the input or a folder."""
-    path, out = Path(path), Path(out)
-    if out.is_dir():
-        raise MedsslInputError(out, "--out is a folder; give the path of the .pt file to write")
-    if out.exists() and path.exists() and out.resolve() == path.resolve():
-        raise MedsslInputError(out, "--out is the input checkpoint; exporting would overwrite it")
-    load_encoder(path)  # validates every tensor against the encoder the metadata describes
-    state = monai_state_dict(path)
-    atomic_torch_save(state, out)
-    return len(state)
 
 
 def save_segmenter(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
@@ -227,28 +251,30 @@ def save_segmenter(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> 
     atomic_torch_save({"model": state, "meta": meta}, path)
 
 
-def load_segmenter(path: str | Path):
-    """Rebuild a fine-tuned :class:`SwinSegmenter` and load every tensor (strict)."""
-    from medssl.models.segmenter import SwinSegmenter
+def is_segmenter_payload(payload: Any) -> bool:
+    return isinstance(payload, dict) and "model" in payload and isinstance(payload.get("meta"), dict)
 
-    payload = safe_torch_load(path)
-    if not isinstance(payload, dict) or "model" not in payload or "meta" not in payload:
+
+def read_segmenter_meta(path: str | Path, payload: Any) -> SegmenterMeta:
+    """The validated metadata of a segmenter payload (``{"model", "meta"}``), its size within the limit."""
+    if not is_segmenter_payload(payload):
         raise MedsslInputError(path, "not a medssl segmenter checkpoint (needs 'model' and 'meta')")
-    meta = payload["meta"]
-    check_meta(path, {"method": "", "family": "", **meta} if isinstance(meta, dict) else meta)
-    try:
-        config = EncoderConfig.model_validate(meta["encoder"])
-        model = SwinSegmenter(
-            config,
-            int(meta["out_channels"]),
-            crop_size=int(meta["crop_size"]),
-            norm=meta["norm"],
-            transformer=meta.get("transformer", "swin"),
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise MedsslInputError(path, f"segmenter metadata is invalid ({type(err).__name__}: {err})") from None
-    try:
-        model.load_state_dict(payload["model"], strict=True)
-    except RuntimeError as err:
-        raise MedsslInputError(path, f"segmenter weights do not match: {str(err).splitlines()[0]}") from None
-    return model, meta
+    typed: SegmenterMeta = _validated(SegmenterMeta, payload["meta"], path, "segmenter")
+    check_network_size(typed.encoder, path, typed.out_channels)
+    return typed
+
+
+def load_segmenter(path: str | Path) -> tuple[SwinSegmenter, dict[str, Any]]:
+    """Rebuild a fine-tuned :class:`SwinSegmenter` and load every tensor (strict): a missing, mis-shaped,
+    non-float or non-finite tensor is refused with one line naming the file and the tensor."""
+    payload = safe_torch_load(path)
+    typed = read_segmenter_meta(path, payload)
+    model = SwinSegmenter(
+        typed.encoder, typed.out_channels, crop_size=typed.crop_size, norm=typed.norm, transformer=typed.transformer
+    )
+    check_state_matches(path, payload["model"], model.state_dict(), what="segmenter")
+    extra = sorted(set(payload["model"]) - set(model.state_dict()))
+    if extra:
+        raise MedsslInputError(path, f"segmenter weights hold {len(extra)} unexpected tensors: {', '.join(extra[:5])}")
+    model.load_state_dict(payload["model"], strict=True)
+    return model, dict(payload["meta"])

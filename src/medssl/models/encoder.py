@@ -13,12 +13,15 @@ outputs and gradients to float rounding (tests/models/test_swin_fast.py) and fas
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
-from monai.networks.nets.swin_unetr import SwinTransformer
+from monai.networks.nets.swin_unetr import BasicLayer, SwinTransformer
 from torch import Tensor, nn
 
 from medssl.config import EncoderConfig
+from medssl.models.size import check_network_size
 from medssl.models.swin_fast import SwinCache, run_stage
 
 MASK_TOKEN_KEY = "mask_token"
@@ -27,7 +30,7 @@ MASK_TOKEN_KEY = "mask_token"
 def _clear_fast_cache(module: nn.Module, keys: object) -> None:
     """Load-state-dict post hook; a module-level function so an encoder (and a method holding one, whose
     ``make_views`` a spawned DataLoader worker receives) pickles."""
-    module.fast_cache.clear()
+    cast(SwinCache, module.fast_cache).clear()
 
 
 class SwinEncoder(SwinTransformer):
@@ -40,20 +43,24 @@ class SwinEncoder(SwinTransformer):
     """
 
     def __init__(self, config: EncoderConfig) -> None:
+        check_network_size(config, "encoder config")  # before MONAI allocates anything
+        feature_size, window, depths, heads = config.feature_size, config.window_size, config.depths, config.num_heads
+        assert feature_size is not None and window is not None and depths is not None and heads is not None  # preset
         dims = 3
         super().__init__(
             in_chans=config.in_channels,
-            embed_dim=config.feature_size,
-            window_size=(config.window_size,) * dims,
+            embed_dim=feature_size,
+            window_size=(window,) * dims,
             patch_size=(config.patch_size,) * dims,
-            depths=config.depths,
-            num_heads=config.num_heads,
+            depths=depths,
+            num_heads=heads,
             drop_path_rate=config.drop_path_rate,
             use_checkpoint=config.use_checkpoint,
             spatial_dims=dims,
+            use_v2=config.use_v2,
         )
         self.config = config
-        self.mask_token = nn.Parameter(torch.zeros(1, config.feature_size, 1, 1, 1))
+        self.mask_token = nn.Parameter(torch.zeros(1, feature_size, 1, 1, 1))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.fast_cache = SwinCache()
         # loaded weights may bring another relative-position index: drop what was derived from it
@@ -62,7 +69,7 @@ class SwinEncoder(SwinTransformer):
     @property
     def stage_channels(self) -> list[int]:
         """Channels of the five outputs: patch embedding, then stages 1-4."""
-        f = self.config.feature_size
+        f = int(self.config.feature_size or 0)
         return [f, 2 * f, 4 * f, 8 * f, 16 * f]
 
     @property
@@ -99,23 +106,35 @@ class SwinEncoder(SwinTransformer):
             x0 = x0 * (1.0 - w) + self.mask_token.to(x0.dtype) * w
         return self.pos_drop(x0)
 
-    def forward(self, x: Tensor, normalize: bool = True, mask: Tensor | None = None) -> list[Tensor]:  # type: ignore[override]
+    def forward(self, x: Tensor, normalize: bool = True, mask: Tensor | None = None) -> list[Tensor]:
         x0 = self.embed(x, mask)
         if self.config.implementation == "fast":
             return self._fast_forward(x0, normalize)
         outs = [self.proj_out(x0, normalize)]
         h = x0
-        for stage in (self.layers1, self.layers2, self.layers3, self.layers4):
+        for index, stage in enumerate((self.layers1, self.layers2, self.layers3, self.layers4)):
+            if self.use_v2:  # MONAI's order: the stage's residual conv block, then its Swin blocks
+                h = self.conv_blocks[index](h.contiguous())
             h = stage[0](h.contiguous())
             outs.append(self.proj_out(h, normalize))
         return outs
 
+    @property
+    def conv_blocks(self) -> list[nn.Module]:
+        """SwinUNETR v2's residual conv block of each stage (``layers{1..4}c``); empty for v1."""
+        if not self.use_v2:
+            return []
+        return [self.layers1c[0], self.layers2c[0], self.layers3c[0], self.layers4c[0]]
+
     def _fast_forward(self, x0: Tensor, normalize: bool) -> list[Tensor]:
-        """Stages on channels-last tensors; outputs are (B, C, D, H, W) views of channels-last data."""
+        """Stages on channels-last tensors; outputs are (B, C, D, H, W) views of channels-last data.
+        v2's conv blocks run on (B, C, D, H, W) as MONAI's do; their outputs are turned channels-last."""
         h = x0.permute(0, 2, 3, 4, 1).contiguous()
         outs = [h]
-        for stage in (self.layers1, self.layers2, self.layers3, self.layers4):
-            h = run_stage(stage[0], h, self.fast_cache, self.config.use_checkpoint)
+        for index, stage in enumerate((self.layers1, self.layers2, self.layers3, self.layers4)):
+            if self.use_v2:
+                h = self.conv_blocks[index](h.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1).contiguous()
+            h = run_stage(cast(BasicLayer, stage[0]), h, self.fast_cache, self.config.use_checkpoint)
             outs.append(h)
         if normalize:
             outs = [F.layer_norm(o, (o.shape[-1],)) for o in outs]

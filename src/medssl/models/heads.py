@@ -16,7 +16,9 @@ class MLPHead(nn.Module):
     """``n_layers`` linear layers with (optional) BatchNorm and ReLU between them.
 
     SimCLR: 2 layers, 2048 -> 128; MoCo v3 / BYOL: projector and predictor 4096 -> 256, with
-    BatchNorm on hidden layers (MoCo v3 also on the output of the projector).
+    BatchNorm on hidden layers. ``last_batch_norm``: a BatchNorm after the last layer, ``True`` without
+    affine parameters (MoCo v3's ``_build_mlp(..., last_bn=True)``: ``BatchNorm1d(affine=False)``),
+    ``"scale"`` with a scale and no shift (SimCLR's ``tf2/model.py`` last ``LinearLayer``: ``center=False``).
     """
 
     def __init__(
@@ -26,7 +28,7 @@ class MLPHead(nn.Module):
         out_dim: int,
         n_layers: int = 2,
         batch_norm: bool = True,
-        last_batch_norm: bool = False,
+        last_batch_norm: bool | Literal["scale"] = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -38,7 +40,11 @@ class MLPHead(nn.Module):
             layers.append(nn.ReLU(inplace=True))
             dim = hidden_dim
         layers.append(nn.Linear(dim, out_dim, bias=not last_batch_norm))
-        if last_batch_norm:
+        if last_batch_norm == "scale":
+            norm = nn.BatchNorm1d(out_dim, affine=True)
+            norm.register_parameter("bias", None)  # no shift (F.batch_norm takes bias=None)
+            layers.append(norm)
+        elif last_batch_norm:
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
         self.net = nn.Sequential(*layers)
 

@@ -15,13 +15,14 @@ without the transformer.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from monai.networks.nets import SwinUNETR
 from torch import Tensor, nn
 
 from medssl.config import EncoderConfig
 from medssl.models.encoder import SwinEncoder
+from medssl.models.size import check_network_size
 
 
 def resolve_norm(norm: str, crop_size: int, feature_size: int) -> tuple | str:
@@ -31,6 +32,26 @@ def resolve_norm(norm: str, crop_size: int, feature_size: int) -> tuple | str:
     if norm == "group":
         return ("group", {"num_groups": math.gcd(feature_size, 12)})
     return norm
+
+
+def swin_unetr_kwargs(
+    encoder_config: EncoderConfig, out_channels: int, norm_name: tuple | list | str
+) -> dict[str, Any]:
+    """The arguments of ``monai.networks.nets.SwinUNETR`` that build this network: the one place they are
+    written (the segmenter, a bundle's ``network_def`` and ``medssl export --format monai`` use them)."""
+    assert encoder_config.depths is not None and encoder_config.num_heads is not None  # filled from the preset
+    return {
+        "in_channels": encoder_config.in_channels,
+        "out_channels": out_channels,
+        "patch_size": encoder_config.patch_size,
+        "depths": tuple(encoder_config.depths),
+        "num_heads": tuple(encoder_config.num_heads),
+        "window_size": encoder_config.window_size,
+        "feature_size": encoder_config.feature_size,
+        "norm_name": norm_name,
+        "spatial_dims": 3,
+        "use_v2": encoder_config.use_v2,
+    }
 
 
 class SwinSegmenter(SwinUNETR):
@@ -44,18 +65,14 @@ class SwinSegmenter(SwinUNETR):
         norm: str = "auto",
         transformer: Literal["swin", "identity"] = "swin",
     ) -> None:
+        check_network_size(encoder_config, "encoder config", out_channels)  # before MONAI allocates anything
+        assert encoder_config.feature_size is not None  # filled from the preset
         super().__init__(
-            in_channels=encoder_config.in_channels,
-            out_channels=out_channels,
-            patch_size=encoder_config.patch_size,
-            depths=encoder_config.depths,
-            num_heads=encoder_config.num_heads,
-            window_size=encoder_config.window_size,
-            feature_size=encoder_config.feature_size,
-            norm_name=resolve_norm(norm, crop_size, encoder_config.feature_size),
+            **swin_unetr_kwargs(
+                encoder_config, out_channels, resolve_norm(norm, crop_size, encoder_config.feature_size)
+            ),
             dropout_path_rate=encoder_config.drop_path_rate,
             use_checkpoint=encoder_config.use_checkpoint,
-            spatial_dims=3,
         )
         self.encoder_config = encoder_config
         self.swinViT = SwinEncoder(encoder_config)

@@ -27,9 +27,15 @@ mask rebuilt in every stage call. Here:
 - patch merging gathers the eight neighbours with one reshape instead of eight strided slices and a
   concatenation (whose backward writes eight zero-filled full-size tensors); MONAI's v1 channel
   order is recovered by permuting the norm and reduction weights, not the activations.
+
+SwinUNETR v2 (``use_v2``) adds a residual conv block before each stage; ``SwinEncoder._fast_forward`` runs
+it as MONAI's module on a channels-first view and hands the stage a channels-last tensor
+(tests/models/test_swin_fast.py compares outputs and gradients with MONAI's v2).
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +44,7 @@ from monai.networks.nets.swin_unetr import (
     PatchMerging,
     PatchMergingV2,
     SwinTransformerBlock,
+    WindowAttention,
     compute_mask,
     get_window_size,
 )
@@ -90,7 +97,7 @@ class _BiasedSoftmaxAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None) -> Tensor:
         scores = torch.matmul(q, k.transpose(-2, -1))
         bw, heads, n, _ = scores.shape
         windows = 1 if mask is None else mask.shape[0]
@@ -107,7 +114,7 @@ class _BiasedSoftmaxAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor):
         q, k, v, probs = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_v = torch.matmul(probs.transpose(-2, -1), grad_out)
@@ -124,13 +131,13 @@ class _BiasedSoftmaxAttention(torch.autograd.Function):
 
 def window_attention(block: SwinTransformerBlock, windows: Tensor, mask: Tensor | None, cache: SwinCache) -> Tensor:
     """MONAI ``WindowAttention.forward`` on (B*nW, n, C) windows."""
-    attn = block.attn
+    attn = cast(WindowAttention, block.attn)
     bw, n, c = windows.shape
     heads = attn.num_heads
     qkv = F.linear(windows, attn.qkv.weight, attn.qkv.bias).view(bw, n, 3, heads, c // heads)
     qkv = qkv.permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0] * attn.scale, qkv[1], qkv[2]
-    index = cache.bias_index(attn.relative_position_index, n)
+    index = cache.bias_index(cast(Tensor, attn.relative_position_index), n)
     bias = attn.relative_position_bias_table[index].view(n, n, heads).permute(2, 0, 1).contiguous()
     needs_bias_grad = torch.is_grad_enabled() and bias.requires_grad
     if windows.device.type == "cpu" and needs_bias_grad and q.dtype == torch.float32:
@@ -207,13 +214,18 @@ def merge_forward(merge: nn.Module, x: Tensor, cache: SwinCache) -> Tensor:
         b, d, h, w, c = x.shape
     x = x.view(b, d // 2, 2, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
     x = x.reshape(b, d // 2, h // 2, w // 2, 8 * c)
-    weight, bias, reduction = merge.norm.weight, merge.norm.bias, merge.reduction.weight
+    norm = cast(nn.LayerNorm, merge.norm)
+    weight, bias, reduction = (
+        cast(Tensor, norm.weight),
+        cast(Tensor, norm.bias),
+        cast(nn.Linear, merge.reduction).weight,
+    )
     if type(merge) is PatchMerging:
         index = _merge_channel_index(c, x.device, cache)
         weight, bias, reduction = weight[index], bias[index], reduction[:, index]
     elif type(merge) is not PatchMergingV2:
         raise TypeError(f"fast Swin forward supports MONAI PatchMerging/PatchMergingV2, not {type(merge).__name__}")
-    x = F.layer_norm(x, (8 * c,), weight, bias, merge.norm.eps)
+    x = F.layer_norm(x, (8 * c,), weight, bias, norm.eps)
     return F.linear(x, reduction)
 
 
@@ -224,7 +236,7 @@ def stage_forward(layer: BasicLayer, x: Tensor, cache: SwinCache) -> Tensor:
     padded = tuple(-(-s // window[i]) * window[i] for i, s in enumerate((d, h, w)))
     mask = cache.shift_mask(padded, window, shift, x.device) if any(s > 0 for s in shift) else None
     for block in layer.blocks:
-        x = block_forward(block, x, mask, cache)
+        x = block_forward(cast(SwinTransformerBlock, block), x, mask, cache)
     if layer.downsample is not None:
         x = merge_forward(layer.downsample, x, cache)
     return x

@@ -23,13 +23,29 @@ from medssl.analysis.gap import budget_key, few_many_gap, gap_ranks, modality_su
 from medssl.analysis.stats import critical_difference_plot, friedman_ranks, paired_wilcoxon
 from medssl.fileio import atomic_write_text, file_lock, to_json
 from medssl.report import plots
-from medssl.report.html import Alert, Block, Heading, Image, Missing, Paragraph, Section, render_html, render_markdown
+from medssl.report.headline import floor_p_holm, headlines, null_result, untestable
+from medssl.report.html import (
+    Alert,
+    Block,
+    Details,
+    Heading,
+    Headlines,
+    Image,
+    Missing,
+    Paragraph,
+    Section,
+    render_html,
+    render_markdown,
+)
+from medssl.report.output import LOCK_NAME, ReportFolder
+from medssl.report.screen import screen_runs
 from medssl.report.tables import (
     PAIRING_UNIT,
     RANDOM_INIT,
     at_largest_budget,
     budget_summary,
     budget_table,
+    convergence_overview,
     cost_summary,
     display_method,
     family_summary,
@@ -39,6 +55,7 @@ from medssl.report.tables import (
     gap_table,
     latex_table,
     leaderboard,
+    lesion_tables,
     method_order,
     metric_summary,
     structure_tables,
@@ -49,6 +66,7 @@ from medssl.results import (
     cka_runs,
     collect_runs,
     curves_table,
+    lesion_table,
     pretrain_curves,
     pretrain_table,
     provenance,
@@ -67,6 +85,7 @@ class ReportContext:
 
     roots: list[Path]
     out_dir: Path
+    folder: ReportFolder
     collection: RunCollection
     results: pd.DataFrame
     curves: pd.DataFrame
@@ -74,6 +93,7 @@ class ReportContext:
     pretrain_curves: pd.DataFrame
     cka: list[dict[str, Any]]
     colors: dict[str, Any]
+    excluded: list[tuple[str, str]] = field(default_factory=list)  # (run id, impossible value)
     figures: list[Path] = field(default_factory=list)
     latex: dict[str, str] = field(default_factory=dict)
     _wilcoxon: pd.DataFrame | None = None
@@ -89,9 +109,10 @@ class ReportContext:
             self._provenance = provenance(self.collection)
         return self._provenance
 
-    @property
-    def figure_dir(self) -> Path:
-        return self.out_dir / "figures"
+    def figure_path(self, name: str) -> Path:
+        """Where a section writes the figure ``name``: ``figures/<name>``, recorded as the report's own
+        file from the moment it is named (a section that fails after writing it leaves no stray file)."""
+        return self.folder.path(f"figures/{name}")
 
     def figure(self, path: Path | None, caption: str) -> Image | None:
         if path is None:
@@ -154,6 +175,9 @@ def section_leaderboard(ctx: ReportContext, section: Section) -> Section:
         section.add(Missing(f"Only one method ({display_method(ctx.methods[0])}): nothing to compare."))
     elif RANDOM_INIT not in ctx.methods:
         section.add(Missing("No random-init baseline (method 'none') among the runs: no * marks."))
+    verdict = null_result(ctx.wilcoxon())
+    if verdict:
+        section.add(Paragraph(verdict))
     collapsed = _collapsed_methods(ctx) & set(ctx.methods)
     if collapsed:
         section.add(
@@ -189,7 +213,7 @@ def section_budgets(ctx: ReportContext, section: Section) -> Section:
     summary = budget_summary(ctx.results)
     section.add(
         ctx.figure(
-            plots.budget_plot(summary, ctx.figure_dir / "budgets.png", ctx.colors),
+            plots.budget_plot(summary, ctx.figure_path("budgets.png"), ctx.colors),
             "Mean test Dice vs number of training cases, per task; one line per method.",
         )
     )
@@ -226,7 +250,7 @@ def section_convergence(ctx: ReportContext, section: Section) -> Section:
         return section.add(Missing("No validation curves in the finished fine-tuning runs."))
     section.add(
         ctx.figure(
-            plots.curves_plot(ctx.curves, ctx.figure_dir / "convergence.png", ctx.colors),
+            plots.curves_plot(ctx.curves, ctx.figure_path("convergence.png"), ctx.colors),
             "Validation Dice during fine-tuning at each task's largest budget (mean over seeds).",
         )
     )
@@ -247,12 +271,20 @@ def section_convergence(ctx: ReportContext, section: Section) -> Section:
         columns[-1:-1] = ["auc_std"]
     summary = summary.assign(_order=summary["budget"].map(budget_key))
     summary = summary.sort_values(["task", "_order", "auc"], ascending=[True, True, False], kind="stable")
+    overview = convergence_overview(summary, method_order(ctx.results))
+    if overview is not None:
+        section.add(overview[0], Paragraph(overview[1]))
     section.add(
-        frame_table(
-            summary[columns],
-            "Steps (and epochs) until validation Dice first reaches 95% of the run's best (mean over the runs "
-            "that got there: n_converged of n_runs), and the area under the validation curve with steps "
-            "scaled to [0, 1] (AUC: time-averaged Dice, higher = faster and better).",
+        Details(
+            f"Every task × budget × method ({len(summary)} rows)",
+            [
+                frame_table(
+                    summary[columns],
+                    "Steps (and epochs) until validation Dice first reaches 95% of the run's best (mean over the "
+                    "runs that got there: n_converged of n_runs), and the area under the validation curve with "
+                    "steps scaled to [0, 1] (AUC: time-averaged Dice, higher = faster and better).",
+                )
+            ],
         )
     )
     if ctx.curves.groupby("run_id")["step"].nunique().max() < 2:
@@ -290,7 +322,7 @@ def section_modality(ctx: ReportContext, section: Section) -> Section:
     )
     section.add(
         ctx.figure(
-            plots.modality_plot(top[["ct", "mri"]].dropna(axis=1, how="all"), ctx.figure_dir / "modality.png"),
+            plots.modality_plot(top[["ct", "mri"]].dropna(axis=1, how="all"), ctx.figure_path("modality.png")),
             "Mean test Dice on CT vs MRI tasks at each task's largest budget.",
         )
     )
@@ -315,9 +347,11 @@ def section_cka(ctx: ReportContext, section: Section) -> Section:
     for i, run in enumerate(ctx.cka):
         caption = (
             f"{display_method(str(run.get('method')))} on {run.get('task')}: {run.get('comparison')} "
-            f"(rows: {Path(str(run.get('model_a'))).name}, columns: {Path(str(run.get('model_b'))).name})."
+            f"(rows: model A, {plots.model_label(run.get('model_a'))}; columns: model B, "
+            f"{plots.model_label(run.get('model_b'))})."
         )
-        section.add(ctx.figure(plots.cka_heatmap(run, ctx.figure_dir / f"cka_{i:02d}.png"), caption))
+        caption += _cka_left_out(run)
+        section.add(ctx.figure(plots.cka_heatmap(run, ctx.figure_path(f"cka_{i:02d}.png")), caption))
         reuse = run.get("reuse") or {}
         if reuse:
             reuse_rows.append(
@@ -337,11 +371,27 @@ def section_cka(ctx: ReportContext, section: Section) -> Section:
     return section
 
 
+def _cka_left_out(run: dict[str, Any]) -> str:
+    """The caption's note on grey (undefined) cells of a CKA figure, with the run's own reasons."""
+    reasons = run.get("minibatch_cka_left_out") or {}
+    if isinstance(reasons, dict) and reasons:
+        return " Grey minibatch-CKA cells are left out: " + "; ".join(f"{k}: {v}" for k, v in reasons.items()) + "."
+    undefined = any(
+        v is None or (isinstance(v, float) and v != v)
+        for key in ("linear_cka", "minibatch_cka")
+        for row in run.get(key) or []
+        for v in row
+    )
+    return " Grey cells: not defined for these crops (the run recorded no reason)." if undefined else ""
+
+
 @report_section("structures", "Per-structure results", needs_finetune=True)
 def section_structures(ctx: ReportContext, section: Section) -> Section:
     for table in structure_tables(ctx.results).values():
         section.add(table)
     section.add(metric_summary(ctx.results))
+    for table in lesion_tables(lesion_table(ctx.collection), ctx.results).values():  # lesion tasks only
+        section.add(table)
     return section
 
 
@@ -352,17 +402,23 @@ def section_statistics(ctx: ReportContext, section: Section) -> Section:
         section.add(Missing("Fewer than two methods: no paired tests."))
     else:
         shown = wilcoxon.copy()
+        shown["smallest possible p_holm"] = floor_p_holm(wilcoxon)
         shown["comparison"] = shown["comparison"].map({"reference": "vs random init", "best": "vs best"})
         shown["other"] = shown["other"].map(display_method)
-        for col in ("p", "p_holm"):
+        for col in ("p", "p_holm", "smallest possible p_holm"):
             shown[col] = shown[col].map(fmt_p)
         section.add(Heading("Paired Wilcoxon signed-rank tests"))
+        power = untestable(wilcoxon)
+        if power:
+            section.add(Alert(power))
         section.add(
             frame_table(
                 shown,
                 "Per task × budget, on the Dice of each (test case, seed) pair (mean over structures): each "
                 "method vs random init and vs the best method; Holm correction within each comparison kind of "
-                "a task × budget. n = pairs; mean_diff = method − other.",
+                "a task × budget. n = pairs; mean_diff = method − other; smallest possible p_holm = the "
+                "Holm-corrected p of n pairs all of one sign (2/2^n × tests in the family): where it is ≥ 0.05 the "
+                "test could not have been significant.",
             )
         )
         if RANDOM_INIT not in ctx.methods:
@@ -388,7 +444,7 @@ def section_statistics(ctx: ReportContext, section: Section) -> Section:
         rank_frame = pd.DataFrame({"method": list(ranks), "mean rank": list(ranks.values())})
         section.add(frame_table(rank_frame, head + ". Rank 1 = best.", index="method"))
         if p is not None and cd is not None:
-            path = ctx.figure_dir / f"critical_difference_{_slug(level)}.png"
+            path = ctx.figure_path(f"critical_difference_{_slug(level)}.png")
             labels = {display_method(m): r for m, r in ranks.items()}
             critical_difference_plot(labels, cd, path, title=f"Critical difference — {name}")
             section.add(
@@ -417,9 +473,9 @@ def section_pretraining(ctx: ReportContext, section: Section) -> Section:
             Paragraph(
                 "No pretraining run was flagged by the health verdict: the spread and the effective rank of each "
                 "method's embedding and, for teacher-student methods, the entropy of the batch-mean teacher "
-                "distribution stayed above their floors, and no teacher became uniform with its student matching "
-                "it (calibrated on random init, short healthy runs and deliberately collapsed ones; "
-                "methods/health.py)."
+                "distribution stayed above their floors, no embedding spread fell more than 10x from its run's "
+                "first steps, and no teacher became uniform with its student matching it (calibrated both ways on "
+                "random init, healthy runs and collapsing ones; methods/verdict.py)."
             )
         )
     for row in ctx.pretrain[ctx.pretrain["health_warnings"].notna()].itertuples():
@@ -429,14 +485,14 @@ def section_pretraining(ctx: ReportContext, section: Section) -> Section:
     collapsed = set(ctx.pretrain.loc[ctx.pretrain["collapsed"], "run_id"])
     section.add(
         ctx.figure(
-            plots.pretrain_loss_plot(ctx.pretrain_curves, collapsed, ctx.figure_dir / "pretraining.png", ctx.colors),
+            plots.pretrain_loss_plot(ctx.pretrain_curves, collapsed, ctx.figure_path("pretraining.png"), ctx.colors),
             "Pretraining loss per method (collapsed runs dashed red).",
         )
     )
     if ctx.pretrain_curves.empty:
         section.add(Missing("The pretraining runs logged no loss curve (metrics.jsonl)."))
     health_figure = plots.pretrain_health_plot(
-        ctx.pretrain_curves, collapsed, ctx.figure_dir / "pretraining_health.png", ctx.colors
+        ctx.pretrain_curves, collapsed, ctx.figure_path("pretraining_health.png"), ctx.colors
     )
     if health_figure is not None:
         section.add(
@@ -494,7 +550,7 @@ def section_cost(ctx: ReportContext, section: Section) -> Section:
     )
     section.add(
         ctx.figure(
-            plots.cost_plot(summary, ctx.figure_dir / "cost.png", ctx.colors),
+            plots.cost_plot(summary, ctx.figure_path("cost.png"), ctx.colors),
             "Mean test Dice against pretraining compute; dashed: random init (no pretraining).",
         )
     )
@@ -615,16 +671,21 @@ def _pretrain_recipe_blocks(pretrain: pd.DataFrame) -> list[Block]:
         for n, few in zip(frame["negatives_per_step"], frame["few_negatives"], strict=True)
     ]
     frame["published optimiser"] = frame["published_optimizer"].fillna("—")
+    frame["lr from"] = frame["lr_from"].fillna("shared schedule")
+    frame["epochs"] = frame["epochs"].map(lambda v: "?" if v is None or v != v else f"{v:.3g}")
     table = frame[
         [
             "method",
             "recipe",
             "lr",
             "lr_rule",
+            "lr from",
             "weight decay",
             "clip",
             "warmup_steps",
             "batch_size",
+            "steps",
+            "epochs",
             "negatives per step",
             "published optimiser",
         ]
@@ -634,8 +695,9 @@ def _pretrain_recipe_blocks(pretrain: pd.DataFrame) -> list[Block]:
         frame_table(
             table,
             f"Pretraining optimiser per method (recipe: {', '.join(recipes)}; AdamW, cosine schedule; "
-            "'published': each method's recipe from configs/methods/<name>.yaml with its learning rate scaled to "
-            "the run's batch by the published rule; 'shared': one schedule for every method).",
+            "'published': each method's recipe from configs/methods/<name>.yaml, its published learning-rate point "
+            "('lr from') moved to the run's batch by one linear rule, its warm-up the published fraction of the "
+            "run; 'shared': one schedule for every method; epochs: steps x batch / corpus volumes).",
             index="method",
         )
     ]
@@ -707,6 +769,22 @@ def _preamble(ctx: ReportContext) -> list[Block]:
             f"{len(ctx.methods)} methods, {ctx.results['task'].nunique() if not ctx.results.empty else 0} tasks."
         )
     ]
+    lines = headlines(ctx.results, ctx.wilcoxon()) if len(ctx.methods) >= 2 else []
+    if lines:
+        blocks.append(Headlines(lines))
+    power = untestable(ctx.wilcoxon())
+    if power:
+        blocks.append(Alert(power))
+    if ctx.excluded:
+        shown = "; ".join(f"{run_id} ({reason})" for run_id, reason in ctx.excluded[:10])
+        more = f" and {len(ctx.excluded) - 10} more" if len(ctx.excluded) > 10 else ""
+        blocks.append(
+            Alert(
+                f"{len(ctx.excluded)} fine-tuning runs left out of every table, figure and test because their "
+                f"results hold an impossible value: {shown}{more}.",
+                level="danger",
+            )
+        )
     budget = _pretraining_budget(ctx.pretrain, ctx.pretrain_curves)
     if budget:
         blocks.append(Paragraph(budget))
@@ -748,14 +826,6 @@ def _pretraining_budget(pretrain: pd.DataFrame, curves: pd.DataFrame) -> str | N
     return text + " (see Pretraining)."
 
 
-def _remove_stale_figures(figure_dir: Path, keep: list[Path]) -> None:
-    """A rebuilt report must not keep figures of runs that are gone (e.g. a CKA run removed)."""
-    kept = {p.resolve() for p in keep}
-    for png in figure_dir.glob("*.png"):
-        if png.resolve() not in kept:
-            png.unlink()
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -769,23 +839,29 @@ def build_report(runs_root: str | Path, out_dir: str | Path) -> Path:
     """Write the report of every finished run under ``runs_root`` into ``out_dir``; return index.html.
 
     Writes ``index.html`` (self-contained), ``report.md``, ``figures/*.png``, ``leaderboard.tex``,
-    ``results.csv``, ``results.parquet``, ``curves.csv``, ``pretrain.csv`` and ``provenance.json``.
+    ``results.csv``, ``results.parquet``, ``curves.csv``, ``pretrain.csv``, ``provenance.json`` and the
+    list of them, ``.medssl-report.json``; a rebuild replaces and prunes only those
+    (``medssl.report.output``). A folder that is neither new, empty nor a report's is refused (exit 2).
     """
     roots = resolve_roots(runs_root)
     out = Path(out_dir)
+    ReportFolder.claim(out)  # refuse a foreign folder before creating anything in it
     out.mkdir(parents=True, exist_ok=True)
     # two bench processes sharing an output folder both end with a report: they take turns, so
     # neither reads (or prunes) a figure while the other writes it
-    with file_lock(out / ".report.lock"):
-        return _write_report(roots, out)
+    with file_lock(out / LOCK_NAME):
+        return _write_report(roots, ReportFolder.claim(out, record=True))
 
 
-def _write_report(roots: list[Path], out: Path) -> Path:
+def _write_report(roots: list[Path], folder: ReportFolder) -> Path:
+    out = folder.root
     collection = collect_runs(roots)
+    excluded = screen_runs(collection)  # impossible values: out of every table, named in the report
     results = results_table(collection)
     ctx = ReportContext(
         roots=roots,
         out_dir=out,
+        folder=folder,
         collection=collection,
         results=results,
         curves=curves_table(collection),
@@ -793,21 +869,23 @@ def _write_report(roots: list[Path], out: Path) -> Path:
         pretrain_curves=pretrain_curves(collection),
         cka=cka_runs(collection),
         colors={},
+        excluded=excluded,
     )
     ctx.colors = plots.method_colors(list(results["method"].unique()) + list(ctx.pretrain["method"].unique()))
-    write_tables(collection, out)
+    folder.directory("figures")
+    for path in write_tables(collection, out).values():
+        folder.adopt(path)
 
     sections = [_guarded(sid, spec, ctx) for sid, spec in SECTION_BUILDERS.items()]
-    atomic_write_text(out / "provenance.json", to_json(ctx.provenance) + "\n")
+    atomic_write_text(folder.path("provenance.json"), to_json(ctx.provenance) + "\n")
     if "leaderboard" not in ctx.latex:
         ctx.latex["leaderboard"] = "% no finished fine-tuning runs: no leaderboard\n"
-    atomic_write_text(out / "leaderboard.tex", ctx.latex["leaderboard"])
-    ctx.figure_dir.mkdir(exist_ok=True)
-    _remove_stale_figures(ctx.figure_dir, ctx.figures)
+    atomic_write_text(folder.path("leaderboard.tex"), ctx.latex["leaderboard"])
 
     title = "medssl benchmark report"
     preamble = _preamble(ctx)
-    atomic_write_text(out / "report.md", render_markdown(title, sections, out, preamble))
-    index = out / "index.html"
+    atomic_write_text(folder.path("report.md"), render_markdown(title, sections, out, preamble))
+    index = folder.path("index.html")
     atomic_write_text(index, render_html(title, sections, preamble))
+    folder.finish()
     return index

@@ -12,7 +12,7 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medssl.report.tables import Table, html_table, markdown_table
+from medssl.report.tables import Table, html_table, inline_html, markdown_table, plain_text
 
 
 @dataclass
@@ -46,7 +46,23 @@ class Heading:
     text: str
 
 
-Block = Paragraph | Alert | Missing | Image | Heading | Table
+@dataclass
+class Details:
+    """Blocks a reader opens on demand (a long table behind its summary): ``<details>`` in HTML, a
+    plain subsection in Markdown."""
+
+    summary: str
+    blocks: list[Block] = field(default_factory=list)
+
+
+@dataclass
+class Headlines:
+    """One sentence per finding, boxed at the top of the report."""
+
+    lines: list[str]
+
+
+Block = Paragraph | Alert | Missing | Image | Heading | Table | Details | Headlines
 
 
 @dataclass
@@ -80,6 +96,12 @@ figcaption { font-size: .9rem; color: #555; }
 .missing { color: #666; font-style: italic; border-left: 4px solid #bbb; padding-left: .6rem; }
 .alert { border: 2px solid #c77c00; background: #fff4e0; padding: .6rem .8rem; margin: .8rem 0; font-weight: 600; }
 .alert.danger { border-color: #b00020; background: #fde8eb; color: #7a0014; }
+code { font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; font-size: .88em; background: #f3f3f3;
+       padding: 0 .2em; border-radius: 3px; }
+details { margin: .8rem 0; }
+summary { cursor: pointer; font-weight: 600; }
+.headline { border-left: 4px solid #2a6db0; background: #f0f6fc; padding: .5rem .8rem; }
+.headline p { margin: .3rem 0; }
 """
 
 
@@ -93,19 +115,24 @@ def png_data_uri(path: str | Path) -> str:
 def _block_html(block: Block) -> str:
     if isinstance(block, Table):
         return html_table(block)
+    if isinstance(block, Headlines):
+        return '<div class="headline">' + "".join(f"<p>{inline_html(line)}</p>" for line in block.lines) + "</div>"
+    if isinstance(block, Details):
+        inner = "\n".join(_block_html(b) for b in block.blocks)
+        return f"<details><summary>{inline_html(block.summary)}</summary>\n{inner}\n</details>"
     if isinstance(block, Image):
-        alt = html.escape(block.caption, quote=True)
+        alt = html.escape(plain_text(block.caption), quote=True)
         return (
             f'<figure><img src="{png_data_uri(block.path)}" alt="{alt}">'
-            f"<figcaption>{html.escape(block.caption)}</figcaption></figure>"
+            f"<figcaption>{inline_html(block.caption)}</figcaption></figure>"
         )
     if isinstance(block, Alert):
-        return f'<div class="alert {html.escape(block.level)}" role="alert">{html.escape(block.text)}</div>'
+        return f'<div class="alert {html.escape(block.level)}" role="alert">{inline_html(block.text)}</div>'
     if isinstance(block, Missing):
-        return f'<p class="missing">{html.escape(block.text)}</p>'
+        return f'<p class="missing">{inline_html(block.text)}</p>'
     if isinstance(block, Heading):
-        return f"<h3>{html.escape(block.text)}</h3>"
-    return f"<p>{html.escape(block.text)}</p>"
+        return f"<h3>{inline_html(block.text)}</h3>"
+    return f"<p>{inline_html(block.text)}</p>"
 
 
 def render_html(title: str, sections: list[Section], preamble: list[Block] | None = None) -> str:
@@ -129,12 +156,16 @@ def render_html(title: str, sections: list[Section], preamble: list[Block] | Non
 def _block_markdown(block: Block, root: Path) -> str:
     if isinstance(block, Table):
         return markdown_table(block)
+    if isinstance(block, Headlines):
+        return "\n>\n".join(f"> {line}" for line in block.lines) + "\n"
+    if isinstance(block, Details):
+        return f"**{block.summary}**\n\n" + "\n".join(_block_markdown(b, root) for b in block.blocks)
     if isinstance(block, Image):
         try:
             link = block.path.relative_to(root).as_posix()
         except ValueError:
             link = block.path.as_posix()
-        return f"![{block.caption}]({link})\n\n*{block.caption}*\n"
+        return f"![{plain_text(block.caption)}]({link})\n\n*{block.caption}*\n"
     if isinstance(block, Alert):
         return f"> **⚠ {block.text}**\n"
     if isinstance(block, Missing):

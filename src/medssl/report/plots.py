@@ -8,6 +8,7 @@ Legends sit outside the axes so they never cover data; every axis is labelled.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -153,32 +154,61 @@ def modality_plot(per_modality: pd.DataFrame, path: str | Path) -> Path | None:
     return _save(fig, path)
 
 
+def model_label(path: object) -> str:
+    """A model in a CKA figure or caption: the run it came from (``<run>/checkpoints/best.pt`` reads
+    ``finetune-simmim-ct_organs-ball-s0 (best.pt)``, the id's config hash dropped), else its file name."""
+    file = Path(str(path))
+    if file.parent.name == "checkpoints" and file.parent.parent.name:
+        run = re.sub(r"-[0-9a-f]{12}$", "", file.parent.parent.name)
+        return f"{run} ({file.name})"
+    return file.name
+
+
 def cka_heatmap(run: dict[str, Any], path: str | Path) -> Path | None:
-    """The layer × layer CKA matrices of one CKA run (linear and, if present, minibatch), annotated."""
-    panels = [(key, np.asarray(run[key], dtype=float)) for key in ("linear_cka", "minibatch_cka") if run.get(key)]
+    """The layer × layer CKA matrices of one CKA run (linear and, if present, minibatch), annotated.
+
+    A cell the run could not define (null in its results, e.g. a minibatch-CKA layer too coarse for its
+    batches) is drawn grey without a number; the caption says why."""
+    import matplotlib
+
+    panels = [(key, _matrix(run[key])) for key in ("linear_cka", "minibatch_cka") if run.get(key)]
     panels = [(key, m) for key, m in panels if m.ndim == 2 and m.size]
     if not panels:
         return None
     layers = list(run.get("layers") or [f"layer {i}" for i in range(panels[0][1].shape[0])])
+    layers_b = list(run.get("layers_b") or layers)
     fig, axes = _figure(len(panels), panel_size=(4.8, 4.2), max_cols=2)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
     image = None
     for i, (ax, (key, matrix)) in enumerate(zip(axes, panels, strict=True)):
-        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", origin="upper")
-        ax.set_xticks(range(matrix.shape[1]), layers[: matrix.shape[1]], rotation=45, ha="right")
+        image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0.0, vmax=1.0, cmap=cmap, origin="upper")
+        ax.set_xticks(range(matrix.shape[1]), layers_b[: matrix.shape[1]], rotation=45, ha="right")
         # Both panels share the rows: label them once, on the left.
         ax.set_yticks(range(matrix.shape[0]), layers[: matrix.shape[0]] if i == 0 else [])
-        ax.set_xlabel(f"model B: {Path(str(run.get('model_b', 'B'))).name}")
+        ax.set_xlabel(f"B: {model_label(run.get('model_b', 'B'))}", fontsize=8)
         if i == 0:
-            ax.set_ylabel(f"model A: {Path(str(run.get('model_a', 'A'))).name}")
+            ax.set_ylabel(f"A: {model_label(run.get('model_a', 'A'))}", fontsize=8)
         ax.set_title(key.replace("_cka", " CKA"))
-        for (i, j), value in np.ndenumerate(matrix):
-            ax.text(
-                j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if value < 0.6 else "black"
-            )
+        for (r, c), value in np.ndenumerate(matrix):
+            if np.isfinite(value):
+                ax.text(
+                    c,
+                    r,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if value < 0.6 else "black",
+                )
     fig.colorbar(image, ax=axes, label="CKA", shrink=0.85)
     title = f"CKA — {display_method(str(run.get('method', '?')))}, {run.get('task', '?')}, {run.get('comparison', '')}"
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def _matrix(rows: Any) -> np.ndarray:
+    """A JSON matrix (null for an undefined cell) as floats, NaN where undefined."""
+    return np.array([[np.nan if v is None else float(v) for v in row] for row in rows], dtype=float)
 
 
 def pretrain_loss_plot(

@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 
 from medssl.analysis.gap import budget_key, order_budgets
-from medssl.analysis.stats import bootstrap_ci, per_case_scores
+from medssl.analysis.stats import PairingUnit, bootstrap_ci, per_case_scores
 from medssl.config import RANDOM_INIT
 
 # The unit of the report's paired tests and CIs: one (test case, seed) evaluation. Each seed has its
 # own split and trains its own model, so a case scored under two seeds is two evaluations.
-PAIRING_UNIT = "case_seed"
+PAIRING_UNIT: PairingUnit = "case_seed"
 NOT_SIGNIFICANT_FROM_BEST = "†"
 SIGNIFICANT_VS_RANDOM = "*"
 MISSING = "–"
@@ -94,15 +94,42 @@ def at_largest_budget(results: pd.DataFrame) -> pd.DataFrame:
     return results[results["budget"] == results["task"].map(largest)]
 
 
+def task_means(results: pd.DataFrame) -> pd.DataFrame:
+    """Method × task mean test Dice at each task's largest budget: the mean over (test case, seed)
+    pairs of each pair's mean over structures, as the leaderboard shows it."""
+    units = per_case_scores(at_largest_budget(results), unit=PAIRING_UNIT)
+    return units.groupby(["method", "task"])["score"].mean().unstack("task")
+
+
 def method_order(results: pd.DataFrame) -> list[str]:
-    """Methods by mean Dice at the largest budgets, best first (the order of every table)."""
+    """Methods best first, by the leaderboard's mean: over tasks of :func:`task_means` (each task weighs
+    the same). Methods with every task come first; one missing a task follows, by its mean over the
+    tasks it has. The order of every table."""
     if results.empty:
         return []
-    means = at_largest_budget(results).groupby("method")["dice"].mean()
-    return list(means.sort_values(ascending=False, kind="stable").index)
+    means = task_means(results)
+    complete = means.notna().all(axis=1)
+    key = pd.DataFrame({"complete": complete, "mean": means.mean(axis=1, skipna=True)})
+    key = key.sort_values(["complete", "mean"], ascending=[False, False], kind="stable")
+    return list(key.index)
 
 
 # --------------------------------------------------------------------------- renderers
+
+
+_INLINE_CODE = re.compile(r"`([^`]+)`")
+
+
+def inline_html(text: object) -> str:
+    """Escaped text for HTML with Markdown's inline code (```medssl bench```) as ``<code>``: the page
+    never shows a literal backtick."""
+    escaped = html.escape(str(text))
+    return _INLINE_CODE.sub(r"<code>\1</code>", escaped).replace("`", "")
+
+
+def plain_text(text: object) -> str:
+    """The text without Markdown's inline-code backticks (image alt texts, figure files)."""
+    return str(text).replace("`", "")
 
 
 def _md_cell(text: str) -> str:
@@ -137,16 +164,16 @@ def html_table(table: Table) -> str:
     header = _header(table)
     parts = ["<table>"]
     if table.caption:
-        parts.append(f"<caption>{html.escape(table.caption)}</caption>")
-    parts.append("<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead><tbody>")
+        parts.append(f"<caption>{inline_html(table.caption)}</caption>")
+    parts.append("<thead><tr>" + "".join(f"<th>{inline_html(h)}</th>" for h in header) + "</tr></thead><tbody>")
     for r, (index, row) in enumerate(frame.iterrows()):
-        cells = [f'<th scope="row">{html.escape(str(index))}</th>'] if table.show_index else []
+        cells = [f'<th scope="row">{inline_html(index)}</th>'] if table.show_index else []
         for c, value in enumerate(row):
-            text = html.escape(str(value))
+            text = inline_html(value)
             cells.append(f"<td><b>{text}</b></td>" if table.is_bold(r, c) else f"<td>{text}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("</tbody></table>")
-    parts.extend(f'<p class="note">{html.escape(note)}</p>' for note in table.notes)
+    parts.extend(f'<p class="note">{inline_html(note)}</p>' for note in table.notes)
     return "\n".join(parts)
 
 
@@ -243,7 +270,7 @@ def leaderboard(results: pd.DataFrame, wilcoxon: pd.DataFrame | None = None) -> 
             continue
         best = column.idxmax()
         budget = largest_budget(results, task)
-        significance = _wilcoxon_lookup(wilcoxon, task, budget)
+        significance = _wilcoxon_lookup(wilcoxon, task, budget) if budget is not None else {}
         for method in column.index:
             marks = ""
             if method != RANDOM_INIT and significance.get((method, "reference")):
@@ -276,8 +303,15 @@ def leaderboard(results: pd.DataFrame, wilcoxon: pd.DataFrame | None = None) -> 
     return table, means
 
 
+# Rows that are references rather than pretext families, shown after them in this order: encoders pretrained
+# with labels (an external_encoders entry with ``family: supervised``, the transfer study's supervised control),
+# other published encoders, and random initialisation.
+REFERENCE_FAMILIES = ("supervised", "external", "none")
+
+
 def family_summary(results: pd.DataFrame) -> Table:
-    """Per pretext family: mean Dice per task at the largest budget (mean of its methods) and its best."""
+    """Per pretext family: mean Dice per task at the largest budget (mean of its methods) and its best;
+    the reference families (``REFERENCE_FAMILIES``) follow the pretext families."""
     top = at_largest_budget(results)
     per_method = top.groupby(["family", "method", "task"])["dice"].mean().reset_index()
     per_family = per_method.groupby(["family", "task"])["dice"].mean().unstack("task")
@@ -286,6 +320,8 @@ def family_summary(results: pd.DataFrame) -> Table:
     if per_family.shape[1] > 1:
         frame["mean"] = per_family.mean(axis=1, skipna=False)
     frame = frame.sort_values(frame.columns[-1], ascending=False)
+    references = [f for f in REFERENCE_FAMILIES if f in frame.index]
+    frame = frame.reindex([f for f in frame.index if f not in references] + references)
     display = frame.map(fmt)
     display["methods"] = [
         ", ".join(display_method(m) for m in overall[overall["family"] == fam]["method"]) for fam in frame.index
@@ -298,7 +334,12 @@ def family_summary(results: pd.DataFrame) -> Table:
     )
     return Table(
         display,
-        caption="Mean test Dice per pretext family (mean of its methods) at the largest budget.",
+        caption="Mean test Dice per pretext family (mean of its methods) at the largest budget; "
+        + (
+            f"{', '.join(references)}: reference rows after the pretext families."
+            if references
+            else "no reference rows."
+        ),
         bold=bold,
         index_name="family",
     )
@@ -345,13 +386,17 @@ def gap_table(gaps: pd.DataFrame, ranks: pd.DataFrame) -> Table:
 
     ``gaps`` and ``ranks`` come from ``medssl.analysis.gap.few_many_gap`` / ``gap_ranks``.
     """
-    cells = ranks.assign(cell=[f"{fmt(g)} ({r:g})" for g, r in zip(ranks["gap"], ranks["rank"], strict=True)])
+    labels = [
+        f"{fmt(g, scientific=False)} ({r:g})" if r == r else f"{fmt(g, scientific=False)} (not ranked)"
+        for g, r in zip(ranks["gap"], ranks["rank"], strict=True)
+    ]
+    cells = ranks.assign(cell=labels)
     display = cells.pivot(index="method", columns="task", values="cell").fillna(MISSING)
     best = cells.pivot(index="method", columns="task", values="rank").eq(1.0)
     mean_rank = ranks.groupby("method")["mean_rank"].first()
-    display["mean rank"] = mean_rank.map(lambda r: f"{r:.2f}")
+    display["mean rank"] = mean_rank.map(lambda r: f"{r:.2f}" if r == r else MISSING)
     best["mean rank"] = mean_rank.eq(mean_rank.min())
-    order = list(mean_rank.sort_values(kind="stable").index)
+    order = list(mean_rank.sort_values(kind="stable", na_position="last").index)
     pairs = gaps.drop_duplicates("task").set_index("task")
     budgets = "; ".join(
         f"{t}: {pairs.loc[t, 'many_budget']} (n={pairs.loc[t, 'many_n_train']}) − "
@@ -361,11 +406,55 @@ def gap_table(gaps: pd.DataFrame, ranks: pd.DataFrame) -> Table:
     return Table(
         display.reindex(order).rename(index=display_method),
         caption="Few-/many-shot gap: Dice at the largest budget minus Dice at the smallest (mean over seeds), "
-        "with its rank per task (1 = smallest gap = most data-efficient).",
+        "with its rank per task (1 = smallest positive gap = most data-efficient).",
         bold=best.reindex(order).fillna(False).rename(index=display_method),
         index_name="method",
-        notes=[f"Budgets compared — {budgets}."],
+        notes=[
+            f"Budgets compared — {budgets}.",
+            "A gap ≤ 0 (the smallest budget scored at least as well as the largest) is not ranked: where the "
+            "task was learned it is noise of short or unconverged runs, not data efficiency, and where it was "
+            "not there is nothing to be efficient about. The mean rank is over the tasks where a method was "
+            "ranked.",
+        ],
     )
+
+
+def convergence_overview(summary: pd.DataFrame, order: list[str]) -> tuple[Table, str] | None:
+    """The convergence table in brief: method × task at each task's largest budget, AUC of the validation
+    curve with the steps to 95% of the best in brackets; and which method converged best per task.
+
+    ``summary`` is ``medssl.analysis.convergence.convergence_table(curves, aggregate=True)``; the full
+    table (every budget) goes below it, collapsed."""
+    if summary.empty:
+        return None
+    largest = {task: max(group["budget"].astype(str), key=budget_key) for task, group in summary.groupby("task")}
+    top = summary[summary["budget"].astype(str) == summary["task"].map(largest)]
+    auc = top.pivot_table(index="method", columns="task", values="auc", aggfunc="mean")
+    steps = top.pivot_table(index="method", columns="task", values="steps_to_95", aggfunc="mean")
+    methods = [m for m in order if m in auc.index] + [m for m in auc.index if m not in order]
+    auc, steps = auc.reindex(methods), steps.reindex(index=methods, columns=auc.columns)
+    cells = pd.DataFrame(MISSING, index=methods, columns=auc.columns)
+    for method in methods:
+        for task in auc.columns:
+            value, step = auc.loc[method, task], steps.loc[method, task]
+            if value == value:
+                cells.loc[method, task] = f"{fmt(value)} ({int(round(step))})" if step == step else f"{fmt(value)} (–)"
+    labels = {task: f"{task} ({largest[task]})" for task in auc.columns}
+    table = Table(
+        cells.rename(columns=labels, index=display_method),
+        caption="Convergence at each task's largest budget (in brackets after the task): AUC of the validation "
+        "Dice curve over steps scaled to [0, 1] (time-averaged Dice: higher = faster and better), and in "
+        "brackets the steps until validation Dice first reached 95% of the run's best (mean over seeds; – where "
+        "no run got there).",
+        bold=_best_mask(auc).rename(columns=labels, index=display_method),
+        index_name="method",
+    )
+    best = [
+        f"{task}: {display_method(str(auc[task].idxmax()))} (AUC {fmt(auc[task].max())})"
+        for task in auc.columns
+        if auc[task].notna().any()
+    ]
+    return table, "Fastest to a good validation Dice (highest AUC) per task — " + "; ".join(best) + "."
 
 
 def structure_tables(results: pd.DataFrame) -> dict[str, Table]:
@@ -380,6 +469,39 @@ def structure_tables(results: pd.DataFrame) -> dict[str, Table]:
             values.map(fmt).rename(index=display_method),
             caption=f"{task}: mean test Dice per structure (budget {budget}).",
             bold=_best_mask(values).rename(index=display_method),
+            index_name="method",
+        )
+    return tables
+
+
+def lesion_tables(lesions: pd.DataFrame, results: pd.DataFrame) -> dict[str, Table]:
+    """Per lesion task: method × lesion structure, mean lesion-wise recall, precision and F1 over test cases
+    at the largest budget (undefined values left out: n counts the cases each mean covers) and the summed
+    true positive / false positive / false negative lesions (``lesion_table``, medssl.evaluate.lesions)."""
+    tables: dict[str, Table] = {}
+    if lesions.empty:
+        return tables
+    top = at_largest_budget(lesions)
+    for task, group in top.groupby("task"):
+        cells: dict[str, dict[str, str]] = {}
+        for (method, structure), rows in group.groupby(["method", "structure"]):
+            cell = {}
+            for rate in ("lesion_recall", "lesion_precision", "lesion_f1"):
+                defined = rows[rate].dropna()
+                short = rate.removeprefix("lesion_")
+                cell[f"{structure} {short}"] = f"{fmt(defined.mean())} (n={len(defined)})" if len(defined) else MISSING
+            counts = [int(rows[c].sum()) for c in ("lesion_tp", "lesion_fp", "lesion_fn")]
+            cell[f"{structure} TP/FP/FN"] = "/".join(str(c) for c in counts)
+            cells[method] = {**cells.get(method, {}), **cell}
+        frame = pd.DataFrame.from_dict(cells, orient="index")
+        order = [m for m in method_order(results) if m in frame.index] + [
+            m for m in frame.index if m not in method_order(results)
+        ]
+        tables[task] = Table(
+            frame.reindex(order).fillna(MISSING).rename(index=display_method),
+            caption=f"{task}: lesion-wise detection at budget {largest_budget(lesions, task)} (a true lesion is found "
+            "when a predicted one overlaps it enough; recall is undefined for a case with no true lesion, "
+            "precision for one with no predicted lesion, and such cases are left out of the mean: n cases).",
             index_name="method",
         )
     return tables

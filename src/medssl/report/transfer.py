@@ -111,7 +111,7 @@ def control_sentences(effects: pd.DataFrame, methods: list[str]) -> list[str]:
     ssl = [m for m in methods if m not in _controls(methods)]
     for method in ssl:
         mine = effects[effects["method"] == method]
-        cells = {"better": [], "worse": []}
+        cells: dict[str, list[str]] = {"better": [], "worse": []}
         for _, r in mine[mine["p"] < ALPHA].iterrows():
             cells["better" if r["diff"] > 0 else "worse"].append(
                 f"{r['task']} at {r['budget']} ({_ci(r)}, {p_text(r['p'])})"
@@ -222,7 +222,7 @@ def section_probe(ctx: ReportContext, section: Section) -> Section:
             means = probes.groupby(["task", "budget", "method"])["dice"].mean().reset_index()
             section.add(frame_table(means, "Mean probe Dice (no random-init probe to pair with)."))
     if not curves.empty:
-        path = _probe_figure(curves, ctx.figure_dir / "online_probe.png", ctx.colors)
+        path = _probe_figure(curves, ctx.figure_path("online_probe.png"), ctx.colors)
         section.add(
             ctx.figure(path, "Online probe during pretraining: probe Dice on held-out labelled cases per step.")
         )

@@ -30,22 +30,18 @@ from medssl.data.regions import Regions, region_targets
 from medssl.data.splits import load_or_create_splits, train_cases
 from medssl.data.tasks import TaskFolder, load_task
 from medssl.errors import ConfigError, MedsslInputError, look_up_option
-from medssl.evaluate import case_metrics, mean_dice, predict_volume
+from medssl.evaluate import case_metrics, lesion_rows, mean_dice, predict_volume
 from medssl.fileio import file_sha256
-from medssl.models.checkpoint import (
-    encoder_meta,
-    load_encoder_state,
-    read_encoder_checkpoint,
-    safe_torch_load,
-    save_encoder,
-    save_segmenter,
-)
+from medssl.models.adapt import fit_encoder
+from medssl.models.checkpoint import encoder_meta, load_encoder_state, safe_torch_load, save_encoder, save_segmenter
+from medssl.models.load import read_encoder_checkpoint
 from medssl.models.segmenter import SwinSegmenter, resolve_norm
 from medssl.runs import RunDir, RunWork
 from medssl.train.distributed import DistInfo, barrier
 from medssl.train.drift import encoder_drift, encoder_snapshot
 from medssl.train.entry import perform_training_run
-from medssl.train.loop import param_groups, train
+from medssl.train.loop import train
+from medssl.training_module import TrainingHooks, param_groups
 
 ENCODER_PREFIX = "model.swinViT."
 
@@ -112,7 +108,7 @@ class _RegionLoss(nn.Module):
         return loss + self.bce(logits, target) if self.bce is not None else loss
 
 
-class SegmentationModule(nn.Module):
+class SegmentationModule(TrainingHooks):
     """Adapts the segmenter to the loop's ``forward(batch, step) -> {"loss": ...}`` interface.
 
     It also carries the fine-tuning options for pretrained transformers: per-parameter learning-rate
@@ -276,6 +272,8 @@ class FinetuneInputs:
     train_ids: list[str]
     agreement: dict[str, str]
     run_info: dict[str, Any]
+    encoder_fit: dict[str, Any]  # input channels adapted, axis order checked (models.adapt.fit_encoder)
+    lesion_structures: dict[int, str]  # the structures scored lesion-wise (config.lesion_metrics)
 
 
 def open_finetune_inputs(config: FinetuneConfig, run: RunDir) -> FinetuneInputs:
@@ -284,7 +282,15 @@ def open_finetune_inputs(config: FinetuneConfig, run: RunDir) -> FinetuneInputs:
         raise ConfigError("task", "fine-tuning needs a task folder (task=PATH)")
     task = load_task(config.task)
     enc_state, enc_meta = resolve_encoder(config)
-    encoder_config = EncoderConfig.model_validate(enc_meta["encoder"])
+    # input channels adapted (or refused) and axis order checked before any volume is cached
+    encoder_config, enc_state, encoder_fit = fit_encoder(
+        enc_state,
+        enc_meta,
+        task.n_channels,
+        config.preprocess.orientation,
+        config.input_channels,
+        str(config.encoder_checkpoint or "encoder"),
+    )
     cache = VolumeCache(config.cache_dir or run.path / "cache")
     volumes = cache_task(task, cache, config.preprocess)
     check_label_values(task, volumes)
@@ -301,8 +307,22 @@ def open_finetune_inputs(config: FinetuneConfig, run: RunDir) -> FinetuneInputs:
     run_info = {
         **finetune_info(config, task, enc_meta, len(train_ids)),
         **({"pretraining_preprocessing": agreement} if agreement else {}),
+        **({"encoder_fit": encoder_fit} if encoder_fit else {}),
     }
-    return FinetuneInputs(task, enc_state, enc_meta, encoder_config, volumes, split, train_ids, agreement, run_info)
+    lesion_structures = config.lesion_metrics.lesion_structures(task.structures)
+    return FinetuneInputs(
+        task,
+        enc_state,
+        enc_meta,
+        encoder_config,
+        volumes,
+        split,
+        train_ids,
+        agreement,
+        run_info,
+        encoder_fit,
+        lesion_structures,
+    )
 
 
 def finetune_body(
@@ -334,9 +354,13 @@ def finetune_body(
                     f"external encoder {enc_meta['source']['path']} ({enc_meta['source']['layout']}): "
                     f"{enc_meta['source']['coverage']}, sha256 {enc_meta['source']['sha256'][:12]}"
                 )
+            run.log(f"axis order: {inputs.encoder_fit['axis_order']}")
     elif info.is_main:
         blocks = ", Swin blocks replaced by identity" if config.transformer == "identity" else ""
         run.log(f"encoder: random initialisation (seed {config.seed}){blocks}")
+    if info.is_main and "input_channels" in inputs.encoder_fit:
+        fit = inputs.encoder_fit["input_channels"]
+        run.log(f"input channels: encoder {fit['from']} -> task {fit['to']} ({fit['mode']})")
     start_weights = encoder_snapshot(model.swinViT)  # where the encoder starts: its drift is measured
     if info.is_main:
         run.log(
@@ -429,17 +453,22 @@ def finetune_body(
     elif info.is_main:
         save_segmenter(best_path, model, {**seg_meta, "step": config.schedule.steps})
     rows: list[dict[str, Any]] = []
+    lesions: list[dict[str, Any]] = []
     if info.is_main:
         for cid in split["test"]:
             case = load_eval_case(volumes[cid])
+            pred = predict(model, case["image"])
             rows += case_metrics(
-                predict(model, case["image"]),
+                pred,
                 case["label"][0],
                 structures,
                 case["spacing"],
                 config.nsd_tolerance_mm,
                 case_id=cid,
                 regions=task.regions,
+            )
+            lesions += lesion_rows(
+                pred, case["label"][0], inputs.lesion_structures, config.lesion_metrics, cid, task.regions
             )
     curve = [
         {"step": r["step"], "epoch": r.get("epoch"), "val_dice": r["val_dice"]}
@@ -453,12 +482,16 @@ def finetune_body(
         run.log(f"encoder drift of the tested weights (relative change from the start): {shown}")
     feature_size = encoder_config.feature_size
     assert feature_size is not None  # EncoderConfig fills it from its preset
+    lesion_settings: dict[str, Any] = config.lesion_metrics.model_dump(mode="json")
+    lesion_settings["structures"] = sorted(inputs.lesion_structures.values())
     results = {
         **{k: run_info[k] for k in ("method", "family", "task", "modality", "budget", "n_train", "seed")},
         "kind": kind,
         "labels": {str(k): v for k, v in structures.items()},
         **({"regions": task.regions.to_json()} if task.regions is not None else {}),
         "cases": rows,
+        **({"lesions": lesions, "lesion_detection": lesion_settings} if inputs.lesion_structures else {}),
+        **({"encoder_fit": inputs.encoder_fit} if inputs.encoder_fit else {}),
         "val_curve": curve,
         "best_step": best_rec["step"] if best_rec else None,
         "best_val_dice": best_rec["val_dice"] if best_rec else None,

@@ -27,6 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from medssl.config import ScheduleConfig
 from medssl.data.datasets import StepSampler
+from medssl.fileio import named_disk_full
+from medssl.limits import check_batch_size
 from medssl.models.checkpoint import atomic_torch_save, safe_torch_load
 from medssl.runs import RunDir
 from medssl.train.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object
@@ -36,12 +38,11 @@ from medssl.train.step import (
     StepResult,
     autocast_dtype,
     build_optimisation,
-    param_groups,
     synchronize,
     train_step,
 )
 
-__all__ = ["LoopResult", "NonFiniteLossError", "Validator", "autocast_dtype", "param_groups", "train"]
+__all__ = ["LoopResult", "NonFiniteLossError", "Validator", "autocast_dtype", "train"]
 
 Validator = Callable[[nn.Module, int], dict[str, Any]]
 
@@ -135,7 +136,11 @@ def _wrap(module: nn.Module, info: DistInfo) -> tuple[nn.Module, nn.Module]:
 
 def _resume(opt: Optimisation, run: RunDir, info: DistInfo) -> tuple[int, int | None]:
     """Load ``last.pt`` when there is one; returns the step to start from and, when an early stop
-    already ended the run, the step it stopped at (such a run is not trained further)."""
+    already ended the run, the step it stopped at (such a run is not trained further).
+
+    Whatever was logged after the step the run restarts from is dropped (``metrics.jsonl`` and the
+    TensorBoard events), so a step is never recorded twice: after the checkpoint's step, or everything
+    when a kill came before the first checkpoint (the run starts again from step 0)."""
     start, stopped_at = 0, None
     if run.last_checkpoint.exists():
         state = safe_torch_load(run.last_checkpoint)
@@ -148,6 +153,9 @@ def _resume(opt: Optimisation, run: RunDir, info: DistInfo) -> tuple[int, int | 
         if info.is_main:
             run.truncate_metrics_after(start)
             run.log(f"resumed from step {start}")
+    elif info.is_main and run.metrics_path.exists():
+        run.truncate_metrics_after(0)
+        run.log("restarted from step 0 (killed before the first checkpoint): earlier records dropped")
     barrier(info)
     return start, stopped_at
 
@@ -232,7 +240,32 @@ def train(
     val_every: int | None = None,
     description: str = "train",
 ) -> LoopResult:
-    """Train ``module`` for ``schedule.steps`` steps (resuming when ``run`` has a checkpoint)."""
+    """Train ``module`` for ``schedule.steps`` steps (resuming when ``run`` has a checkpoint).
+
+    A full disk ends it with ``OSError(ENOSPC)`` naming the file or the run folder (the command line
+    prints "no space left on <path>"); what was written before stays: every file is replaced atomically.
+    """
+    check_batch_size(schedule.batch_size, run.config_path)  # this process's limits: the run's own
+    try:
+        return _train(module, dataset, schedule, run, info, total_steps, validate, val_every, description)
+    except OSError as err:
+        named = named_disk_full(err, run.path)
+        if named is None:
+            raise
+        raise named from err
+
+
+def _train(
+    module: nn.Module,
+    dataset: Dataset,
+    schedule: ScheduleConfig,
+    run: RunDir,
+    info: DistInfo,
+    total_steps: int | None,
+    validate: Validator | None,
+    val_every: int | None,
+    description: str,
+) -> LoopResult:
     total = schedule.steps if total_steps is None else total_steps
     raw, wrapped = _wrap(module, info)
     opt = build_optimisation(raw, schedule, total, info.device)

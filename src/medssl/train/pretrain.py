@@ -16,7 +16,8 @@ from medssl.errors import ConfigError, look_up_option
 from medssl.evaluate.probe import load_probe_set, online_probe
 from medssl.methods import build_method
 from medssl.methods.base import SSLMethod
-from medssl.methods.health import health_verdict
+from medssl.methods.recipe import operating_point
+from medssl.methods.verdict import health_verdict
 from medssl.models.checkpoint import encoder_meta, save_encoder
 from medssl.models.encoder import SwinEncoder
 from medssl.runs import RunDir, RunWork
@@ -24,43 +25,6 @@ from medssl.train.cost import reset_peak_memory, run_cost, step_flops
 from medssl.train.distributed import DistInfo, barrier
 from medssl.train.entry import perform_training_run
 from medssl.train.loop import Validator, train
-
-# Negatives each query is contrasted with in one step at global batch B (DDP gathers make it global):
-# NT-Xent over the 2B views (SimCLR; SwinUNETR-SSL's contrastive head): 2B - 2; MoCo v3's in-batch keys:
-# B - 1. BYOL, DINO, iBOT, SMIT, SimMIM and RotNet use none.
-NEGATIVES_PER_STEP = {"simclr": lambda b: 2 * b - 2, "swinunetr_ssl": lambda b: 2 * b - 2, "mocov3": lambda b: b - 1}
-FEW_NEGATIVES = 254
-"""Fewer negatives than this are flagged as small: 254 is SimCLR at batch 128, the smallest batch of its
-batch-size study (Chen et al. 2020, fig. 9), where accuracy has already fallen well below the batch-4096 value."""
-
-
-def optimiser_provenance(config: PretrainConfig) -> dict[str, Any]:
-    """What the run's optimiser got (the ``optimiser`` block of a pretraining run's results)."""
-    schedule, recipe = config.schedule, config.published_recipe
-    batch = schedule.batch_size
-    negatives = NEGATIVES_PER_STEP[config.method.name](batch) if config.method.name in NEGATIVES_PER_STEP else None
-    return {
-        "recipe": config.recipe,
-        "optimizer": "AdamW",
-        "lr": schedule.lr,
-        "min_lr": schedule.min_lr,
-        "weight_decay": schedule.weight_decay,
-        "weight_decay_end": schedule.weight_decay if schedule.weight_decay_end is None else schedule.weight_decay_end,
-        "betas": list(schedule.betas),
-        "warmup_steps": schedule.warmup_steps,
-        "grad_clip": schedule.grad_clip,
-        "batch_size": batch,
-        "negatives_per_step": negatives,
-        "few_negatives": negatives is not None and negatives < FEW_NEGATIVES,
-        "published_optimizer": recipe.published_optimizer if recipe else None,
-        "published_batch_size": recipe.published_batch_size if recipe else None,
-        "lr_rule": (
-            f"{recipe.base_lr:g} x (batch / {recipe.lr_batch})"
-            + {"linear": "", "sqrt": "^0.5", "none": "^0"}[recipe.lr_scaling]
-        )
-        if recipe
-        else None,
-    }
 
 
 def pretrain_info(config: PretrainConfig, cls: type[SSLMethod]) -> dict[str, Any]:
@@ -117,6 +81,7 @@ def pretrain_body(
             )
         reset_peak_memory(info)
         flops = step_flops(method, dataset, config.schedule.batch_size, info)  # once, leaves no trace
+        method.rank_history.clear()  # the FLOP count's forward was no training step
         probe = online_probe_validator(config, method, corpus.preprocess, run, info)
         result = train(
             method,
@@ -155,7 +120,8 @@ def pretrain_body(
         "wall_seconds": time.time() - started,
         "step_seconds": result.step_seconds if result else None,
         "health": health_verdict(records),
-        "optimiser": optimiser_provenance(config),
+        "optimiser": operating_point(config, len(corpus) if corpus is not None else None),
+        "pretext": method.pretext(),
         "cost": run_cost(flops, steps, time.time() - started, info),
         "data_wait_share": result.data_wait_share if result else None,
     }
