@@ -377,12 +377,12 @@ class FinetuneConfig(StrictModel):
     nsd_tolerance_mm: float = Field(2.0, gt=0)
     norm: Literal["auto", "instance", "group", "batch"] = "auto"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    # DESIGN §7: Dice + cross-entropy, crops centred on foreground/background 1:1 (MONAI's
+    # docs/design.md §7: Dice + cross-entropy, crops centred on foreground/background 1:1 (MONAI's
     # RandCropByPosNegLabeld). "dice" and "class_balanced" (a foreground class drawn uniformly, as
     # RandCropByLabelClassesd with equal ratios) learn small structures in far fewer steps.
     loss: Literal["dice_ce", "dice"] = "dice_ce"
     crop_sampling: Literal["pos_neg", "class_balanced"] = "pos_neg"
-    # Options for fine-tuning pretrained transformers (DESIGN §7), off by default, the same for every
+    # Options for fine-tuning pretrained transformers (docs/design.md §7), off by default, the same for every
     # encoder of a benchmark. The encoder (``swinViT.*``) learns at ``encoder_lr_scale`` x the scheduled lr;
     # ``layer_decay`` < 1 scales it further per Swin block as SimMIM's fine-tuning does
     # (microsoft/SimMIM ``optimizer.py``: ``get_swin_layer`` / ``build_finetune_optimizer``: block b of
