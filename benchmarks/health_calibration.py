@@ -3,20 +3,22 @@ the collapse verdict of ``medssl.methods.health`` is calibrated on.
 
     python benchmarks/health_calibration.py                          # every method, shared and published
     python benchmarks/health_calibration.py --recipes shared --methods dino ibot smit
+    python benchmarks/health_calibration.py --recipes declared --methods dino ibot smit   # the demo's lr_scale 0.1
     python benchmarks/health_calibration.py --no-train               # verdicts again from the run directories
     python benchmarks/health_calibration.py --short                  # 6 steps of simclr and dino (a smoke check)
 
 Each method of ``configs/demo.yaml`` (its options: the demo's narrower heads) is pretrained through
-``medssl.train.pretrain.run_pretrain`` on the demo's synthetic CT corpus (``data.synth``; the real head CT is
-left out so the corpus is the same on every machine) with the demo's pretraining section (40 steps, batch 4,
-32^3 crops, tiny preset, window 4), logging every step, one loader process in the main process, under each
-recipe asked for: ``shared`` (the demo's schedule for every method: lr 5e-4, 5 warm-up steps) and
-``published`` (each method's own recipe, ``configs/methods/<name>.yaml``, its learning rate scaled to batch
-4 by the one linear rule). It prints per method and recipe the embedding spread (``health/embedding_std_scaled``,
-std of the L2-normalised head outputs x sqrt(d)) at the first three steps and the last three, the fall between
-them, the teacher's entropy / log K and the teacher-student KL over the last three steps, the lowest window
-rank, and the verdict; the step-1 values are the randomly initialised networks (the forward before the first
-update), whose verdict is printed too. Everything is written to ``<out>/health_calibration.json``.
+``medssl.train.pretrain.run_pretrain`` on the demo's synthetic CT corpus (``data.synth``; the real head CT is left
+out so the corpus is the same on every machine) with the demo's pretraining section (40 steps, batch 4, 32^3 crops,
+tiny preset, window 4), logging every step, one loader process in the main process, under each recipe asked for:
+``shared`` (the demo's schedule for every method: lr 5e-4, 5 warm-up steps) and ``published`` (each method's own
+recipe, ``configs/methods/<name>.yaml``, its learning rate scaled to batch 4 by the one linear rule), and
+``declared`` (the config's own operating point per method: its ``recipe`` and ``lr_scale``, as ``medssl bench``
+plans it). It prints per method and recipe the embedding spread (``health/embedding_std_scaled``, std of the
+L2-normalised head outputs x sqrt(d)) at the first three steps and the last three, the fall between them, the
+teacher's entropy / log K and the teacher-student KL over the last three steps, the lowest window rank, and the
+verdict; the step-1 values are the randomly initialised networks (the forward before the first update), whose
+verdict is printed too. Everything is written to ``<out>/health_calibration.json``.
 CPU timings on a shared machine are not the point here; run it under ``nice`` with ``OMP_NUM_THREADS=1``.
 """
 
@@ -28,6 +30,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from medssl.bench.plan import shared_schedule_scaled
 from medssl.config import PretrainConfig, load_bench_config, validate_config
 from medssl.data.corpus import ingest_corpus
 from medssl.data.synth import synth_corpus
@@ -105,7 +108,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     parser.add_argument("--methods", nargs="+", default=None, help="default: every method of the config")
-    parser.add_argument("--recipes", nargs="+", default=["shared", "published"], choices=["shared", "published"])
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        default=["shared", "published"],
+        choices=["shared", "published", "declared"],
+        help="declared: each method at the config's own operating point (its recipe and lr_scale)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="default: the config's pretraining steps")
     parser.add_argument("--out", type=Path, default=Path("/tmp/medssl-health-calibration"))
     parser.add_argument("--no-train", action="store_true", help="read what the run directories logged")
@@ -138,9 +147,12 @@ def main() -> None:
     print(header, flush=True)
     for recipe in args.recipes:
         for method in methods:
+            data = {**bench.pretrain.model_dump(mode="json"), "recipe": recipe}
+            if recipe == "declared":
+                data["recipe"] = bench.method_recipe(method.name)
+                data.update(shared_schedule_scaled(bench, method.name))
             data = {
-                **bench.pretrain.model_dump(mode="json"),
-                "recipe": recipe,
+                **data,
                 "method": method.model_dump(mode="json"),
                 "encoder": bench.encoder.model_dump(mode="json"),
                 "corpus": str(corpus),

@@ -1,4 +1,4 @@
-"""DESIGN §3's layer table as code: no module of src/medssl imports a layer above it."""
+"""docs/design.md §3's layer table as code: no module of src/medssl imports a layer above it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "medssl"
 
-# part -> parts it may import directly (DESIGN §3), closed transitively below.
+# part -> parts it may import directly (docs/design.md §3), closed transitively below.
 TABLE: dict[str, set[str]] = {
     "config": set(),
     "schedules": {"config"},  # per-step schedules: lr, weight decay, momentum, temperatures, epoch knobs
@@ -107,3 +107,24 @@ def test_an_upward_import_fails(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     assert violations(root) == ["methods/upward.py imports medssl.bench, above its layer 'methods'"]
+
+
+def design_table(path: Path) -> dict[str, set[str]]:
+    """The layer table of docs/design.md §3: ``| `part` | holds | may import |`` rows."""
+    rows: dict[str, set[str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not (cells[0].startswith("`") and cells[0].endswith("`")):
+            continue
+        below = cells[2]
+        rows[cells[0].strip("`")] = set() if below == "—" else {p.strip() for p in below.split(",")}
+    return rows
+
+
+def test_the_design_document_states_this_table() -> None:
+    """The design document's table and the enforced one are the same table (cli: everything above it)."""
+    documented = design_table(SRC.parents[1] / "docs" / "design.md")
+    enforced = {part: set(below) for part, below in TABLE.items()}
+    assert documented.pop("cli") == {"everything above"}
+    enforced.pop("cli")
+    assert documented == enforced

@@ -298,9 +298,14 @@ class PretrainConfig(StrictModel):
     # optimiser fields of the schedule come from ``published_recipe`` (the method's own, scaled to the batch)
     recipe: Literal["published", "shared"] = "shared"
     published_recipe: OptimiserRecipe | None = None
+    # The factor a benchmark applied to its shared learning rate (and min_lr) for this method
+    # (``methods[].lr_scale``): already in ``schedule``, recorded so the operating point says where the lr came from.
+    shared_lr_scale: float = added_field(1.0, gt=0, le=1)
 
     @model_validator(mode="after")
     def _apply_recipe(self) -> PretrainConfig:
+        if self.recipe == "published" and self.shared_lr_scale != 1.0:
+            raise ValueError("shared_lr_scale scales the shared schedule; recipe 'published' sets its own lr")
         if self.recipe == "shared":
             if self.published_recipe is not None:  # unused: kept out of the config and its hash
                 self.published_recipe = None
@@ -377,12 +382,12 @@ class FinetuneConfig(StrictModel):
     nsd_tolerance_mm: float = Field(2.0, gt=0)
     norm: Literal["auto", "instance", "group", "batch"] = "auto"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    # DESIGN §7: Dice + cross-entropy, crops centred on foreground/background 1:1 (MONAI's
+    # docs/design.md §7: Dice + cross-entropy, crops centred on foreground/background 1:1 (MONAI's
     # RandCropByPosNegLabeld). "dice" and "class_balanced" (a foreground class drawn uniformly, as
     # RandCropByLabelClassesd with equal ratios) learn small structures in far fewer steps.
     loss: Literal["dice_ce", "dice"] = "dice_ce"
     crop_sampling: Literal["pos_neg", "class_balanced"] = "pos_neg"
-    # Options for fine-tuning pretrained transformers (DESIGN §7), off by default, the same for every
+    # Options for fine-tuning pretrained transformers (docs/design.md §7), off by default, the same for every
     # encoder of a benchmark. The encoder (``swinViT.*``) learns at ``encoder_lr_scale`` x the scheduled lr;
     # ``layer_decay`` < 1 scales it further per Swin block as SimMIM's fine-tuning does
     # (microsoft/SimMIM ``optimizer.py``: ``get_swin_layer`` / ``build_finetune_optimizer``: block b of
@@ -918,6 +923,16 @@ class BenchMethodConfig(MethodConfig):
     their students collapsing, beside a shared schedule for the rest); None: the benchmark's."""
 
     recipe: Literal["published", "shared"] | None = None
+    # A declared small-scale departure under the shared recipe: this method pretrains at the shared lr and
+    # min_lr times ``lr_scale`` (e.g. the teacher-student methods at 0.1x, where their students keep their
+    # spread in a short run; benchmarks/README.md, health calibration). None: the shared lr.
+    lr_scale: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _scale_is_shared(self) -> BenchMethodConfig:
+        if self.lr_scale is not None and self.recipe == "published":
+            raise ValueError("lr_scale scales the shared schedule; recipe 'published' sets its own lr")
+        return self
 
 
 class BenchConfig(StrictModel):
@@ -967,6 +982,14 @@ class BenchConfig(StrictModel):
                 if isinstance(m, BenchMethodConfig) and m.name == name and m.recipe is not None:
                     return m.recipe
         return self.pretrain.recipe
+
+    def method_lr_scale(self, name: str) -> float:
+        """The factor on the shared learning rate of method ``name`` (its ``lr_scale`` in ``methods``, else 1)."""
+        if self.methods != "all":
+            for m in self.methods:
+                if isinstance(m, BenchMethodConfig) and m.name == name and m.lr_scale is not None:
+                    return m.lr_scale
+        return 1.0
 
 
 def _resolve_path(value: Path | str, base: Path) -> Path:

@@ -125,6 +125,25 @@ def test_bench_plan_gives_each_method_its_recipe(tmp_path) -> None:
     assert mixed["simclr"].config.recipe == "shared" and mixed["simclr"].config.schedule.lr == 5e-4
     assert mixed["dino"].config.recipe == "published" and mixed["dino"].config.schedule.lr == pytest.approx(5e-4 / 32)
     assert mixed["dino"].config.schedule == published["dino"].config.schedule
+    # A method's `lr_scale` scales the shared lr and min_lr, and the run records it (the demo's teacher-student methods).
+    scaled = plan("shared", ["simclr", {"name": "dino", "lr_scale": 0.1}])
+    dino = scaled["dino"].config
+    shared_min_lr = scaled["simclr"].config.schedule.min_lr
+    assert (dino.schedule.lr, dino.schedule.min_lr, dino.shared_lr_scale) == (5e-5, shared_min_lr / 10, 0.1)
+    assert operating_point(dino)["lr_rule"] == "shared lr x 0.1"
+    assert scaled["simclr"].run_id == mixed["simclr"].run_id  # an unscaled method's run is unchanged
+    with pytest.raises(ValueError, match="lr_scale scales the shared schedule"):
+        plan("shared", [{"name": "dino", "recipe": "published", "lr_scale": 0.1}])
+
+
+def test_the_demo_keeps_every_learning_rate_within_the_limit(tmp_path) -> None:
+    """The demo's declared small-scale departure (DINO, iBOT, SMIT at the shared lr x 0.1) keeps the nine
+    resolved learning rates within LR_SPREAD_LIMIT of each other."""
+    from importlib import resources
+
+    bench = BenchConfig.model_validate(load_yaml(resources.files("medssl") / "configs" / "demo.yaml"))
+    lrs = [run.config.schedule.lr for run in expand_plan(bench, tmp_path).stage("pretrain")]
+    assert len(lrs) == 9 and max(lrs) / min(lrs) <= LR_SPREAD_LIMIT
 
 
 def test_planned_configs_spell_out_every_method_option(tmp_path) -> None:

@@ -228,6 +228,23 @@ def make_run_id(kind: str, slug: str, digest: str) -> str:
 # --------------------------------------------------------------------------- expansion
 
 
+def shared_schedule_scaled(bench: BenchConfig, method: str) -> dict[str, Any]:
+    """A method's ``lr_scale`` applied to the shared schedule (lr and min_lr), and recorded in its config."""
+    scale = bench.method_lr_scale(method)
+    if scale == 1.0:
+        return {}
+    schedule = bench.pretrain.schedule
+    return {
+        # rounded to 12 digits: 1e-5 x 0.1 is 1e-6 in the config, not 1.0000000000000002e-06
+        "schedule": {
+            **schedule.model_dump(mode="json"),
+            "lr": float(f"{schedule.lr * scale:.12g}"),
+            "min_lr": float(f"{schedule.min_lr * scale:.12g}"),
+        },
+        "shared_lr_scale": scale,
+    }
+
+
 def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None = None) -> Plan:
     """Every run of the benchmark, in stage order, with dependencies; writes ``<out>/plan.json``.
 
@@ -255,6 +272,7 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
             continue
         data = {
             **bench.pretrain.model_dump(mode="json"),
+            **shared_schedule_scaled(bench, method.name),
             "recipe": bench.method_recipe(method.name),
             # every option spelled out: the method as it will run, in the run's config and its hash
             "method": resolve_method_config(method).model_dump(mode="json"),

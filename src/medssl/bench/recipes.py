@@ -89,9 +89,12 @@ def print_operating_points(plan: Plan, corpus_volumes: int | None, console: Any)
             else "unknown until the corpus is ingested"
         )
     )
-    shared = [row["method"] for row in rows if row["recipe"] != "published"]
+    shared = [row["method"] for row in rows if row["recipe"] != "published" and not row["lr_rule"]]
     if shared:
         console.print(f"  shared schedule (pretrain.schedule, every method alike): {', '.join(shared)}")
+    for row in rows:
+        if row["recipe"] != "published" and row["lr_rule"]:
+            console.print(f"  {row['method']}: lr from {row['sources']['lr']}; the rest of the shared schedule")
     for row in rows:
         if row["recipe"] != "published":
             continue

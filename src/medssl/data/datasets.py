@@ -165,7 +165,7 @@ class SegmentationCropDataset(Dataset):
 
 
 def _segmentation_augmentation(cfg: AugmentConfig) -> Compose:
-    """DESIGN §7: flips, rot90 and small intensity shifts, with the configured probabilities."""
+    """docs/design.md §7: flips, rot90 and small intensity shifts, with the configured probabilities."""
     keys = ["image", "label"]
     rotations = [RandRotate90d(keys, prob=cfg.rot90_prob, max_k=3, spatial_axes=p) for p in ((0, 1), (0, 2), (1, 2))]
     return Compose(

@@ -192,7 +192,7 @@ class SSLMethod(TrainingHooks):
     def init_momentum(self, base: float, total_steps: int | None = None) -> None:
         """Teacher momentum: cosine from ``base`` to 1 over the *global* steps (DINO's
         ``utils.cosine_scheduler(args.momentum_teacher, 1, ...)``). SMIT's released code indexes
-        it by the step within an epoch; medssl does not (DESIGN §6)."""
+        it by the step within an epoch; medssl does not (docs/design.md §6)."""
         self.momentum_schedule = cosine_schedule(base, 1.0, total_steps or self.total_steps)
 
     def momentum(self, step: int) -> float:

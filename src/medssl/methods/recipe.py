@@ -26,7 +26,10 @@ def _sources(config: PretrainConfig) -> dict[str, str]:
     batch = "the benchmark's pretrain.schedule.batch_size (the hardware's, every method alike)"
     if config.recipe != "published" or recipe is None:
         shared = "the shared schedule (pretrain.schedule, every method alike)"
-        return {"lr": shared, "weight_decay": shared, "warmup": shared, "batch_size": batch}
+        lr = shared
+        if config.shared_lr_scale != 1.0:
+            lr = f"the shared schedule's lr x {config.shared_lr_scale:g} (the benchmark's methods[].lr_scale)"
+        return {"lr": lr, "weight_decay": shared, "warmup": shared, "batch_size": batch}
     own = config.method.name
     lr = f"{recipe.lr_from}'s published point" if recipe.lr_from else f"{own}'s published point"
     return {
@@ -35,6 +38,11 @@ def _sources(config: PretrainConfig) -> dict[str, str]:
         "warmup": f"{recipe.warmup_fraction:.3g} of the run ({recipe.sources.get('warmup_fraction', own)})",
         "batch_size": batch,
     }
+
+
+def _shared_rule(config: PretrainConfig) -> str | None:
+    """The shared recipe's lr rule when a benchmark scaled it for this method (None: the shared lr as given)."""
+    return f"shared lr x {config.shared_lr_scale:g}" if config.shared_lr_scale != 1.0 else None
 
 
 def operating_point(config: PretrainConfig, corpus_volumes: int | None = None) -> dict[str, Any]:
@@ -69,7 +77,7 @@ def operating_point(config: PretrainConfig, corpus_volumes: int | None = None) -
         "few_negatives": negatives is not None and negatives < FEW_NEGATIVES,
         "published_optimizer": recipe.published_optimizer if recipe else None,
         "published_batch_size": recipe.published_batch_size if recipe else None,
-        "lr_rule": recipe.lr_rule(batch) if recipe else None,
+        "lr_rule": recipe.lr_rule(batch) if recipe else _shared_rule(config),
         "lr_from": (recipe.lr_from or config.method.name) if recipe else None,
         "sources": _sources(config),
     }

@@ -1,6 +1,6 @@
 """Fine-tuning: an encoder inside the SwinUNETR-style segmenter on one task, budget and seed.
 
-The recipe is identical for every encoder (DESIGN §7): DiceCE, AdamW with warm-up + cosine,
+The recipe is identical for every encoder (docs/design.md §7): DiceCE, AdamW with warm-up + cosine,
 positive/negative crops, validation Dice every ``val_every`` steps with sliding-window inference
 (the convergence curve), and per-case test metrics from the best validation checkpoint.
 """
