@@ -125,7 +125,7 @@ def test_bench_plan_gives_each_method_its_recipe(tmp_path) -> None:
     assert mixed["simclr"].config.recipe == "shared" and mixed["simclr"].config.schedule.lr == 5e-4
     assert mixed["dino"].config.recipe == "published" and mixed["dino"].config.schedule.lr == pytest.approx(5e-4 / 32)
     assert mixed["dino"].config.schedule == published["dino"].config.schedule
-    # A method's `lr_scale` scales the shared lr and min_lr, and the run records it (the demo's teacher-student methods).
+    # A method's `lr_scale` scales the shared lr and min_lr, and the run records it (the demo's teacher-students).
     scaled = plan("shared", ["simclr", {"name": "dino", "lr_scale": 0.1}])
     dino = scaled["dino"].config
     shared_min_lr = scaled["simclr"].config.schedule.min_lr
