@@ -10,7 +10,9 @@ hooks) and the pretraining loop knows only this interface:
   MONAI transforms, returned as a dict of tensors (collated into a batch);
 * ``build_heads()``: the one place a method builds its heads, projectors and decoders (called once by
   :class:`SSLMethod`'s constructor, after ``encoder``, ``params``, ``crop_size`` and the run length are
-  set); base classes that derive more modules from the heads (EMA teachers) do so after it;
+  set); ``set_up()``, called right after it, is where a method derives the rest of its state from its
+  heads and options (EMA teachers, schedules, centres, frozen parameters). The constructor is the base
+  class's only: a method extends these two hooks, not ``__init__``;
 * ``forward(batch, step)``: the output dict, always made by :meth:`SSLMethod.outputs`: ``"loss"`` (the
   total), each loss term and diagnostic (detached), and the representation-health scalars of
   ``methods/health.py``;
@@ -107,12 +109,21 @@ class SSLMethod(TrainingHooks):
         # Recent steps' embeddings, for an effective rank a two-sample batch does not bound (health.py).
         self.rank_history = RankHistory()
         self.build_heads()
+        self.set_up()
 
     def build_heads(self) -> None:
         """Build the method's heads (projectors, predictors, prototype heads, decoders) as attributes.
 
         The one place heads are made; called once by the constructor, with ``encoder``, ``params`` and
         ``crop_size`` set. A method without heads (random init) keeps this default."""
+
+    def set_up(self) -> None:
+        """Derive the rest of the method's state from its heads and options: EMA teachers of the online
+        network, schedules, centres, parameters frozen for want of a gradient.
+
+        Called once by the constructor, right after :meth:`build_heads`. A subclass that extends it calls
+        ``super().set_up()`` first, so a base class's state (a teacher copied from the heads) comes before its
+        own, in the same order for every run of a seed."""
 
     @classmethod
     def knob_steps(cls, params: Any, total_steps: int, steps_per_epoch: int | None = None) -> dict[str, int]:
@@ -267,16 +278,9 @@ class UnmaskedMethod(SSLMethod):
     """A method that never masks its input (the two-view methods, RotNet, SwinUNETR-SSL): the encoder's
     unused mask token is frozen, so DDP sees no parameter without a gradient."""
 
-    def __init__(
-        self,
-        encoder: SwinEncoder,
-        params: StrictModel,
-        crop_size: int,
-        total_steps: int,
-        steps_per_epoch: int | None = None,
-    ) -> None:
-        super().__init__(encoder, params, crop_size, total_steps, steps_per_epoch)
-        encoder.mask_token.requires_grad_(False)
+    def set_up(self) -> None:
+        super().set_up()
+        self.encoder.mask_token.requires_grad_(False)
 
 
 def build_method(

@@ -16,13 +16,11 @@ key); medssl's target starts as a copy of the online network (``EMATeacher``).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from medssl.methods.base import register
 from medssl.methods.losses import byol_loss
 from medssl.methods.two_crop import MomentumTwoCropMethod, MomentumTwoCropParams
-from medssl.models.heads import MLPHead
 
 
 class BYOLParams(MomentumTwoCropParams):
@@ -35,22 +33,10 @@ class BYOL(MomentumTwoCropMethod):
     family = "contrastive"
     description = "BYOL: online encoder + projector + predictor regresses an EMA target, 2 - 2cos symmetric."
     Params = BYOLParams
+    loss_name = "byol"
 
     params: BYOLParams
 
-    def build_heads(self) -> None:
-        p = self.params
-        self.projector = MLPHead(self.encoder.out_channels, p.proj_hidden_dim, p.proj_dim, n_layers=p.proj_layers)
-        self.predictor = MLPHead(p.proj_dim, p.pred_hidden_dim, p.proj_dim, n_layers=p.pred_layers)
-
-    def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
-        out = self.branches(batch)
-        (p1, p2), (t1, t2) = out.predictions, out.targets
-        loss = byol_loss(p1, t2) + byol_loss(p2, t1)
-        return self.outputs(
-            loss,
-            embedding=torch.cat(out.projections),
-            features=out.pooled,
-            momentum=loss.new_tensor(self.momentum(step)),
-            byol=loss,
-        )
+    def pair_loss(self, predictions: list[Tensor], targets: list[Tensor]) -> Tensor:
+        (p1, p2), (t1, t2) = predictions, targets
+        return byol_loss(p1, t2) + byol_loss(p2, t1)

@@ -35,8 +35,7 @@ from medssl.config import CropSize
 from medssl.data.multicrop import local_crop_size, multicrop_views
 from medssl.methods.base import register
 from medssl.methods.distillation import DistillationHead, DistillationMethod, DistillationParams, view_major
-from medssl.methods.losses import dino_cross_entropy
-from medssl.models.encoder import SwinEncoder, global_pool
+from medssl.models.encoder import global_pool
 
 
 class DINOParams(DistillationParams):
@@ -67,16 +66,9 @@ class DINO(DistillationMethod):
     params: DINOParams
     export_network = "teacher"
 
-    def __init__(
-        self,
-        encoder: SwinEncoder,
-        params: DINOParams,
-        crop_size: int,
-        total_steps: int,
-        steps_per_epoch: int | None = None,
-    ) -> None:
-        super().__init__(encoder, params, crop_size, total_steps, steps_per_epoch)
-        self.local_size = params.local_size or local_crop_size(crop_size)
+    def set_up(self) -> None:
+        super().set_up()
+        self.local_size = self.params.local_size or local_crop_size(self.crop_size)
 
     def build_heads(self) -> None:
         self.head = DistillationHead(self.encoder.out_channels, self.params)
@@ -107,7 +99,6 @@ class DINO(DistillationMethod):
         return list(self.head.global_logits(pooled).chunk(locals_.shape[1]))
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
-        p = self.params
         globals_ = view_major(batch["global_crops"])
         n_global = batch["global_crops"].shape[1]
         student_pooled = global_pool(self.encoder(globals_)[-1])
@@ -116,16 +107,7 @@ class DINO(DistillationMethod):
 
         with torch.no_grad():
             teacher_logits = self.teacher_head.module.global_logits(global_pool(self.teacher_encoder(globals_)[-1]))
-        temp = self.teacher_temperature(step)
-        targets = self.centering.probs(teacher_logits.detach(), temp)
-        loss = dino_cross_entropy(student, list(targets.chunk(n_global)), p.student_temp)
-        self.centering.update(teacher_logits)
-        return self.outputs(
-            loss,
-            embedding=student_global,
-            features=student_pooled,
-            teacher_probs=targets,
-            distillation_ce=loss,
-            dino_ce=loss,
-            teacher_temp=loss.new_tensor(temp),
+        term = self.global_term(student, teacher_logits, n_global, step)
+        return self.distillation_outputs(
+            term.ce, term, embedding=student_global, features=student_pooled, dino_ce=term.ce
         )

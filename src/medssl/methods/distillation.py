@@ -33,7 +33,7 @@ method (``build_method(..., steps_per_epoch=...)``; one step where no corpus is 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -43,8 +43,7 @@ from torch import Tensor, nn
 
 from medssl.config import StrictModel
 from medssl.methods.base import EMATeacher, SSLMethod
-from medssl.methods.losses import masked_patch_ce, teacher_probs, update_centre
-from medssl.models.encoder import SwinEncoder
+from medssl.methods.losses import dino_cross_entropy, masked_patch_ce, teacher_probs, update_centre
 from medssl.models.heads import DINOHead, prototype_layer
 from medssl.schedules import (
     EpochKnobs,
@@ -240,6 +239,14 @@ class DistillationHead(nn.Module):
         return logits[:, 0], logits[:, 1:]
 
 
+class GlobalDistillation(NamedTuple):
+    """DINO's global term of one step (:meth:`DistillationMethod.global_term`)."""
+
+    ce: Tensor  # the cross-entropy, averaged over the pairs of different views
+    targets: Tensor  # the centred, sharpened teacher distribution of every teacher view (view-major)
+    temperature: float  # the teacher temperature of this step
+
+
 class DistillationMethod(SSLMethod):
     """Base of DINO, iBOT and SMIT: the EMA teachers of the student encoder and of the head the subclass
     builds as ``self.head`` in ``build_heads`` (teachers built without stochastic depth and updated by the
@@ -252,17 +259,11 @@ class DistillationMethod(SSLMethod):
     # frozen (a parameter without gradient would stall DDP's reducer).
     masks_student: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        encoder: SwinEncoder,
-        params: DistillationParams,
-        crop_size: int,
-        total_steps: int,
-        steps_per_epoch: int | None = None,
-    ) -> None:
-        super().__init__(encoder, params, crop_size, total_steps, steps_per_epoch)
+    def set_up(self) -> None:
+        super().set_up()
+        params, encoder = self.params, self.encoder
         encoder.mask_token.requires_grad_(self.masks_student)
-        self.steps_per_epoch = params.steps_per_epoch or steps_per_epoch or 1
+        self.steps_per_epoch = params.steps_per_epoch or self.steps_per_epoch or 1
         self.knobs = params.knob_steps(self.total_steps, self.steps_per_epoch)
         self.init_momentum(params.teacher_momentum)
         self.teacher_temp_schedule = linear_warmup_then_constant(
@@ -349,6 +350,44 @@ class DistillationMethod(SSLMethod):
             self.epochs_to_steps(p.teacher_temp_warmup_epochs),
             self.total_steps,
             self.params.teacher_temp_short_run,
+        )
+
+    def global_term(
+        self, student: list[Tensor], teacher_logits: Tensor, teacher_views: int, step: int
+    ) -> GlobalDistillation:
+        """DINO's global cross-entropy (``DINOLoss.forward``) between the centred, sharpened distribution of each of
+        the ``teacher_views`` views in ``teacher_logits`` (view-major) and the student's logits of every other view
+        (``student``: one tensor per view, the teacher's views first), with the centre updated after."""
+        temp = self.teacher_temperature(step)
+        targets = self.centering.probs(teacher_logits, temp)
+        ce = dino_cross_entropy(student, list(targets.chunk(teacher_views)), self.params.student_temp)
+        self.centering.update(teacher_logits)
+        return GlobalDistillation(ce, targets, temp)
+
+    def distillation_outputs(
+        self,
+        loss: Tensor,
+        global_term: GlobalDistillation,
+        *,
+        embedding: Tensor,
+        features: Tensor,
+        token_masks: Tensor | None = None,
+        **terms: Tensor,
+    ) -> dict[str, Tensor]:
+        """:meth:`~medssl.methods.base.SSLMethod.outputs` of a self-distillation step: the health of the student's
+        global logits (``embedding``), of the pooled ``features`` and of the teacher distribution of
+        ``global_term``; the loss ``terms``, the teacher temperature and, for a masked student, the masked share of
+        the distilled tokens (``token_masks``)."""
+        masked = {} if token_masks is None else {"mask_fraction": token_masks.float().mean()}
+        return self.outputs(
+            loss,
+            embedding=embedding,
+            features=features,
+            teacher_probs=global_term.targets,
+            distillation_ce=global_term.ce,
+            **terms,
+            teacher_temp=loss.new_tensor(global_term.temperature),
+            **masked,
         )
 
     def patch_term(self, student_patch: Tensor, teacher_patch: Tensor, token_mask: Tensor, step: int) -> Tensor:

@@ -66,8 +66,7 @@ from medssl.methods.distillation import (
     token_mask_to_patches,
     view_major,
 )
-from medssl.methods.losses import dino_cross_entropy
-from medssl.models.encoder import SwinEncoder, global_pool
+from medssl.models.encoder import global_pool
 
 BOTTLENECK = 4  # encoder output index of the bottleneck (after the fourth patch merging)
 MIN_PATCH_TOKENS = 8
@@ -156,17 +155,10 @@ class IBOT(DINO):
     Params = IBOTParams
     params: IBOTParams
 
-    def __init__(
-        self,
-        encoder: SwinEncoder,
-        params: IBOTParams,
-        crop_size: int,
-        total_steps: int,
-        steps_per_epoch: int | None = None,
-    ) -> None:
-        super().__init__(encoder, params, crop_size, total_steps, steps_per_epoch)
-        self.init_patch_distillation(self.patch_dim(), params.pred_start_epoch)
-        self.mask_start_step = self.epochs_to_steps(params.pred_start_epoch)
+    def set_up(self) -> None:
+        super().set_up()
+        self.init_patch_distillation(self.patch_dim(), self.params.pred_start_epoch)
+        self.mask_start_step = self.epochs_to_steps(self.params.pred_start_epoch)
 
     def resolved_patch_stage(self) -> int:
         """The encoder output the patch term distils at this crop size (``patch_stage``)."""
@@ -254,23 +246,18 @@ class IBOT(DINO):
             t_outs = self.teacher_encoder(globals_)
             t_global, t_patch, _ = self.logits(self.teacher_head.module, t_outs, p.shared_head_teacher)
 
-        temp = self.teacher_temperature(step)
-        global_targets = self.centering.probs(t_global, temp)
-        global_ce = dino_cross_entropy(student, list(global_targets.chunk(n_global)), p.student_temp)
-        self.centering.update(t_global)
+        term = self.global_term(student, t_global, n_global, step)
         # One call over all global crops = the mean of the per-crop terms (equal batch sizes).
         patch_ce = self.patch_term(s_patch, t_patch, token_masks, step)
-        loss = p.global_weight * global_ce + p.patch_weight * patch_ce
-        return self.outputs(
+        loss = p.global_weight * term.ce + p.patch_weight * patch_ce
+        return self.distillation_outputs(
             loss,
+            term,
             embedding=s_global,
             features=s_pooled,
-            teacher_probs=global_targets,
-            distillation_ce=global_ce,
-            global_ce=global_ce,
+            token_masks=token_masks,
+            global_ce=term.ce,
             patch_ce=patch_ce,
-            teacher_temp=loss.new_tensor(temp),
-            mask_fraction=token_masks.float().mean(),
         )
 
     def logits(

@@ -20,7 +20,6 @@ patch embedding unless ``stop_grad_patch_embed: true``, which freezes ``encoder.
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 from torch import Tensor
 
@@ -28,7 +27,6 @@ from medssl.methods.base import register
 from medssl.methods.distributed import gather_no_grad, rank_and_world
 from medssl.methods.losses import moco_v3_infonce
 from medssl.methods.two_crop import MomentumTwoCropMethod, MomentumTwoCropParams
-from medssl.models.heads import MLPHead
 
 
 class MoCoV3Params(MomentumTwoCropParams):
@@ -47,6 +45,7 @@ class MoCoV3(MomentumTwoCropMethod):
     family = "contrastive"
     description = "MoCo v3: query encoder + projector + predictor vs EMA key encoder, symmetric InfoNCE (tau 0.2)."
     Params = MoCoV3Params
+    loss_name = "infonce"
 
     params: MoCoV3Params
 
@@ -56,28 +55,18 @@ class MoCoV3(MomentumTwoCropMethod):
         return batch_size - 1
 
     def build_heads(self) -> None:
-        p = self.params
-        if p.stop_grad_patch_embed:
+        if self.params.stop_grad_patch_embed:
             self.encoder.patch_embed.requires_grad_(False)
-        self.projector = MLPHead(
-            self.encoder.out_channels, p.proj_hidden_dim, p.proj_dim, n_layers=p.proj_layers, last_batch_norm=True
-        )
-        self.predictor = MLPHead(
-            p.proj_dim, p.pred_hidden_dim, p.proj_dim, n_layers=p.pred_layers, last_batch_norm=p.pred_last_batch_norm
-        )
+        super().build_heads()
 
-    def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
-        out = self.branches(batch)
-        (q1, q2), (k1, k2) = out.predictions, out.targets
+    def last_batch_norms(self) -> tuple[bool, bool]:
+        """Both MLPs end in BatchNorm (``_build_mlp(..., last_bn=True)``), the predictor unless ResNet-style."""
+        return True, self.params.pred_last_batch_norm
+
+    def pair_loss(self, predictions: list[Tensor], targets: list[Tensor]) -> Tensor:
+        (q1, q2), (k1, k2) = predictions, targets
         offset = rank_and_world()[0] * q1.shape[0]
         tau = self.params.temperature
-        loss = moco_v3_infonce(q1, gather_no_grad(k2), tau, offset) + moco_v3_infonce(
+        return moco_v3_infonce(q1, gather_no_grad(k2), tau, offset) + moco_v3_infonce(
             q2, gather_no_grad(k1), tau, offset
-        )
-        return self.outputs(
-            loss,
-            embedding=torch.cat(out.projections),
-            features=out.pooled,
-            momentum=loss.new_tensor(self.momentum(step)),
-            infonce=loss,
         )

@@ -18,15 +18,16 @@ use_bn=True)``; the last without centring, ``center=use_bias=False``); medssl's 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from torch import Tensor
 
 from medssl.methods.base import register
 from medssl.methods.distributed import gather_with_grad
 from medssl.methods.losses import nt_xent
-from medssl.methods.two_crop import TwoCropMethod, TwoCropParams
+from medssl.methods.two_crop import TwoCropMethod, TwoCropParams, projection_head
 from medssl.models.encoder import global_pool
-from medssl.models.heads import MLPHead
 
 
 class SimCLRParams(TwoCropParams):
@@ -53,14 +54,8 @@ class SimCLR(TwoCropMethod):
         return 2 * batch_size - 2
 
     def build_heads(self) -> None:
-        p = self.params
-        self.projector = MLPHead(
-            self.encoder.out_channels,
-            p.proj_hidden_dim,
-            p.proj_dim,
-            n_layers=p.proj_layers,
-            last_batch_norm="scale" if p.proj_last_batch_norm else False,
-        )
+        last_batch_norm: Literal["scale"] | bool = "scale" if self.params.proj_last_batch_norm else False
+        self.projector = projection_head(self.encoder.out_channels, self.params, last_batch_norm=last_batch_norm)
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         n = batch["view1"].shape[0]

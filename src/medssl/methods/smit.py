@@ -80,7 +80,7 @@ from medssl.methods.distillation import (
     token_mask_to_patches,
     view_major,
 )
-from medssl.methods.losses import dino_cross_entropy, masked_l1
+from medssl.methods.losses import masked_l1
 from medssl.models.encoder import SwinEncoder, global_pool
 from medssl.models.heads import PixelShuffleDecoder
 
@@ -134,16 +134,9 @@ class SMIT(DistillationMethod):
     params: SMITParams
     masks_student: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        encoder: SwinEncoder,
-        params: SMITParams,
-        crop_size: int,
-        total_steps: int,
-        steps_per_epoch: int | None = None,
-    ) -> None:
-        super().__init__(encoder, params, crop_size, total_steps, steps_per_epoch)
-        self.init_patch_distillation(params.out_dim, params.patch_temp_hold_epochs)
+    def set_up(self) -> None:
+        super().set_up()
+        self.init_patch_distillation(self.params.out_dim, self.params.patch_temp_hold_epochs)
 
     def build_heads(self) -> None:
         encoder, p = self.encoder, self.params
@@ -214,22 +207,17 @@ class SMIT(DistillationMethod):
             t_feature = self.teacher_encoder(crops, normalize=False)[p.distill_stage]
             t_global, t_patch = self.teacher_head(feature_tokens(t_feature))
 
-        temp = self.teacher_temperature(step)
-        global_targets = self.centering.probs(t_global, temp)
         # Two views: the pairs of different views are exactly (student 1, teacher 2), (student 2, teacher 1).
-        global_ce = dino_cross_entropy(list(s_global.chunk(2)), list(global_targets.chunk(2)), p.student_temp)
-        self.centering.update(t_global)
+        term = self.global_term(list(s_global.chunk(2)), t_global, 2, step)
         patch_ce = self.patch_term(s_patch, t_patch, token_masks, step)
-        loss = p.patch_weight * patch_ce + p.global_weight * global_ce + p.reconstruction_weight * l1
-        return self.outputs(
+        loss = p.patch_weight * patch_ce + p.global_weight * term.ce + p.reconstruction_weight * l1
+        return self.distillation_outputs(
             loss,
+            term,
             embedding=s_global,
             features=global_pool(outs[max(p.distill_stage, p.decoder_stage)]),
-            teacher_probs=global_targets,
-            distillation_ce=global_ce,
+            token_masks=token_masks,
             patch_ce=patch_ce,
-            global_ce=global_ce,
+            global_ce=term.ce,
             reconstruction_l1=l1,
-            teacher_temp=loss.new_tensor(temp),
-            mask_fraction=token_masks.float().mean(),
         )

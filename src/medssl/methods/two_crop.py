@@ -8,9 +8,11 @@ so that each method file holds its recipe only:
   (view 1 and view 2 may differ: BYOL's and MoCo v3's blur / solarisation asymmetry);
 * :meth:`TwoCropMethod.encode`: the encoder run once over both views (the Swin has no batch
   statistics, so this equals two passes);
+* :func:`projection_head`: the projector MLP of the pooled bottleneck, built from the ``proj_*`` options;
 * :class:`ProjectedEncoder`: encoder + pooled bottleneck + projector, the branch an EMA teacher
   copies, and :class:`MomentumTwoCropMethod`, the online/EMA pair of MoCo v3 (momentum encoder)
-  and BYOL (target network), declared once as the base class's ``momentum_pairs()``.
+  and BYOL (target network), declared once as the base class's ``momentum_pairs()``, with their heads
+  (projector and predictor) and their step (each method supplies its symmetric loss, ``pair_loss``).
 
 The grey-level augmentation options (:class:`IntensityAugmentParams`) are RotNet's too. SwinUNETR-SSL
 also sees two views, but of one crop taken twice (its own module).
@@ -18,7 +20,7 @@ also sees two views, but of one crop taken twice (its own module).
 
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from medssl.config import StrictModel
 from medssl.data.views import enlarged_region_side, intensity_augment, random_flip, two_crops
 from medssl.methods.base import EMATeacher, UnmaskedMethod
 from medssl.models.encoder import SwinEncoder, global_pool
+from medssl.models.heads import MLPHead
 
 
 class IntensityAugmentParams(StrictModel):
@@ -81,6 +84,27 @@ class TwoCropParams(StrictModel):
         if v is not None and not 0.0 < v[0] <= v[1]:
             raise ValueError("crop_ratio must satisfy 0 < lo <= hi")
         return v
+
+
+class ProjectorOptions(Protocol):
+    """The projector options of SimCLR, MoCo v3 and BYOL (each with its own defaults)."""
+
+    @property
+    def proj_hidden_dim(self) -> int: ...
+
+    @property
+    def proj_dim(self) -> int: ...
+
+    @property
+    def proj_layers(self) -> int: ...
+
+
+def projection_head(in_dim: int, options: ProjectorOptions, last_batch_norm: bool | Literal["scale"]) -> MLPHead:
+    """The projector of the pooled bottleneck (``in_dim`` channels): ``proj_layers`` linear layers, ``proj_hidden_dim``
+    wide, to ``proj_dim``, BatchNorm on the hidden layers; ``last_batch_norm`` as :class:`MLPHead`'s."""
+    return MLPHead(
+        in_dim, options.proj_hidden_dim, options.proj_dim, n_layers=options.proj_layers, last_batch_norm=last_batch_norm
+    )
 
 
 class ProjectedEncoder(nn.Module):
@@ -150,26 +174,37 @@ class MomentumTwoCropParams(TwoCropParams):
 class MomentumTwoCropMethod(TwoCropMethod):
     """MoCo v3 and BYOL: online encoder + projector + predictor against an EMA copy of encoder + projector.
 
-    Subclasses build ``self.projector`` and ``self.predictor`` in ``build_heads``. The EMA branch is an
-    :class:`~medssl.methods.base.EMATeacher` of encoder + projector whose BatchNorm layers use batch
-    statistics in training (MoCo v3's momentum encoder and BYOL's target run in train mode), updated
-    after every step by the base class at ``params.base_momentum`` -> 1 (cosine over global steps).
+    ``build_heads`` builds the projector (:func:`projection_head`) and the predictor (``pred_layers`` linear
+    layers, ``pred_hidden_dim`` wide, ``proj_dim`` -> ``proj_dim``); :meth:`last_batch_norms` says whether each
+    ends in a BatchNorm. The EMA branch is an :class:`~medssl.methods.base.EMATeacher` of encoder + projector
+    whose BatchNorm layers use batch statistics in training (MoCo v3's momentum encoder and BYOL's target run in
+    train mode), updated after every step by the base class at ``params.base_momentum`` -> 1 (cosine over global
+    steps). ``forward`` runs both branches over both views and asks the subclass for its symmetric loss
+    (:meth:`pair_loss`), reported under :attr:`loss_name`.
     """
 
     projector: nn.Module
     predictor: nn.Module
+    loss_name: ClassVar[str]  # the output key of the pair loss
 
-    def __init__(
-        self,
-        encoder: SwinEncoder,
-        params: MomentumTwoCropParams,
-        crop_size: int,
-        total_steps: int,
-        steps_per_epoch: int | None = None,
-    ) -> None:
-        super().__init__(encoder, params, crop_size, total_steps, steps_per_epoch)
+    params: MomentumTwoCropParams
+
+    def build_heads(self) -> None:
+        p = self.params
+        projector_norm, predictor_norm = self.last_batch_norms()
+        self.projector = projection_head(self.encoder.out_channels, p, last_batch_norm=projector_norm)
+        self.predictor = MLPHead(
+            p.proj_dim, p.pred_hidden_dim, p.proj_dim, n_layers=p.pred_layers, last_batch_norm=predictor_norm
+        )
+
+    def last_batch_norms(self) -> tuple[bool, bool]:
+        """Whether the projector and the predictor end in a BatchNorm without affine parameters (BYOL: neither)."""
+        return False, False
+
+    def set_up(self) -> None:
+        super().set_up()
         self.teacher = EMATeacher(self.online(), batch_norm_batch_stats=True)  # never trained by gradients
-        self.init_momentum(params.base_momentum)
+        self.init_momentum(self.params.base_momentum)
 
     def online(self) -> ProjectedEncoder:
         # Built on demand so the encoder is registered once (under ``encoder.``) in the state dict.
@@ -183,3 +218,18 @@ class MomentumTwoCropMethod(TwoCropMethod):
         pooled, projections = self.online()(views)
         _, targets = self.teacher(views)
         return PairBranches(pooled, projections, [self.predictor(z) for z in projections], targets)
+
+    def pair_loss(self, predictions: list[Tensor], targets: list[Tensor]) -> Tensor:
+        """The method's symmetric loss: each view's online prediction against the other view's EMA target."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        out = self.branches(batch)
+        loss = self.pair_loss(out.predictions, out.targets)
+        return self.outputs(
+            loss,
+            embedding=torch.cat(out.projections),
+            features=out.pooled,
+            momentum=loss.new_tensor(self.momentum(step)),
+            **{self.loss_name: loss},
+        )

@@ -201,23 +201,40 @@ def check_tensor_values(source: str | Path, state: dict[str, Tensor], target: di
                 raise MedsslInputError(source, f"encoder tensor '{key}' holds {n_bad} NaN/inf values")
 
 
+def tensor_coverage(state: dict[str, Tensor], target: dict[str, Tensor], what: str = "encoder") -> str:
+    """``present/expected <what> tensors``: how many of the tensors of ``target`` ``state`` holds."""
+    return f"{len(set(target) & set(state))}/{len(target)} {what} tensors"
+
+
 def check_state_matches(
-    source: str | Path, state: dict[str, Tensor], target: dict[str, Tensor], what: str = "encoder"
+    source: str | Path,
+    state: dict[str, Tensor],
+    target: dict[str, Tensor],
+    what: str = "encoder",
+    *,
+    rebuilt_from_file: bool = False,
 ) -> None:
-    """Every tensor of ``target`` present in ``state`` with its shape, floating point and finite."""
+    """Every tensor of ``target`` present in ``state`` with its shape, floating point and finite.
+
+    ``rebuilt_from_file``: ``target`` was rebuilt from the shapes of this very file (an external encoder), so a
+    missing tensor is reported with the file's coverage, and a wrong shape as the file's own inconsistency rather
+    than as a different encoder preset."""
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise MedsslInputError(source, f"the {what} weights are not a state dict of tensors")
     missing = sorted(set(target) - set(state))
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise MedsslInputError(source, f"checkpoint is missing {len(missing)} {what} tensors: {shown}")
+        holder, coverage = "checkpoint", ""
+        if rebuilt_from_file:
+            holder, coverage = f"external {what}", f" ({tensor_coverage(state, target, what)} present)"
+        raise MedsslInputError(source, f"{holder} is missing {len(missing)} {what} tensors{coverage}: {shown}")
     mismatched = [k for k in target if tuple(target[k].shape) != tuple(state[k].shape)]
     if mismatched:
         k = mismatched[0]
+        expects = f"the {what} rebuilt from this file expects" if rebuilt_from_file else "model expects"
+        hint = "" if rebuilt_from_file else " (different encoder preset?)"
         raise MedsslInputError(
-            source,
-            f"{what} tensor '{k}' has shape {tuple(state[k].shape)}, model expects {tuple(target[k].shape)}"
-            " (different encoder preset?)",
+            source, f"{what} tensor '{k}' has shape {tuple(state[k].shape)}, {expects} {tuple(target[k].shape)}{hint}"
         )
     check_tensor_values(source, state, target)
 

@@ -58,7 +58,13 @@ from torch import Tensor
 from medssl.config import ENCODER_PRESETS, EncoderConfig
 from medssl.errors import MedsslInputError
 from medssl.fileio import file_sha256
-from medssl.models.checkpoint import atomic_torch_save, check_tensor_values, encoder_meta, safe_torch_load
+from medssl.models.checkpoint import (
+    atomic_torch_save,
+    check_state_matches,
+    encoder_meta,
+    safe_torch_load,
+    tensor_coverage,
+)
 from medssl.models.encoder import MASK_TOKEN_KEY, SwinEncoder
 from medssl.models.size import check_network_size
 
@@ -237,22 +243,8 @@ def read_foreign_encoder(
     state = found.tensors
     config = infer_encoder_config(state, path)
     expected = {k: v for k, v in SwinEncoder(config).state_dict().items() if k != MASK_TOKEN_KEY}
-    missing = sorted(set(expected) - set(state))
-    coverage = f"{len(expected) - len(missing)}/{len(expected)} encoder tensors"
-    if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise MedsslInputError(
-            path, f"external encoder is missing {len(missing)} encoder tensors ({coverage} present): {shown}"
-        )
-    wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise MedsslInputError(
-            path,
-            f"encoder tensor '{k}' has shape {tuple(state[k].shape)}, the encoder rebuilt "
-            f"from this file expects {tuple(expected[k].shape)}",
-        )
-    check_tensor_values(path, state, expected)
+    check_state_matches(path, state, expected, rebuilt_from_file=True)
+    coverage = tensor_coverage(state, expected)
     unexpected = sorted(set(state) - set(expected) - {MASK_TOKEN_KEY})
     loaded = {k: state[k].detach().clone() for k in expected}
     feature_size = int(config.feature_size or 0)

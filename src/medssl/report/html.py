@@ -11,6 +11,7 @@ import base64
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from medssl.report.tables import Table, html_table, inline_html, markdown_table, plain_text
 
@@ -112,6 +113,34 @@ def png_data_uri(path: str | Path) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
+TextBlock = Paragraph | Alert | Missing | Heading
+
+
+class Markup(NamedTuple):
+    """How a block that is one text is written: ``{text}`` is its text (in HTML with its inline markup rendered
+    and escaped), ``{level}`` an alert's level (escaped)."""
+
+    html: str
+    markdown: str
+
+
+TEXT_MARKUP: dict[type[TextBlock], Markup] = {
+    Alert: Markup('<div class="alert {level}" role="alert">{text}</div>', "> **⚠ {text}**\n"),
+    Missing: Markup('<p class="missing">{text}</p>', "_{text}_\n"),
+    Heading: Markup("<h3>{text}</h3>", "### {text}\n"),
+    Paragraph: Markup("<p>{text}</p>", "{text}\n"),
+}
+
+
+def _text_html(block: TextBlock) -> str:
+    level = html.escape(block.level) if isinstance(block, Alert) else ""
+    return TEXT_MARKUP[type(block)].html.format(text=inline_html(block.text), level=level)
+
+
+def _text_markdown(block: TextBlock) -> str:
+    return TEXT_MARKUP[type(block)].markdown.format(text=block.text)
+
+
 def _block_html(block: Block) -> str:
     if isinstance(block, Table):
         return html_table(block)
@@ -126,13 +155,7 @@ def _block_html(block: Block) -> str:
             f'<figure><img src="{png_data_uri(block.path)}" alt="{alt}">'
             f"<figcaption>{inline_html(block.caption)}</figcaption></figure>"
         )
-    if isinstance(block, Alert):
-        return f'<div class="alert {html.escape(block.level)}" role="alert">{inline_html(block.text)}</div>'
-    if isinstance(block, Missing):
-        return f'<p class="missing">{inline_html(block.text)}</p>'
-    if isinstance(block, Heading):
-        return f"<h3>{inline_html(block.text)}</h3>"
-    return f"<p>{inline_html(block.text)}</p>"
+    return _text_html(block)
 
 
 def render_html(title: str, sections: list[Section], preamble: list[Block] | None = None) -> str:
@@ -166,13 +189,7 @@ def _block_markdown(block: Block, root: Path) -> str:
         except ValueError:
             link = block.path.as_posix()
         return f"![{plain_text(block.caption)}]({link})\n\n*{block.caption}*\n"
-    if isinstance(block, Alert):
-        return f"> **⚠ {block.text}**\n"
-    if isinstance(block, Missing):
-        return f"_{block.text}_\n"
-    if isinstance(block, Heading):
-        return f"### {block.text}\n"
-    return f"{block.text}\n"
+    return _text_markdown(block)
 
 
 def render_markdown(title: str, sections: list[Section], root: Path, preamble: list[Block] | None = None) -> str:
