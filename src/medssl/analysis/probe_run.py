@@ -18,14 +18,14 @@ from medssl.analysis.cka_run import load_model_encoder
 from medssl.config import RANDOM_INIT, ProbeRunConfig
 from medssl.data.cache import VolumeCache, cache_task
 from medssl.data.datasets import load_eval_case
-from medssl.data.splits import load_or_create_splits, train_cases
+from medssl.data.splits import run_split
 from medssl.data.tasks import load_task
 from medssl.errors import MedsslInputError
 from medssl.evaluate.probe import probe_cases
 from medssl.fileio import file_sha256
 from medssl.limits import set_limits
 from medssl.models.encoder import SwinEncoder
-from medssl.runs import RunDir, RunWork, perform_run
+from medssl.runs import RunDir, RunWork, encoder_run_info, perform_run
 
 
 def probe_encoder(config: ProbeRunConfig) -> tuple[SwinEncoder, dict[str, Any]]:
@@ -37,21 +37,6 @@ def probe_encoder(config: ProbeRunConfig) -> tuple[SwinEncoder, dict[str, Any]]:
     if encoder.patch_embed.proj.in_channels != 1:
         raise MedsslInputError(config.encoder_checkpoint, "the probe reads single-channel volumes")
     return encoder, {**meta, "method": meta.get("method", "unknown"), "family": meta.get("family", "unknown")}
-
-
-def probe_info(config: ProbeRunConfig, meta: dict[str, Any], task: Any, n_train: int) -> dict[str, Any]:
-    """run.json fields of a probe run."""
-    return {
-        "method": meta["method"],
-        "family": meta["family"],
-        "encoder_checkpoint": str(config.encoder_checkpoint or ""),
-        "task": task.name,
-        "task_path": str(task.root),
-        "modality": task.modality,
-        "budget": config.budget.label,
-        "n_train": n_train,
-        "seed": config.seed,
-    }
 
 
 def run_probe(config: ProbeRunConfig, run_dir: str | Path, device: str | torch.device | None = None) -> dict[str, Any]:
@@ -71,16 +56,8 @@ def open_probe_work(config: ProbeRunConfig, run: RunDir, device: str | torch.dev
     encoder, meta = probe_encoder(config)
     cache = VolumeCache(config.cache_dir if config.cache_dir is not None else run.path / "cache")
     volumes = cache_task(task, cache, config.preprocess)
-    split = load_or_create_splits(
-        config.splits_path or run.path / "splits.json",
-        sorted(volumes),
-        config.seed,
-        [config.budget],
-        config.n_test,
-        config.n_val,
-    )
-    train_ids = train_cases(split, config.budget)
-    info = probe_info(config, meta, task, len(train_ids))
+    split, train_ids = run_split(config, sorted(volumes), run.path / "splits.json")
+    info = encoder_run_info(config, task, meta, len(train_ids))
 
     def body(started: float) -> dict[str, Any]:
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map
 from monai.inferers import sliding_window_inference
+from monai.networks import eval_mode
 from torch import Tensor, nn
 
 from medssl.config import OnlineProbeConfig, PreprocessConfig, ProbeConfig
@@ -99,9 +100,7 @@ def point_features(
     ``stages``, upsampled trilinearly to the window's voxels and concatenated, are read at the points the
     window holds, and windows are blended with MONAI's Gaussian importance weights, exactly as
     ``sliding_window_inference(mode="gaussian")`` of the upsampled features would give them."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
+    with eval_mode(encoder):
         padded = _pad_to(image, crop_size).to(device)
         weights = compute_importance_map((crop_size,) * 3, mode="gaussian", device=device)
         total = torch.zeros(len(points), feature_channels(encoder, stages), device=device)
@@ -119,8 +118,6 @@ def point_features(
             weight = weights[local[:, 0], local[:, 1], local[:, 2]]
             total[inside] += weight[:, None] * features.float()
             norm[inside] += weight
-    finally:
-        encoder.train(was_training)
     return (total / norm[:, None]).cpu()
 
 
@@ -239,14 +236,12 @@ def predict_case(
 ) -> Tensor:
     """The probe's label map ``(X, Y, Z)`` of a ``(1, X, Y, Z)`` image: sliding windows of the crop size,
     each window's head logits (``ProbeHead.window_logits``), Gaussian blending, the adjusted argmax."""
-    was_training = encoder.training
-    encoder.eval()
 
     def predictor(window: Tensor) -> Tensor:
         outputs = encoder(window)
         return head.window_logits([outputs[s] for s in stages], window.shape[2:])
 
-    try:
+    with eval_mode(encoder):
         logits = sliding_window_inference(
             image.unsqueeze(0).to(device),
             roi_size=(crop_size,) * 3,
@@ -255,8 +250,6 @@ def predict_case(
             overlap=overlap,
             mode="gaussian",
         )
-    finally:
-        encoder.train(was_training)
     assert isinstance(logits, Tensor)  # one tensor out of one tensor in
     return (logits[0] + head.offset.to(logits.device)[:, None, None, None]).argmax(dim=0).cpu()
 

@@ -28,7 +28,7 @@ from medssl.config import (
 from medssl.data.cache import CachedVolume, VolumeCache, cache_task
 from medssl.data.datasets import SegmentationCropDataset, load_eval_case
 from medssl.data.regions import Regions, region_targets
-from medssl.data.splits import load_or_create_splits, train_cases
+from medssl.data.splits import run_split
 from medssl.data.tasks import TaskFolder, load_task
 from medssl.errors import ConfigError, MedsslInputError, look_up_option
 from medssl.evaluate import case_metrics, lesion_rows, mean_dice, predict_volume
@@ -37,7 +37,7 @@ from medssl.models.adapt import fit_encoder
 from medssl.models.checkpoint import encoder_meta, load_encoder_state, safe_torch_load, save_encoder, save_segmenter
 from medssl.models.load import read_encoder_checkpoint
 from medssl.models.segmenter import SwinSegmenter, resolve_norm
-from medssl.runs import RunDir, RunWork
+from medssl.runs import RunDir, RunWork, encoder_run_info
 from medssl.train.distributed import DistInfo, barrier
 from medssl.train.drift import encoder_drift, encoder_snapshot
 from medssl.train.entry import perform_training_run
@@ -261,15 +261,7 @@ def check_label_values(task: TaskFolder, volumes: dict[str, CachedVolume]) -> No
 def finetune_info(config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any], n_train: int) -> dict[str, Any]:
     """The run.json fields of a fine-tuning run (the lifecycle adds kind, id, hash and provenance)."""
     return {
-        "method": meta["method"],
-        "family": meta["family"],
-        "encoder_checkpoint": str(config.encoder_checkpoint or ""),
-        "task": task.name,
-        "task_path": str(task.root),
-        "modality": task.modality,
-        "budget": config.budget.label,
-        "n_train": n_train,
-        "seed": config.seed,
+        **encoder_run_info(config, task, meta, n_train),
         "preset": meta.get("preset", config.encoder.preset),
         "crop_size": config.crop_size,
         "steps": config.schedule.steps,
@@ -335,15 +327,7 @@ def open_finetune_inputs(config: FinetuneConfig, run: RunDir) -> FinetuneInputs:
     cache = VolumeCache(config.cache_dir or run.path / "cache")
     volumes = cache_task(task, cache, config.preprocess)
     check_label_values(task, volumes)
-    split = load_or_create_splits(
-        config.splits_path or run.path / "splits.json",
-        sorted(volumes),
-        config.seed,
-        [config.budget],
-        config.n_test,
-        config.n_val,
-    )
-    train_ids = train_cases(split, config.budget)
+    split, train_ids = run_split(config, sorted(volumes), run.path / "splits.json")
     agreement = preprocessing_agreement(enc_meta, config.preprocess, task.modality) if enc_state is not None else {}
     run_info = {
         **finetune_info(config, task, enc_meta, len(train_ids)),
