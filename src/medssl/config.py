@@ -444,9 +444,6 @@ class FinetuneConfig(StrictModel):
     # replaced by identity; the patch embedding, the patch mergings and the SwinUNETR decoder are kept, so
     # the run measures the Dice the segmenter reaches without the transformer. Random init only.
     transformer: Literal["swin", "identity"] = added_field("swin")
-    # > 0: the same loss on a linear head on the encoder's own multi-scale outputs is added with this weight, so
-    # the labels reach the encoder directly (medssl.train.finetune.EncoderHead; the positive control's training).
-    encoder_supervision: float = added_field(0.0, ge=0.0, le=100.0)
     # An encoder and a task with different input channels: "match" refuses at the start; "repeat" and
     # "average" adapt the pretrained patch embedding as timm's ``adapt_input_conv`` (medssl.models.adapt).
     input_channels: Literal["match", "repeat", "average"] = added_field("match")

@@ -75,7 +75,6 @@ class SwinSegmenter(SwinUNETR):
             use_checkpoint=encoder_config.use_checkpoint,
         )
         self.encoder_config = encoder_config
-        self.out_channels = out_channels
         self.swinViT = SwinEncoder(encoder_config)
         # The mask token only serves masked pretraining; frozen here so DDP sees no unused parameter.
         self.swinViT.mask_token.requires_grad_(False)

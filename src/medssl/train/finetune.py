@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from monai.losses import DiceCELoss, DiceLoss
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from medssl.config import (
     IDENTITY_TRANSFORMER,
@@ -109,24 +108,6 @@ class _RegionLoss(nn.Module):
         return loss + self.bce(logits, target) if self.bce is not None else loss
 
 
-class EncoderHead(nn.Module):
-    """Logits from the encoder's own outputs: a 1x1x1 convolution per output (patch embedding and every
-    Swin stage), each upsampled trilinearly to the input size, summed: a linear map of the encoder's
-    multi-scale features (the frozen-encoder probe's linear head, ``medssl.evaluate.probe``; SETR's
-    "naive" decoder, Zheng et al. 2021)."""
-
-    def __init__(self, channels: list[int], out_channels: int) -> None:
-        super().__init__()
-        self.maps = nn.ModuleList(nn.Conv3d(c, out_channels, kernel_size=1) for c in channels)
-
-    def forward(self, outputs: list[Tensor], size: Any) -> Tensor:
-        parts = [
-            F.interpolate(conv(o), size=tuple(size), mode="trilinear", align_corners=False)
-            for conv, o in zip(self.maps, outputs, strict=True)
-        ]
-        return torch.stack(parts).sum(dim=0)
-
-
 class SegmentationModule(TrainingHooks):
     """Adapts the segmenter to the loop's ``forward(batch, step) -> {"loss": ...}`` interface.
 
@@ -134,13 +115,7 @@ class SegmentationModule(TrainingHooks):
     multipliers (``encoder_lr_scale`` times SimMIM-style layer decay) through the loop's
     ``param_groups`` hook, and a frozen-encoder warm phase through ``cancel_gradients``: during the
     first ``freeze_encoder_steps`` steps the encoder's gradients are dropped, so AdamW neither moves
-    its weights nor accumulates moments for them (decoder first, then everything).
-
-    ``encoder_supervision`` > 0 adds, with that weight, the same loss on the logits of a linear head on the
-    encoder's own outputs (:class:`EncoderHead`): the labels reach the encoder directly, not only through the
-    decoder (deeply supervised hidden layers, Lee et al. 2015, "Deeply-Supervised Nets"). The positive
-    control trains with it (``controls.supervised``): a segmenter's decoder lets its encoder stay
-    uninformative at this scale, which no fine-tuning from it could then show."""
+    its weights nor accumulates moments for them (decoder first, then everything)."""
 
     def __init__(
         self,
@@ -150,7 +125,6 @@ class SegmentationModule(TrainingHooks):
         layer_decay: float = 1.0,
         freeze_encoder_steps: int = 0,
         regions: Regions | None = None,
-        encoder_supervision: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -159,27 +133,12 @@ class SegmentationModule(TrainingHooks):
         self.freeze_encoder_steps = freeze_encoder_steps
         self.regions = regions
         self.loss_fn = segmentation_loss(loss, regions)
-        self.encoder_supervision = encoder_supervision
-        self.encoder_head = (
-            EncoderHead(model.encoder.stage_channels, model.out_channels) if encoder_supervision > 0 else None
-        )
-        self._encoder_outputs: list[Tensor] = []
-        if self.encoder_head is not None:
-            model.swinViT.register_forward_hook(self._keep_encoder_outputs)
-
-    def _keep_encoder_outputs(self, module: nn.Module, inputs: Any, outputs: list[Tensor]) -> None:
-        self._encoder_outputs = list(outputs)
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         logits = self.model(batch["image"])
         label = batch["label"] if self.regions is None else region_targets(batch["label"], self.regions)
         loss = self.loss_fn(logits, label)
-        if self.encoder_head is None:
-            return {"loss": loss}
-        encoder_logits = self.encoder_head(self._encoder_outputs, batch["image"].shape[2:])
-        self._encoder_outputs = []
-        encoder_loss = self.loss_fn(encoder_logits, label)
-        return {"loss": loss + self.encoder_supervision * encoder_loss, "encoder_loss": encoder_loss.detach()}
+        return {"loss": loss}
 
     def lr_scale(self, name: str) -> float:
         """Learning-rate multiplier of parameter ``name`` (1 for the decoder)."""
@@ -458,7 +417,6 @@ def finetune_body(
         layer_decay=config.layer_decay,
         freeze_encoder_steps=config.freeze_encoder_steps,
         regions=task.regions,
-        encoder_supervision=config.encoder_supervision,
     )
     result = train(
         module,
