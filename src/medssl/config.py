@@ -293,7 +293,8 @@ class ProbeConfig(StrictModel):
     """The frozen-encoder probe's design (``medssl.evaluate.probe``): which encoder outputs it reads
     (0 the patch embedding, 1-4 the Swin stages, each upsampled to voxels), its head (``hidden`` 0: a
     linear map; > 0: one hidden layer of that width), the class-balanced voxel sample it trains on and
-    its optimiser. Chosen on the controls only (``benchmarks/transfer_probe.py``)."""
+    its optimiser. The defaults (a linear head on all five outputs) are the design, not a selection: the
+    README's "Frozen-encoder probe" gives what they measure on the controls."""
 
     stages: tuple[int, ...] = Field((0, 1, 2, 3, 4), min_length=1)
     hidden: int = Field(0, ge=0)
