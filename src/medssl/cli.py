@@ -274,6 +274,39 @@ def finetune(
 
 
 @app.command(cls=_Command)
+def probe(
+    encoder: str = typer.Argument(
+        ..., help=f"Encoder checkpoint (or a fine-tuned best.pt: its encoder), or '{RANDOM_INIT}' for random init."
+    ),
+    task: Path = typer.Option(..., "--task", help="MSD / nnU-Net task folder."),
+    budget: str = typer.Option("all", "--budget", help="Training cases for the probe head, or 'all'."),
+    seed: int = typer.Option(0, "--seed", help="The split's seed (and random init's)."),
+    out: Path = typer.Option(..., "--out", help="Run directory (created; an existing file is refused)."),
+    config: Path | None = typer.Option(None, "--config", help="ProbeRunConfig YAML (fields of a probe run)."),
+    overrides: list[str] = OVERRIDES,
+) -> None:
+    """Frozen-encoder probe: a light head on the encoder's multi-scale features (every Swin output upsampled
+    to voxels), trained on the budget's cases and scored with Dice on the split's test cases. Give the
+    fine-tuning runs' splits.json (splits_path=...) and preprocessing to score on their test cases."""
+    from medssl.analysis.probe_run import run_probe
+    from medssl.config import ProbeRunConfig, apply_overrides, load_yaml, validate_config
+    from medssl.limits import set_limits
+
+    _out_folder(out)
+    source = config or "<command line>"
+    data = load_yaml(config) if config else {}
+    data = apply_overrides(data, [f"task={task}", f"budget={budget}", f"seed={seed}", *(overrides or [])])
+    data["encoder_checkpoint"] = None if encoder.lower() == RANDOM_INIT else encoder
+    cfg = validate_config(ProbeRunConfig, _with_cli_limits(data), source)
+    set_limits(cfg.limits)
+    results = run_probe(cfg, out)
+    _echo(
+        f"probe test Dice {results.get('mean_dice', float('nan')):.3f} over "
+        f"{len({r['case'] for r in results.get('cases', [])})} cases; results: {out / 'results.json'}"
+    )
+
+
+@app.command(cls=_Command)
 def report(
     runs_dir: Path = typer.Argument(..., help="A folder of run directories (e.g. <bench out>/runs)."),
     out: Path | None = typer.Option(

@@ -183,6 +183,8 @@ class PreprocessConfig(StrictModel):
 
 
 RANDOM_INIT = "none"  # the method name of a randomly initialised encoder (no pretraining run)
+SUPERVISED = "supervised"  # the positive control's row and family: a supervised encoder (medssl.train.supervised)
+IDENTITY_TRANSFORMER = "identity-transformer"  # the row of the transformer->identity control (family "control")
 
 
 class MethodConfig(StrictModel):
@@ -287,6 +289,44 @@ def published_recipe(method: str) -> OptimiserRecipe | None:
     return None if block is None else validate_config(OptimiserRecipe, block, path)
 
 
+class ProbeConfig(StrictModel):
+    """The frozen-encoder probe's design (``medssl.evaluate.probe``): which encoder outputs it reads
+    (0 the patch embedding, 1-4 the Swin stages, each upsampled to voxels), its head (``hidden`` 0: a
+    linear map; > 0: one hidden layer of that width), the class-balanced voxel sample it trains on and
+    its optimiser. The defaults (a linear head on all five outputs) are the design, not a selection: the
+    README's "Frozen-encoder probe" gives what they measure on the controls."""
+
+    stages: tuple[int, ...] = Field((0, 1, 2, 3, 4), min_length=1)
+    hidden: int = Field(0, ge=0)
+    points_per_class: int = Field(1000, ge=1)  # voxels per class and training case
+    steps: int = Field(200, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_points: int = Field(8192, ge=1)
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)  # sliding windows of the crop size for the features
+    logit_adjust: bool = True  # shift logits by log(true class frequency / sampled frequency)
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(s not in range(5) for s in v) or len(set(v)) != len(v):
+            raise ValueError("stages are distinct encoder outputs 0-4 (0: patch embedding, 1-4: Swin stages)")
+        return tuple(sorted(v))
+
+
+class OnlineProbeConfig(ProbeConfig):
+    """The probe during pretraining: every ``every`` steps the current encoder is probed on a small
+    held-out labelled set (the first ``n_train`` cases of ``task`` train the head, the next ``n_test``
+    score it), logged as ``probe/dice`` (metrics.jsonl and TensorBoard). ``every`` None: off. A run with
+    ``every`` and no ``task`` is refused when it starts; a benchmark fills ``task`` with its control phantoms."""
+
+    every: int | None = Field(None, ge=1)
+    task: Path | None = None
+    n_train: int = Field(2, ge=1)
+    n_test: int = Field(2, ge=1)
+    cache_dir: Path | None = None  # preprocessed probe cases; default <run>/cache
+
+
 class PretrainConfig(StrictModel):
     method: MethodConfig = Field(default_factory=MethodConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
@@ -298,6 +338,7 @@ class PretrainConfig(StrictModel):
     # optimiser fields of the schedule come from ``published_recipe`` (the method's own, scaled to the batch)
     recipe: Literal["published", "shared"] = "shared"
     published_recipe: OptimiserRecipe | None = None
+    probe: OnlineProbeConfig = added_field(default_factory=OnlineProbeConfig)  # the online frozen-encoder probe
     # The factor a benchmark applied to its shared learning rate (and min_lr) for this method
     # (``methods[].lr_scale``): already in ``schedule``, recorded so the operating point says where the lr came from.
     shared_lr_scale: float = added_field(1.0, gt=0, le=1)
@@ -400,11 +441,21 @@ class FinetuneConfig(StrictModel):
     # (None: never); the run records where it stopped, and its curve ends there.
     early_stop_patience: int | None = Field(None, ge=1)
     early_stop_min_delta: float = Field(0.0, ge=0.0)
+    # "identity": the transformer->identity control (Wald et al. 2025, "Primus"): every Swin block is
+    # replaced by identity; the patch embedding, the patch mergings and the SwinUNETR decoder are kept, so
+    # the run measures the Dice the segmenter reaches without the transformer. Random init only.
+    transformer: Literal["swin", "identity"] = added_field("swin")
     # An encoder and a task with different input channels: "match" refuses at the start; "repeat" and
     # "average" adapt the pretrained patch embedding as timm's ``adapt_input_conv`` (medssl.models.adapt).
     input_channels: Literal["match", "repeat", "average"] = added_field("match")
     lesion_metrics: LesionMetricsConfig = added_field(default_factory=LesionMetricsConfig)
     limits: Limits = Field(default_factory=Limits)  # resource limits; not part of the config hash
+
+    @model_validator(mode="after")
+    def _identity_is_random_init(self) -> FinetuneConfig:
+        if self.transformer == "identity" and self.encoder_checkpoint is not None:
+            raise ValueError("transformer 'identity' has no Swin blocks to load: it takes no encoder_checkpoint")
+        return self
 
 
 CKAComparison = Literal["pretrained_vs_finetuned", "fewshot_vs_manyshot", "custom"]
@@ -427,6 +478,26 @@ class CKARunConfig(StrictModel):
     comparison: CKAComparison = "custom"
     method: str | None = None
     cases: list[str] | None = None
+    limits: Limits = Field(default_factory=Limits)  # resource limits; not part of the config hash
+
+
+class ProbeRunConfig(StrictModel):
+    """A probe run (``medssl probe``, run kind ``probe``): the frozen encoder of ``encoder_checkpoint``
+    (None: random init of ``encoder`` at ``seed``) probed on ``task`` with ``budget`` training cases of
+    the split of ``seed``, scored on that split's test cases (the same ``splits.json`` as fine-tuning)."""
+
+    task: Path
+    encoder_checkpoint: Path | None = None
+    cache_dir: Path | None = None  # preprocessed volumes; default <run>/cache
+    splits_path: Path | None = None  # default <run>/splits.json
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    budget: Budget = Budget.all()
+    seed: Seed = 0
+    crop_size: CropSize = 32
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    n_test: int = Field(4, ge=1)
+    n_val: int = Field(2, ge=1)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
     limits: Limits = Field(default_factory=Limits)  # resource limits; not part of the config hash
 
 
@@ -869,6 +940,41 @@ class BenchCKAConfig(StrictModel):
     tasks: list[str] | None = None  # task names to analyse (None: every task)
 
 
+class SupervisedControlConfig(StrictModel):
+    """The positive control (row ``supervised``, family ``supervised``): a segmenter trained from random
+    init on ``cases`` labelled phantoms of ``task`` rendered from anatomy seed ``data.synth.seed +
+    seed_offset`` (never the study's own, so no study case is seen), whose encoder the study then fine-tunes
+    like any pretrained one. ``finetune`` is merged over the benchmark's ``finetune`` section for its training
+    (e.g. ``{schedule: {steps: 400}}``: long enough to converge); ``n_test``/``n_val`` of the control data."""
+
+    enabled: bool = False
+    task: Literal["ct_organs", "mri_organs"] = "ct_organs"
+    cases: int = Field(16, ge=4)
+    seed_offset: int = Field(1, ge=1, le=1_000_000)
+    n_test: int = Field(2, ge=1)
+    n_val: int = Field(2, ge=1)
+    finetune: dict[str, Any] = Field(default_factory=dict)
+
+
+class BenchControlsConfig(StrictModel):
+    """Rows that show what the protocol can see (``configs/transfer.yaml``): the positive control
+    (``supervised``) and the transformer->identity control (row ``identity-transformer``: the segmenter with
+    its Swin blocks replaced by identity, random init; ``FinetuneConfig.transformer``). Random init is the
+    method ``none``."""
+
+    supervised: SupervisedControlConfig = Field(default_factory=SupervisedControlConfig)
+    identity_transformer: bool = False
+
+
+class BenchProbeConfig(ProbeConfig):
+    """Frozen-encoder probe runs (run kind ``probe``) of every encoder row (random init, the SSL methods,
+    the supervised control, external encoders) on every task, budget (``budgets``; None: the benchmark's)
+    and seed, on the fine-tuning runs' splits; the head's design is the ``ProbeConfig`` fields."""
+
+    enabled: bool = False
+    budgets: list[Budget] | None = None
+
+
 class SlurmConfig(StrictModel):
     # > 1: a run (pretrain/finetune) spans this many nodes: ``srun torchrun --nnodes N`` meeting at a c10d
     # rendezvous on the job's first node, port ``rdzv_port`` (CKA runs stay on one node)
@@ -949,6 +1055,8 @@ class BenchConfig(StrictModel):
     budgets: list[Budget] = Field(default_factory=lambda: [Budget.all()], min_length=1)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     cka: BenchCKAConfig = Field(default_factory=BenchCKAConfig)
+    controls: BenchControlsConfig = Field(default_factory=BenchControlsConfig)
+    probe: BenchProbeConfig = Field(default_factory=BenchProbeConfig)
     external_encoders: list[ExternalEncoderConfig] = Field(default_factory=list)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)  # storage only: no result depends on it

@@ -100,7 +100,8 @@ PRETRAIN_CURVE_COLUMNS = [
     *HEALTH_COLUMNS,
 ]
 
-KINDS = ("pretrain", "finetune", "cka")
+# "supervised": the positive control's training run; "probe": frozen-encoder probes (medssl.analysis.transfer)
+KINDS = ("pretrain", "finetune", "cka", "probe", "supervised")
 
 
 @dataclass

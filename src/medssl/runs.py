@@ -356,6 +356,22 @@ def environment() -> dict[str, Any]:
     }
 
 
+def encoder_run_info(config: Any, task: Any, meta: dict[str, Any], n_train: int) -> dict[str, Any]:
+    """The ``run.json`` fields every run of an encoder on a task shares (fine-tuning and probe runs): the
+    encoder's row (``method``, ``family``, its file) and the task, budget, training cases and seed."""
+    return {
+        "method": meta["method"],
+        "family": meta["family"],
+        "encoder_checkpoint": str(config.encoder_checkpoint or ""),
+        "task": task.name,
+        "task_path": str(task.root),
+        "modality": task.modality,
+        "budget": config.budget.label,
+        "n_train": n_train,
+        "seed": config.seed,
+    }
+
+
 @dataclass(frozen=True)
 class RunWork:
     """What a kind hands to :func:`perform_run` once its inputs are open and checked.

@@ -10,8 +10,20 @@ import pytest
 import yaml
 
 from medssl.bench.engine import demo_config_path
-from medssl.bench.plan import corpus_dir, expand_plan
-from medssl.config import BenchConfig, CKARunConfig, FinetuneConfig, PretrainConfig, config_hash, load_bench_config
+from medssl.bench.kinds import STAGES
+from medssl.bench.plan import control_data_seed, corpus_dir, expand_plan
+from medssl.budget import Budget
+from medssl.config import (
+    IDENTITY_TRANSFORMER,
+    SUPERVISED,
+    BenchConfig,
+    CKARunConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    ProbeRunConfig,
+    config_hash,
+    load_bench_config,
+)
 from medssl.errors import ConfigError
 from medssl.methods import REGISTRY
 
@@ -83,7 +95,7 @@ def test_plan_json_written_and_ids_stable(tmp_path: Path) -> None:
     first = expand_plan(bench, tmp_path)
     data = json.loads((tmp_path / "plan.json").read_text())
     assert [r["run_id"] for r in data["runs"]] == [r.run_id for r in first.runs]
-    assert data["stages"] == {"pretrain": 1, "finetune": 8, "cka": 2}
+    assert data["stages"] == {"pretrain": 1, "supervised": 0, "finetune": 8, "probe": 0, "cka": 2}
     assert [r.run_id for r in expand_plan(bench, tmp_path).runs] == [r.run_id for r in first.runs]
 
 
@@ -210,7 +222,7 @@ def test_relative_paths_and_overrides(tmp_path: Path) -> None:
     bench = load_bench_config(path, ["budgets=[1,all]", "finetune.schedule.steps=7"])
     assert bench.tasks[0].path == str(tmp_path.resolve() / "tasks" / "liver")
     assert bench.data.corpus == [tmp_path.resolve() / "conf" / "scans"]
-    assert bench.budgets == [1, "all"] and bench.finetune.schedule.steps == 7
+    assert bench.budgets == [Budget(1), Budget.all()] and bench.finetune.schedule.steps == 7
     # a task folder absent at planning time is planned (checked when its runs start), named by its folder
     plan = expand_plan(bench, tmp_path / "out")
     assert {r.labels["task"] for r in plan.stage("finetune")} == {"liver"}
@@ -261,3 +273,66 @@ def test_bench_model_with_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert given.tasks[0].path == "tasks/liver" and given.seeds == [0, 1]  # the caller's model is untouched
     with pytest.raises(ConfigError, match="no benchmark config"):
         load_bench(None)
+
+
+def test_controls_and_probes_in_the_plan(tmp_path: Path) -> None:
+    """The transfer study's rows: random init, the supervised control (its own training run, on phantoms of
+    another anatomy seed derived from the data seed), the identity-transformer, and a probe run per encoder."""
+    data = bench_dict(
+        data={"synth": {"seed": 7}},
+        controls={
+            "supervised": {"enabled": True, "finetune": {"schedule": {"steps": 5}}},
+            "identity_transformer": True,
+        },
+        probe={"enabled": True, "budgets": [2], "steps": 10},
+        pretrain={"crop_size": 32, "schedule": {"steps": 3}, "probe": {"every": 2}},
+        cka={"enabled": False},
+    )
+    bench = BenchConfig.model_validate(data)
+    plan = expand_plan(bench, tmp_path)
+    assert [len(plan.stage(k)) for k in ("pretrain", "supervised", "finetune", "probe", "cka")] == [
+        1,
+        1,
+        4 * 2 * 2,
+        3 * 2,
+        0,
+    ]
+    assert [r.kind for r in plan.runs] == sorted((r.kind for r in plan.runs), key=list(STAGES).index)
+
+    (control,) = plan.stage("supervised")
+    assert isinstance(control.config, FinetuneConfig) and control.config.budget == Budget.all()
+    assert control.config.schedule.steps == 5  # its own training, merged over the study's finetune section
+    assert control.config.task == tmp_path.resolve() / "data" / "control" / "ct_organs"
+    assert control_data_seed(bench) == 8 != bench.data.synth.seed
+    assert control_data_seed(BenchConfig.model_validate({**data, "data": {"synth": {"seed": 0}}})) == 1
+
+    rows = {
+        r.labels["method"]: r for r in plan.stage("finetune") if r.labels["budget"] == "2" and r.labels["seed"] == 0
+    }
+    assert set(rows) == {"none", "simmim", SUPERVISED, IDENTITY_TRANSFORMER}
+    assert rows[SUPERVISED].depends_on == [control.run_id] and rows[SUPERVISED].labels["family"] == SUPERVISED
+    assert str(rows[SUPERVISED].config.encoder_checkpoint).endswith(f"{control.run_id}/checkpoints/encoder.pt")
+    identity = rows[IDENTITY_TRANSFORMER].config
+    assert isinstance(identity, FinetuneConfig) and identity.transformer == "identity"
+    assert identity.encoder_checkpoint is None and rows[IDENTITY_TRANSFORMER].labels["family"] == "control"
+    assert all(r.config.transformer == "swin" for m, r in rows.items() if m != IDENTITY_TRANSFORMER)
+
+    probes = {(r.labels["method"], r.labels["seed"]): r for r in plan.stage("probe")}
+    assert {m for m, _ in probes} == {"none", "simmim", SUPERVISED}  # the identity row has no encoder to probe
+    probe = probes[(SUPERVISED, 0)]
+    assert isinstance(probe.config, ProbeRunConfig) and probe.config.probe.steps == 10
+    assert probe.config.budget == Budget(2) and probe.depends_on == [control.run_id]
+    finetune = rows[SUPERVISED].config
+    assert (probe.config.splits_path, probe.config.cache_dir, probe.config.n_test) == (
+        finetune.splits_path,
+        finetune.cache_dir,
+        finetune.n_test,
+    )
+    (pretrain,) = plan.stage("pretrain")  # the online probe is scored on the control phantoms
+    assert pretrain.config.probe.task == control.config.task and pretrain.config.probe.every == 2
+
+
+def test_probe_budgets_must_be_the_studys(tmp_path: Path) -> None:
+    bench = BenchConfig.model_validate(bench_dict(probe={"enabled": True, "budgets": [1]}))
+    with pytest.raises(ConfigError, match="probe.budgets"):
+        expand_plan(bench, tmp_path)

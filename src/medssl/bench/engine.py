@@ -30,9 +30,12 @@ from .plan import (
     REAL_CT_PATH,
     STAGES,
     Plan,
+    control_data_seed,
+    control_task_dir,
     corpus_dir,
     expand_plan,
     is_ingested_corpus,
+    needs_control_data,
     resolve_methods,
     resolve_tasks,
     runs_root,
@@ -93,6 +96,8 @@ def prepare_data(bench: BenchConfig, out: Path, source: str | Path | None = None
                 raise RuntimeError(
                     f"synthetic task {task.synth_kind} written to {made[task.synth_kind]}, the plan expects {task.path}"
                 )
+    if needs_control_data(bench):
+        prepare_control_data(bench, out)
     if not pretraining:
         return
     target = corpus_dir(bench, out)
@@ -110,6 +115,28 @@ def prepare_data(bench: BenchConfig, out: Path, source: str | Path | None = None
 
     corpus = ingest_corpus(sources, target, bench.preprocess, image_format=bench.cache.format)
     _console(stderr=True).print(f"corpus: {len(corpus)} volumes in {target}")
+
+
+def prepare_control_data(bench: BenchConfig, out: Path) -> Path:
+    """The control phantoms: the supervised control's labelled cases (and the online probe's), rendered
+    like the study's tasks but from anatomy seed ``control_data_seed`` (never the study's own)."""
+    from medssl.data.synth import synth_task
+
+    s, control = bench.data.synth or SynthDataConfig(), bench.controls.supervised
+    seed = control_data_seed(bench)
+    _console(stderr=True).print(
+        f"control data: {control.cases} {control.task} cases from anatomy seed {seed} (study: {s.seed}) "
+        f"in {control_task_dir(bench, out)}"
+    )
+    return synth_task(
+        control_task_dir(bench, out),
+        control.task,
+        control.cases,
+        seed=seed,
+        shape=tuple(s.shape),
+        spacing=tuple(s.spacing),
+        variation=s.variation,
+    )
 
 
 # --------------------------------------------------------------------------- printing

@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medssl.config import CKARunConfig, FinetuneConfig, PretrainConfig
+from medssl.config import CKARunConfig, FinetuneConfig, PretrainConfig, ProbeRunConfig
 from medssl.errors import look_up_option
 from medssl.train.kinds import TRAINING_KINDS, RunKind, by_name
 
-RunConfig = PretrainConfig | FinetuneConfig | CKARunConfig  # what a planned run carries
+RunConfig = PretrainConfig | FinetuneConfig | ProbeRunConfig | CKARunConfig  # what a planned run carries
 
 
 def _cka(config: CKARunConfig, run_dir: Path) -> dict[str, Any]:
@@ -21,10 +21,19 @@ def _cka(config: CKARunConfig, run_dir: Path) -> dict[str, Any]:
     return run_cka(config, run_dir)
 
 
+def _probe(config: ProbeRunConfig, run_dir: Path) -> dict[str, Any]:
+    from medssl.analysis.probe_run import run_probe  # the frozen-encoder probe (medssl.evaluate.probe)
+
+    return run_probe(config, run_dir)
+
+
 # Plan order: a kind's runs may depend on the runs of the kinds before it.
 RUN_KINDS: dict[str, RunKind[Any]] = {
     **TRAINING_KINDS,
-    **by_name(RunKind("cka", CKARunConfig, _cka, distributed=False)),
+    **by_name(
+        RunKind("probe", ProbeRunConfig, _probe, distributed=False),
+        RunKind("cka", CKARunConfig, _cka, distributed=False),
+    ),
 }
 STAGES: tuple[str, ...] = tuple(RUN_KINDS)
 

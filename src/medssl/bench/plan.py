@@ -16,13 +16,17 @@ from typing import Any
 
 from medssl.config import (
     FINETUNE_PLANNED_FIELDS,
+    IDENTITY_TRANSFORMER,
     RANDOM_INIT,
+    SUPERVISED,
     BenchConfig,
     Budget,
     CKARunConfig,
     FinetuneConfig,
     MethodConfig,
     PretrainConfig,
+    ProbeRunConfig,
+    SynthDataConfig,
     config_hash,
     deep_merge,
     validate_config,
@@ -211,6 +215,74 @@ def _default_synth_cases() -> int:
     return SynthDataConfig().cases
 
 
+# --------------------------------------------------------------------------- controls
+
+
+def control_data_seed(bench: BenchConfig) -> int:
+    """The anatomy seed of the supervised control's phantoms: the study's data seed plus the control's
+    ``seed_offset`` (>= 1, so never the study's own: no study case is among them)."""
+    synth = bench.data.synth or SynthDataConfig()
+    return (synth.seed + bench.controls.supervised.seed_offset) % 2**32
+
+
+def control_task_name(bench: BenchConfig) -> str:
+    return f"control_{bench.controls.supervised.task}"
+
+
+def control_task_dir(bench: BenchConfig, out: str | Path) -> Path:
+    """Where the control's labelled phantoms are written (``<out>/data/control/<kind>``)."""
+    return synth_data_dir(out) / "control" / bench.controls.supervised.task
+
+
+def needs_control_data(bench: BenchConfig) -> bool:
+    """The supervised control trains on the control phantoms, and an online probe without its own task
+    is scored on them."""
+    probe = bench.pretrain.probe
+    return bench.controls.supervised.enabled or (probe.every is not None and probe.task is None)
+
+
+@dataclass
+class EncoderRow:
+    """A row of the study: how its fine-tuning (and probe) runs get their encoder."""
+
+    method: str
+    family: str
+    checkpoint: Path | None = None
+    depends_on: str | None = None  # the run that writes the checkpoint
+    finetune: dict[str, Any] = field(default_factory=dict)  # finetune fields of this row only
+
+
+def _supervised_control(bench: BenchConfig, out: Path, where: str | Path) -> tuple[PlannedRun, EncoderRow]:
+    """The supervised control's training run (kind ``supervised``) and its row."""
+    control = bench.controls.supervised
+    bench_dir = BenchDir(out)
+    section = deep_merge(bench.finetune.model_dump(mode="json"), control.finetune)
+    planned = sorted(FINETUNE_PLANNED_FIELDS & set(control.finetune))
+    if planned:
+        raise ConfigError(where, f"controls.supervised.finetune.{planned[0]} is set by the benchmark")
+    data = {
+        **section,
+        "task": str(control_task_dir(bench, out)),
+        "cache_dir": str(bench_dir.cache),
+        "splits_path": str(bench_dir.splits_file(control_task_name(bench))),
+        "encoder_checkpoint": None,
+        "encoder": bench.encoder.model_dump(mode="json"),
+        "budget": "all",
+        "seed": bench.seeds[0],
+        "n_test": control.n_test,
+        "n_val": control.n_val,
+        "preprocess": bench.preprocess.model_dump(mode="json"),
+        "limits": bench.limits.model_dump(),
+    }
+    try:
+        config = validate_config(FinetuneConfig, data, where)
+    except ConfigError as err:
+        raise ConfigError(where, f"controls.supervised: {err.problem}") from None
+    labels = {"method": SUPERVISED, "family": SUPERVISED, "task": control_task_name(bench)}
+    run = PlannedRun.make("supervised", f"{SUPERVISED}-{control.task}", config, [], labels)
+    return run, EncoderRow(SUPERVISED, SUPERVISED, RunDir(run.run_dir(out)).encoder_path, run.run_id)
+
+
 # --------------------------------------------------------------------------- run ids
 
 
@@ -261,7 +333,6 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
         check_budgets(task, bench, source)
     corpus = corpus_dir(bench, out)
     bench_dir = BenchDir(out)
-    cache_dir = bench_dir.cache
 
     runs: list[PlannedRun] = []
     encoders: dict[str, tuple[Path | None, str | None]] = {}  # method -> (encoder.pt, pretrain run id)
@@ -271,7 +342,7 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
             encoders[method.name] = (None, None)
             continue
         data = {
-            **bench.pretrain.model_dump(mode="json"),
+            **_with_probe_task(bench.pretrain.model_dump(mode="json"), bench, out),
             **shared_schedule_scaled(bench, method.name),
             "recipe": bench.method_recipe(method.name),
             # every option spelled out: the method as it will run, in the run's config and its hash
@@ -288,46 +359,35 @@ def expand_plan(bench: BenchConfig, out: str | Path, source: str | Path | None =
 
     families = {method.name: REGISTRY[method.name].family for method in methods}
     methods = methods + _external_encoders(bench, out, encoders, families, where)
+    # every encoder is probed; only ``finetune_methods`` (default: all) are fine-tuned
+    probed = [EncoderRow(m.name, families[m.name], *encoders[m.name]) for m in methods]
     methods = _finetuned(methods, bench.finetune_methods, where)
+    rows = [EncoderRow(m.name, families[m.name], *encoders[m.name]) for m in methods]
+    if bench.controls.supervised.enabled:
+        control_run, control_row = _supervised_control(bench, out, where)
+        runs.append(control_run)
+        rows.append(control_row)
+        probed.append(control_row)
+    if bench.controls.identity_transformer:
+        # fine-tuned only: it has no encoder to probe
+        rows.append(EncoderRow(IDENTITY_TRANSFORMER, "control", finetune={"transformer": "identity"}))
 
     finetunes: dict[tuple[str, str, str, int], PlannedRun] = {}
-    for method in methods:
-        family = families[method.name]
-        checkpoint, pretrain_id = encoders[method.name]
+    for row in rows:
         for task in tasks:
             for budget in task.budget_list(bench):
                 for seed in bench.seeds:
-                    section = deep_merge(bench.finetune.model_dump(mode="json"), task.finetune)
-                    section["schedule"] = {**section["schedule"], "seed": seed}  # a seed varies init and data order
-                    data = {
-                        **section,
-                        "task": str(task.path),
-                        "cache_dir": str(cache_dir),
-                        "splits_path": str(bench_dir.splits_file(task.name)),
-                        "encoder_checkpoint": str(checkpoint) if checkpoint else None,
-                        "encoder": bench.encoder.model_dump(mode="json"),
-                        "budget": budget,
-                        "seed": seed,
-                        "preprocess": bench.preprocess.model_dump(mode="json"),
-                        "limits": bench.limits.model_dump(),
-                    }
-                    finetune = _task_finetune_config(data, task, where)
-                    slug = f"{method.name}-{task.name}-b{budget}-s{seed}"
-                    run = PlannedRun.make(
-                        "finetune",
-                        slug,
-                        finetune,
-                        [pretrain_id] if pretrain_id else [],
-                        {
-                            "method": method.name,
-                            "family": family,
-                            "task": task.name,
-                            "budget": str(budget),
-                            "seed": seed,
-                        },
-                    )
+                    finetune = _finetune_config(bench, out, task, budget, seed, row, where)
+                    labels: dict[str, Any] = {"method": row.method, "family": row.family, "task": task.name}
+                    labels |= {"budget": str(budget), "seed": seed}
+                    slug = f"{row.method}-{task.name}-b{budget}-s{seed}"
+                    deps = [row.depends_on] if row.depends_on else []
+                    run = PlannedRun.make("finetune", slug, finetune, deps, labels)
                     runs.append(run)
-                    finetunes[(method.name, task.name, str(budget), seed)] = run
+                    finetunes[(row.method, task.name, str(budget), seed)] = run
+
+    if bench.probe.enabled:
+        runs += _probe_runs(bench, out, probed, tasks, where)
 
     if bench.cka.enabled:
         runs += _cka_runs(bench, out, methods, tasks, finetunes, encoders, where)
@@ -375,6 +435,70 @@ def _finetuned(methods: list[MethodConfig], names: list[str] | None, where: str 
     return [m for m in methods if m.name in names]
 
 
+def _with_probe_task(pretrain: dict[str, Any], bench: BenchConfig, out: Path) -> dict[str, Any]:
+    """The pretraining section with the online probe's task and cache filled in: the control phantoms,
+    held out from every study task, unless the benchmark names its own probe task."""
+    probe = dict(pretrain.get("probe") or {})
+    if probe.get("every") is not None and probe.get("task") is None:
+        probe["task"] = str(control_task_dir(bench, out))
+    if probe.get("every") is not None and probe.get("cache_dir") is None:
+        probe["cache_dir"] = str(BenchDir(out).cache)
+    return {**pretrain, "probe": probe}
+
+
+def _probe_runs(
+    bench: BenchConfig,
+    out: Path,
+    rows: list[EncoderRow],
+    tasks: list[ResolvedTask],
+    where: str | Path,
+) -> list[PlannedRun]:
+    """A probe run per encoder row x task x budget x seed, on the split, cache and preprocessing that the
+    fine-tuning run of the same row, task, budget and seed has (whether or not that row is fine-tuned)."""
+    wanted = bench.probe.budgets
+    if wanted is not None:
+        known = {b for task in tasks for b in task.budget_list(bench)}
+        unknown = [b for b in wanted if b not in known]
+        if unknown:
+            raise ConfigError(where, f"probe.budgets: {unknown[0]} is not a budget of any task")
+    head = bench.probe.model_dump(mode="json", exclude={"enabled", "budgets"})
+    runs = []
+    for row in rows:
+        for task in tasks:
+            # a task's own budgets, or those of probe.budgets among them (smallest first, all last)
+            budgets = [b for b in task.budget_list(bench) if wanted is None or b in wanted]
+            for budget in budgets:
+                for seed in bench.seeds:
+                    finetune = _finetune_config(bench, out, task, budget, seed, row, where)
+                    data = {
+                        "task": str(finetune.task),
+                        "encoder_checkpoint": str(row.checkpoint) if row.checkpoint else None,
+                        "cache_dir": str(finetune.cache_dir),
+                        "splits_path": str(finetune.splits_path),
+                        "encoder": finetune.encoder.model_dump(mode="json"),
+                        "budget": budget,
+                        "seed": seed,
+                        "crop_size": finetune.crop_size,
+                        "preprocess": finetune.preprocess.model_dump(mode="json"),
+                        "n_test": finetune.n_test,
+                        "n_val": finetune.n_val,
+                        "probe": head,
+                        "limits": bench.limits.model_dump(),
+                    }
+                    config = validate_config(ProbeRunConfig, data, where)
+                    labels = {
+                        "method": row.method,
+                        "family": row.family,
+                        "task": task.name,
+                        "budget": str(budget),
+                        "seed": seed,
+                    }
+                    slug = f"{row.method}-{task.name}-b{budget}-s{seed}"
+                    deps = [row.depends_on] if row.depends_on else []
+                    runs.append(PlannedRun.make("probe", slug, config, deps, labels))
+    return runs
+
+
 def _task_finetune_config(data: dict[str, Any], task: ResolvedTask, where: str | Path) -> FinetuneConfig:
     planned = sorted(FINETUNE_PLANNED_FIELDS & set(task.finetune))
     if planned:
@@ -385,6 +509,30 @@ def _task_finetune_config(data: dict[str, Any], task: ResolvedTask, where: str |
         if not task.finetune:
             raise
         raise ConfigError(where, f"tasks: '{task.name}' (with its finetune settings): {err.problem}") from None
+
+
+def _finetune_config(
+    bench: BenchConfig, out: Path, task: ResolvedTask, budget: Budget, seed: int, row: EncoderRow, where: str | Path
+) -> FinetuneConfig:
+    """The fine-tuning config of one row x task x budget x seed (a probe run takes its split, cache and
+    preprocessing from the same config)."""
+    bench_dir = BenchDir(out)
+    section = deep_merge(bench.finetune.model_dump(mode="json"), task.finetune)
+    section["schedule"] = {**section["schedule"], "seed": seed}  # a seed varies init and data order
+    data = {
+        **section,
+        "task": str(task.path),
+        "cache_dir": str(bench_dir.cache),
+        "splits_path": str(bench_dir.splits_file(task.name)),
+        "encoder_checkpoint": str(row.checkpoint) if row.checkpoint else None,
+        "encoder": bench.encoder.model_dump(mode="json"),
+        "budget": budget,
+        "seed": seed,
+        "preprocess": bench.preprocess.model_dump(mode="json"),
+        "limits": bench.limits.model_dump(),
+        **row.finetune,
+    }
+    return _task_finetune_config(data, task, where)
 
 
 def _cka_runs(

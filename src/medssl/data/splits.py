@@ -135,3 +135,12 @@ def load_or_create_splits(
             f"cases, now asked for {n_test} and {n_val}; splits never change once written",
         )
     return _with_budgets({"seed": int(seed), **stored}, budgets, path)
+
+
+def run_split(config: Any, case_ids: Sequence[str], default_path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """The split and training cases of a run on a task (fine-tuning or probe): ``config``'s seed, budget,
+    ``n_test`` and ``n_val``, from ``config.splits_path`` (a benchmark's shared file) or ``default_path``."""
+    split = load_or_create_splits(
+        config.splits_path or default_path, case_ids, config.seed, [config.budget], config.n_test, config.n_val
+    )
+    return split, train_cases(split, config.budget)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from monai.inferers import sliding_window_inference
+from monai.networks import eval_mode
 from torch import Tensor, nn
 
 from medssl.data.regions import Regions, label_map_from_regions
@@ -21,19 +22,15 @@ def predict_volume(
 ) -> Tensor:
     """Label map (X, Y, Z) int64 for a (C, X, Y, Z) image; Gaussian-blended windows. A region-trained
     model's outputs are sigmoids painted into a label map in ``regions_class_order`` (nnU-Net's rule)."""
-    was_training = model.training
-    model.eval()
-    x = image.unsqueeze(0).to(device)
-    logits = sliding_window_inference(
-        x,
-        roi_size=(roi_size,) * 3,
-        sw_batch_size=sw_batch_size,
-        predictor=model,
-        overlap=overlap,
-        mode="gaussian",
-    )
-    if was_training:
-        model.train()
+    with eval_mode(model):
+        logits = sliding_window_inference(
+            image.unsqueeze(0).to(device),
+            roi_size=(roi_size,) * 3,
+            sw_batch_size=sw_batch_size,
+            predictor=model,
+            overlap=overlap,
+            mode="gaussian",
+        )
     if regions is not None:
         return label_map_from_regions(torch.sigmoid(logits[0]), regions).cpu()
     assert isinstance(logits, Tensor)  # a network with one output gives one tensor

@@ -139,6 +139,7 @@ class SegmenterMeta(_Meta):
     out_channels: int = Field(ge=1)  # classes with background, or nnU-Net regions (one output each)
     crop_size: CropSize
     norm: Literal["auto", "instance", "group", "batch"]
+    transformer: Literal["swin", "identity"] = "swin"  # "identity": the transformer->identity control
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     labels: dict[int, str] = Field(default_factory=dict)
 
@@ -285,7 +286,9 @@ def load_segmenter(path: str | Path) -> tuple[SwinSegmenter, dict[str, Any]]:
     non-float or non-finite tensor is refused with one line naming the file and the tensor."""
     payload = safe_torch_load(path)
     typed = read_segmenter_meta(path, payload)
-    model = SwinSegmenter(typed.encoder, typed.out_channels, crop_size=typed.crop_size, norm=typed.norm)
+    model = SwinSegmenter(
+        typed.encoder, typed.out_channels, crop_size=typed.crop_size, norm=typed.norm, transformer=typed.transformer
+    )
     check_state_matches(path, payload["model"], model.state_dict(), what="segmenter")
     extra = sorted(set(payload["model"]) - set(model.state_dict()))
     if extra:

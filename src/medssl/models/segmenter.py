@@ -4,15 +4,21 @@ The network is MONAI's ``SwinUNETR`` (encoder1..4, encoder10, decoder5..1, out) 
 ``swinViT`` replaced by :class:`SwinEncoder`, so every key matches MONAI's and checkpoints move
 both ways. Group norm replaces instance norm for 32^3 crops, where the bottleneck is 1x1x1 and
 instance norm has nothing to normalise over.
+
+``transformer="identity"`` is the transformer->identity control of Wald et al. 2025 ("Primus: enforcing
+attention usage for 3D medical image segmentation", section 3): every Swin block is replaced by identity,
+while the patch embedding, the patch mergings (which set each stage's channels and resolution) and the
+whole SwinUNETR decoder stay, so what such a segmenter reaches is what the rest of the network does
+without the transformer.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from monai.networks.nets import SwinUNETR
-from torch import Tensor
+from torch import Tensor, nn
 
 from medssl.config import EncoderConfig
 from medssl.models.encoder import SwinEncoder
@@ -57,6 +63,7 @@ class SwinSegmenter(SwinUNETR):
         out_channels: int,
         crop_size: int = 64,
         norm: str = "auto",
+        transformer: Literal["swin", "identity"] = "swin",
     ) -> None:
         check_network_size(encoder_config, "encoder config", out_channels)  # before MONAI allocates anything
         assert encoder_config.feature_size is not None  # filled from the preset
@@ -71,6 +78,12 @@ class SwinSegmenter(SwinUNETR):
         self.swinViT = SwinEncoder(encoder_config)
         # The mask token only serves masked pretraining; frozen here so DDP sees no unused parameter.
         self.swinViT.mask_token.requires_grad_(False)
+        self.transformer = transformer
+        if transformer == "identity":
+            for stage in (self.swinViT.layers1, self.swinViT.layers2, self.swinViT.layers3, self.swinViT.layers4):
+                stage[0].blocks = nn.ModuleList()  # a stage without blocks: its input goes to its patch merging
+        elif transformer != "swin":
+            raise ValueError(f"transformer must be 'swin' or 'identity', not {transformer!r}")
 
     @property
     def encoder(self) -> SwinEncoder:

@@ -60,6 +60,7 @@ from medssl.report.tables import (
     metric_summary,
     structure_tables,
 )
+from medssl.report.transfer import section_controls, section_probe
 from medssl.results import (
     RunCollection,
     cka_runs,
@@ -236,6 +237,11 @@ def section_budgets(ctx: ReportContext, section: Section) -> Section:
     section.add(Heading("Few-/many-shot gap"))
     section.add(gap_table(gaps, gap_ranks(gaps)))
     return section
+
+
+# The transfer study's sections (medssl.report.transfer), after the label budgets.
+report_section("controls", "Controls and transfer effects", needs_finetune=True)(section_controls)
+report_section("probe", "Frozen-encoder probe")(section_probe)
 
 
 @report_section("convergence", "Convergence")

@@ -16,21 +16,29 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 from torch import Tensor, nn
 
-from medssl.config import RANDOM_INIT, EncoderConfig, FinetuneConfig, PreprocessConfig
+from medssl.config import (
+    IDENTITY_TRANSFORMER,
+    RANDOM_INIT,
+    EncoderConfig,
+    FinetuneConfig,
+    PreprocessConfig,
+    config_hash,
+)
 from medssl.data.cache import CachedVolume, VolumeCache, cache_task
 from medssl.data.datasets import SegmentationCropDataset, load_eval_case
 from medssl.data.regions import Regions, region_targets
-from medssl.data.splits import load_or_create_splits, train_cases
+from medssl.data.splits import run_split
 from medssl.data.tasks import TaskFolder, load_task
 from medssl.errors import ConfigError, MedsslInputError, look_up_option
 from medssl.evaluate import case_metrics, lesion_rows, mean_dice, predict_volume
 from medssl.fileio import file_sha256
 from medssl.models.adapt import fit_encoder
-from medssl.models.checkpoint import load_encoder_state, safe_torch_load, save_segmenter
+from medssl.models.checkpoint import encoder_meta, load_encoder_state, safe_torch_load, save_encoder, save_segmenter
 from medssl.models.load import read_encoder_checkpoint
 from medssl.models.segmenter import SwinSegmenter, resolve_norm
-from medssl.runs import RunDir, RunWork
+from medssl.runs import RunDir, RunWork, encoder_run_info
 from medssl.train.distributed import DistInfo, barrier
+from medssl.train.drift import encoder_drift, encoder_snapshot
 from medssl.train.entry import perform_training_run
 from medssl.train.loop import train
 from medssl.training_module import TrainingHooks, param_groups
@@ -52,6 +60,16 @@ def swin_layer_id(name: str, depths: list[int] | tuple[int, ...]) -> int:
             return sum(depths[:stage]) + int(parts[3]) + 1
         return sum(depths[: stage + 1])  # downsample (patch merging) of the stage
     return sum(depths) + 1
+
+
+@dataclass(frozen=True)
+class EncoderExport:
+    """Where a run also saves the encoder of its tested segmenter, and the row name and family it gets
+    (the positive control: a supervised encoder, ``medssl.train.supervised``)."""
+
+    path: Path
+    method: str
+    family: str
 
 
 def plateau_reached(curve: list[float], patience: int, min_delta: float = 0.0) -> bool:
@@ -143,7 +161,9 @@ class SegmentationModule(TrainingHooks):
 def resolve_encoder(config: FinetuneConfig) -> tuple[dict[str, Tensor] | None, dict[str, Any]]:
     """Encoder state and metadata (method, family) for the run; random init when no checkpoint."""
     if config.encoder_checkpoint is None:
-        return None, {"method": RANDOM_INIT, "family": "none", "encoder": config.encoder.model_dump(mode="json")}
+        identity = config.transformer == "identity"
+        method, family = (IDENTITY_TRANSFORMER, "control") if identity else (RANDOM_INIT, "none")
+        return None, {"method": method, "family": family, "encoder": config.encoder.model_dump(mode="json")}
     state, meta = read_encoder_checkpoint(config.encoder_checkpoint)
     return state, meta
 
@@ -200,15 +220,7 @@ def check_label_values(task: TaskFolder, volumes: dict[str, CachedVolume]) -> No
 def finetune_info(config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any], n_train: int) -> dict[str, Any]:
     """The run.json fields of a fine-tuning run (the lifecycle adds kind, id, hash and provenance)."""
     return {
-        "method": meta["method"],
-        "family": meta["family"],
-        "encoder_checkpoint": str(config.encoder_checkpoint or ""),
-        "task": task.name,
-        "task_path": str(task.root),
-        "modality": task.modality,
-        "budget": config.budget.label,
-        "n_train": n_train,
-        "seed": config.seed,
+        **encoder_run_info(config, task, meta, n_train),
         "preset": meta.get("preset", config.encoder.preset),
         "crop_size": config.crop_size,
         "steps": config.schedule.steps,
@@ -216,12 +228,25 @@ def finetune_info(config: FinetuneConfig, task: TaskFolder, meta: dict[str, Any]
     }
 
 
-def run_finetune(config: FinetuneConfig, run_dir: str | Path, info: DistInfo | None = None) -> dict[str, Any]:
-    """Fine-tune into ``run_dir``; resume if interrupted; return stored results when finished."""
+def run_finetune(
+    config: FinetuneConfig,
+    run_dir: str | Path,
+    info: DistInfo | None = None,
+    kind: str = "finetune",
+    export: EncoderExport | None = None,
+) -> dict[str, Any]:
+    """Fine-tune into ``run_dir``; resume if interrupted; return stored results when finished.
+
+    ``kind`` names the run in run.json and results.json: ``finetune``, or ``supervised`` for the segmenter
+    that trains the positive control's encoder (``medssl.train.supervised``), which no report counts as a
+    fine-tuning result. ``export``: the tested segmenter's encoder is saved there too, with its metadata,
+    before the run is marked finished."""
 
     def open_work(run: RunDir, dist: DistInfo) -> RunWork:
         inputs = open_finetune_inputs(config, run)
-        return RunWork("finetune", inputs.run_info, lambda started: finetune_body(config, inputs, run, dist, started))
+        return RunWork(
+            kind, inputs.run_info, lambda started: finetune_body(config, inputs, run, dist, started, kind, export)
+        )
 
     return perform_training_run(config, run_dir, open_work, info, identity=encoder_identity(config))
 
@@ -261,15 +286,7 @@ def open_finetune_inputs(config: FinetuneConfig, run: RunDir) -> FinetuneInputs:
     cache = VolumeCache(config.cache_dir or run.path / "cache")
     volumes = cache_task(task, cache, config.preprocess)
     check_label_values(task, volumes)
-    split = load_or_create_splits(
-        config.splits_path or run.path / "splits.json",
-        sorted(volumes),
-        config.seed,
-        [config.budget],
-        config.n_test,
-        config.n_val,
-    )
-    train_ids = train_cases(split, config.budget)
+    split, train_ids = run_split(config, sorted(volumes), run.path / "splits.json")
     agreement = preprocessing_agreement(enc_meta, config.preprocess, task.modality) if enc_state is not None else {}
     run_info = {
         **finetune_info(config, task, enc_meta, len(train_ids)),
@@ -293,14 +310,22 @@ def open_finetune_inputs(config: FinetuneConfig, run: RunDir) -> FinetuneInputs:
 
 
 def finetune_body(
-    config: FinetuneConfig, inputs: FinetuneInputs, run: RunDir, info: DistInfo, started: float
+    config: FinetuneConfig,
+    inputs: FinetuneInputs,
+    run: RunDir,
+    info: DistInfo,
+    started: float,
+    kind: str = "finetune",
+    export: EncoderExport | None = None,
 ) -> dict[str, Any]:
     """The work of a fine-tuning run (inside the lifecycle): train, validate, test the best checkpoint."""
     task, volumes, split, train_ids = inputs.task, inputs.volumes, inputs.split, inputs.train_ids
     enc_state, enc_meta, encoder_config = inputs.encoder_state, inputs.encoder_meta, inputs.encoder_config
     agreement, run_info = inputs.agreement, inputs.run_info
     torch.manual_seed(config.seed)
-    model = SwinSegmenter(encoder_config, task.n_outputs, crop_size=config.crop_size, norm=config.norm)
+    model = SwinSegmenter(
+        encoder_config, task.n_outputs, crop_size=config.crop_size, norm=config.norm, transformer=config.transformer
+    )
     if enc_state is not None:
         report = load_encoder_state(model, enc_state, source=str(config.encoder_checkpoint), prefix="swinViT.")
         if info.is_main:
@@ -315,10 +340,12 @@ def finetune_body(
                 )
             run.log(f"axis order: {inputs.encoder_fit['axis_order']}")
     elif info.is_main:
-        run.log(f"encoder: random initialisation (seed {config.seed})")
+        blocks = ", Swin blocks replaced by identity" if config.transformer == "identity" else ""
+        run.log(f"encoder: random initialisation (seed {config.seed}){blocks}")
     if info.is_main and "input_channels" in inputs.encoder_fit:
         fit = inputs.encoder_fit["input_channels"]
         run.log(f"input channels: encoder {fit['from']} -> task {fit['to']} ({fit['mode']})")
+    start_weights = encoder_snapshot(model.swinViT)  # where the encoder starts: its drift is measured
     if info.is_main:
         run.log(
             f"task {task.name} ({task.modality}): {len(train_ids)} training cases (budget "
@@ -332,6 +359,7 @@ def finetune_body(
         "out_channels": task.n_outputs,
         "crop_size": config.crop_size,
         "norm": config.norm,
+        "transformer": config.transformer,
         "method": enc_meta["method"],
         "family": enc_meta["family"],
         "task": task.name,
@@ -402,6 +430,7 @@ def finetune_body(
     )
     barrier(info)
 
+    drift_final = encoder_drift(start_weights, model.swinViT)
     # Test with the best validation checkpoint (the final weights when validation never ran).
     if best_path.exists():
         model.load_state_dict(safe_torch_load(best_path)["model"], strict=True)
@@ -431,13 +460,17 @@ def finetune_body(
         if "val_dice" in r
     ]
     best_rec = max(curve, key=lambda r: r["val_dice"], default=None)
+    drift = encoder_drift(start_weights, model.swinViT)
+    if info.is_main:
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in drift.items() if v is not None)
+        run.log(f"encoder drift of the tested weights (relative change from the start): {shown}")
     feature_size = encoder_config.feature_size
     assert feature_size is not None  # EncoderConfig fills it from its preset
     lesion_settings: dict[str, Any] = config.lesion_metrics.model_dump(mode="json")
     lesion_settings["structures"] = sorted(inputs.lesion_structures.values())
     results = {
         **{k: run_info[k] for k in ("method", "family", "task", "modality", "budget", "n_train", "seed")},
-        "kind": "finetune",
+        "kind": kind,
         "labels": {str(k): v for k, v in structures.items()},
         **({"regions": task.regions.to_json()} if task.regions is not None else {}),
         "cases": rows,
@@ -456,5 +489,37 @@ def finetune_body(
         **({"encoder_source": run_info["encoder_source"]} if "encoder_source" in run_info else {}),
         "data_wait_share": result.data_wait_share,
         "norm": str(resolve_norm(config.norm, config.crop_size, feature_size)),
+        "transformer": config.transformer,
+        "encoder_drift": drift,  # of the tested (best validation) weights
+        "encoder_drift_final": drift_final,  # of the weights the last step left
     }
+    if export is not None and info.is_main:
+        results["encoder"] = _export_encoder(export, model, encoder_config, config, run, results)
     return results
+
+
+def _export_encoder(
+    export: EncoderExport,
+    model: SwinSegmenter,
+    encoder_config: EncoderConfig,
+    config: FinetuneConfig,
+    run: RunDir,
+    results: dict[str, Any],
+) -> str:
+    """Save the tested segmenter's encoder as an encoder checkpoint; returns its path in the run."""
+    per_case: dict[str, list[float]] = {}
+    for row in results["cases"]:
+        per_case.setdefault(row["case"], []).append(float(row["dice"]))
+    test_dice = sum(sum(v) / len(v) for v in per_case.values()) / len(per_case) if per_case else None
+    meta = encoder_meta(
+        method=export.method,
+        family=export.family,
+        encoder=encoder_config,
+        preprocess=config.preprocess.model_dump(mode="json"),
+        crop_size=config.crop_size,
+        steps=int(results["steps_run"]),
+        config_hash=config_hash(config),
+        extra={"run_id": run.id, "trained_on": results["task"], "test_dice": test_dice},
+    )
+    save_encoder(export.path, model.encoder, meta)
+    return str(export.path.relative_to(run.path)) if export.path.is_relative_to(run.path) else str(export.path)

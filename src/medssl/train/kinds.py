@@ -48,6 +48,12 @@ def _finetune(config: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
     return run_finetune(config, run_dir)
 
 
+def _supervised(config: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
+    from medssl.train.supervised import run_supervised
+
+    return run_supervised(config, run_dir)
+
+
 def by_name(*kinds: RunKind[Any]) -> dict[str, RunKind[Any]]:
     """A table of kinds keyed by each one's own name."""
     return {kind.name: kind for kind in kinds}
@@ -55,5 +61,7 @@ def by_name(*kinds: RunKind[Any]) -> dict[str, RunKind[Any]]:
 
 TRAINING_KINDS = by_name(
     RunKind("pretrain", PretrainConfig, _pretrain, distributed=True),
+    # the positive control's encoder: a segmenter trained on held-out labelled data (medssl.train.supervised)
+    RunKind("supervised", FinetuneConfig, _supervised, distributed=False),
     RunKind("finetune", FinetuneConfig, _finetune, distributed=True),
 )

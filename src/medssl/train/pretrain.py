@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from medssl.config import PretrainConfig, config_hash
+from medssl.config import PreprocessConfig, PretrainConfig, config_hash
 from medssl.data.corpus import Corpus
 from medssl.data.datasets import PretrainRegionDataset
 from medssl.errors import ConfigError, look_up_option
+from medssl.evaluate.probe import load_probe_set, online_probe
 from medssl.methods import build_method
 from medssl.methods.base import SSLMethod
 from medssl.methods.recipe import operating_point
@@ -23,7 +24,7 @@ from medssl.runs import RunDir, RunWork
 from medssl.train.cost import reset_peak_memory, run_cost, step_flops
 from medssl.train.distributed import DistInfo, barrier
 from medssl.train.entry import perform_training_run
-from medssl.train.loop import train
+from medssl.train.loop import Validator, train
 
 
 def pretrain_info(config: PretrainConfig, cls: type[SSLMethod]) -> dict[str, Any]:
@@ -47,6 +48,8 @@ def run_pretrain(config: PretrainConfig, run_dir: str | Path, info: DistInfo | N
         trains = cls.trains and config.schedule.steps > 0
         if trains and config.corpus is None:
             raise ConfigError("corpus", f"method '{cls.name}' needs a corpus to pretrain on")
+        if config.probe.every is not None and config.probe.task is None:
+            raise ConfigError("probe.task", "probe.every needs probe.task: a labelled task held out from every study")
         corpus = Corpus.open(config.corpus) if trains and config.corpus is not None else None
         info = pretrain_info(config, cls)
         return RunWork("pretrain", info, lambda started: pretrain_body(config, cls, corpus, run, dist, started))
@@ -79,7 +82,17 @@ def pretrain_body(
         reset_peak_memory(info)
         flops = step_flops(method, dataset, config.schedule.batch_size, info)  # once, leaves no trace
         method.rank_history.clear()  # the FLOP count's forward was no training step
-        result = train(method, dataset, config.schedule, run, info, description=f"pretrain {cls.name}")
+        probe = online_probe_validator(config, method, corpus.preprocess, run, info)
+        result = train(
+            method,
+            dataset,
+            config.schedule,
+            run,
+            info,
+            validate=probe,
+            val_every=config.probe.every,
+            description=f"pretrain {cls.name}",
+        )
     steps = config.schedule.steps if method.trains else 0
     meta = encoder_meta(
         method=cls.name,
@@ -115,3 +128,31 @@ def pretrain_body(
     if results["health"]["collapsed"] and info.is_main:
         run.log(f"WARNING collapse: {results['health']['reason']}")
     return results
+
+
+def online_probe_validator(
+    config: PretrainConfig, method: SSLMethod, preprocess: PreprocessConfig, run: RunDir, info: DistInfo
+) -> Validator | None:
+    """The online frozen-encoder probe as the loop's validator (every ``probe.every`` steps, rank 0): the
+    exported network (the teacher for DINO and iBOT) probed on the held-out probe set, logged as the
+    ``probe`` record (``probe/dice`` in TensorBoard). The encoder before the first step is probed here too
+    (step 0), once. None when the probe is off."""
+    if config.probe.every is None:
+        return None
+    if not info.is_main:
+        return lambda module, step: {}
+    probe_set = load_probe_set(config.probe, preprocess, run.path / "cache")
+    run.log(
+        f"online probe every {config.probe.every} steps on {probe_set.task}: {len(probe_set.train)} training, "
+        f"{len(probe_set.test)} test cases"
+    )
+
+    def validate(module: torch.nn.Module, step: int) -> dict[str, Any]:
+        assert isinstance(module, SSLMethod)  # the loop passes the module it was given
+        encoder = module.encoder_for_export()
+        seed = config.schedule.seed
+        return {"probe": online_probe(encoder, probe_set, config.probe, config.crop_size, seed, info.device)}
+
+    if not any(r.get("step") == 0 and "probe" in r for r in run.read_metrics()):
+        run.append_metrics({"step": 0, **validate(method, 0)})
+    return validate
