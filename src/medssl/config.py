@@ -580,7 +580,10 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def _union_member(union: Any, tag: object) -> Any:
-    """The member of ``union`` that pydantic's ``loc`` tag names (``MethodConfig``, ``list[...]``, ``str``)."""
+    """The member of ``union`` that pydantic's ``loc`` tag names (``MethodConfig``, ``list[...]``, ``str``; a
+    model with a validator is tagged ``function-after[validator(), Model]``)."""
+    wrapped = re.fullmatch(r"function-(?:after|before|wrap|plain)\[.*, (\w+)\]", str(tag))
+    tag = wrapped.group(1) if wrapped else tag
     for member in get_args(union):
         inner = _unwrap(member)
         name = getattr(inner, "__name__", "") if isinstance(inner, type) else ""

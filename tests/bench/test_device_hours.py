@@ -65,7 +65,7 @@ def test_stage_totals_are_steps_times_step_time(tmp_path: Path, capsys: pytest.C
     expected = {kind: sum(SECONDS[kind] * e.steps for e in estimates if e.kind == kind) for kind in STAGES}
     print_plan(plan, out, estimates, measure_steps=3)
     printed = capsys.readouterr().out
-    for kind in STAGES:
+    for kind in [k for k in STAGES if any(e.kind == k for e in estimates)]:  # a stage without runs has no line
         line = next(ln for ln in printed.splitlines() if f"{kind} total" in ln)
         hours = float(re.findall(r"\d[\d.e+-]*", line.split("│")[5])[0])
         assert hours == pytest.approx(expected[kind] / 3600, rel=1e-2), line

@@ -110,9 +110,13 @@ def test_a_lesion_task_carries_lesion_metrics_into_results_json_csv_and_the_repo
         )
     assert len(lesion_table(tmp_path / "runs")) == 2
     report = build_report(tmp_path / "runs", tmp_path / "report")
-    text = (report.parent / "report.md").read_text() if report.is_file() else (report / "report.md").read_text()
+    text = (
+        (report.parent / "report.md").read_text(encoding="utf-8")
+        if report.is_file()
+        else (report / "report.md").read_text(encoding="utf-8")
+    )
     assert "lesion-wise detection" in text and "TP/FP/FN" in text
-    assert "lesion_recall" in (tmp_path / "report" / "results.csv").read_text().splitlines()[0]
+    assert "lesion_recall" in (tmp_path / "report" / "results.csv").read_text(encoding="utf-8").splitlines()[0]
 
 
 def test_region_tasks_score_lesions_on_region_masks():

@@ -336,7 +336,7 @@ def test_the_readme_snippet_is_the_printed_constructor_of_each_preset():
 
     from medssl.export import swin_unetr_call
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     for preset in ("tiny", "base", "smit"):
         line = f"net = monai.networks.nets.{swin_unetr_call(EncoderConfig(preset=preset))}  # {preset}"
         assert line in readme, preset

@@ -18,6 +18,8 @@ SECTION_IDS = [
     "leaderboard",
     "families",
     "budgets",
+    "controls",
+    "probe",
     "convergence",
     "modality",
     "cka",

@@ -132,8 +132,9 @@ def test_provenance(fake_runs: Path) -> None:
     assert prov["packages"]["medssl"] and prov["packages"]["numpy"]
     assert set(prov["packages"]) >= {"medssl", "torch", "monai", "numpy"}
     assert prov["hardware"]["cpu_count"] >= 1 and prov["hardware"]["platform"]
-    assert prov["n_runs"] == {"pretrain": 2, "finetune": 12, "cka": 1}
-    assert prov["wall_seconds"] == {"pretrain": 40.0, "finetune": 120.0, "cka": 3.0}
+    zero = {"supervised": 0, "probe": 0}  # kinds this study did not run
+    assert prov["n_runs"] == {"pretrain": 2, "finetune": 12, "cka": 1, **zero}
+    assert prov["wall_seconds"] == {"pretrain": 40.0, "finetune": 120.0, "cka": 3.0, **zero}
     assert len(prov["runs"]) == 15
     assert all(len(r["config_hash"]) == 12 for r in prov["runs"].values())
     assert prov["code_versions"] == ["0.1.0"]
