@@ -44,8 +44,13 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "transfer.yaml"
 ROWS = (RANDOM_INIT, SUPERVISED, IDENTITY_TRANSFORMER)
 
 # name -> FinetuneConfig fields over the study's `finetune` section ("study": the section as it stands).
+# Every candidate keeps the encoder (encoder lr <= 1e-3 with layer decay, a frozen warm-up, cosine decay).
 CANDIDATES: dict[str, dict[str, Any]] = {
     "study": {},
+    # label-limited? the study's 60 steps leave random init at 1 case above all cases
+    "steps_200": {"schedule": {"steps": 200, "checkpoint_every": 200}, "val_every": 50, "freeze_encoder_steps": 30},
+    # the encoder at 3e-4: keeps more of a pretrained encoder, learns less of a random one
+    "encoder_lr_3e-4": {"encoder_lr_scale": 0.03},
 }
 
 
