@@ -12,14 +12,14 @@ import shlex
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 import yaml
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from medssl.config import EXECUTOR_KINDS, RANDOM_INIT
+from medssl.config import EXECUTOR_KINDS, RANDOM_INIT, FinetuneConfig, ProbeRunConfig
 from medssl.errors import MedsslInputError, describe_error
 
 
@@ -116,6 +116,34 @@ def _with_cli_limits(data: dict[str, Any]) -> dict[str, Any]:
         return data
     section = data.get("limits")
     return {**data, "limits": {**(section if isinstance(section, dict) else {}), **_state["limits"]}}
+
+
+RunConfigT = TypeVar("RunConfigT", FinetuneConfig, ProbeRunConfig)  # runs of an encoder on a task
+
+
+def _encoder_task_config(
+    model: type[RunConfigT],
+    encoder: str,
+    task: Path,
+    budget: str,
+    seed: int,
+    out: Path,
+    config: Path | None,
+    overrides: list[str] | None,
+) -> tuple[RunConfigT, str | Path]:
+    """The config of a run of ``encoder`` on ``task`` (fine-tuning, probe) from the command line: ``--config``,
+    the options and overrides over it, ``--limit`` over all; its limits applied. Returns it and its source."""
+    from medssl.config import apply_overrides, load_yaml, validate_config
+    from medssl.limits import set_limits
+
+    _out_folder(out)
+    source: str | Path = config or "<command line>"
+    data = load_yaml(config) if config else {}
+    data = apply_overrides(data, [f"task={task}", f"budget={budget}", f"seed={seed}", *(overrides or [])])
+    data["encoder_checkpoint"] = None if encoder.lower() == RANDOM_INIT else encoder
+    cfg = validate_config(model, _with_cli_limits(data), source)
+    set_limits(cfg.limits)
+    return cfg, source
 
 
 def _limit_overrides() -> list[str]:
@@ -251,17 +279,10 @@ def finetune(
     overrides: list[str] = OVERRIDES,
 ) -> None:
     """Fine-tune an encoder in the SwinUNETR-style segmenter on one task."""
-    from medssl.config import FinetuneConfig, apply_overrides, load_yaml, validate_config
-    from medssl.limits import check_batch_size, set_limits
+    from medssl.limits import check_batch_size
     from medssl.train.finetune import run_finetune
 
-    _out_folder(out)
-    source = config or "<command line>"
-    data = load_yaml(config) if config else {}
-    data = apply_overrides(data, [f"task={task}", f"budget={budget}", f"seed={seed}", *(overrides or [])])
-    data["encoder_checkpoint"] = None if encoder.lower() == RANDOM_INIT else encoder
-    cfg = validate_config(FinetuneConfig, _with_cli_limits(data), source)
-    set_limits(cfg.limits)
+    cfg, source = _encoder_task_config(FinetuneConfig, encoder, task, budget, seed, out, config, overrides)
     check_batch_size(cfg.schedule.batch_size, source)
     _warn_if_upsampled_task(cfg, out)
     results = run_finetune(cfg, out)
@@ -289,16 +310,8 @@ def probe(
     to voxels), trained on the budget's cases and scored with Dice on the split's test cases. Give the
     fine-tuning runs' splits.json (splits_path=...) and preprocessing to score on their test cases."""
     from medssl.analysis.probe_run import run_probe
-    from medssl.config import ProbeRunConfig, apply_overrides, load_yaml, validate_config
-    from medssl.limits import set_limits
 
-    _out_folder(out)
-    source = config or "<command line>"
-    data = load_yaml(config) if config else {}
-    data = apply_overrides(data, [f"task={task}", f"budget={budget}", f"seed={seed}", *(overrides or [])])
-    data["encoder_checkpoint"] = None if encoder.lower() == RANDOM_INIT else encoder
-    cfg = validate_config(ProbeRunConfig, _with_cli_limits(data), source)
-    set_limits(cfg.limits)
+    cfg, _ = _encoder_task_config(ProbeRunConfig, encoder, task, budget, seed, out, config, overrides)
     results = run_probe(cfg, out)
     _echo(
         f"probe test Dice {results.get('mean_dice', float('nan')):.3f} over "
